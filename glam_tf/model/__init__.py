@@ -1,1 +1,24 @@
-"""model"""
+"""GLAM descriptor model: config, attention layers, pooling, head, ArcFace, builder."""
+
+from glam_tf.model.arcface import ArcFace, arcface_logits
+from glam_tf.model.attention import (
+    GlobalChannelAttention,
+    GlobalSpatialAttention,
+    LocalChannelAttention,
+    LocalSpatialAttention,
+)
+from glam_tf.model.backbone import BackboneWeightsError, build_backbone, imagenet_weights_file
+from glam_tf.model.builder import build_descriptor_model
+from glam_tf.model.config import BACKBONES, VARIANTS, ConfigError, ModelConfig
+from glam_tf.model.glam import MODULE_VARIANTS, GlamModule
+from glam_tf.model.head import EmbeddingHead, l2_normalize
+from glam_tf.model.pooling import GeM, gem
+from glam_tf.model.preprocessing import CaffePreprocess
+
+__all__ = [
+    "ArcFace", "arcface_logits", "BACKBONES", "BackboneWeightsError", "build_backbone",
+    "build_descriptor_model", "CaffePreprocess", "ConfigError", "EmbeddingHead", "GeM",
+    "gem", "GlamModule", "GlobalChannelAttention", "GlobalSpatialAttention",
+    "imagenet_weights_file", "l2_normalize", "LocalChannelAttention",
+    "LocalSpatialAttention", "ModelConfig", "MODULE_VARIANTS", "VARIANTS",
+]

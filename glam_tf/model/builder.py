@@ -1,0 +1,38 @@
+"""build_descriptor_model: image -> preprocessing -> backbone -> GLAM -> GeM -> head."""
+
+import keras
+
+from glam_tf.model.backbone import build_backbone
+from glam_tf.model.config import ModelConfig
+from glam_tf.model.glam import GlamModule
+from glam_tf.model.head import EmbeddingHead
+from glam_tf.model.pooling import GeM
+from glam_tf.model.preprocessing import CaffePreprocess
+
+
+def build_descriptor_model(config: ModelConfig) -> keras.Model:
+    """Builds the global-descriptor model of the spec ("Placement and head").
+
+    Args:
+        config: a ModelConfig; validated first.
+
+    Returns:
+        keras.Model, input "image" float32 `(B, H, W, 3)` RGB in [0, 255] (any H, W >= 32),
+        output float32 `(B, embedding_dim)` unit rows. Sublayers "preprocess",
+        "backbone", "glam" (absent for variant "baseline"), "gem", "head".
+    """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"build_descriptor_model expects a ModelConfig; received "
+                        f"{type(config).__name__}.")
+    config.validate()
+    image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
+    x = CaffePreprocess(name="preprocess")(image)
+    x = build_backbone(config.backbone, config.weights, model_name="backbone")(x)
+    if config.variant != "baseline":
+        x = GlamModule(config.variant, reduced_channels=config.reduced_channels,
+                       kernel_size=config.kernel_size, dilations=tuple(config.dilations),
+                       name="glam")(x)
+    x = GeM(p=config.gem_p, eps=config.gem_eps, name="gem")(x)
+    x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)
+    name = "glam_" + config.variant.replace("+", "_").replace("-", "_")
+    return keras.Model(image, x, name=name)

@@ -1,0 +1,154 @@
+"""GlamModule: the local and global branches of GLAM and their softmax-weighted fusion.
+
+Spec sections "Fusion" and "Ablation variants": every variant of the paper's Table 5
+(except "baseline", which has no module) is one value of `variant`.
+"""
+
+import keras
+from keras import ops
+
+from glam_tf.model.attention import (
+    GlobalChannelAttention,
+    GlobalSpatialAttention,
+    LocalChannelAttention,
+    LocalSpatialAttention,
+)
+from glam_tf.model.config import VARIANTS
+
+MODULE_VARIANTS = tuple(v for v in VARIANTS if v != "baseline")
+
+# variant -> (local channel, local spatial, global channel, global spatial) present
+_PARTS = {
+    "local-channel": (True, False, False, False),
+    "local-spatial": (False, True, False, False),
+    "local": (True, True, False, False),
+    "global-channel": (False, False, True, False),
+    "global-spatial": (False, False, False, True),
+    "global": (False, False, True, True),
+    "global+local": (True, True, True, True),
+}
+
+
+@keras.saving.register_keras_serializable(package="glam_tf")
+class GlamModule(keras.layers.Layer):
+    """Global-local attention module on a backbone feature map F (Song et al., WACV 2022).
+
+    Local branch (eqs. 1-2): F_c^l = F * A_c^l + F; F^l = F_c^l * A_s^l + F_c^l.
+    Global branch (eqs. 5-6): F_c^g = F * G_c; F^g = F_c^g * G_s + F_c^g.
+    All maps are computed from F. A variant without a channel part applies the spatial
+    part to F (e.g. "local-spatial": F^l = F * A_s^l + F); without a spatial part the
+    branch is its channel output (e.g. "global-channel": F^g = F_c^g).
+    Fusion: F^gl = sum_b w_b F^b + w F over the branches present (local first, then
+    global) and F, (w_b..., w) = softmax(beta), beta initialised to zeros (equal weights,
+    1 / (n_branches + 1)).
+
+    Sublayers: `{name}_local_channel`, `{name}_local_spatial`, `{name}_global_channel`,
+    `{name}_global_spatial` (those the variant uses); weight `{name}/fusion_beta`.
+
+    Args:
+        variant: one of MODULE_VARIANTS.
+        reduced_channels: c' of the spatial branches (spec: 256).
+        kernel_size: k of the 1-D channel convs (spec: 3).
+        dilations: local spatial dilation rates (spec: (1, 2, 3)).
+
+    Call arguments:
+        inputs: F, `(B, H, W, C)`.
+        return_attention: also return a dict of the attention maps used
+            ("local_channel" (B,1,1,C), "local_spatial" (B,H,W,1),
+            "global_channel" (B,C,C), "global_spatial" (B,HW,HW)) and the branch outputs
+            ("local", "global").
+
+    Returns:
+        F^gl `(B, H, W, C)`, or `(F^gl, dict)` with return_attention.
+    """
+
+    def __init__(self, variant="global+local", reduced_channels=256, kernel_size=3,
+                 dilations=(1, 2, 3), **kwargs):
+        super().__init__(**kwargs)
+        if variant not in MODULE_VARIANTS:
+            hint = (" Variant 'baseline' has no GLAM module: build_descriptor_model "
+                    "pools the backbone output directly." if variant == "baseline" else "")
+            raise ValueError(f"GlamModule: `variant` must be one of {MODULE_VARIANTS}; "
+                             f"received variant={variant!r}.{hint}")
+        self.variant = variant
+        self.reduced_channels = reduced_channels
+        self.kernel_size = kernel_size
+        self.dilations = tuple(dilations)
+        lc, ls, gc, gs = _PARTS[variant]
+        self.has_local = lc or ls
+        self.has_global = gc or gs
+        # Sublayers are created here (their args are validated now, so a bad value fails
+        # at construction) and built in build().
+        kw = dict(dtype=self.dtype_policy)
+        name = self.name
+        self.local_channel = (LocalChannelAttention(
+            kernel_size, name=f"{name}_local_channel", **kw) if lc else None)
+        self.local_spatial = (LocalSpatialAttention(
+            reduced_channels, self.dilations, name=f"{name}_local_spatial", **kw)
+            if ls else None)
+        self.global_channel = (GlobalChannelAttention(
+            kernel_size, name=f"{name}_global_channel", **kw) if gc else None)
+        self.global_spatial = (GlobalSpatialAttention(
+            reduced_channels, name=f"{name}_global_spatial", **kw) if gs else None)
+
+    @property
+    def num_branches(self):
+        """Number of attention branches fused with F (1 or 2)."""
+        return int(self.has_local) + int(self.has_global)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4 or input_shape[-1] is None:
+            raise ValueError(f"GlamModule '{self.name}' expects a (B, H, W, C) feature map "
+                             f"with a known C; received shape {input_shape}.")
+        for layer in (self.local_channel, self.local_spatial, self.global_channel,
+                      self.global_spatial):
+            if layer is not None:
+                layer.build(input_shape)
+        self.fusion_beta = self.add_weight(
+            name="fusion_beta", shape=(self.num_branches + 1,), initializer="zeros")
+
+    def fusion_weights(self):
+        """softmax(beta): `(n_branches + 1,)`, branches first (local, global), F last."""
+        return ops.softmax(self.fusion_beta)
+
+    def call(self, inputs, return_attention=False):
+        f = inputs
+        maps, branches = {}, []
+        if self.has_local:
+            x = f
+            if self.local_channel is not None:
+                x, maps["local_channel"] = self.local_channel(f, return_attention=True)
+            if self.local_spatial is not None:
+                x, maps["local_spatial"] = self.local_spatial(
+                    f, target=x, return_attention=True)
+            maps["local"] = x
+            branches.append(x)
+        if self.has_global:
+            x = f
+            if self.global_channel is not None:
+                x, maps["global_channel"] = self.global_channel(f, return_attention=True)
+            if self.global_spatial is not None:
+                x, maps["global_spatial"] = self.global_spatial(
+                    f, target=x, return_attention=True)
+            maps["global"] = x
+            branches.append(x)
+        w = ops.cast(self.fusion_weights(), f.dtype)
+        out = w[-1] * f
+        for i, branch in enumerate(branches):
+            out = out + w[i] * branch
+        return (out, maps) if return_attention else out
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def compute_output_spec(self, inputs, return_attention=False):
+        if return_attention:
+            return keras.src.backend.compute_output_spec(
+                self.call, inputs, return_attention=True)
+        return keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"variant": self.variant, "reduced_channels": self.reduced_channels,
+                       "kernel_size": self.kernel_size, "dilations": list(self.dilations)})
+        return config

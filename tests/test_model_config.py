@@ -1,0 +1,148 @@
+"""ModelConfig validation and serialisation; backbone construction and its weight errors."""
+
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+import keras
+
+from glam_tf.model import (
+    BACKBONES,
+    VARIANTS,
+    BackboneWeightsError,
+    ConfigError,
+    ModelConfig,
+    build_backbone,
+    build_descriptor_model,
+    imagenet_weights_file,
+)
+from glam_tf.model import backbone as backbone_lib
+
+
+def test_default_config_is_the_spec():
+    cfg = ModelConfig()
+    cfg.validate()
+    assert (cfg.backbone, cfg.weights, cfg.variant) == ("resnet101", "imagenet", "global+local")
+    assert (cfg.reduced_channels, cfg.kernel_size, cfg.dilations) == (256, 3, (1, 2, 3))
+    assert (cfg.gem_p, cfg.gem_eps, cfg.embedding_dim, cfg.dropout) == (3.0, 1e-6, 512, 0.0)
+    assert VARIANTS == ("baseline", "local-channel", "local-spatial", "local",
+                        "global-channel", "global-spatial", "global", "global+local")
+    assert BACKBONES == ("resnet50", "resnet101", "resnet152")
+
+
+def test_config_json_round_trip():
+    cfg = ModelConfig(backbone="resnet50", weights="none", variant="local",
+                      reduced_channels=64, dilations=(1, 3, 5), dropout=0.2)
+    text = json.dumps(cfg.to_dict())
+    back = ModelConfig.from_dict(json.loads(text))
+    assert back == cfg and isinstance(back.dilations, tuple)
+    assert ModelConfig.from_dict({"variant": "global"}) == ModelConfig(variant="global")
+    with pytest.raises(ConfigError, match="unknown field.*'reduced_chanels'"):
+        ModelConfig.from_dict({"reduced_chanels": 3})
+
+
+@pytest.mark.parametrize("field,value,rule", [
+    ("variant", "glam", "must be one of"),
+    ("backbone", "resnet18", "must be one of"),
+    ("weights", "weights.pt", "path ending in '.h5'"),
+    ("weights", None, "must be 'imagenet'"),
+    ("reduced_channels", 0, "positive integer"),
+    ("reduced_channels", 256.0, "positive integer"),
+    ("kernel_size", 4, "odd"),
+    ("dilations", (), "non-empty"),
+    ("dilations", (1, 0, 3), "positive integers"),
+    ("gem_p", 0.0, "> 0"),
+    ("gem_eps", -1e-6, "> 0"),
+    ("embedding_dim", True, "positive integer"),
+    ("dropout", 1.0, r"\[0, 1\)"),
+])
+def test_config_errors_name_field_rule_and_value(field, value, rule):
+    cfg = ModelConfig(**{field: value})
+    with pytest.raises(ConfigError, match=rule) as info:
+        cfg.validate()
+    msg = str(info.value)
+    assert f"ModelConfig.{field}" in msg and f"{field}={value!r}" in msg
+    assert isinstance(info.value, ValueError)
+
+
+def test_build_descriptor_model_validates_first():
+    with pytest.raises(ConfigError, match="variant"):
+        build_descriptor_model(ModelConfig(weights="none", variant="GLAM"))
+    with pytest.raises(TypeError, match="ModelConfig"):
+        build_descriptor_model({"variant": "global"})
+
+
+@pytest.fixture
+def offline_keras_cache(tmp_path, monkeypatch):
+    """Empty Keras cache dir, and any download fails at once like on an offline machine."""
+    from keras.src.backend import config as keras_config
+    from keras.src.utils import file_utils
+
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras_home"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known (test)")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", offline)
+    return tmp_path / "keras_home" / "models"
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet101"])
+def test_imagenet_weights_offline_error_names_file_and_fixes(offline_keras_cache, name):
+    file_name = imagenet_weights_file(name)
+    assert file_name == f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert not (offline_keras_cache / file_name).exists()
+    with pytest.raises(BackboneWeightsError) as info:
+        build_backbone(name, "imagenet")
+    msg = str(info.value)
+    assert f"~/.keras/models/{file_name}" in msg
+    assert str(offline_keras_cache) in msg
+    assert "--weights=none" in msg and "--weights=/path/to/" in msg
+    assert not (offline_keras_cache / file_name).exists()
+
+
+def test_imagenet_weights_are_read_from_the_keras_cache(offline_keras_cache, monkeypatch,
+                                                        tmp_path):
+    """A file placed at <keras home>/models/<file> is used without any download (the same
+    loader serves --weights=<path>)."""
+    from keras.src.legacy.saving import legacy_h5_format
+    import h5py
+
+    source = build_backbone("resnet50", "none", model_name="source")
+    offline_keras_cache.mkdir(parents=True)
+    path = offline_keras_cache / imagenet_weights_file("resnet50")
+    with h5py.File(path, "w") as f:  # the legacy .h5 layout of the Keras ImageNet files
+        legacy_h5_format.save_weights_to_hdf5_group(f, source)
+    monkeypatch.setattr(backbone_lib, "_imagenet_file_hash", lambda name: None)
+    model = build_backbone("resnet50", "imagenet")
+    for a, b in zip(model.get_weights(), source.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Skipping nested container")
+def test_weights_path_errors(tmp_path):
+    missing = tmp_path / "nope.h5"
+    with pytest.raises(BackboneWeightsError, match="not found.*nope.h5"):
+        build_backbone("resnet50", str(missing))
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not an hdf5 file")
+    with pytest.raises(BackboneWeightsError, match="Could not load.*garbage.h5.*ResNet50"):
+        build_backbone("resnet50", str(garbage))
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    wrong = tmp_path / "other.weights.h5"
+    other.save_weights(wrong)
+    with pytest.raises(BackboneWeightsError, match="--backbone / --weights"):
+        build_backbone("resnet50", str(wrong))
+    with pytest.raises(ValueError, match="resnet18"):
+        build_backbone("resnet18", "none")
+
+
+def test_resnet101_backbone_shape_and_params():
+    model = build_backbone("resnet101", "none")
+    assert model.name == "backbone"
+    assert model.count_params() == 42_658_176
+    assert tuple(model.output_shape) == (None, None, None, 2048)
+    assert model.get_layer("conv5_block3_out") is not None
+    y = model(np.zeros((1, 64, 96, 3), "float32"))
+    assert tuple(y.shape) == (1, 2, 3, 2048)  # stride 32
