@@ -1,0 +1,47 @@
+"""Converts Google Landmarks v2 (as downloaded) into sharded DELG-keyed TFRecords.
+
+  python build_gldv2_main.py --gldv2_root=/data/gldv2 --output_dir=/data/gldv2_tfrecords \
+      --num_workers=16 --validation_fraction=0.0
+
+Reads <gldv2_root>/train_clean.csv (or train.csv) and <gldv2_root>/train/<a>/<b>/<c>/<id>.jpg.
+Re-running with the same flags resumes: finished shards are kept. Train with
+--file_pattern=<output_dir>/train-*-of-*.tfrecord; label_map.csv maps class -> landmark id.
+"""
+
+from absl import app, flags, logging
+
+from glam_tf.data import gldv2
+
+_ROOT = flags.DEFINE_string("gldv2_root", None, "GLDv2 folder (csv + train/).", required=True)
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the TFRecords go.", required=True)
+_CSV = flags.DEFINE_string("csv", None, "csv other than <root>/train_clean.csv / train.csv.")
+_IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Image root other than <root>/train.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Training shards; 0 = ~10k images each.")
+_NUM_VAL_SHARDS = flags.DEFINE_integer("num_validation_shards", 0,
+                                       "Validation shards; 0 = ~10k images each.")
+_VAL_FRACTION = flags.DEFINE_float("validation_fraction", 0.0,
+                                   "Per-class fraction held out as validation, in [0, 1).")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 8, "Processes writing shards.")
+_SEED = flags.DEFINE_integer("seed", 0, "Shard shuffle and validation split seed.")
+_FULL_DECODE = flags.DEFINE_bool("full_decode", True,
+                                 "Decode every image to catch truncated files.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    summary = gldv2.convert_gldv2(
+        _ROOT.value, _OUTPUT_DIR.value, csv_path=_CSV.value, image_dir=_IMAGE_DIR.value,
+        num_shards=_NUM_SHARDS.value, num_validation_shards=_NUM_VAL_SHARDS.value,
+        validation_fraction=_VAL_FRACTION.value, num_workers=_NUM_WORKERS.value,
+        seed=_SEED.value, full_decode=_FULL_DECODE.value)
+    print(f"written: {summary.total_written} (train {summary.written['train']}, validation "
+          f"{summary.written['validation']}); missing: {len(summary.missing)}; undecodable: "
+          f"{len(summary.undecodable)}; classes: {summary.num_classes}")
+    print(f"train files: {summary.train_pattern}")
+    print(f"label map:   {summary.label_map_path}")
+    logging.info("done")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,545 @@
+"""Google Landmarks v2 (GLDv2) as downloaded -> sharded DELG-keyed TFRecords.
+
+Input layout (what https://github.com/cvdfoundation/google-landmark gives):
+  <root>/train_clean.csv   columns `landmark_id,images` (images: space-separated ids), or
+  <root>/train.csv         columns `id,url,landmark_id`
+  <root>/train/<a>/<b>/<c>/<id>.jpg   with a, b, c the first three characters of the id.
+
+Output (in `output_dir`):
+  train-00000-of-000NN.tfrecord ...       the training shards (seeded shuffle across shards)
+  validation-00000-of-000MM.tfrecord ...  optional per-class validation split
+  label_map.csv                           label,landmark_id,num_images (label = class index)
+  summary.json, missing_images.txt, undecodable_images.txt
+  conversion_plan.json                    what a resumed run must match
+
+Each shard is written to a temporary name and renamed when complete, after its report, so a
+re-run skips finished shards and redoes interrupted ones.
+"""
+
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+
+import numpy as np
+from absl import logging
+
+from glam_tf.data import progress as progress_lib
+
+CSV_CLEAN = "train_clean.csv"
+CSV_FULL = "train.csv"
+LABEL_MAP_NAME = "label_map.csv"
+SUMMARY_NAME = "summary.json"
+PLAN_NAME = "conversion_plan.json"
+MISSING_NAME = "missing_images.txt"
+UNDECODABLE_NAME = "undecodable_images.txt"
+REPORT_DIR = ".shard_reports"
+IMAGES_PER_SHARD = 10000
+
+LAYOUT_HELP = (
+    "Put the Google Landmarks v2 training set (https://github.com/cvdfoundation/google-landmark) "
+    "in this layout:\n"
+    "  {root}/train_clean.csv  (columns: landmark_id,images  -- images = space-separated ids), or\n"
+    "  {root}/train.csv        (columns: id,url,landmark_id)\n"
+    "  {root}/train/<a>/<b>/<c>/<id>.jpg   (a, b, c = the first three characters of the id; "
+    "this is what extracting the images_*.tar files into {root}/train gives)"
+)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{3,}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class GLDv2Image:
+    """One csv row: an image id and the landmark (original GLDv2 id) it shows."""
+
+    image_id: str
+    landmark_id: int
+
+
+@dataclasses.dataclass
+class ConversionSummary:
+    """What `convert_gldv2` did, also written to `<output_dir>/summary.json`.
+
+    Attributes:
+      written: examples in the TFRecords, per split ("train", "validation").
+      missing: ids listed in the csv whose file is absent.
+      undecodable: ids whose file Pillow cannot decode (with the reason).
+      num_classes: N, the labels run 0..N-1 (classes with at least one present file).
+      train_pattern / validation_pattern: globs for `TrainInputConfig.file_pattern`.
+      label_map_path: label -> landmark id csv.
+      shards_skipped: finished shards a resumed run left as they were.
+    """
+
+    written: dict
+    missing: list
+    undecodable: list
+    num_classes: int
+    train_pattern: str
+    validation_pattern: str
+    label_map_path: str
+    shards_skipped: int = 0
+
+    @property
+    def total_written(self) -> int:
+        return sum(self.written.values())
+
+    def to_json(self) -> dict:
+        return {
+            "written": dict(self.written),
+            "total_written": self.total_written,
+            "missing": len(self.missing),
+            "undecodable": len(self.undecodable),
+            "num_classes": self.num_classes,
+            "train_pattern": self.train_pattern,
+            "validation_pattern": self.validation_pattern,
+            "label_map_path": self.label_map_path,
+            "shards_skipped": self.shards_skipped,
+        }
+
+
+def gldv2_image_path(image_dir: str, image_id: str) -> str:
+    """`<image_dir>/<a>/<b>/<c>/<id>.jpg` for a GLDv2 id (a, b, c its first three characters)."""
+    return os.path.join(image_dir, image_id[0], image_id[1], image_id[2], image_id + ".jpg")
+
+
+def find_gldv2_csv(root: str, csv_path: str | None = None) -> str:
+    """Returns the csv to read: `csv_path` if given, else train_clean.csv, else train.csv.
+
+    Raises:
+      FileNotFoundError: with the expected layout, when neither is there.
+    """
+    if csv_path:
+        if not os.path.isfile(csv_path):
+            raise FileNotFoundError(
+                f"GLDv2 csv {csv_path!r} does not exist.\n" + LAYOUT_HELP.format(root=root))
+        return csv_path
+    for name in (CSV_CLEAN, CSV_FULL):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"No GLDv2 csv under {root!r}: expected {CSV_CLEAN} or {CSV_FULL} there.\n"
+        + LAYOUT_HELP.format(root=root))
+
+
+def _check_id(image_id: str, csv_path: str, line: int) -> str:
+    if not _ID_RE.match(image_id):
+        raise ValueError(
+            f"{csv_path}:{line}: image id {image_id!r} is not a GLDv2 id (expected at least 3 "
+            "characters from [A-Za-z0-9_-], e.g. 16 hex digits)")
+    return image_id
+
+
+def _check_landmark(value: str, csv_path: str, line: int) -> int:
+    try:
+        landmark = int(value)
+    except ValueError:
+        raise ValueError(
+            f"{csv_path}:{line}: landmark_id {value!r} is not an integer") from None
+    if landmark < 0:
+        raise ValueError(f"{csv_path}:{line}: landmark_id {landmark} is negative")
+    return landmark
+
+
+def read_gldv2_csv(csv_path: str) -> list:
+    """Reads train_clean.csv (landmark_id,images) or train.csv (id,url,landmark_id).
+
+    The format is recognised from the header. A repeated image id keeps its first row (a
+    warning gives the count).
+
+    Returns:
+      list of `GLDv2Image`, in file order.
+
+    Raises:
+      ValueError: unknown header, bad id or landmark id (message names file and line).
+    """
+    images = []
+    seen = set()
+    duplicates = 0
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{csv_path} is empty; expected a header line "
+                             "'landmark_id,images' or 'id,url,landmark_id'")
+        header = [h.strip() for h in header]
+        if header == ["landmark_id", "images"]:
+            def rows():
+                for line, row in enumerate(reader, start=2):
+                    if not row:
+                        continue
+                    if len(row) != 2:
+                        raise ValueError(f"{csv_path}:{line}: expected 2 columns "
+                                         f"(landmark_id,images), got {len(row)}")
+                    landmark = _check_landmark(row[0], csv_path, line)
+                    for image_id in row[1].split():
+                        yield _check_id(image_id, csv_path, line), landmark
+        elif header == ["id", "url", "landmark_id"]:
+            def rows():
+                for line, row in enumerate(reader, start=2):
+                    if not row:
+                        continue
+                    if len(row) != 3:
+                        raise ValueError(f"{csv_path}:{line}: expected 3 columns "
+                                         f"(id,url,landmark_id), got {len(row)}")
+                    yield (_check_id(row[0].strip(), csv_path, line),
+                           _check_landmark(row[2], csv_path, line))
+        else:
+            raise ValueError(
+                f"{csv_path}: header {','.join(header)!r} is neither 'landmark_id,images' "
+                "(train_clean.csv) nor 'id,url,landmark_id' (train.csv)")
+        for image_id, landmark in rows():
+            if image_id in seen:
+                duplicates += 1
+                continue
+            seen.add(image_id)
+            images.append(GLDv2Image(image_id, landmark))
+    if duplicates:
+        logging.warning("%s: %d repeated image ids ignored (first row kept)", csv_path,
+                        duplicates)
+    return images
+
+
+def build_label_map(landmark_ids) -> dict:
+    """Maps each distinct landmark id to a label 0..N-1, in increasing landmark-id order."""
+    return {int(lm): label for label, lm in enumerate(sorted(set(int(x) for x in landmark_ids)))}
+
+
+def write_label_map(path: str, label_map: dict, counts: dict) -> None:
+    """Writes `label,landmark_id,num_images` rows, sorted by label."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "landmark_id", "num_images"])
+        for landmark, label in sorted(label_map.items(), key=lambda kv: kv[1]):
+            writer.writerow([label, landmark, counts.get(landmark, 0)])
+    os.replace(tmp, path)
+
+
+def read_label_map(path: str) -> np.ndarray:
+    """Reads label_map.csv; returns int64 (N,) landmark ids indexed by label.
+
+    `read_label_map(p)[k]` is the GLDv2 landmark id of the trained model's class k.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"label", "landmark_id"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected columns label,landmark_id[,num_images], got "
+                             f"{reader.fieldnames}")
+        pairs = sorted((int(r["label"]), int(r["landmark_id"])) for r in reader)
+    labels = [p[0] for p in pairs]
+    if labels != list(range(len(labels))):
+        raise ValueError(f"{path}: labels are not exactly 0..{len(labels) - 1}")
+    return np.array([p[1] for p in pairs], dtype=np.int64)
+
+
+def split_per_class(labels: np.ndarray, fraction: float, seed: int):
+    """Seeded per-class split: about `fraction` of each class goes to validation.
+
+    A class of n images gives floor(n * fraction + 0.5) to validation, at most n - 1, so every
+    class keeps at least one training image (a class of one image stays whole).
+
+    Args:
+      labels: int (M,) class of each image.
+      fraction: in [0, 1).
+      seed: the split's seed.
+
+    Returns:
+      (train_indices, validation_indices), sorted int64 arrays partitioning 0..M-1.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    if fraction == 0.0 or labels.size == 0:
+        return np.arange(labels.size, dtype=np.int64), np.zeros([0], np.int64)
+    rng = np.random.default_rng(seed)
+    order = np.argsort(labels, kind="stable")
+    boundaries = np.flatnonzero(np.diff(labels[order])) + 1
+    val = []
+    for group in np.split(order, boundaries):
+        n_val = min(int(math.floor(len(group) * fraction + 0.5)), len(group) - 1)
+        if n_val > 0:
+            val.append(rng.choice(group, size=n_val, replace=False))
+    val = np.sort(np.concatenate(val)) if val else np.zeros([0], np.int64)
+    mask = np.ones(labels.size, bool)
+    mask[val] = False
+    return np.flatnonzero(mask).astype(np.int64), val.astype(np.int64)
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """`train-00003-of-00128.tfrecord`."""
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+# ---------------------------------------------------------------------------- workers
+
+_PROGRESS_COUNTER = None
+_PROGRESS_CALLBACK = None
+
+
+def _init_worker(counter, callback=None) -> None:
+    global _PROGRESS_COUNTER, _PROGRESS_CALLBACK
+    _PROGRESS_COUNTER = counter
+    _PROGRESS_CALLBACK = callback
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _tick() -> None:
+    if _PROGRESS_COUNTER is not None:
+        with _PROGRESS_COUNTER.get_lock():
+            _PROGRESS_COUNTER.value += 1
+            value = _PROGRESS_COUNTER.value
+        if _PROGRESS_CALLBACK is not None and value % 100 == 0:
+            _PROGRESS_CALLBACK(value)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _write_shard(task: dict) -> dict:
+    """Writes one shard (temp name, then rename) and its report; returns the report."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (spawned workers)
+
+    from glam_tf.data import records  # pylint: disable=g-import-not-at-top
+
+    out_path = task["path"]
+    tmp_path = f"{out_path}.tmp-{os.getpid()}"
+    report = {"shard": os.path.basename(out_path), "written": 0, "missing": [],
+              "undecodable": []}
+    with tf.io.TFRecordWriter(tmp_path) as writer:
+        for image_id, label, path in task["entries"]:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                report["missing"].append([image_id, path])
+                _tick()
+                continue
+            try:
+                info = records.probe_image(data, full_decode=task["full_decode"])
+            except records.UndecodableImageError as e:
+                report["undecodable"].append([image_id, path, str(e)])
+                _tick()
+                continue
+            example = records.make_example(encoded=data, image_id=image_id, label=label,
+                                           info=info)
+            writer.write(example.SerializeToString(deterministic=True))
+            report["written"] += 1
+            _tick()
+    _write_json_atomic(task["report_path"], report)
+    os.replace(tmp_path, out_path)
+    return report
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def _plan_shards(num_images: int, num_shards: int) -> int:
+    if num_images == 0:
+        return 0
+    if num_shards > 0:
+        return min(num_shards, num_images)
+    return max(1, math.ceil(num_images / IMAGES_PER_SHARD))
+
+
+def _check_plan(plan_path: str, plan: dict) -> None:
+    if not os.path.exists(plan_path):
+        _write_json_atomic(plan_path, plan)
+        return
+    with open(plan_path, encoding="utf-8") as f:
+        old = json.load(f)
+    diff = sorted(k for k in set(plan) | set(old) if plan.get(k) != old.get(k))
+    if diff:
+        details = "; ".join(f"{k}: before {old.get(k)!r}, now {plan.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"{os.path.dirname(plan_path)} holds shards of a different conversion ({details}). "
+            "Resuming needs the same csv, present images, shard counts, validation fraction and "
+            "seed; use a new output directory or delete that one.")
+
+
+def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
+                  image_dir: str | None = None, num_shards: int = 0,
+                  num_validation_shards: int = 0, validation_fraction: float = 0.0,
+                  num_workers: int = 1, seed: int = 0, full_decode: bool = True,
+                  show_progress: bool = True) -> ConversionSummary:
+    """Converts GLDv2 as downloaded into sharded DELG-keyed TFRecords (resumable).
+
+    Args:
+      root: the GLDv2 folder (csv and `train/` inside, see module docstring).
+      output_dir: where shards, label map and reports go (created).
+      csv_path: a csv other than `<root>/train_clean.csv` / `<root>/train.csv`.
+      image_dir: image root other than `<root>/train`.
+      num_shards / num_validation_shards: shard counts; 0 = about 10,000 images per shard.
+      validation_fraction: per-class fraction held out into `validation-*` shards, in [0, 1).
+      num_workers: processes writing shards (spawned; 1 = in this process).
+      seed: shuffles images across shards and draws the validation split.
+      full_decode: decode every pixel to catch truncated files (else read headers only).
+      show_progress: draw a progress bar (images, rate, ETA).
+
+    Returns:
+      A `ConversionSummary` (also in summary.json). Missing and undecodable images are
+      skipped, counted and listed in missing_images.txt / undecodable_images.txt.
+
+    Raises:
+      FileNotFoundError: no csv or no image folder (the message shows the expected layout).
+      ValueError: bad csv, bad arguments, or an output dir holding a different conversion.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if num_shards < 0 or num_validation_shards < 0:
+        raise ValueError("num_shards and num_validation_shards must be >= 0 (0 = automatic), "
+                         f"got {num_shards} and {num_validation_shards}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    csv_path = find_gldv2_csv(root, csv_path)
+    image_dir = image_dir or os.path.join(root, "train")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(
+            f"GLDv2 image folder {image_dir!r} does not exist (csv found at {csv_path}).\n"
+            + LAYOUT_HELP.format(root=root))
+
+    images = read_gldv2_csv(csv_path)
+    logging.info("%s: %d images of %d landmarks", csv_path, len(images),
+                 len({im.landmark_id for im in images}))
+
+    # Which files are there: relabel over present images only, so a partial download does
+    # not create classes without a single example.
+    bar = progress_lib.ProgressBar(len(images), unit="files", description="checking files",
+                                   enabled=show_progress)
+    present, missing = [], []
+    for i, im in enumerate(images):
+        path = gldv2_image_path(image_dir, im.image_id)
+        (present if os.path.isfile(path) else missing).append((im, path))
+        if i % 10000 == 0:
+            bar.update(i + 1)
+    bar.update(len(images))
+    bar.close()
+    if not present:
+        first = gldv2_image_path(image_dir, images[0].image_id) if images else "-"
+        raise FileNotFoundError(
+            f"None of the {len(images)} images listed in {csv_path} is under {image_dir!r} "
+            f"(first expected: {first}).\n" + LAYOUT_HELP.format(root=root))
+
+    label_map = build_label_map(im.landmark_id for im, _ in present)
+    labels = np.array([label_map[im.landmark_id] for im, _ in present], np.int64)
+    counts = {}
+    for im, _ in present:
+        counts[im.landmark_id] = counts.get(im.landmark_id, 0) + 1
+
+    train_idx, val_idx = split_per_class(labels, validation_fraction, seed)
+    rng = np.random.default_rng(seed + 1)
+    train_idx = rng.permutation(train_idx)
+    val_idx = rng.permutation(val_idx)
+    n_train = _plan_shards(len(train_idx), num_shards)
+    n_val = _plan_shards(len(val_idx), num_validation_shards)
+
+    os.makedirs(output_dir, exist_ok=True)
+    os.makedirs(os.path.join(output_dir, REPORT_DIR), exist_ok=True)
+    label_digest = hashlib.sha1(
+        json.dumps(sorted(label_map.items())).encode()).hexdigest()
+    plan = {
+        "csv": os.path.abspath(csv_path), "image_dir": os.path.abspath(image_dir),
+        "csv_images": len(images), "present_images": len(present),
+        "num_classes": len(label_map), "label_map_sha1": label_digest,
+        "validation_fraction": validation_fraction, "seed": seed,
+        "train_shards": n_train, "validation_shards": n_val,
+    }
+    _check_plan(os.path.join(output_dir, PLAN_NAME), plan)
+    label_map_path = os.path.join(output_dir, LABEL_MAP_NAME)
+    write_label_map(label_map_path, label_map, counts)
+
+    tasks, skipped_reports = [], []
+    for split, indices, n in (("train", train_idx, n_train), ("validation", val_idx, n_val)):
+        for k, chunk in enumerate(np.array_split(indices, n) if n else []):
+            name = shard_name(split, k, n)
+            path = os.path.join(output_dir, name)
+            report_path = os.path.join(output_dir, REPORT_DIR, name + ".json")
+            if os.path.exists(path) and os.path.exists(report_path):
+                with open(report_path, encoding="utf-8") as f:
+                    skipped_reports.append((split, json.load(f)))
+                continue
+            entries = [(present[i][0].image_id, int(labels[i]), present[i][1]) for i in chunk]
+            tasks.append((split, {"path": path, "report_path": report_path,
+                                  "entries": entries, "full_decode": full_decode}))
+    if skipped_reports:
+        logging.info("resuming: %d finished shards kept, %d to write", len(skipped_reports),
+                     len(tasks))
+
+    reports = list(skipped_reports) + _run_tasks(tasks, num_workers, show_progress)
+
+    written = {"train": 0, "validation": 0}
+    worker_missing, undecodable = [], []
+    for split, report in reports:
+        written[split] += report["written"]
+        worker_missing.extend(tuple(m) for m in report["missing"])
+        undecodable.extend(tuple(u) for u in report["undecodable"])
+    all_missing = sorted([(im.image_id, path) for im, path in missing] + worker_missing)
+    undecodable.sort()
+    with open(os.path.join(output_dir, MISSING_NAME), "w", encoding="utf-8") as f:
+        f.writelines(f"{image_id}\t{path}\n" for image_id, path in all_missing)
+    with open(os.path.join(output_dir, UNDECODABLE_NAME), "w", encoding="utf-8") as f:
+        f.writelines(f"{image_id}\t{path}\t{reason}\n" for image_id, path, reason in undecodable)
+    summary = ConversionSummary(
+        written=written, missing=all_missing, undecodable=undecodable,
+        num_classes=len(label_map),
+        train_pattern=os.path.join(output_dir, "train-*-of-*.tfrecord"),
+        validation_pattern=os.path.join(output_dir, "validation-*-of-*.tfrecord"),
+        label_map_path=label_map_path, shards_skipped=len(skipped_reports))
+    _write_json_atomic(os.path.join(output_dir, SUMMARY_NAME), summary.to_json())
+    logging.info(
+        "GLDv2 conversion done: %d written (train %d, validation %d), %d classes, %d missing, "
+        "%d undecodable (listed in %s and %s); %d shards kept from an earlier run",
+        summary.total_written, written["train"], written["validation"], summary.num_classes,
+        len(all_missing), len(undecodable), MISSING_NAME, UNDECODABLE_NAME,
+        len(skipped_reports))
+    return summary
+
+
+def _run_tasks(tasks: list, num_workers: int, show_progress: bool) -> list:
+    """Runs shard tasks in this process or a spawned pool; returns [(split, report)]."""
+    total = sum(len(t["entries"]) for _, t in tasks)
+    bar = progress_lib.ProgressBar(total, unit="images", description="writing shards",
+                                   enabled=show_progress)
+    results = []
+    if not tasks:
+        bar.close()
+        return results
+    if num_workers == 1 or len(tasks) == 1:
+        counter = multiprocessing.Value("q", 0)
+        _init_worker(counter, bar.update)
+        try:
+            for split, task in tasks:
+                results.append((split, _write_shard(task)))
+                bar.update(counter.value)
+        finally:
+            _init_worker(None)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # TF in the parent makes fork unsafe.
+        counter = ctx.Value("q", 0)
+        # ProcessPoolExecutor (not Pool): a worker that dies raises BrokenProcessPool here
+        # instead of hanging.
+        with concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(num_workers, len(tasks)), mp_context=ctx,
+                initializer=_init_worker, initargs=(counter,)) as pool:
+            pending = [(split, pool.submit(_write_shard, task)) for split, task in tasks]
+            futures = [f for _, f in pending]
+            while True:
+                done, _ = concurrent.futures.wait(futures, timeout=0.5)
+                bar.update(counter.value)
+                if len(done) == len(futures):
+                    break
+                if any(f.exception() for f in done):
+                    break  # the result() below raises it
+            results = [(split, f.result()) for split, f in pending]
+    bar.update(total)
+    bar.close()
+    return results

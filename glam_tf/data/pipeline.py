@@ -1,0 +1,367 @@
+"""Training input pipeline: DELG-keyed TFRecords -> aspect-ratio batches of augmented images.
+
+Stream, per input pipeline (one per worker under tf.distribute):
+
+  files (this pipeline's share, seeded shuffle per pass)
+  -> interleaved records (order-preserving) -> [record shard when files < pipelines]
+  -> seeded shuffle -> repeat -> enumerate (stream position) -> skip(skip_examples)
+  -> try-decode (JPEG/PNG/grey/RGBA/CMYK -> RGB uint8; undecodable -> flagged, counted, logged,
+     dropped) -> aspect group + random crop (scale 1 +- crop_scale) resized to the group's size
+     + brightness -> group_by_window (one group per batch) -> float32 -> prefetch
+
+Everything up to `skip` is deterministic for a given seed, and the augmentation of a record is
+drawn from stateless RNG keyed by (seed, stream position), so `skip_examples` resumes the data
+stream exactly (TF_NOTES recipe b). A plain `iter()` of the dataset is checkpointable with
+`tf.train.Checkpoint(iterator=it)` (recipe a): no py_function, no stateful RNG; the only
+stateful ops are the `DecodeStats` counters, which are excluded from iterator state (checkpoint
+the `DecodeStats` object next to the iterator to keep its counts).
+"""
+
+import dataclasses
+import math
+import sys
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from glam_tf.data import records
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainInputConfig:
+    """Training input settings (defaults: Yokoo et al.'s recipe, GLAM_SPEC "Training recipe").
+
+    Attributes:
+      file_pattern: glob of the training TFRecords (DELG keys, see `records`).
+      global_batch_size: images per training step over all replicas.
+      size_scale: multiplies every bucket size (rounded to a multiple of 32, at least 32);
+        e.g. 0.25 for quick runs.
+      aspect_edges: increasing h/w edges; group i holds edges[i-1] <= h/w < edges[i].
+      bucket_sizes: (width, height) of each group; len(aspect_edges) + 1 entries.
+      crop_scale: zoom s ~ U[1 - crop_scale, 1 + crop_scale]: s >= 1 crops a random window of
+        1/s of the image side; s < 1 shrinks the whole image to s of the frame at a random
+        place, the border filled with the image's mean colour. Then resized to the group size.
+      brightness: additive brightness delta ~ U[-brightness, brightness] in [0, 1] units.
+      shuffle_buffer: records in the shuffle buffer (encoded bytes, ~100 KB each for GLDv2).
+      seed: seeds file order, record shuffle and augmentation.
+      deterministic: also keep the decoded elements in stream order (reproducible batches, for
+        tests); False lets the parallel decode emit out of order, which is faster.
+    """
+
+    file_pattern: str
+    global_batch_size: int = 64
+    size_scale: float = 1.0
+    aspect_edges: tuple = (0.67, 0.77, 1.33, 1.5)
+    bucket_sizes: tuple = ((512, 352), (512, 384), (448, 448), (384, 512), (352, 512))
+    crop_scale: float = 0.2
+    brightness: float = 0.1
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    deterministic: bool = False
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field, the rule and the value received."""
+        if not self.file_pattern:
+            raise ValueError("TrainInputConfig.file_pattern must be a non-empty glob of "
+                             "TFRecord files, got ''")
+        if self.global_batch_size < 1:
+            raise ValueError(f"TrainInputConfig.global_batch_size must be >= 1, got "
+                             f"{self.global_batch_size}")
+        if not self.size_scale > 0:
+            raise ValueError(f"TrainInputConfig.size_scale must be > 0, got {self.size_scale}")
+        edges = tuple(self.aspect_edges)
+        if any(not e > 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError("TrainInputConfig.aspect_edges must be positive and strictly "
+                             f"increasing, got {self.aspect_edges}")
+        if len(self.bucket_sizes) != len(edges) + 1:
+            raise ValueError(
+                f"TrainInputConfig.bucket_sizes needs len(aspect_edges) + 1 = {len(edges) + 1} "
+                f"(width, height) pairs, got {len(self.bucket_sizes)}: {self.bucket_sizes}")
+        for size in self.bucket_sizes:
+            if len(size) != 2 or any(int(v) != v or v < 1 for v in size):
+                raise ValueError("TrainInputConfig.bucket_sizes entries must be (width, height) "
+                                 f"positive integers, got {size}")
+        if not 0.0 <= self.crop_scale < 1.0:
+            raise ValueError(f"TrainInputConfig.crop_scale must be in [0, 1), got "
+                             f"{self.crop_scale}")
+        if not 0.0 <= self.brightness <= 1.0:
+            raise ValueError(f"TrainInputConfig.brightness must be in [0, 1], got "
+                             f"{self.brightness}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"TrainInputConfig.shuffle_buffer must be >= 1, got "
+                             f"{self.shuffle_buffer}")
+
+    def scaled_bucket_sizes(self) -> tuple:
+        """(width, height) per group after `size_scale`: multiples of 32, at least 32."""
+        return tuple(
+            tuple(max(32, int(math.floor(v * self.size_scale / 32.0 + 0.5)) * 32) for v in size)
+            for size in self.bucket_sizes)
+
+
+def aspect_group(height, width, edges) -> np.ndarray:
+    """NumPy reference of the grouping: index i with edges[i-1] <= h/w < edges[i]."""
+    aspect = np.asarray(height, np.float64) / np.asarray(width, np.float64)
+    return np.searchsorted(np.asarray(edges, np.float64), aspect, side="right")
+
+
+class DecodeStats(tf.Module):
+    """Counters of records the pipeline tried to decode and dropped as undecodable.
+
+    Read them with `result()`, log them with `log()`. Every drop also logs a warning with the
+    record's id and the running count. The counters are tf.Variables on the CPU; put this
+    object into the training checkpoint (e.g. `tf.train.Checkpoint(data_stats=stats, ...)`)
+    to carry the counts across a restart. Works created inside or outside `strategy.scope()`
+    (under MirroredStrategy it becomes a MirroredVariable pair; both were tested).
+
+    Attributes:
+      examined: int64 variable, records that reached the decoder (after `skip_examples`).
+      dropped: int64 variable, records dropped because parsing or decoding failed.
+    """
+
+    def __init__(self, name="decode_stats"):
+        super().__init__(name=name)
+        with tf.init_scope(), tf.device("/CPU:0"):
+            self.examined = tf.Variable(0, dtype=tf.int64, trainable=False, name="examined")
+            self.dropped = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropped")
+
+    def result(self) -> dict:
+        """{"examined": int, "dropped": int} as Python ints."""
+        return {"examined": int(self.examined.numpy()), "dropped": int(self.dropped.numpy())}
+
+    def log(self) -> dict:
+        """Logs the counts (a warning when anything was dropped) and returns `result()`."""
+        counts = self.result()
+        log = logging.warning if counts["dropped"] else logging.info
+        log("input pipeline: %d records decoded, %d dropped as undecodable",
+            counts["examined"] - counts["dropped"], counts["dropped"])
+        return counts
+
+
+def _try(fn, arg, fallback):
+    """Runs `fn(arg)`; if it raises a TF runtime error, returns `fallback` instead.
+
+    A one-element dataset with `ignore_errors`, followed by the fallback, `take(1)`: the error
+    becomes a flag instead of ending the iteration, independent of element order.
+    """
+    good = tf.data.Dataset.from_tensors(arg).map(fn).ignore_errors()
+    bad = tf.data.Dataset.from_tensors(fallback)
+    return good.concatenate(bad).take(1).get_single_element()
+
+
+def _parse_and_decode(index, serialized):
+    """(index, serialized) -> (index, image uint8 (H, W, 3), label int64, id string, ok bool)."""
+
+    def parse_and_decode(s):
+        f = records.parse_example(s)
+        image = tf.io.decode_image(f[records.KEY_ENCODED], channels=3, expand_animations=False)
+        image = tf.ensure_shape(image, [None, None, 3])
+        # A 0-pixel image cannot be resized; treat it as undecodable.
+        check = tf.debugging.assert_positive(tf.size(image), message="empty image")
+        with tf.control_dependencies([check]):
+            image = tf.identity(image)
+        return image, f[records.KEY_LABEL], f[records.KEY_ID], True
+
+    image, label, image_id, ok = _try(
+        parse_and_decode, serialized,
+        (tf.zeros([1, 1, 3], tf.uint8), tf.constant(-1, tf.int64), tf.constant(b""),
+         tf.constant(False)))
+
+    def id_of_failed_record():  # rare: find the id for the warning, if the record parses
+        return _try(lambda s: records.parse_example(s)[records.KEY_ID], serialized,
+                    tf.constant(b"<unparseable record>"))
+
+    image_id = tf.cond(ok, lambda: image_id, id_of_failed_record)
+    return index, image, label, image_id, ok
+
+
+def _make_counter(stats: DecodeStats):
+    def count(index, image, label, image_id, ok):
+        stats.examined.assign_add(1)
+        dropped = stats.dropped.assign_add(tf.cast(tf.logical_not(ok), tf.int64))
+
+        def warn():
+            tf.print("glam_tf input pipeline: dropped undecodable record id=", image_id,
+                     "at stream position", index, "- dropped so far:", dropped,
+                     output_stream=sys.stderr)
+            return tf.constant(0)
+
+        tf.cond(ok, lambda: tf.constant(0), warn)
+        return index, image, label, image_id, ok
+
+    return count
+
+
+def _make_augment(config: TrainInputConfig, sizes: tuple, num_input_pipelines: int,
+                  input_pipeline_id: int):
+    """Per-record augmentation, drawn from stateless RNG keyed by (seed, stream position)."""
+    edges = tf.constant(config.aspect_edges, tf.float32)
+    heights = tf.constant([h for _, h in sizes], tf.int32)
+    widths = tf.constant([w for w, _ in sizes], tf.int32)
+
+    def augment(index, image, label, image_id):
+        shape = tf.shape(image)
+        h, w = shape[0], shape[1]
+        hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+        group = tf.reduce_sum(tf.cast(hf / wf >= edges, tf.int32))
+        out_h, out_w = heights[group], widths[group]
+        # Distinct streams per pipeline: position * num_pipelines + pipeline id.
+        seed = tf.stack([tf.constant(config.seed, tf.int64),
+                         index * num_input_pipelines + input_pipeline_id])
+        u = tf.random.stateless_uniform([4], seed=seed, dtype=tf.float32)
+        zoom = 1.0 + config.crop_scale * (2.0 * u[0] - 1.0)
+
+        def zoom_in():  # a window of 1/zoom of the image side, inside the image
+            ch = tf.clip_by_value(tf.cast(tf.round(hf / zoom), tf.int32), 1, h)
+            cw = tf.clip_by_value(tf.cast(tf.round(wf / zoom), tf.int32), 1, w)
+            top = tf.cast(tf.cast(h - ch, tf.float32) * u[1], tf.int32)
+            left = tf.cast(tf.cast(w - cw, tf.float32) * u[2], tf.int32)
+            crop = image[top:top + ch, left:left + cw]
+            return tf.image.resize(crop, tf.stack([out_h, out_w]), method="bilinear")
+
+        def zoom_out():  # the image shrinks to zoom of the frame; mean-colour border
+            ih = tf.clip_by_value(tf.cast(tf.round(tf.cast(out_h, tf.float32) * zoom),
+                                          tf.int32), 1, out_h)
+            iw = tf.clip_by_value(tf.cast(tf.round(tf.cast(out_w, tf.float32) * zoom),
+                                          tf.int32), 1, out_w)
+            small = tf.image.resize(image, tf.stack([ih, iw]), method="bilinear")
+            mean = tf.reduce_mean(tf.cast(image[::4, ::4], tf.float32), axis=[0, 1])
+            top = tf.cast(tf.cast(out_h - ih, tf.float32) * u[1], tf.int32)
+            left = tf.cast(tf.cast(out_w - iw, tf.float32) * u[2], tf.int32)
+            padded = tf.pad(small - mean, [[top, out_h - ih - top], [left, out_w - iw - left],
+                                           [0, 0]])
+            return padded + mean
+
+        out = tf.cond(zoom >= 1.0, zoom_in, zoom_out)
+        delta = config.brightness * 255.0 * (2.0 * u[3] - 1.0)
+        out = tf.saturate_cast(out + (delta + 0.5), tf.uint8)  # round, clip to [0, 255]
+        out = tf.ensure_shape(out, [None, None, 3])
+        return out, tf.cast(label, tf.int32), image_id, tf.cast(group, tf.int64)
+
+    return augment
+
+
+def build_train_dataset(config: TrainInputConfig, *, num_input_pipelines: int = 1,
+                        input_pipeline_id: int = 0, batch_size: int | None = None,
+                        skip_examples: int = 0, stats: DecodeStats | None = None,
+                        repeat: bool = True, with_ids: bool = False) -> tf.data.Dataset:
+    """Builds this input pipeline's dataset of single-aspect-group training batches.
+
+    Args:
+      config: a `TrainInputConfig`.
+      num_input_pipelines / input_pipeline_id: from `tf.distribute.InputContext`. Files are
+        split across pipelines when there are at least as many files as pipelines, else
+        records are.
+      batch_size: images per batch; default global_batch_size // num_input_pipelines (under
+        `distribute_datasets_from_function` pass the per-replica size, see `make_dataset_fn`).
+      skip_examples: records of THIS pipeline's stream to skip before decoding, to resume
+        after a restart: steps_done * global_batch_size // num_input_pipelines.
+      stats: a `DecodeStats` to count into; a fresh one when None (drops are logged anyway).
+      repeat: True (training): loop forever, batches always full. False: one pass, the last
+        batch of each group may be smaller, so no record is lost (for tests and checks).
+      with_ids: also yield the image ids.
+
+    Returns:
+      A dataset of (images float32 (B, H, W, 3) in [0, 255], labels int32 (B,)) — plus
+      ids string (B,) with `with_ids` — where (W, H) is one of `config.scaled_bucket_sizes()`.
+
+    Raises:
+      ValueError: invalid config or arguments; FileNotFoundError: the pattern matches nothing.
+    """
+    config.validate()
+    if num_input_pipelines < 1 or not 0 <= input_pipeline_id < num_input_pipelines:
+        raise ValueError(
+            f"input_pipeline_id must be in [0, num_input_pipelines), got {input_pipeline_id} "
+            f"of {num_input_pipelines}")
+    if batch_size is None:
+        if config.global_batch_size % num_input_pipelines:
+            raise ValueError(
+                f"global_batch_size ({config.global_batch_size}) must be divisible by the "
+                f"number of input pipelines ({num_input_pipelines})")
+        batch_size = config.global_batch_size // num_input_pipelines
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if skip_examples < 0:
+        raise ValueError(f"skip_examples must be >= 0, got {skip_examples}")
+    files = sorted(tf.io.gfile.glob(config.file_pattern))
+    if not files:
+        raise FileNotFoundError(
+            f"TrainInputConfig.file_pattern {config.file_pattern!r} matches no file; expected "
+            "TFRecords written by build_gldv2_main.py (e.g. <out>/train-*-of-*.tfrecord)")
+    stats = stats if stats is not None else DecodeStats()
+
+    shard_records = len(files) < num_input_pipelines
+    if not shard_records:
+        files = files[input_pipeline_id::num_input_pipelines]
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    ds = ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 16),
+                       block_length=1, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if shard_records:
+        ds = ds.shard(num_input_pipelines, input_pipeline_id)
+    ds = ds.shuffle(config.shuffle_buffer, seed=config.seed + 1, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.enumerate()
+    if skip_examples:
+        ds = ds.skip(skip_examples)
+    ds = ds.map(_parse_and_decode, num_parallel_calls=AUTOTUNE,
+                deterministic=config.deterministic)
+    ds = ds.map(_make_counter(stats))
+    ds = ds.filter(lambda index, image, label, image_id, ok: ok)
+    ds = ds.map(lambda index, image, label, image_id, ok: (index, image, label, image_id))
+    ds = ds.map(_make_augment(config, config.scaled_bucket_sizes(), num_input_pipelines,
+                              input_pipeline_id),
+                num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
+    ds = ds.group_by_window(
+        key_func=lambda image, label, image_id, group: group,
+        reduce_func=lambda key, window: window.batch(batch_size, drop_remainder=repeat),
+        window_size=batch_size)
+
+    def finish(images, labels, ids, groups):
+        images = tf.cast(images, tf.float32)
+        return (images, labels, ids) if with_ids else (images, labels)
+
+    ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.prefetch(AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = config.deterministic
+    # The DecodeStats counters are the only stateful ops; leave them out of iterator
+    # checkpoints instead of refusing to save (they are checkpointed with the stats object).
+    options.experimental_external_state_policy = (
+        tf.data.experimental.ExternalStatePolicy.IGNORE)
+    return ds.with_options(options)
+
+
+def make_dataset_fn(config: TrainInputConfig, *, steps_done: int = 0,
+                    stats: DecodeStats | None = None):
+    """A `dataset_fn(input_context)` for `strategy.distribute_datasets_from_function`.
+
+    Each pipeline yields per-replica batches and skips the records it fed in `steps_done`
+    steps (global_batch_size // num_input_pipelines per step).
+    """
+
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = ctx.get_per_replica_batch_size(config.global_batch_size)
+        skip = steps_done * (config.global_batch_size // ctx.num_input_pipelines)
+        return build_train_dataset(
+            config, num_input_pipelines=ctx.num_input_pipelines,
+            input_pipeline_id=ctx.input_pipeline_id, batch_size=per_replica,
+            skip_examples=skip, stats=stats)
+
+    return dataset_fn
+
+
+def count_records(file_pattern: str) -> int:
+    """Number of records in the files matching `file_pattern` (reads them once)."""
+    files = sorted(tf.io.gfile.glob(file_pattern))
+    if not files:
+        raise FileNotFoundError(f"{file_pattern!r} matches no file")
+    return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Training steps in one pass over `num_examples` records (at least 1)."""
+    return max(1, math.ceil(num_examples / global_batch_size))
