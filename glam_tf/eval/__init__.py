@@ -1,1 +1,19 @@
-"""eval"""
+"""Retrieval evaluation: test-set extraction, exact search, revisited/original metrics."""
+
+from glam_tf.eval.evaluator import DATASETS, EvalConfig, Evaluator, run_evaluation
+from glam_tf.eval.metrics import (
+    KAPPAS,
+    SETUPS,
+    average_precision,
+    evaluate_setups,
+    precision_at_k,
+    ranks_after_removal,
+    setup_ground_truth,
+)
+from glam_tf.eval.search import SearchResult, approximate_search, exact_search, recall_at_k
+
+__all__ = [
+    "DATASETS", "EvalConfig", "Evaluator", "run_evaluation", "KAPPAS", "SETUPS",
+    "average_precision", "evaluate_setups", "precision_at_k", "ranks_after_removal",
+    "setup_ground_truth", "SearchResult", "approximate_search", "exact_search", "recall_at_k",
+]

@@ -1,0 +1,394 @@
+"""Retrieval test sets: Revisited Oxford/Paris (+1M distractors) and the original Oxford5k/Paris6k.
+
+Both loaders return a `TestSet` in the revisited structure (see EVAL_PROTOCOL.md):
+`imlist` (database names), `qimlist` (query names) and `gnd` (one dict per query with
+`bbx` [x1, y1, x2, y2] or None and 0-based int64 index arrays `easy`, `hard`, `junk`
+into `imlist`). The original protocol maps good ∪ ok to `easy` and leaves `hard` empty,
+so its single setup (positives = good ∪ ok, junk ignored) is the revisited "Medium".
+
+Layouts read (nothing is downloaded):
+- revisited: `<root>/<name>/jpg/<image>.jpg` and `<root>/<name>/gnd_<name>.pkl`
+  (`roxford5k`, `rparis6k`, and `synth`, the synthetic split glam_tf.data.synthetic writes);
+- distractors: `<distractors_root>/revisitop1m/revisitop1m.txt` listing one path per line
+  (extension included) relative to `<distractors_root>/revisitop1m/jpg/`;
+- original: `<root>/<name>/jpg/**/<image>.jpg` (flat, or in sub-folders as Paris unpacks
+  into `paris/<landmark>/`) and the ground-truth text files in `<root>/<name>/gt_files/`.
+"""
+
+import dataclasses
+import glob
+import io
+import os
+import pickle
+
+import numpy as np
+
+REVISITED = ("roxford5k", "rparis6k", "synth")
+ORIGINAL = ("oxford5k", "paris6k")
+DISTRACTORS = "revisitop1m"
+
+_SOURCES = {
+    "roxford5k": "http://cmp.felk.cvut.cz/revisitop/ (images: the Oxford Buildings "
+                 "oxbuild_images-v1.tgz, ground truth: gnd_roxford5k.pkl)",
+    "rparis6k": "http://cmp.felk.cvut.cz/revisitop/ (images: the Paris Buildings "
+                "paris_1-v1.tgz + paris_2-v1.tgz, ground truth: gnd_rparis6k.pkl)",
+    "synth": "glam_tf.data.synthetic.generate_synthetic_landmarks(root, ...) (writes "
+             "<root>/synth/jpg and <root>/synth/gnd_synth.pkl)",
+    DISTRACTORS: "http://cmp.felk.cvut.cz/revisitop/ (revisitop1m.txt and the "
+                 "revisitop1m.{1..100}.tar.gz image archives)",
+    "oxford5k": "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/ (oxbuild_images-v1.tgz "
+                "into jpg/, gt_files_170407.tgz into gt_files/)",
+    "paris6k": "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/ (paris_1-v1.tgz and "
+               "paris_2-v1.tgz into jpg/, paris_120310.tgz into gt_files/)",
+}
+_ORIGINAL_QUERY_PREFIX = {"oxford5k": "oxc1_", "paris6k": ""}
+_IMAGE_EXT = ".jpg"
+
+
+class MissingDataError(FileNotFoundError):
+    """Raised with the complete list of missing test-set files and where to get them."""
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """Raised when a ground-truth pickle asks to build an object outside the allow-list."""
+
+
+@dataclasses.dataclass
+class TestSet:
+    """One retrieval benchmark: database, queries and per-query ground truth.
+
+    Attributes:
+        name: dataset name (`roxford5k`, `rparis6k`, `synth`, `oxford5k`, `paris6k`).
+        image_dir: folder of the database images.
+        imlist: database image names (no extension), the index space of `gnd`.
+        qimlist: query image names, one per entry of `gnd`.
+        gnd: per query a dict with `bbx` ([x1, y1, x2, y2] floats or None) and int64
+            index arrays `easy`, `hard`, `junk` into `imlist`.
+        query_dir: folder of the query images (== image_dir for these benchmarks).
+        protocol: "revisited" (Easy/Medium/Hard) or "original" (one setup, mAP only).
+        distractors: names of the extra negatives appended after `imlist` in the database
+            (revisitop1m paths, extension included), empty without distractors.
+        distractor_dir: folder the distractor names are relative to.
+        relpaths: name -> path relative to image_dir, for layouts with sub-folders.
+    """
+
+    __test__ = False  # keep pytest from collecting this class from test modules
+
+    name: str
+    image_dir: str
+    imlist: list
+    qimlist: list
+    gnd: list
+    query_dir: str
+    protocol: str = "revisited"
+    distractors: list = dataclasses.field(default_factory=list)
+    distractor_dir: str = ""
+    relpaths: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def image_path(self, name):
+        """Path of database image `name` (a test-set image, not a distractor)."""
+        rel = self.relpaths.get(name, name + _IMAGE_EXT)
+        return os.path.join(self.image_dir, rel)
+
+    def query_path(self, name):
+        """Path of the full (uncropped) query image `name`."""
+        rel = self.relpaths.get(name, name + _IMAGE_EXT)
+        return os.path.join(self.query_dir, rel)
+
+    def distractor_path(self, name):
+        """Path of distractor `name` (a line of revisitop1m.txt)."""
+        return os.path.join(self.distractor_dir, name)
+
+    @property
+    def num_database(self):
+        """Database size: test-set images plus distractors."""
+        return len(self.imlist) + len(self.distractors)
+
+    def database_ids(self):
+        """All database names in index order: imlist, then distractors."""
+        return list(self.imlist) + list(self.distractors)
+
+    def database_paths(self):
+        """All database image paths in index order: imlist, then distractors."""
+        return [self.database_path(i) for i in range(self.num_database)]
+
+    def database_path(self, index):
+        """Path of database image `index` (imlist first, then distractors)."""
+        if index < len(self.imlist):
+            return self.image_path(self.imlist[index])
+        return self.distractor_path(self.distractors[index - len(self.imlist)])
+
+    def database_id(self, index):
+        """Name of database image `index`."""
+        if index < len(self.imlist):
+            return self.imlist[index]
+        return self.distractors[index - len(self.imlist)]
+
+    def query_boxes(self):
+        """Per query the crop box [x1, y1, x2, y2] or None."""
+        return [g.get("bbx") for g in self.gnd]
+
+
+# ----------------------------------------------------------------------------------------
+# Restricted unpickling.
+
+_BUILTINS = frozenset(["set", "frozenset", "bytes", "bytearray", "complex", "list", "dict",
+                       "tuple", "str", "int", "float", "bool"])
+_NUMPY_ALLOWED = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that builds only plain containers, numbers, strings and numpy arrays.
+
+    Pickles of numpy arrays need, by protocol: 0-2 `numpy.core.multiarray._reconstruct`,
+    `numpy.ndarray`, `numpy.dtype`, `_codecs.encode` (bytes under protocol < 3) and
+    `builtins.set`; 3-4 the same without `_codecs`; 5 `numpy.core.numeric._frombuffer`;
+    numpy scalars `numpy.core.multiarray.scalar`. numpy 2 spells `numpy.core` as
+    `numpy._core`; both are accepted. Everything else is refused.
+    """
+
+    def __init__(self, file, *, source):
+        super().__init__(file, encoding="latin1")
+        self._source = source
+
+    def find_class(self, module, name):
+        if module in ("builtins", "__builtin__") and name in _BUILTINS:
+            return super().find_class("builtins", name)
+        if (module, name) == ("_codecs", "encode"):
+            return super().find_class(module, name)
+        if (module, name) in _NUMPY_ALLOWED:
+            if module.startswith("numpy.core."):
+                # numpy >= 2 moved numpy.core to numpy._core (the old name warns).
+                try:
+                    return super().find_class("numpy._core." + module[len("numpy.core."):],
+                                              name)
+                except (ImportError, AttributeError):
+                    pass
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"{self._source}: refused to load global '{module}.{name}': ground-truth pickles "
+            "may contain only lists, dicts, tuples, strings, numbers and numpy arrays "
+            "(a pickle that builds other objects can run arbitrary code). Re-download the "
+            "file from its source or rebuild it from plain data.")
+
+
+def safe_load_pickle(path):
+    """Loads a pickle admitting only plain containers, numbers, strings and numpy arrays.
+
+    Raises:
+        UnsafePickleError: the file asks for any other global (e.g. `os.system`), naming
+            the file and the refused global.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), source=path).load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # truncated or not a pickle at all
+        raise pickle.UnpicklingError(f"{path}: not a readable ground-truth pickle ({e})") from e
+
+
+# ----------------------------------------------------------------------------------------
+# Loaders.
+
+def _raise_missing(name, missing):
+    lines = [f"test set '{name}': {len(missing)} required file(s)/folder(s) missing:"]
+    for path, what, source in missing:
+        lines.append(f"  - {path} ({what}); get it from {source}")
+    raise MissingDataError("\n".join(lines))
+
+
+def _index_array(values, *, field, query, size, path):
+    arr = np.asarray(values if values is not None else [], dtype=np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= size):
+        raise ValueError(f"{path}: gnd[{query}]['{field}'] has indices outside [0, {size}) "
+                         f"(min {arr.min()}, max {arr.max()})")
+    return arr
+
+
+def _parse_box(bbx, *, query, path):
+    if bbx is None:
+        return None
+    box = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
+    if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
+        raise ValueError(f"{path}: gnd[{query}]['bbx'] must be [x1, y1, x2, y2] with "
+                         f"x2 > x1 and y2 > y1, got {bbx!r}")
+    return box
+
+
+def _read_lines(path):
+    with open(path, "r", encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def load_revisited(root, name, *, distractors_root=None):
+    """Loads Revisited Oxford/Paris (or the synthetic split), optionally with +1M distractors.
+
+    Args:
+        root: folder holding `<name>/jpg/` and `<name>/gnd_<name>.pkl`.
+        name: one of `roxford5k`, `rparis6k`, `synth`.
+        distractors_root: folder holding `revisitop1m/revisitop1m.txt` and
+            `revisitop1m/jpg/`; None for no distractors.
+
+    Returns:
+        A `TestSet` (protocol "revisited"); distractors come after `imlist` in the database.
+
+    Raises:
+        ValueError: unknown name or malformed ground truth.
+        MissingDataError: files are missing (all of them listed, with their source).
+        UnsafePickleError: the pickle asks for code outside the allow-list.
+    """
+    if name not in REVISITED:
+        raise ValueError(f"load_revisited: name must be one of {REVISITED}, got {name!r} "
+                         f"(use load_original for {ORIGINAL})")
+    base = os.path.join(root, name)
+    image_dir = os.path.join(base, "jpg")
+    gnd_path = os.path.join(base, f"gnd_{name}.pkl")
+    missing = []
+    if not os.path.isdir(image_dir):
+        missing.append((image_dir, "image folder", _SOURCES[name]))
+    if not os.path.isfile(gnd_path):
+        missing.append((gnd_path, "ground-truth pickle", _SOURCES[name]))
+    dist_list, dist_dir = None, ""
+    if distractors_root is not None:
+        dist_list = os.path.join(distractors_root, DISTRACTORS, f"{DISTRACTORS}.txt")
+        dist_dir = os.path.join(distractors_root, DISTRACTORS, "jpg")
+        if not os.path.isfile(dist_list):
+            missing.append((dist_list, "distractor list", _SOURCES[DISTRACTORS]))
+        if not os.path.isdir(dist_dir):
+            missing.append((dist_dir, "distractor image folder", _SOURCES[DISTRACTORS]))
+    if missing:
+        _raise_missing(name, missing)
+
+    cfg = safe_load_pickle(gnd_path)
+    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
+        raise ValueError(f"{gnd_path}: expected a dict with keys 'imlist', 'qimlist', 'gnd', "
+                         f"got {type(cfg).__name__} with keys "
+                         f"{sorted(cfg) if isinstance(cfg, dict) else '-'}")
+    imlist = [str(n) for n in cfg["imlist"]]
+    qimlist = [str(n) for n in cfg["qimlist"]]
+    if len(cfg["gnd"]) != len(qimlist):
+        raise ValueError(f"{gnd_path}: {len(cfg['gnd'])} gnd entries for {len(qimlist)} queries")
+    gnd = []
+    for q, g in enumerate(cfg["gnd"]):
+        gnd.append({
+            "bbx": _parse_box(g.get("bbx"), query=q, path=gnd_path),
+            **{k: _index_array(g.get(k), field=k, query=q, size=len(imlist), path=gnd_path)
+               for k in ("easy", "hard", "junk")},
+        })
+    distractors = _read_lines(dist_list) if dist_list else []
+    return TestSet(name=name, image_dir=image_dir, imlist=imlist, qimlist=qimlist, gnd=gnd,
+                   query_dir=image_dir, protocol="revisited", distractors=distractors,
+                   distractor_dir=dist_dir)
+
+
+def _scan_images(image_dir):
+    """Maps image name (file stem) -> path relative to image_dir, searching sub-folders."""
+    relpaths = {}
+    for path in glob.glob(os.path.join(image_dir, "**", "*" + _IMAGE_EXT), recursive=True):
+        rel = os.path.relpath(path, image_dir)
+        relpaths[os.path.splitext(os.path.basename(rel))[0]] = rel
+    return relpaths
+
+
+def parse_original_gt(gt_dir, name):
+    """Parses the distributed Oxford5k / Paris6k ground-truth text files.
+
+    Args:
+        gt_dir: folder with `<landmark>_<k>_{query,good,ok,junk}.txt`.
+        name: `oxford5k` (query names carry an `oxc1_` prefix, stripped) or `paris6k`
+            (no prefix; its `_good.txt` files are empty, all positives are in `_ok.txt`).
+
+    Returns:
+        A list, sorted by query file name, of dicts: `query_id` (`all_souls_1`), `name`
+        (image name), `bbx` [x1, y1, x2, y2], and name lists `good`, `ok`, `junk`.
+    """
+    prefix = _ORIGINAL_QUERY_PREFIX[name]
+    entries = []
+    for qfile in sorted(glob.glob(os.path.join(gt_dir, "*_query.txt"))):
+        qid = os.path.basename(qfile)[:-len("_query.txt")]
+        lines = _read_lines(qfile)
+        fields = lines[0].split() if lines else []
+        if len(fields) != 5:
+            raise ValueError(f"{qfile}: expected '<image> x1 y1 x2 y2', got {fields!r}")
+        qname = fields[0][len(prefix):] if prefix and fields[0].startswith(prefix) else fields[0]
+        entry = {"query_id": qid, "name": qname,
+                 "bbx": _parse_box([float(v) for v in fields[1:]], query=qid, path=qfile)}
+        for kind in ("good", "ok", "junk"):
+            entry[kind] = _read_lines(os.path.join(gt_dir, f"{qid}_{kind}.txt"))
+        entries.append(entry)
+    return entries
+
+
+def load_original(root, name, *, gt_dir=None):
+    """Loads original Oxford5k / Paris6k from its distributed ground-truth text files.
+
+    Queries ARE database images; positives = good ∪ ok (stored as `easy`, `hard` empty),
+    junk ignored; the database is every `.jpg` under `<root>/<name>/jpg/` (sorted names).
+
+    Args:
+        root: folder holding `<name>/jpg/` and `<name>/gt_files/`.
+        name: `oxford5k` or `paris6k`.
+        gt_dir: ground-truth folder, overriding `<root>/<name>/gt_files`.
+
+    Raises:
+        MissingDataError: image/ground-truth folders, per-query files or images named by
+            the ground truth are missing (all listed, with the download site).
+    """
+    if name not in ORIGINAL:
+        raise ValueError(f"load_original: name must be one of {ORIGINAL}, got {name!r} "
+                         f"(use load_revisited for {REVISITED})")
+    image_dir = os.path.join(root, name, "jpg")
+    gt_dir = gt_dir or os.path.join(root, name, "gt_files")
+    missing = []
+    if not os.path.isdir(image_dir):
+        missing.append((image_dir, "image folder", _SOURCES[name]))
+    if not os.path.isdir(gt_dir) or not glob.glob(os.path.join(gt_dir, "*_query.txt")):
+        missing.append((gt_dir, "ground-truth folder with *_query.txt files", _SOURCES[name]))
+    else:
+        for qfile in sorted(glob.glob(os.path.join(gt_dir, "*_query.txt"))):
+            qid = qfile[:-len("_query.txt")]
+            for kind in ("good", "ok", "junk"):
+                if not os.path.isfile(f"{qid}_{kind}.txt"):
+                    missing.append((f"{qid}_{kind}.txt", "ground-truth list", _SOURCES[name]))
+    if missing:
+        _raise_missing(name, missing)
+
+    entries = parse_original_gt(gt_dir, name)
+    relpaths = _scan_images(image_dir)
+    needed = sorted({n for e in entries for n in [e["name"], *e["good"], *e["ok"], *e["junk"]]}
+                    - set(relpaths))
+    if needed:
+        shown = ", ".join(needed[:20]) + (" ..." if len(needed) > 20 else "")
+        _raise_missing(name, [(os.path.join(image_dir, "<name>.jpg"),
+                               f"{len(needed)} image(s) named by the ground truth: {shown}",
+                               _SOURCES[name])])
+    imlist = sorted(relpaths)
+    index = {n: i for i, n in enumerate(imlist)}
+    gnd = []
+    for e in entries:
+        positives = sorted({index[n] for n in e["good"] + e["ok"]})
+        gnd.append({"bbx": e["bbx"], "easy": np.asarray(positives, dtype=np.int64),
+                    "hard": np.zeros(0, dtype=np.int64),
+                    "junk": np.asarray(sorted({index[n] for n in e["junk"]}), dtype=np.int64)})
+    return TestSet(name=name, image_dir=image_dir, imlist=imlist,
+                   qimlist=[e["name"] for e in entries], gnd=gnd, query_dir=image_dir,
+                   protocol="original", relpaths=relpaths)
+
+
+def load_testset(root, name, *, distractors_root=None):
+    """Dispatches to `load_revisited` or `load_original` by dataset name."""
+    if name in REVISITED:
+        return load_revisited(root, name, distractors_root=distractors_root)
+    if name in ORIGINAL:
+        if distractors_root is not None:
+            raise ValueError(f"distractors (revisitop1m) go with the revisited sets "
+                             f"{REVISITED[:2]}, not with {name!r}")
+        return load_original(root, name)
+    raise ValueError(f"unknown test set {name!r}: expected one of {REVISITED + ORIGINAL}")

@@ -1,0 +1,164 @@
+"""Evaluation output: the paper-layout table, the JSON record, and top-10 pictures.
+
+The picture marks each of a query's top 10 by its status under the Medium setup (the
+original protocol's only one): positive (green), junk / ignored (yellow), negative (red),
+undecodable database image (grey); the query crop has a blue frame. Written as a PNG grid
+(Pillow) and an HTML page with JPEG thumbnails.
+"""
+
+import html
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from glam_tf.eval import extract, metrics
+
+_SHORT = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf5k", "paris6k": "Par6k",
+          "synth": "Synth"}
+COLORS = {"positive": (0, 170, 0), "junk": (235, 195, 0), "negative": (215, 0, 0),
+          "invalid": (128, 128, 128), "query": (30, 90, 220)}
+_THUMB = 128
+_BORDER = 6
+
+
+def _fmt(v):
+    return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.2f}"
+
+
+def dataset_label(dataset, distractors):
+    """Short name as in the paper's tables, e.g. `ROxf+1M`."""
+    return _SHORT.get(dataset, dataset) + ("+1M" if distractors else "")
+
+
+def format_table(results):
+    """The paper's layout: mAP and mP@10 for Medium and Hard (then Easy), or Oxf/Par mAP."""
+    label = dataset_label(results["dataset"], results["distractors"])
+    m = results["metrics"]
+    if results["protocol"] == "original":
+        header = f"| {'dataset':<10} | {'mAP':>6} |"
+        row = f"| {label:<10} | {_fmt(m[metrics.ORIGINAL_SETUP]['mAP'])} |"
+        lines = [header, "|" + "-" * 12 + "|" + "-" * 8 + "|", row]
+    else:
+        cols = [("medium", "mAP"), ("hard", "mAP"), ("medium", "mP@10"), ("hard", "mP@10"),
+                ("easy", "mAP"), ("easy", "mP@10")]
+        names = [f"{s[0].upper()} {k}" for s, k in cols]
+        header = f"| {'dataset':<10} | " + " | ".join(f"{n:>8}" for n in names) + " |"
+        row = (f"| {label:<10} | "
+               + " | ".join(f"{_fmt(m[s][k]):>8}" for s, k in cols) + " |")
+        lines = [header, "|" + "-" * 12 + ("|" + "-" * 10) * len(cols) + "|", row]
+        lines.append("  mP@1/5/10 " + "; ".join(
+            f"{s}: {_fmt(m[s]['mP@1']).strip()}/{_fmt(m[s]['mP@5']).strip()}/"
+            f"{_fmt(m[s]['mP@10']).strip()}" for s in metrics.SETUPS))
+    c = results["counts"]
+    lines.append(f"  queries {c['queries_evaluated']}/{c['queries']} evaluated, database "
+                 f"{c['database']} images ({c['distractors']} distractors), undecodable: "
+                 f"{c['undecodable_queries']} queries, {c['undecodable_database']} database")
+    return "\n".join(lines)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _nan_to_none(o):
+    if isinstance(o, float) and not math.isfinite(o):  # NaN AP, -inf score: JSON null
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_nan_to_none(v) for v in o]
+    return o
+
+
+def write_json(results, path):
+    """Writes the results dict (NaN and infinities -> null) to `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_nan_to_none(results), f, indent=1, default=_json_default)
+    os.replace(tmp, path)
+
+
+def result_status(gnd_query, index, valid=None):
+    """Status of database image `index` for one query under the Medium setup."""
+    if valid is not None and not valid[index]:
+        return "invalid"
+    pos, ign = metrics.setup_ground_truth(gnd_query, "medium")
+    if index in set(pos.tolist()):
+        return "positive"
+    if index in set(ign.tolist()):
+        return "junk"
+    return "negative"
+
+
+def _thumb(image, color):
+    image = ImageOps.contain(image, (_THUMB, _THUMB), Image.BILINEAR)
+    canvas = Image.new("RGB", (_THUMB + 2 * _BORDER, _THUMB + 2 * _BORDER), (255, 255, 255))
+    frame = Image.new("RGB", (image.width + 2 * _BORDER, image.height + 2 * _BORDER), color)
+    frame.paste(image, (_BORDER, _BORDER))
+    canvas.paste(frame, ((canvas.width - frame.width) // 2, (canvas.height - frame.height) // 2))
+    return canvas
+
+
+def _open_rgb(path, box=None):
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            return im.crop(extract.pil_box(box, *im.size)) if box is not None else im
+    except (OSError, SyntaxError, ValueError, extract.UndecodableImage):
+        return Image.new("RGB", (_THUMB, _THUMB), COLORS["invalid"])
+
+
+def write_visualization(entries, out_dir, *, title, num=10):
+    """Top-`num` pictures for chosen queries: `<out_dir>/top{num}.png` and `.html`.
+
+    Args:
+        entries: per query a dict with `query` (name), `query_path`, `box`, and `results`:
+            list of dicts with `id`, `path`, `score`, `status` (see COLORS).
+        out_dir: folder for the PNG, the HTML page and its thumbnails (`thumbs/`).
+
+    Returns:
+        (png_path, html_path).
+    """
+    thumbs_dir = os.path.join(out_dir, "thumbs")
+    os.makedirs(thumbs_dir, exist_ok=True)
+    cell_w, cell_h = _THUMB + 2 * _BORDER, _THUMB + 2 * _BORDER + 14
+    grid = Image.new("RGB", (cell_w * (num + 1), cell_h * max(1, len(entries))), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    rows_html = []
+    for r, e in enumerate(entries):
+        q = _thumb(_open_rgb(e["query_path"], e.get("box")), COLORS["query"])
+        grid.paste(q, (0, r * cell_h))
+        draw.text((2, r * cell_h + cell_w), e["query"][:20], fill=(0, 0, 0))
+        q_file = f"q{r:03d}_query.jpg"
+        q.save(os.path.join(thumbs_dir, q_file), quality=90)
+        cells = [f'<td><img src="thumbs/{q_file}"><br><b>{html.escape(e["query"])}</b></td>']
+        for k, res in enumerate(e["results"][:num]):
+            t = _thumb(_open_rgb(res["path"]), COLORS[res["status"]])
+            grid.paste(t, ((k + 1) * cell_w, r * cell_h))
+            draw.text(((k + 1) * cell_w + 2, r * cell_h + cell_w),
+                      f"#{k + 1}  {res['score']:.3f}", fill=COLORS[res["status"]])
+            f_name = f"q{r:03d}_r{k + 1:02d}.jpg"
+            t.save(os.path.join(thumbs_dir, f_name), quality=90)
+            cells.append(f'<td><img src="thumbs/{f_name}"><br>{k + 1}. '
+                         f'{html.escape(res["id"])}<br>{res["status"]} {res["score"]:.3f}</td>')
+        rows_html.append("<tr>" + "".join(cells) + "</tr>")
+    png = os.path.join(out_dir, f"top{num}.png")
+    grid.save(png)
+    legend = " ".join(f'<span style="color:rgb{c}">&#9632; {n}</span>' for n, c in COLORS.items())
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title></head><body><h2>{html.escape(title)}</h2><p>{legend}</p>"
+            f"<table style='font-size:11px'>{''.join(rows_html)}</table></body></html>")
+    page_path = os.path.join(out_dir, f"top{num}.html")
+    with open(page_path, "w") as f:
+        f.write(page)
+    return png, page_path

@@ -1,0 +1,253 @@
+"""Nearest-neighbour search of query descriptors in a database, with bounded memory.
+
+Exact search scores the database in chunks (inner product of unit descriptors = cosine),
+keeps the top-k per query and, for AP (EVAL_PROTOCOL.md), the 0-based rank in the WHOLE
+database of chosen ("tracked") images per query, without storing the ranking:
+rank(i) = |{j : s_j > s_i}| + |{j < i : s_j = s_i}| (a stable sort by descending score,
+ties broken by index). Database images flagged invalid (undecodable) score -inf: they
+rank after every valid image, among themselves by index ("ranked last").
+
+Optional approximate search through faiss (`pip install faiss-cpu==1.15.1`), with its
+recall@k against the exact top-k.
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+from absl import logging
+
+_BYTES_PER_SCORE = 24  # scores + sorted copy + partition indices per (query, database) pair
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Top-k neighbours and whole-database ranks of tracked images.
+
+    Attributes:
+        topk_indices: (Q, k) int64 database indices, best first (ties by index).
+        topk_scores: (Q, k) float32 scores (-inf for invalid images).
+        tracked: per query a sorted unique (M_q,) int64 array of database indices.
+        tracked_ranks: per query (M_q,) int64 0-based ranks of `tracked` in the database.
+        chunk_size: database rows scored at a time; query_block: queries at a time.
+    """
+
+    topk_indices: np.ndarray
+    topk_scores: np.ndarray
+    tracked: list
+    tracked_ranks: list
+    chunk_size: int = 0
+    query_block: int = 0
+
+    def rank_of(self, query, indices):
+        """0-based whole-database ranks of `indices` (all tracked) for query `query`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        tracked = self.tracked[query]
+        pos = np.searchsorted(tracked, indices)
+        ok = (pos < tracked.size) & (tracked[np.minimum(pos, tracked.size - 1)] == indices)
+        if not np.all(ok):
+            raise KeyError(f"query {query}: database indices {indices[~ok][:10].tolist()} "
+                           "were not tracked in the search")
+        return self.tracked_ranks[query][pos]
+
+
+def _plan(num_queries, num_db, db_bytes, memory_budget_bytes, chunk_size):
+    """Query block and database chunk so the temporary score arrays fit the budget."""
+    if memory_budget_bytes is None:
+        # About half the descriptor matrix (so the peak stays near 1.5x it), 4 MiB..512 MiB.
+        memory_budget_bytes = int(min(512 << 20, max(4 << 20, db_bytes // 2)))
+    min_chunk = min(num_db, 4096)
+    query_block = max(1, min(num_queries, memory_budget_bytes // (_BYTES_PER_SCORE * min_chunk)))
+    if chunk_size is None:
+        chunk_size = memory_budget_bytes // (_BYTES_PER_SCORE * query_block)
+    chunk_size = int(max(1, min(num_db, chunk_size)))
+    return query_block, chunk_size
+
+
+def _chunk_scores(queries, database, start, stop, valid):
+    """(Qb, stop-start) float32 inner products; invalid database rows get -inf."""
+    s = queries @ database[start:stop].T
+    if valid is not None:
+        s[:, ~valid[start:stop]] = -np.inf
+    return s
+
+
+def _topk_of_chunk(scores, sorted_scores, k, start):
+    """Top-k (by score desc, index asc) of one chunk: (Qb, k') indices and scores."""
+    qb, c = scores.shape
+    kk = min(k, c)
+    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    boundary = sorted_scores[:, c - kk]  # k-th largest value per row
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    # argpartition picks arbitrary members of a tie at the boundary: redo those rows so the
+    # lowest indices win, as a stable sort would.
+    n_eq_all = np.count_nonzero(scores == boundary[:, None], axis=1)
+    n_eq_sel = np.count_nonzero(part_scores == boundary[:, None], axis=1)
+    for r in np.flatnonzero(n_eq_all != n_eq_sel):
+        above = np.flatnonzero(scores[r] > boundary[r])
+        ties = np.flatnonzero(scores[r] == boundary[r])[: kk - above.size]
+        part[r] = np.concatenate([above, ties])
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    return part + start, part_scores
+
+
+def _merge_topk(idx_a, sc_a, idx_b, sc_b, k):
+    idx = np.concatenate([idx_a, idx_b], axis=1)
+    sc = np.concatenate([sc_a, sc_b], axis=1)
+    order = np.lexsort((idx, -sc), axis=-1)[:, :k]
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(sc, order, axis=1)
+
+
+def exact_search(queries, database, *, k=100, tracked=None, valid=None,
+                 memory_budget_bytes=None, chunk_size=None, log_every_s=30.0):
+    """Exact inner-product search in database chunks: top-k and ranks of tracked images.
+
+    Memory: besides the inputs, temporaries of about `memory_budget_bytes` (default half
+    the descriptor matrix, clipped to 4..512 MiB) whatever the number of queries: queries
+    are processed in blocks and the database in chunks.
+
+    Args:
+        queries: (Q, D) float descriptors.
+        database: (N, D) float descriptors (a memory map works).
+        k: neighbours kept per query (clipped to N).
+        tracked: per query an int array of database indices whose whole-database rank
+            is wanted (the positives and junk for AP); None for none.
+        valid: (N,) bool, False for images to rank last (undecodable), or None.
+        memory_budget_bytes, chunk_size: override the automatic chunking.
+        log_every_s: progress logging interval.
+
+    Returns:
+        A `SearchResult`.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
+        raise ValueError(f"queries (Q, D) and database (N, D) must share D, got "
+                         f"{queries.shape} and {database.shape}")
+    if database.dtype != np.float32:
+        database = database.astype(np.float32)
+    nq, n = queries.shape[0], database.shape[0]
+    if n == 0:
+        raise ValueError("the database is empty")
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != (n,):
+            raise ValueError(f"valid must have shape ({n},), got {valid.shape}")
+    k = int(min(k, n))
+    tracked = [np.unique(np.asarray(t, dtype=np.int64)) for t in
+               (tracked if tracked is not None else [()] * nq)]
+    if len(tracked) != nq:
+        raise ValueError(f"tracked has {len(tracked)} entries for {nq} queries")
+    for q, t in enumerate(tracked):
+        if t.size and (t[0] < 0 or t[-1] >= n):
+            raise ValueError(f"tracked[{q}] has indices outside [0, {n})")
+    query_block, chunk = _plan(nq, n, database.nbytes, memory_budget_bytes, chunk_size)
+    starts = list(range(0, n, chunk))
+
+    topk_idx = np.zeros((nq, k), dtype=np.int64)
+    topk_sc = np.zeros((nq, k), dtype=np.float32)
+    ranks = [np.zeros(t.size, dtype=np.int64) for t in tracked]
+    t0 = last_log = time.time()
+    total_steps, step = len(starts) * -(-nq // query_block), 0
+    for q0 in range(0, nq, query_block):
+        q1 = min(nq, q0 + query_block)
+        qblock = queries[q0:q1]
+        qtracked = tracked[q0:q1]
+        # Pass A: scores of the tracked images, read from the same chunk products that
+        # pass B counts over (so a tracked score compares bit-exactly with its rivals).
+        tscores = [np.zeros(t.size, dtype=np.float32) for t in qtracked]
+        all_tracked = np.unique(np.concatenate(qtracked)) if qtracked else np.zeros(0, int)
+        for ci in np.unique(all_tracked // chunk):
+            a, b = int(ci) * chunk, min(n, (int(ci) + 1) * chunk)
+            s = _chunk_scores(qblock, database, a, b, valid)
+            for r, t in enumerate(qtracked):
+                sel = (t >= a) & (t < b)
+                tscores[r][sel] = s[r, t[sel] - a]
+        # Pass B: count, per tracked image, the images ranked above it; keep the top-k.
+        run_idx = np.zeros((q1 - q0, 0), dtype=np.int64)
+        run_sc = np.zeros((q1 - q0, 0), dtype=np.float32)
+        for a in starts:
+            b = min(n, a + chunk)
+            s = _chunk_scores(qblock, database, a, b, valid)
+            s_sorted = np.sort(s, axis=1)
+            c = b - a
+            for r, t in enumerate(qtracked):
+                if not t.size:
+                    continue
+                ts = tscores[r]
+                inside = (t >= a) & (t < b)
+                if np.any(inside) and not np.array_equal(s[r, t[inside] - a], ts[inside]):
+                    raise RuntimeError("matrix product not reproducible between passes; "
+                                       "ranks would be inexact")
+                left = np.searchsorted(s_sorted[r], ts, side="left")
+                right = np.searchsorted(s_sorted[r], ts, side="right")
+                counts = np.where(t >= b, c - left, c - right)  # before: ties count too
+                for m in np.flatnonzero(inside & (right - left > 1)):
+                    counts[m] += np.count_nonzero(s[r, : t[m] - a] == ts[m])
+                ranks[q0 + r] += counts
+            idx_c, sc_c = _topk_of_chunk(s, s_sorted, k, a)
+            run_idx, run_sc = _merge_topk(run_idx, run_sc, idx_c, sc_c, k)
+            step += 1
+            now = time.time()
+            if now - last_log >= log_every_s:
+                rate = step / (now - t0)
+                logging.info("search: %d/%d chunks (%.1f chunks/s, ETA %.0f s)", step,
+                             total_steps, rate, (total_steps - step) / rate)
+                last_log = now
+        topk_idx[q0:q1], topk_sc[q0:q1] = run_idx, run_sc
+    return SearchResult(topk_indices=topk_idx, topk_scores=topk_sc, tracked=tracked,
+                        tracked_ranks=ranks, chunk_size=chunk, query_block=query_block)
+
+
+def _import_faiss():
+    try:
+        import faiss  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError("approximate search needs faiss, an optional extra: "
+                          "pip install faiss-cpu==1.15.1 (or evaluate without an "
+                          "approximate index)") from e
+    return faiss
+
+
+def approximate_search(queries, database, *, k=100, index_spec="HNSW32", params="",
+                       valid=None, train_size=100_000, seed=0):
+    """Approximate inner-product top-k with a faiss index built from a factory string.
+
+    Args:
+        queries: (Q, D) float32; database: (N, D) float32.
+        k: neighbours per query.
+        index_spec: faiss.index_factory description, e.g. "HNSW32", "IVF1024,Flat".
+        params: faiss ParameterSpace string set before searching, e.g. "nprobe=16",
+            "efSearch=128"; "" for the index defaults.
+        valid: (N,) bool; invalid rows are left out of the index.
+        train_size: vectors sampled to train indexes that need training (IVF, PQ).
+
+    Returns:
+        (indices (Q, k) int64 database indices, -1 where fewer were found,
+         scores (Q, k) float32, build_seconds, search_seconds).
+    """
+    faiss = _import_faiss()
+    database = np.asarray(database, dtype=np.float32)
+    rows = np.arange(database.shape[0]) if valid is None else np.flatnonzero(valid)
+    data = np.ascontiguousarray(database[rows])
+    t0 = time.time()
+    index = faiss.index_factory(data.shape[1], index_spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = data[rng.choice(data.shape[0], min(train_size, data.shape[0]), replace=False)]
+        index.train(sample)
+    index.add(data)
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    t1 = time.time()
+    scores, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    t2 = time.time()
+    indices = np.where(found >= 0, rows[np.maximum(found, 0)], -1).astype(np.int64)
+    return indices, scores.astype(np.float32), t1 - t0, t2 - t1
+
+
+def recall_at_k(approx_indices, exact_indices, k):
+    """Mean over queries of |approx top-k ∩ exact top-k| / k."""
+    a = np.asarray(approx_indices)[:, :k]
+    e = np.asarray(exact_indices)[:, :k]
+    hits = [np.intersect1d(a[i][a[i] >= 0], e[i]).size for i in range(e.shape[0])]
+    return float(np.mean(hits) / k)

@@ -1,0 +1,135 @@
+"""Chunked exact search: whole-database ranks and top-k against a full argsort, invalid
+images ranked last, bounded memory, and the optional faiss index."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from glam_tf.eval import search
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _chunked_scores(q, db, res):
+    """Scores exactly as the search computes them (same query blocks and chunk products)."""
+    qb, c = res.query_block, res.chunk_size
+    return np.concatenate([
+        np.concatenate([q[i:i + qb] @ db[a:a + c].T for a in range(0, len(db), c)], axis=1)
+        for i in range(0, len(q), qb)])
+
+
+def _stable_ranks(scores):
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[1])[None], axis=1)
+    return order, ranks
+
+
+@pytest.mark.parametrize("chunk,budget", [(64, None), (1000, None), (None, 200_000)])
+def test_ranks_and_topk_match_full_argsort(chunk, budget):
+    rng = np.random.default_rng(0)
+    q, db = _unit(rng, 30, 16), _unit(rng, 1000, 16)
+    db[500] = db[10]  # exact duplicates: a tie broken by index
+    db[900] = db[10]
+    tracked = [rng.choice(1000, size=40, replace=False) for _ in range(30)]
+    tracked[0] = np.array([10, 500, 900])
+    res = search.exact_search(q, db, k=15, tracked=tracked, chunk_size=chunk,
+                              memory_budget_bytes=budget)
+    if budget is not None:
+        assert res.query_block < 30  # the small budget split the queries into blocks
+    scores = _chunked_scores(q, db, res)
+    order, ranks = _stable_ranks(scores)
+    for i in range(30):
+        np.testing.assert_array_equal(res.rank_of(i, tracked[i]), ranks[i, tracked[i]])
+    np.testing.assert_array_equal(res.topk_indices, order[:, :15])
+    np.testing.assert_array_equal(res.topk_scores, np.take_along_axis(scores, order[:, :15], 1))
+    r = res.rank_of(0, [10, 500, 900])
+    np.testing.assert_array_equal(r, [r[0], r[0] + 1, r[0] + 2])
+    with pytest.raises(KeyError, match="not tracked"):
+        res.rank_of(0, [11])
+
+
+def test_topk_ties_at_the_chunk_boundary_prefer_low_indices():
+    q = np.ones((1, 2), dtype=np.float32)
+    db = np.zeros((10, 2), dtype=np.float32)
+    db[7] = 1.0  # one clear winner, then nine tied images
+    res = search.exact_search(q, db, k=4, chunk_size=3, tracked=[[9, 0]])
+    np.testing.assert_array_equal(res.topk_indices[0], [7, 0, 1, 2])
+    np.testing.assert_array_equal(res.rank_of(0, [0, 9]), [1, 9])
+
+
+def test_invalid_images_rank_last_by_index():
+    rng = np.random.default_rng(1)
+    q, db = _unit(rng, 3, 8), _unit(rng, 50, 8)
+    valid = np.ones(50, bool)
+    valid[[4, 20]] = False
+    res = search.exact_search(q, db, k=50, tracked=[[4, 20, 0]] * 3, valid=valid,
+                              chunk_size=16)
+    for i in range(3):
+        np.testing.assert_array_equal(res.rank_of(i, [4, 20]), [48, 49])
+        np.testing.assert_array_equal(res.topk_indices[i, -2:], [4, 20])
+    assert np.isneginf(res.topk_scores[:, -2:]).all()
+
+
+def test_input_errors_are_clear():
+    with pytest.raises(ValueError, match="share D"):
+        search.exact_search(np.zeros((2, 3)), np.zeros((4, 5), np.float32))
+    with pytest.raises(ValueError, match="outside"):
+        search.exact_search(np.zeros((1, 3)), np.zeros((4, 3), np.float32), tracked=[[4]])
+    with pytest.raises(ValueError, match="valid"):
+        search.exact_search(np.zeros((1, 3)), np.zeros((4, 3), np.float32), valid=[True])
+
+
+def test_peak_memory_bounded_whatever_the_number_of_queries():
+    rng = np.random.default_rng(2)
+    db = _unit(rng, 60_000, 128)  # 31 MB
+    for nq in (10, 400):
+        q = _unit(rng, nq, 128)
+        tracemalloc.start()
+        search.exact_search(q, db, k=10, tracked=[np.arange(0, 1000, 97)] * nq)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        # temporaries stay within the descriptor matrix's size (400 x 60000 scores alone
+        # would be 96 MB)
+        assert peak < db.nbytes + q.nbytes, (nq, peak, db.nbytes)
+
+
+def test_recall_at_k():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = np.array([[2, 1, 9, 4], [5, -1, -1, -1]])
+    assert search.recall_at_k(approx, exact, 4) == pytest.approx((3 / 4 + 1 / 4) / 2)
+    assert search.recall_at_k(approx, exact, 2) == pytest.approx((1 + 1 / 2) / 2)
+
+
+def test_faiss_index_recall():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    q, db = _unit(rng, 20, 32), _unit(rng, 3000, 32)
+    valid = np.ones(3000, bool)
+    valid[::2] = False
+    exact = search.exact_search(q, db, k=10, valid=valid)
+    flat, _, _, _ = search.approximate_search(q, db, k=10, index_spec="Flat", valid=valid)
+    np.testing.assert_array_equal(flat, exact.topk_indices)  # a flat index is exact
+    hnsw, scores, _, _ = search.approximate_search(q, db, k=10, index_spec="HNSW16",
+                                                   valid=valid)
+    assert (hnsw % 2 == 1).all()  # invalid (even) rows are not in the index
+    assert search.recall_at_k(hnsw, exact.topk_indices, 10) > 0.8
+    np.testing.assert_allclose(scores[:, 0], np.sum(q * db[hnsw[:, 0]], axis=1), rtol=1e-5)
+
+
+def test_missing_faiss_has_a_clear_error(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        search.approximate_search(np.zeros((1, 4), np.float32), np.zeros((5, 4), np.float32))

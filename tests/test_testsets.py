@@ -1,0 +1,201 @@
+"""Test-set loaders: revisited pickles through the restricted unpickler, distractors,
+and the original Oxford5k / Paris6k ground-truth text files (the real ones)."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from glam_tf.data import testsets
+
+
+def _write_revisited(root, name="roxford5k", *, protocol=4):
+    """A tiny revisited-format set: 6 database images, 2 queries (files are not decoded)."""
+    jpg = root / name / "jpg"
+    jpg.mkdir(parents=True)
+    imlist = [f"img_{i}" for i in range(6)]
+    qimlist = ["q_0", "q_1"]
+    for n in imlist + qimlist:
+        (jpg / f"{n}.jpg").write_bytes(b"")
+    gnd = [{"bbx": [1.0, 2.0, 30.5, 40.0], "easy": np.array([0, 1]), "hard": np.array([2]),
+            "junk": np.array([5])},
+           {"bbx": np.array([0.0, 0.0, 10.0, 10.0]), "easy": [3], "hard": np.array([], int),
+            "junk": np.array([4], dtype=np.int32)}]
+    with open(root / name / f"gnd_{name}.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f, protocol=protocol)
+    return imlist, qimlist
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_load_revisited_all_pickle_protocols(tmp_path, protocol):
+    imlist, qimlist = _write_revisited(tmp_path, protocol=protocol)
+    ts = testsets.load_revisited(str(tmp_path), "roxford5k")
+    assert ts.imlist == imlist and ts.qimlist == qimlist and ts.protocol == "revisited"
+    assert ts.gnd[0]["bbx"] == [1.0, 2.0, 30.5, 40.0]
+    assert ts.gnd[1]["bbx"] == [0.0, 0.0, 10.0, 10.0]
+    np.testing.assert_array_equal(ts.gnd[0]["easy"], [0, 1])
+    np.testing.assert_array_equal(ts.gnd[1]["hard"], [])
+    assert all(g[k].dtype == np.int64 for g in ts.gnd for k in ("easy", "hard", "junk"))
+    assert ts.image_path("img_3") == str(tmp_path / "roxford5k" / "jpg" / "img_3.jpg")
+    assert ts.query_path("q_1") == str(tmp_path / "roxford5k" / "jpg" / "q_1.jpg")
+    assert ts.num_database == 6 and ts.database_ids() == imlist
+
+
+def test_old_numpy_module_names_load(tmp_path):
+    # pickles written by numpy < 2 name numpy.core.multiarray; numpy 2 calls it numpy._core
+    obj = {"a": np.arange(3), "s": np.float64(2.5)}
+    data = pickle.dumps(obj, protocol=2).replace(b"numpy._core.multiarray",
+                                                 b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in data
+    path = tmp_path / "old.pkl"
+    path.write_bytes(data)
+    out = testsets.safe_load_pickle(str(path))
+    np.testing.assert_array_equal(out["a"], [0, 1, 2])
+    assert out["s"] == 2.5
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    target = tmp_path / "pwned"
+    (tmp_path / "roxford5k" / "jpg").mkdir(parents=True)
+    path = tmp_path / "roxford5k" / "gnd_roxford5k.pkl"
+    path.write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [_Evil(target)]}))
+    with pytest.raises(testsets.UnsafePickleError) as err:
+        testsets.load_revisited(str(tmp_path), "roxford5k")
+    assert str(path) in str(err.value)
+    assert "system" in str(err.value) and "refused" in str(err.value)
+    assert not target.exists()
+    # other code-running globals are refused too
+    for payload in (pickle.dumps(_Evil(target), protocol=0),
+                    pickle.dumps(pickle.loads)):
+        path.write_bytes(payload)
+        with pytest.raises(testsets.UnsafePickleError, match="refused"):
+            testsets.safe_load_pickle(str(path))
+    assert not target.exists()
+
+
+def test_bad_ground_truth_is_reported(tmp_path):
+    _write_revisited(tmp_path)
+    path = tmp_path / "roxford5k" / "gnd_roxford5k.pkl"
+    cfg = {"imlist": ["a"], "qimlist": ["q"],
+           "gnd": [{"bbx": None, "easy": [3], "hard": [], "junk": []}]}
+    path.write_bytes(pickle.dumps(cfg))
+    with pytest.raises(ValueError, match=r"gnd\[0\]\['easy'\] has indices outside \[0, 1\)"):
+        testsets.load_revisited(str(tmp_path), "roxford5k")
+    path.write_bytes(pickle.dumps({"imlist": []}))
+    with pytest.raises(ValueError, match="expected a dict with keys"):
+        testsets.load_revisited(str(tmp_path), "roxford5k")
+    path.write_bytes(b"garbage")
+    with pytest.raises(pickle.UnpicklingError, match="not a readable ground-truth pickle"):
+        testsets.load_revisited(str(tmp_path), "roxford5k")
+
+
+def test_distractors_follow_the_test_set(tmp_path):
+    imlist, _ = _write_revisited(tmp_path, "rparis6k")
+    d = tmp_path / "revisitop1m"
+    (d / "jpg" / "a" / "b").mkdir(parents=True)
+    (d / "revisitop1m.txt").write_text("a/b/x1.jpg\na/b/x2.jpg\n\n")
+    ts = testsets.load_revisited(str(tmp_path), "rparis6k", distractors_root=str(tmp_path))
+    assert ts.distractors == ["a/b/x1.jpg", "a/b/x2.jpg"]
+    assert ts.num_database == 8 and ts.database_ids()[6:] == ts.distractors
+    assert ts.database_paths()[7] == str(d / "jpg" / "a" / "b" / "x2.jpg")
+    assert ts.database_paths()[0] == ts.image_path(imlist[0])
+
+
+def test_missing_files_listed_in_one_error(tmp_path):
+    with pytest.raises(testsets.MissingDataError) as err:
+        testsets.load_revisited(str(tmp_path), "roxford5k", distractors_root=str(tmp_path))
+    msg = str(err.value)
+    assert "4 required" in msg
+    for part in ("roxford5k/jpg", "gnd_roxford5k.pkl", "revisitop1m.txt",
+                 "revisitop1m/jpg", "http://cmp.felk.cvut.cz/revisitop/"):
+        assert part in msg
+    with pytest.raises(testsets.MissingDataError) as err:
+        testsets.load_original(str(tmp_path), "paris6k")
+    assert "paris6k/jpg" in str(err.value) and "gt_files" in str(err.value)
+    assert "robots.ox.ac.uk/~vgg/data/parisbuildings" in str(err.value)
+    with pytest.raises(ValueError, match="unknown test set 'holidays'"):
+        testsets.load_testset(str(tmp_path), "holidays")
+
+
+def _fake_original_images(root, name, gt_dir, *, nested):
+    """Empty files for every image the real ground truth names (plus two extra)."""
+    names = set()
+    for e in testsets.parse_original_gt(str(gt_dir), name):
+        names.update([e["name"], *e["good"], *e["ok"], *e["junk"]])
+    names.update(["extra_1", "extra_2"])
+    jpg = root / name / "jpg"
+    for n in names:
+        folder = jpg / "paris" / n.split("_")[1] if nested and n.startswith("paris_") else jpg
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{n}.jpg").write_bytes(b"")
+    return names
+
+
+@pytest.mark.parametrize("name,gt,prefix_free,nested",
+                         [("oxford5k", "oxford5k_gt_files", False, False),
+                          ("paris6k", "paris6k_gt_files", True, True)])
+def test_original_real_ground_truth(tmp_path, shared_data, name, gt, prefix_free, nested):
+    gt_dir = shared_data / gt
+    names = _fake_original_images(tmp_path, name, gt_dir, nested=nested)
+    ts = testsets.load_original(str(tmp_path), name, gt_dir=str(gt_dir))
+    assert ts.protocol == "original" and len(ts.qimlist) == 55 and len(ts.gnd) == 55
+    assert sorted(ts.imlist) == ts.imlist and set(ts.imlist) == names
+    assert not any(q.startswith("oxc1_") for q in ts.qimlist)
+    landmarks = {q.rsplit("_", 1)[0] for q in ts.qimlist}
+    raw = testsets.parse_original_gt(str(gt_dir), name)
+    assert len({e["query_id"].rsplit("_", 1)[0] for e in raw}) == 11
+    if name == "paris6k":
+        assert all(not e["good"] for e in raw)  # Paris lists its positives in _ok.txt only
+    else:
+        assert all(e["good"] for e in raw)
+        assert len(landmarks) > 1
+    index = {n: i for i, n in enumerate(ts.imlist)}
+    for e, g, q in zip(raw, ts.gnd, ts.qimlist):
+        assert q == e["name"] and q in index
+        np.testing.assert_array_equal(g["easy"], sorted(index[n] for n in e["good"] + e["ok"]))
+        np.testing.assert_array_equal(g["junk"], sorted(index[n] for n in e["junk"]))
+        assert g["hard"].size == 0 and g["easy"].size > 0
+        assert np.intersect1d(g["easy"], g["junk"]).size == 0
+        x1, y1, x2, y2 = g["bbx"]
+        assert 0 <= x1 < x2 and 0 <= y1 < y2
+        assert os.path.isfile(ts.query_path(q))  # also through Paris's sub-folders
+    first = raw[0]
+    if name == "oxford5k":
+        assert first["query_id"] == "all_souls_1" and first["name"] == "all_souls_000013"
+        assert first["bbx"] == [136.5, 34.1, 648.5, 955.7]
+    else:
+        assert first["query_id"] == "defense_1" and first["name"] == "paris_defense_000605"
+        assert ts.query_path(first["name"]).endswith(
+            os.path.join("jpg", "paris", "defense", "paris_defense_000605.jpg"))
+
+
+def test_original_missing_images_listed(tmp_path, shared_data):
+    gt_dir = shared_data / "oxford5k_gt_files"
+    (tmp_path / "oxford5k" / "jpg").mkdir(parents=True)
+    (tmp_path / "oxford5k" / "jpg" / "all_souls_000013.jpg").write_bytes(b"")
+    with pytest.raises(testsets.MissingDataError, match=r"image\(s\) named by the ground "
+                       r"truth: all_souls_000000, .* \.\.\..*oxbuildings"):
+        testsets.load_original(str(tmp_path), "oxford5k", gt_dir=str(gt_dir))
+
+
+def test_synthetic_split_loads(tmp_path):
+    synthetic = pytest.importorskip("glam_tf.data.synthetic")
+    synthetic.generate_synthetic_landmarks(
+        str(tmp_path), num_train_landmarks=1, images_per_landmark=1, num_test_landmarks=2,
+        queries_per_landmark=2, database_per_landmark=(2, 1, 1), num_distractor_landmarks=1,
+        images_per_distractor=2, image_size=48, show_progress=False)
+    ts = testsets.load_revisited(str(tmp_path), "synth")
+    assert len(ts.qimlist) == 4 and len(ts.imlist) == 2 * 4 + 2
+    for q, g in zip(ts.qimlist, ts.gnd):
+        assert os.path.isfile(ts.query_path(q)) and len(g["bbx"]) == 4
+        assert (g["easy"].size, g["hard"].size, g["junk"].size) == (2, 1, 1)
+    assert all(os.path.isfile(p) for p in ts.database_paths())
