@@ -1,0 +1,104 @@
+"""Export a SavedModel from a training directory: model_config.json + latest checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import tensorflow as tf
+from absl import logging
+
+from glam_tf.export import serving
+from glam_tf.model import ModelConfig, build_descriptor_model
+
+MODEL_CONFIG_FILE = "model_config.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def read_model_config(train_dir) -> ModelConfig:
+    """`<train_dir>/model_config.json` as a validated ModelConfig with weights="none".
+
+    The backbone's ImageNet weights are not needed (the checkpoint holds every weight), so
+    the rebuild never downloads or reads a weights file.
+
+    Raises:
+        FileNotFoundError: train_dir or the config file is missing.
+        ValueError: the file is not JSON or not a valid ModelConfig (names the file).
+    """
+    train_dir = os.fspath(train_dir)
+    if not os.path.isdir(train_dir):
+        raise FileNotFoundError(f"train_dir {train_dir!r} does not exist or is not a "
+                                "directory; pass the directory training wrote to.")
+    path = os.path.join(train_dir, MODEL_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: training writes it (ModelConfig.to_dict) "
+                                "next to checkpoints/; is train_dir the right directory?")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        config = ModelConfig.from_dict(raw)
+        config = dataclasses.replace(config, weights="none")
+        config.validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} does not hold a valid ModelConfig: {e}") from e
+    return config
+
+
+def latest_checkpoint(train_dir) -> str:
+    """Prefix of the newest checkpoint under `<train_dir>/checkpoints/`; error when none."""
+    ckpt_dir = os.path.join(os.fspath(train_dir), CHECKPOINT_SUBDIR)
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} does not exist: training writes its "
+                                "tf.train.Checkpoint files there.")
+    prefix = tf.train.latest_checkpoint(ckpt_dir)
+    if prefix is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no 'checkpoint' index file "
+                                "naming one); has training saved one yet?")
+    return prefix
+
+
+def export_from_checkpoint(train_dir, export_dir, *, version=None,
+                           scales=serving.DEFAULT_SCALES,
+                           max_image_size=serving.DEFAULT_MAX_IMAGE_SIZE,
+                           max_scaled_pixels=serving.DEFAULT_MAX_SCALED_PIXELS) -> str:
+    """Rebuilds the descriptor model of a training run, restores it, exports a SavedModel.
+
+    Reads `<train_dir>/model_config.json`, builds the model with weights="none", restores
+    `tf.train.Checkpoint(model=model)` from the latest checkpoint in `<train_dir>/checkpoints`
+    (other checkpointed objects such as the optimizer are ignored: expect_partial), checks
+    every model variable was found in it, and writes `<export_dir>/<version>/` with
+    export_saved_model. Every argument and file is checked before the model is built.
+
+    Args:
+        train_dir: training output directory.
+        export_dir: SavedModel base path (TF Serving's model_base_path).
+        version: version folder number; None = next free.
+        scales, max_image_size, max_scaled_pixels: see serving.GlamServingModule.
+
+    Returns:
+        The version folder path.
+    """
+    config = read_model_config(train_dir)
+    prefix = latest_checkpoint(train_dir)
+    scales = serving.validate_export_args(scales=scales, max_image_size=max_image_size,
+                                          max_scaled_pixels=max_scaled_pixels)
+    version = serving.resolve_version(export_dir, version)
+
+    logging.info("Building %s / %s and restoring %s", config.backbone, config.variant, prefix)
+    model = build_descriptor_model(config)
+    status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ValueError(f"checkpoint {prefix} does not hold every weight of the model "
+                         f"described by {os.path.join(train_dir, MODEL_CONFIG_FILE)} (was it "
+                         f"written by another config, or without the key 'model'?): {e}"
+                         ) from None
+    return serving.export_saved_model(
+        model, export_dir, version=version, scales=scales, max_image_size=max_image_size,
+        max_scaled_pixels=max_scaled_pixels,
+        extra_info={"model_config": config.to_dict(), "checkpoint": os.path.abspath(prefix)})

@@ -1,0 +1,444 @@
+"""Serving signatures of the GLAM descriptor model and their SavedModel export.
+
+A `tf.Module` wraps the Keras descriptor model (float32 (B, H, W, 3) RGB in [0, 255] ->
+(B, D) unit rows) in four `tf.function`s with fully typed input signatures, so the
+SavedModel loads with plain `tf.saved_model.load` or TF Serving, without glam_tf:
+
+- `serving_default` (DELG-compatible): input_image uint8 [H, W, C], input_scales float32 [N],
+  input_global_scales_ind int32 [N'] -> global_descriptors float32 [S, D]: one unit row per
+  selected scale, in scale-index order, each scale once (as DELG's ExtractGlobalFeatures),
+  the image resized to round([H, W] * scale) with bilinear interpolation.
+- `global_descriptor`: input_image uint8 [H, W, C] -> global_descriptor float32 [D]: the
+  paper's multi-resolution descriptor (GLAM_SPEC "Inference"): longer side resized to
+  max_image_size, unit descriptors at the export-time scales averaged, L2-normalised.
+- `batched_global_descriptors`: input_images uint8 [B, H, W, C] (same size, already at the
+  target size; no longer-side resize) -> global_descriptors float32 [B, D], multi-scale as
+  `global_descriptor`, per image.
+- `global_descriptor_from_bytes`: image_bytes string [B] (encoded JPEG/PNG/GIF/BMP/WebP) ->
+  global_descriptors float32 [B, D], each decoded and described as `global_descriptor`. It is
+  the signature TF Serving's REST API can feed with base64 (`{"b64": ...}` works only for
+  DT_STRING inputs).
+
+C may be 1 (grayscale, tiled to RGB) or 3. Bad inputs raise InvalidArgumentError with a
+message (never crash the server): a scaled side under `min_image_size` (the backbone needs
+32 px), a scaled image over `max_scaled_pixels`, wrong channel counts, scale indices out of
+range, non-finite or non-positive scales, undecodable bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging as std_logging
+import math
+import numbers
+import os
+import shutil
+import uuid
+
+import tensorflow as tf
+from absl import logging
+
+DEFAULT_SCALES = (0.70710678, 1.0, 1.41421356)
+DEFAULT_MAX_IMAGE_SIZE = 1024
+# ResNet conv5 has stride 32: a smaller side leaves no feature-map cell to pool.
+MIN_IMAGE_SIZE = 32
+# 2**23 px (e.g. 2896 x 2896 = a 2048-px image at scale sqrt(2), or 4096 x 2048). Above it the
+# (hw)^2 global spatial attention and the backbone activations grow to many GiB.
+DEFAULT_MAX_SCALED_PIXELS = 2**23
+SIGNATURE_NAMES = (
+    "serving_default",
+    "global_descriptor",
+    "batched_global_descriptors",
+    "global_descriptor_from_bytes",
+)
+EXPORT_INFO_FILE = os.path.join("assets.extra", "glam_export.json")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def validate_export_args(*, scales, max_image_size, min_image_size=MIN_IMAGE_SIZE,
+                         max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS) -> tuple:
+    """Checks the export-time settings; returns scales as a tuple of floats.
+
+    Raises:
+        ValueError naming the argument, the rule and the received value.
+    """
+    try:
+        scales = tuple(float(s) for s in scales)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"scales must be a sequence of numbers; received scales={scales!r} "
+                         f"({e}).") from None
+    if not scales:
+        raise ValueError("scales must not be empty; received scales=(). The paper uses "
+                         f"{DEFAULT_SCALES}.")
+    bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise ValueError(f"scales must be finite and > 0; received scales={scales} "
+                         f"(bad: {bad}).")
+    if not _is_int(min_image_size) or min_image_size < 1:
+        raise ValueError(f"min_image_size must be a positive integer; received "
+                         f"{min_image_size!r}.")
+    if not _is_int(max_image_size) or max_image_size < 1:
+        raise ValueError(f"max_image_size must be a positive integer (pixels of the longer "
+                         f"side); received max_image_size={max_image_size!r}.")
+    if not _is_int(max_scaled_pixels) or max_scaled_pixels < min_image_size**2:
+        raise ValueError(f"max_scaled_pixels must be an integer >= min_image_size**2 = "
+                         f"{min_image_size**2}; received {max_scaled_pixels!r}.")
+    smallest = round(max_image_size * min(scales))
+    if smallest < min_image_size:
+        raise ValueError(
+            f"max_image_size={max_image_size} at the smallest scale {min(scales)} gives a "
+            f"{smallest}-px longer side, below the model's minimum of {min_image_size} px; "
+            f"raise max_image_size or the smallest scale.")
+    largest = round(max_image_size * max(scales))
+    if largest * largest > max_scaled_pixels:
+        raise ValueError(
+            f"max_image_size={max_image_size} at the largest scale {max(scales)} allows "
+            f"{largest}x{largest} = {largest * largest} px, over max_scaled_pixels="
+            f"{max_scaled_pixels}; lower max_image_size or the largest scale, or raise "
+            f"max_scaled_pixels.")
+    return scales
+
+
+def _as_rgb(images: tf.Tensor, input_name: str) -> tf.Tensor:
+    """Grayscale (C = 1) -> RGB by tiling; RGB passes; any other C fails with a message."""
+    channels = tf.shape(images)[-1]
+    check = tf.debugging.Assert(
+        tf.logical_or(tf.equal(channels, 1), tf.equal(channels, 3)),
+        [f"{input_name} must have 1 (grayscale) or 3 (RGB) channels in its last dimension; "
+         "received shape", tf.shape(images)])
+    with tf.control_dependencies([check]):
+        images = tf.identity(images)
+    rgb = tf.cond(tf.equal(channels, 1),
+                  lambda: tf.image.grayscale_to_rgb(images),
+                  lambda: images)
+    return tf.ensure_shape(rgb, images.shape[:-1].concatenate([3]))
+
+
+def scaled_sizes(hw: tf.Tensor, scales: tf.Tensor) -> tf.Tensor:
+    """round([H, W] * scale) per scale, in float32 as DELG does; (S,) -> (S, 2) float32."""
+    hw = tf.cast(hw, tf.float32)
+    return tf.round(hw[tf.newaxis, :] * tf.reshape(scales, [-1, 1]))
+
+
+def _check_sizes(sizes: tf.Tensor, *, min_size: int, max_pixels: int,
+                 what: str) -> tf.Operation:
+    """Asserts every (h, w) row of `sizes` (float32 (S, 2)) is >= min_size and <= max_pixels."""
+    too_small = tf.reduce_any(sizes < float(min_size))
+    pixels = tf.reduce_prod(tf.cast(sizes, tf.float64), axis=1)
+    too_large = tf.reduce_any(pixels > float(max_pixels))
+    small = tf.debugging.Assert(
+        tf.logical_not(too_small),
+        [f"{what}: every scaled image side must be at least {min_size} px (the backbone's "
+         "minimum); use a larger image or larger scales. Scaled [height, width] per scale:",
+         sizes], summarize=64)
+    with tf.control_dependencies([small]):
+        large = tf.debugging.Assert(
+            tf.logical_not(too_large),
+            [f"{what}: a scaled image has more than {max_pixels} pixels (the export's "
+             "max_scaled_pixels); downsize the image or use smaller scales. Scaled "
+             "[height, width] per scale:", sizes], summarize=64)
+    return large
+
+
+def _tf_variable(variable) -> tf.Variable:
+    """The tf.Variable holding a keras.Variable's value (itself if already a tf.Variable)."""
+    if isinstance(variable, tf.Variable):
+        return variable
+    value = getattr(variable, "value", None)
+    if not isinstance(value, tf.Variable):
+        raise TypeError(f"model variable {getattr(variable, 'path', variable)!r} is not backed "
+                        f"by a tf.Variable (got {type(value).__name__}); export needs the "
+                        "TensorFlow backend (KERAS_BACKEND=tensorflow).")
+    return value
+
+
+class GlamServingModule(tf.Module):
+    """The four serving signatures around one descriptor model (see the module docstring).
+
+    Args:
+        model: keras.Model, float32 (B, H, W, 3) RGB in [0, 255] -> (B, D) unit rows.
+        scales: export-time scales of `global_descriptor` and the batched signatures.
+        max_image_size: longer side (px) `global_descriptor` resizes the input to.
+        min_image_size: smallest scaled side accepted (the model needs 32 px).
+        max_scaled_pixels: largest scaled image (h * w) accepted by any signature.
+    """
+
+    def __init__(self, model, *, scales=DEFAULT_SCALES,
+                 max_image_size=DEFAULT_MAX_IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
+                 max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS, name="glam_serving"):
+        super().__init__(name=name)
+        scales = validate_export_args(scales=scales, max_image_size=max_image_size,
+                                      min_image_size=min_image_size,
+                                      max_scaled_pixels=max_scaled_pixels)
+        side = max(min_image_size, 64)
+        probe = model(tf.zeros([1, side, side, 3]), training=False)
+        if probe.shape.rank != 2 or probe.shape[0] != 1:
+            raise ValueError(f"model must map (B, H, W, 3) images to (B, D) descriptors; a "
+                             f"(1, {side}, {side}, 3) input gave shape {tuple(probe.shape)}.")
+        self.descriptor_dim = int(probe.shape[-1])
+        self.scales = scales
+        self.max_image_size = int(max_image_size)
+        self.min_image_size = int(min_image_size)
+        self.max_scaled_pixels = int(max_scaled_pixels)
+        # Only the variables are tracked (saved); the Keras model object is kept out of the
+        # object graph (a plain closure is not tracked) so loading needs no Keras classes.
+        # The tf.Variables inside the keras.Variables are tracked, not the keras.Variables:
+        # those export as a second, fresh tf.Variable that the session-based loaders (TF
+        # Serving, saved_model_cli) restore while the functions read the first, unrestored one
+        # ("Could not find variable ...").
+        self.model_variables = [_tf_variable(v) for v in model.variables]
+        self._call_model = lambda images: model(images, training=False)
+
+    # ---- graph helpers -------------------------------------------------------------------
+    @tf.function(autograph=False,
+                 input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def embed(self, images: tf.Tensor) -> tf.Tensor:
+        """The model alone: (B, h, w, 3) float32 RGB in [0, 255] -> (B, D) unit rows.
+
+        One traced function that every signature calls, so the model graph is traced and
+        stored once (not once per signature); also callable on the loaded object.
+        """
+        return tf.cast(self._call_model(images), tf.float32)
+
+    def _descriptors_at_sizes(self, images: tf.Tensor, sizes: tf.Tensor) -> tf.Tensor:
+        """Bilinear resize of `images` (B, H, W, 3) to each (h, w) of `sizes` (S, 2) and embed.
+
+        `images` may be uint8 (resized without a full-size float copy) or float32.
+        Returns (S, B, D). One scale at a time (parallel_iterations=1) bounds peak memory.
+        """
+        sizes = tf.cast(sizes, tf.int32)
+        num = tf.shape(sizes)[0]
+        batch = images.shape[0]
+        out = tf.TensorArray(tf.float32, size=num,
+                             element_shape=tf.TensorShape([batch, self.descriptor_dim]))
+
+        def body(i, out):
+            resized = tf.cast(tf.image.resize(images, sizes[i], method="bilinear"), tf.float32)
+            return i + 1, out.write(i, self.embed(resized))
+
+        _, out = tf.while_loop(lambda i, _: i < num, body, (tf.constant(0), out),
+                               parallel_iterations=1)
+        return out.stack()
+
+    def _fixed_scale_sizes(self, hw: tf.Tensor, what: str):
+        sizes = scaled_sizes(hw, tf.constant(self.scales, tf.float32))
+        check = _check_sizes(sizes, min_size=self.min_image_size,
+                             max_pixels=self.max_scaled_pixels, what=what)
+        with tf.control_dependencies([check]):
+            return tf.identity(sizes)
+
+    def _resize_longer_side(self, image: tf.Tensor, what: str) -> tf.Tensor:
+        """(H, W, 3) uint8 -> (h, w, 3) float32, longer side = max_image_size (aspect kept).
+
+        Antialiased bilinear (like PIL's BILINEAR resize that image-retrieval code uses
+        before the network); target = round([H, W] * max_image_size / max(H, W)), min 1.
+        """
+        hw = tf.cast(tf.shape(image)[:2], tf.float32)
+        nonempty = tf.debugging.Assert(tf.reduce_all(hw >= 1.0),
+                                       [f"{what} must have height and width >= 1; received "
+                                        "shape", tf.shape(image)])
+        with tf.control_dependencies([nonempty]):
+            factor = tf.constant(float(self.max_image_size), tf.float32) / tf.reduce_max(hw)
+        target = tf.maximum(tf.cast(tf.round(hw * factor), tf.int32), 1)
+        return tf.image.resize(image[tf.newaxis], target, method="bilinear", antialias=True)[0]
+
+    def _global_descriptor(self, image: tf.Tensor, what: str) -> tf.Tensor:
+        """(H, W, 3) uint8 -> (D,) multi-scale unit descriptor (GLAM_SPEC "Inference")."""
+        image = self._resize_longer_side(image, what)
+        sizes = self._fixed_scale_sizes(tf.shape(image)[:2], what)
+        descriptors = self._descriptors_at_sizes(image[tf.newaxis], sizes)[:, 0, :]
+        return tf.math.l2_normalize(tf.reduce_mean(descriptors, axis=0))
+
+    # ---- signatures ----------------------------------------------------------------------
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec([None, None, None], tf.uint8, name="input_image"),
+        tf.TensorSpec([None], tf.float32, name="input_scales"),
+        tf.TensorSpec([None], tf.int32, name="input_global_scales_ind"),
+    ])
+    def serving_default(self, input_image, input_scales, input_global_scales_ind):
+        """DELG interface: one unit descriptor per selected scale, in scale-index order."""
+        image = _as_rgb(input_image, "input_image")
+        num_scales = tf.size(input_scales)
+        in_range = tf.debugging.Assert(
+            tf.reduce_all((input_global_scales_ind >= 0)
+                          & (input_global_scales_ind < num_scales)),
+            ["input_global_scales_ind must index input_scales (0 <= i < len(input_scales)); "
+             "received indices", input_global_scales_ind, "for", num_scales, "scales"],
+            summarize=64)
+        selected = tf.reduce_any(
+            tf.equal(tf.range(num_scales)[:, tf.newaxis], input_global_scales_ind[tf.newaxis]),
+            axis=1)
+        scales = tf.boolean_mask(input_scales, selected)
+        valid = tf.debugging.Assert(
+            tf.reduce_all(tf.math.is_finite(scales) & (scales > 0)),
+            ["input_scales selected by input_global_scales_ind must be finite and > 0; "
+             "received", input_scales], summarize=64)
+        with tf.control_dependencies([in_range, valid]):
+            sizes = scaled_sizes(tf.shape(image)[:2], scales)
+        check = _check_sizes(sizes, min_size=self.min_image_size,
+                             max_pixels=self.max_scaled_pixels,
+                             what="serving_default (input_image * input_scales)")
+        with tf.control_dependencies([check]):
+            sizes = tf.identity(sizes)
+        descriptors = self._descriptors_at_sizes(image[tf.newaxis], sizes)
+        return {"global_descriptors": descriptors[:, 0, :]}
+
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec([None, None, None], tf.uint8, name="input_image")])
+    def global_descriptor(self, input_image):
+        """The paper's descriptor of one image: max-size resize, fixed scales, mean, L2."""
+        image = _as_rgb(input_image, "input_image")
+        return {"global_descriptor": self._global_descriptor(image, "global_descriptor")}
+
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec([None, None, None, None], tf.uint8, name="input_images")])
+    def batched_global_descriptors(self, input_images):
+        """Same-size images already at their target size -> (B, D), fixed scales per image."""
+        images = _as_rgb(input_images, "input_images")
+        sizes = self._fixed_scale_sizes(tf.shape(images)[1:3], "batched_global_descriptors")
+        descriptors = self._descriptors_at_sizes(images, sizes)
+        return {"global_descriptors": tf.math.l2_normalize(
+            tf.reduce_mean(descriptors, axis=0), axis=-1)}
+
+    @tf.function(autograph=False,
+                 input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def global_descriptor_from_bytes(self, image_bytes):
+        """Encoded images (any size each) -> (B, D), each as `global_descriptor`."""
+
+        def one(encoded):
+            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            image = tf.ensure_shape(image, [None, None, 3])
+            return self._global_descriptor(image, "global_descriptor_from_bytes")
+
+        descriptors = tf.map_fn(
+            one, image_bytes, parallel_iterations=1,
+            fn_output_signature=tf.TensorSpec([self.descriptor_dim], tf.float32))
+        return {"global_descriptors": tf.ensure_shape(descriptors,
+                                                      [None, self.descriptor_dim])}
+
+    def signatures(self) -> dict:
+        """name -> tf.function (input signature fixed), for tf.saved_model.save(signatures=).
+
+        The functions are not traced here: tf.saved_model.save traces them in its save
+        context (a trace made outside it would be made again).
+        """
+        return {name: getattr(self, name) for name in SIGNATURE_NAMES}
+
+
+def build_serving_module(model, *, scales=DEFAULT_SCALES, max_image_size=DEFAULT_MAX_IMAGE_SIZE,
+                         min_image_size=MIN_IMAGE_SIZE,
+                         max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS) -> GlamServingModule:
+    """The exported functions, usable in-process (module.global_descriptor(image) etc.)."""
+    return GlamServingModule(model, scales=scales, max_image_size=max_image_size,
+                             min_image_size=min_image_size,
+                             max_scaled_pixels=max_scaled_pixels)
+
+
+def next_version(export_dir: str) -> int:
+    """1 + the largest integer-named subfolder of export_dir (1 when there is none)."""
+    if not os.path.isdir(export_dir):
+        return 1
+    versions = [int(n) for n in os.listdir(export_dir)
+                if n.isdigit() and os.path.isdir(os.path.join(export_dir, n))]
+    return max(versions, default=0) + 1
+
+
+def resolve_version(export_dir, version=None) -> int:
+    """The version folder number to write: `version`, or the next free one when None.
+
+    Raises:
+        ValueError: version is not a non-negative integer.
+        FileExistsError: `<export_dir>/<version>` already exists.
+    """
+    export_dir = os.fspath(export_dir)
+    if version is None:
+        version = next_version(export_dir)
+    elif not _is_int(version) or version < 0:
+        raise ValueError(f"version must be a non-negative integer (the TF Serving version "
+                         f"folder name); received version={version!r}.")
+    final = os.path.join(export_dir, str(int(version)))
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} already exists; pass another version, or leave "
+                              "version unset to take the next free number.")
+    return int(version)
+
+
+class _DropRenamedInputNotice(std_logging.Filter):
+    """Drops TF's INFO notice listing every captured input renamed inside the while loops.
+
+    The notice names all ~700 captured variable handles (several kB of log per signature);
+    the renaming is internal to the SavedModel and changes no signature input.
+    """
+
+    def filter(self, record):
+        return "with unsupported characters which will be renamed" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_signature_renaming():
+    notice_filter = _DropRenamedInputNotice()
+    loggers = (logging.get_absl_logger(), tf.get_logger())   # TF logs it through absl
+    for logger in loggers:
+        logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notice_filter)
+
+
+def export_saved_model(model, export_dir, *, version=None, scales=DEFAULT_SCALES,
+                       max_image_size=DEFAULT_MAX_IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
+                       max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS, extra_info=None) -> str:
+    """Saves the serving module as `<export_dir>/<version>/` (TF Serving layout).
+
+    The SavedModel is written to a hidden temporary folder next to it and renamed into
+    place, so a TF Serving instance watching export_dir never sees a half-written version.
+
+    Args:
+        model: keras.Model, float32 (B, H, W, 3) RGB in [0, 255] -> (B, D) unit rows.
+        export_dir: model base path (created if missing).
+        version: non-negative integer; None = next after the existing numbered folders.
+        scales, max_image_size, min_image_size, max_scaled_pixels: see GlamServingModule.
+        extra_info: JSON-able dict stored with the export settings in
+            `assets.extra/glam_export.json` (e.g. the ModelConfig, the checkpoint path).
+
+    Returns:
+        The version folder path.
+    """
+    export_dir = os.fspath(export_dir)
+    version = resolve_version(export_dir, version)
+    final = os.path.join(export_dir, str(version))
+    module = build_serving_module(model, scales=scales, max_image_size=max_image_size,
+                                  min_image_size=min_image_size,
+                                  max_scaled_pixels=max_scaled_pixels)
+    os.makedirs(export_dir, exist_ok=True)
+    tmp = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    try:
+        logging.info("Tracing %d signatures and writing the SavedModel to %s",
+                     len(SIGNATURE_NAMES), tmp)
+        with _quiet_signature_renaming():
+            tf.saved_model.save(module, tmp, signatures=module.signatures())
+        info = {
+            "signatures": list(SIGNATURE_NAMES),
+            "descriptor_dim": module.descriptor_dim,
+            "scales": list(module.scales),
+            "max_image_size": module.max_image_size,
+            "min_image_size": module.min_image_size,
+            "max_scaled_pixels": module.max_scaled_pixels,
+            "tensorflow_version": tf.__version__,
+        }
+        info.update(extra_info or {})
+        os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+        with open(os.path.join(tmp, EXPORT_INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2)
+        os.rename(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    logging.info("Exported SavedModel version %s to %s", version, final)
+    return final
