@@ -52,10 +52,12 @@ def test_every_python_file_is_named():
     assert not unnamed, f"Python files missing from BUILD: {unnamed}"
 
 
-def test_one_binary_per_main_and_one_test_per_test_file():
+def test_one_binary_per_main_and_bench_script_and_one_test_per_test_file():
     targets = _load_build()
     binaries = {src for t in targets["py_binary"] for src in t["srcs"]}
-    assert binaries == {p.name for p in REPO_ROOT.glob("*_main.py")}
+    assert binaries == {p.name for p in REPO_ROOT.glob("*_main.py")} | {
+        str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "bench").glob("*.py")
+    }
     tests = {src for t in targets["py_test"] for src in t["srcs"]}
     assert tests == {
         str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "tests").glob("test_*.py")

@@ -201,21 +201,10 @@ def load_checkpoint(train_dir, *, scales=DEFAULT_SCALES, max_image_size=1024):
     (expect_partial: optimizer state etc. ignored; every model weight must be found) and
     wraps it with glam_tf.export.build_serving_module(scales, max_image_size).
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     from glam_tf import export  # pylint: disable=import-outside-toplevel
-    from glam_tf.model import build_descriptor_model  # pylint: disable=import-outside-toplevel
 
     scales = check_scales(scales)
-    config = export.read_model_config(train_dir)
-    prefix = export.latest_checkpoint(train_dir)
-    model = build_descriptor_model(config)
-    status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise ValueError(f"checkpoint {prefix} does not hold every weight of the model in "
-                         f"{os.path.join(train_dir, 'model_config.json')}: {e}") from None
+    model, config, prefix = export.restore_descriptor_model(train_dir)
     module = export.build_serving_module(model, scales=scales, max_image_size=max_image_size)
     stamp = _file_stamp([prefix + ".index", os.path.join(train_dir, "model_config.json")])
     info = {"kind": "checkpoint", "path": os.path.abspath(prefix),

@@ -61,6 +61,31 @@ def latest_checkpoint(train_dir) -> str:
     return prefix
 
 
+def restore_descriptor_model(train_dir, *, config=None, prefix=None):
+    """Rebuilds a training run's descriptor model (weights "none") and restores its weights.
+
+    Restores `tf.train.Checkpoint(model=model)` from `prefix` (default: the latest
+    checkpoint in `<train_dir>/checkpoints`), ignoring the other checkpointed objects
+    (optimizer, data iterator: expect_partial), and checks every model variable was found.
+
+    Returns:
+        `(model, config, prefix)`: the restored keras.Model, its ModelConfig, the checkpoint.
+    """
+    config = read_model_config(train_dir) if config is None else config
+    prefix = latest_checkpoint(train_dir) if prefix is None else prefix
+    logging.info("Building %s / %s and restoring %s", config.backbone, config.variant, prefix)
+    model = build_descriptor_model(config)
+    status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ValueError(f"checkpoint {prefix} does not hold every weight of the model "
+                         f"described by {os.path.join(train_dir, MODEL_CONFIG_FILE)} (was it "
+                         f"written by another config, or without the key 'model'?): {e}"
+                         ) from None
+    return model, config, prefix
+
+
 def export_from_checkpoint(train_dir, export_dir, *, version=None,
                            scales=serving.DEFAULT_SCALES,
                            max_image_size=serving.DEFAULT_MAX_IMAGE_SIZE,
@@ -88,16 +113,7 @@ def export_from_checkpoint(train_dir, export_dir, *, version=None,
                                           max_scaled_pixels=max_scaled_pixels)
     version = serving.resolve_version(export_dir, version)
 
-    logging.info("Building %s / %s and restoring %s", config.backbone, config.variant, prefix)
-    model = build_descriptor_model(config)
-    status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise ValueError(f"checkpoint {prefix} does not hold every weight of the model "
-                         f"described by {os.path.join(train_dir, MODEL_CONFIG_FILE)} (was it "
-                         f"written by another config, or without the key 'model'?): {e}"
-                         ) from None
+    model, _, _ = restore_descriptor_model(train_dir, config=config, prefix=prefix)
     return serving.export_saved_model(
         model, export_dir, version=version, scales=scales, max_image_size=max_image_size,
         max_scaled_pixels=max_scaled_pixels,
