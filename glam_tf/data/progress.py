@@ -10,7 +10,8 @@ import time
 from absl import logging
 
 
-def _format_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
+    """Seconds as H:MM:SS (for ETAs and elapsed times)."""
     seconds = max(0, int(round(seconds)))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -53,7 +54,7 @@ class ProgressBar:
         filled = min(width, int(width * frac))
         bar = "=" * filled + " " * (width - filled)
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta_text = _format_seconds(eta) if eta == eta else "?"
+        eta_text = format_seconds(eta) if eta == eta else "?"
         prefix = f"{self.description} " if self.description else ""
         return (f"{prefix}[{bar}] {self.done}/{self.total} {self.unit} "
                 f"{rate:.1f} {self.unit}/s ETA {eta_text}")
@@ -80,4 +81,4 @@ class ProgressBar:
         if self._tty:
             self.stream.write("\r" + self.line() + "\n")
             self.stream.flush()
-        logging.info("%s (done in %s)", self.line(), _format_seconds(elapsed))
+        logging.info("%s (done in %s)", self.line(), format_seconds(elapsed))

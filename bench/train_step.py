@@ -1,0 +1,89 @@
+"""Training-step time of GLAM vs the baseline (same backbone, batch and images), one process.
+
+    python bench/train_step.py                       # ResNet101, 224x224, batch 8
+    python bench/train_step.py --backbone=resnet50 --image_size=128 --batch_size=16
+
+Each variant: build the model, ArcFace head and SGD inside the default strategy, trace the
+real training step (glam_tf.train.step.make_train_step) on one warm-up step, then time
+--steps steps on the "random" stand-in data (same batches for every variant). Prints the
+median seconds per step, images/s, and the ratio of each variant to the baseline.
+The variants are timed in turns (round robin, --rounds times) so that a change in machine
+load hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_enum("backbone", "resnet101", ["resnet50", "resnet101", "resnet152"],
+                  "Backbone of every variant.")
+flags.DEFINE_list("variants", ["baseline", "global+local"], "Variants to time; the first "
+                  "is the reference of the ratios.")
+flags.DEFINE_integer("image_size", 224, "Square training image side, pixels.")
+flags.DEFINE_integer("batch_size", 8, "Images per step.")
+flags.DEFINE_integer("steps", 3, "Timed steps per round.")
+flags.DEFINE_integer("rounds", 3, "Round-robin rounds over the variants.")
+flags.DEFINE_integer("num_classes", 1000, "ArcFace classes.")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"], "Keras dtype policy.")
+flags.DEFINE_bool("sync_batchnorm", True, "Synchronized BatchNorm, as training uses.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import keras
+    import tensorflow as tf
+
+    from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
+    from glam_tf.train.loop import dtype_policy
+    from glam_tf.train.random_data import random_train_dataset
+    from glam_tf.train.step import make_train_step, set_synchronized_batchnorm
+
+    strategy = tf.distribute.get_strategy()
+    steps = {}
+    for variant in FLAGS.variants:
+        keras.utils.set_random_seed(0)
+        with dtype_policy(FLAGS.precision):
+            model = build_descriptor_model(ModelConfig(
+                backbone=FLAGS.backbone, weights="none", variant=variant))
+            if FLAGS.sync_batchnorm:
+                set_synchronized_batchnorm(model)
+            head = ArcFace(FLAGS.num_classes, dtype="float32")
+            head.build((None, 512))
+            optimizer = keras.optimizers.SGD(1e-3, momentum=0.9, weight_decay=1e-5)
+            optimizer.build(model.trainable_variables + head.trainable_variables)
+            step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        iterator = iter(random_train_dataset(
+            global_batch_size=FLAGS.batch_size, image_size=(FLAGS.image_size,) * 2,
+            num_classes=FLAGS.num_classes))
+        fn = make_train_step(strategy, model, head, optimizer, step,
+                             global_batch_size=FLAGS.batch_size, local_replicas=1)
+        t0 = time.perf_counter()
+        float(fn(iterator, tf.constant(0))[0])
+        print(f"{variant}: {model.count_params() / 1e6:.2f}M params, trace + first step "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        steps[variant] = (fn, iterator)
+    times = {v: [] for v in FLAGS.variants}
+    for _ in range(FLAGS.rounds):
+        for variant, (fn, iterator) in steps.items():
+            for _ in range(FLAGS.steps):
+                t0 = time.perf_counter()
+                float(fn(iterator, tf.constant(0))[0])
+                times[variant].append(time.perf_counter() - t0)
+    ref = statistics.median(times[FLAGS.variants[0]])
+    print(f"\n{FLAGS.backbone}, {FLAGS.image_size}x{FLAGS.image_size}, batch "
+          f"{FLAGS.batch_size}, {FLAGS.precision}, {FLAGS.rounds}x{FLAGS.steps} steps each")
+    print(f"| variant | s/step (median) | images/s | ratio to {FLAGS.variants[0]} |")
+    print("|---|---|---|---|")
+    for variant, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {variant} | {med:.3f} | {FLAGS.batch_size / med:.1f} | {med / ref:.2f} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)

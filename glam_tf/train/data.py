@@ -1,0 +1,113 @@
+"""The training data of a run: this worker's dataset, the class count and the image count.
+
+data_source "tfrecord" reads converter output (glam_tf.data.gldv2 writes summary.json
+with the class and image counts next to the shards; without it the labels are scanned
+once), "synthetic" first generates the synthetic landmarks when absent and converts them
+(the demo), "random" is the file-less stand-in of glam_tf.train.random_data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Optional
+
+import tensorflow as tf
+from absl import logging
+
+from glam_tf.train.config import TrainConfig
+from glam_tf.train.distribute import WorkerInfo
+from glam_tf.train.random_data import random_train_dataset
+
+SUMMARY_NAME = "summary.json"  # written by glam_tf.data.gldv2.convert_gldv2
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """This worker's training stream and what the run needs to know about the data.
+
+    Attributes:
+        dataset: endless (images float32 (b, H, W, 3), labels int32 (b,)) with b the
+            worker's share of the global batch; its plain iterator is checkpointable.
+        num_classes: ArcFace classes.
+        num_examples: training images (0 for the random stand-in).
+        description: one line for the log.
+        decode_stats: glam_tf.data.pipeline.DecodeStats counting undecodable records
+            (checkpointed with the iterator), or None for the random stand-in.
+    """
+
+    dataset: tf.data.Dataset
+    num_classes: int
+    num_examples: int
+    description: str
+    decode_stats: Optional[tf.Module] = None
+
+
+def count_records(file_pattern: str) -> tuple:
+    """(num_examples, num_classes) of TFRecords matching `file_pattern`.
+
+    Reads the converter's summary.json beside the shards when every shard is in one
+    folder and the pattern is its train pattern; otherwise scans the labels (one pass
+    over the records, no image decoding).
+    """
+    files = sorted(glob.glob(file_pattern))
+    if not files:
+        raise FileNotFoundError(f"--train_file_pattern={file_pattern!r} matches no file.")
+    folders = {os.path.dirname(f) for f in files}
+    if len(folders) == 1:
+        summary_path = os.path.join(folders.pop(), SUMMARY_NAME)
+        if os.path.isfile(summary_path):
+            with open(summary_path, encoding="utf-8") as f:
+                summary = json.load(f)
+            train_pattern = summary.get("train_pattern", "")
+            if train_pattern and sorted(glob.glob(train_pattern)) == files:
+                return int(summary["written"]["train"]), int(summary["num_classes"])
+    from glam_tf.data.records import KEY_LABEL  # noqa: PLC0415 (only for the scan)
+
+    spec = {KEY_LABEL: tf.io.FixedLenFeature([], tf.int64)}
+    labels = (tf.data.TFRecordDataset(files)
+              .map(lambda s: tf.io.parse_single_example(s, spec)[KEY_LABEL])
+              .batch(4096))
+    count, top = 0, -1
+    for batch in labels.as_numpy_iterator():
+        count += len(batch)
+        top = max(top, int(batch.max()))
+    logging.info("Scanned %d records of %s: labels 0..%d.", count, file_pattern, top)
+    return count, top + 1
+
+
+def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
+    """Builds this worker's DataSource for `config` (generating/converting data if asked)."""
+    if config.data_source == "random":
+        dataset = random_train_dataset(
+            global_batch_size=config.global_batch_size, image_size=config.random_image_size,
+            num_classes=config.num_classes, seed=config.seed,
+            num_input_pipelines=worker.num_workers, input_pipeline_id=worker.worker_index)
+        return DataSource(dataset, config.num_classes, 0,
+                          f"random stand-in {config.random_image_size[0]}x"
+                          f"{config.random_image_size[1]}")
+    data_config = config.data
+    if config.data_source == "synthetic":
+        from glam_tf.train.synthetic import prepare_synthetic  # noqa: PLC0415
+
+        if worker.num_workers > 1:
+            raise ValueError("--data_source=synthetic runs on one worker; generate and "
+                             "convert the set first, then train multi-worker with "
+                             "--data_source=tfrecord --train_file_pattern=<root>/tfrecord/"
+                             "train-*-of-*.tfrecord.")
+        pattern = prepare_synthetic(config.synthetic)
+        data_config = dataclasses.replace(data_config, file_pattern=pattern)
+    from glam_tf.data.pipeline import DecodeStats, build_train_dataset  # noqa: PLC0415
+
+    num_examples, found_classes = count_records(data_config.file_pattern)
+    num_classes = config.num_classes or found_classes
+    if num_classes < found_classes:
+        raise ValueError(f"--num_classes={num_classes} but the records of "
+                         f"{data_config.file_pattern} have labels up to {found_classes - 1}.")
+    stats = DecodeStats()
+    dataset = build_train_dataset(data_config, num_input_pipelines=worker.num_workers,
+                                  input_pipeline_id=worker.worker_index, stats=stats)
+    return DataSource(dataset, num_classes, num_examples,
+                      f"{num_examples} images in {data_config.file_pattern}", stats)

@@ -1,0 +1,96 @@
+"""The distributed ArcFace training step (custom loop: Keras 3 model.fit fails under MWMS).
+
+Each worker reads a plain (checkpointable) iterator of its share of the global batch;
+inside the step every local replica takes its contiguous slice of that batch, so the
+global batch of a step is the same whatever the number of replicas (TF_NOTES recipe (a)).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from glam_tf.model import arcface_logits
+
+
+def set_synchronized_batchnorm(model: keras.Model, synchronized: bool = True) -> int:
+    """Sets `synchronized` on every BatchNormalization layer of `model`; returns how many.
+
+    Keras reads the attribute at call time, so it takes effect at the next trace: batch
+    statistics are then all-reduced over the replicas (the global batch).
+    """
+    count = 0
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = synchronized
+            count += 1
+    return count
+
+
+def make_train_step(strategy: tf.distribute.Strategy, model: keras.Model, head,
+                    optimizer: keras.optimizers.Optimizer, step: tf.Variable, *,
+                    global_batch_size: int, local_replicas: int,
+                    inject_nan_at_step: int = -1):
+    """Returns `train_step(iterator, stop) -> (loss, accuracy, stop_votes)` (a tf.function).
+
+    One step: next worker batch -> per-replica slice -> descriptor -> ArcFace logits ->
+    softmax cross-entropy averaged over the GLOBAL batch (tf.nn.compute_average_loss)
+    -> gradients, all-reduced (summed) by apply_gradients -> step += 1.
+
+    Args:
+        strategy: the distribution strategy the variables were created under.
+        model: descriptor model, `(B, H, W, 3)` -> `(B, D)` unit rows.
+        head: glam_tf.model.ArcFace (its `cosine`, `margin`, `scale`).
+        optimizer: built (slots created) inside strategy.scope().
+        step: int64 step counter, incremented once per step.
+        global_batch_size: images per step over all replicas.
+        local_replicas: replicas of this worker (its batch is split among them).
+        inject_nan_at_step: testing hook, the loss of this 1-based step becomes NaN.
+
+    Returns:
+        A tf.function of (iterator yielding (images (b, H, W, 3), labels (b,)), stop int32
+        scalar) returning the global mean loss, the accuracy (fraction of the global
+        batch whose nearest class centre is its label, without margin) and the number of
+        replicas whose `stop` was set (so all workers stop at the same step).
+    """
+    variables = model.trainable_variables + head.trainable_variables
+
+    def replica_fn(images, labels, stop):
+        ctx = tf.distribute.get_replica_context()
+        local_id = ctx.replica_id_in_sync_group % local_replicas
+        per_replica = tf.shape(images)[0] // local_replicas
+        begin = local_id * per_replica
+        images = images[begin:begin + per_replica]
+        labels = labels[begin:begin + per_replica]
+        with tf.GradientTape() as tape:
+            embeddings = model(images, training=True)
+            cosine = head.cosine(embeddings)
+            logits = arcface_logits(cosine, labels, head.margin, head.scale)
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.cast(labels, tf.int32), logits=logits)
+            loss = tf.nn.compute_average_loss(per_example,
+                                              global_batch_size=global_batch_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            if inject_nan_at_step > 0:
+                loss = tf.where(step + 1 == inject_nan_at_step,
+                                tf.constant(float("nan")), loss)
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        correct = tf.reduce_sum(tf.cast(
+            tf.equal(tf.argmax(cosine, axis=-1, output_type=tf.int32),
+                     tf.cast(labels, tf.int32)), tf.float32))
+        # identity: a replica's own copy, so the result is per-replica (reducible).
+        return loss, correct, tf.identity(stop)
+
+    @tf.function
+    def train_step(iterator, stop):
+        images, labels = next(iterator)
+        loss, correct, votes = strategy.run(replica_fn, args=(images, labels, stop))
+        loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        correct = strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
+        votes = strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)
+        step.assign_add(1)
+        return loss, correct / global_batch_size, votes
+
+    return train_step

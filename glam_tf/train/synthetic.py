@@ -1,0 +1,54 @@
+"""The demo's data: synthetic landmarks generated when absent, converted to TFRecords.
+
+Generation (glam_tf.data.synthetic.generate_if_absent) and conversion
+(glam_tf.data.gldv2.convert_gldv2) are both idempotent, so a rerun of the demo reuses
+them; the test split (`<root>/synth`, dataset name "synth") is what --eval_dataset=synth
+--eval_root=<root> evaluates on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+
+from glam_tf.data import gldv2, synthetic
+from glam_tf.train.config import SyntheticDataConfig
+
+TFRECORD_SUBDIR = "tfrecord"
+
+
+def prepare_synthetic(config: SyntheticDataConfig, *, num_workers: int = 1) -> str:
+    """Generates (if absent) and converts (if not done) the synthetic set; returns the glob.
+
+    Args:
+        config: sizes of the set and its root folder.
+        num_workers: processes rendering the images (1: in this process; spawned workers
+            re-import the main module, TensorFlow included, which costs more than they
+            save on small sets).
+
+    Returns:
+        The TFRecord glob of the training split (`<root>/tfrecord/train-*-of-*.tfrecord`).
+    """
+    summary = synthetic.generate_if_absent(
+        config.root, num_train_landmarks=config.num_train_landmarks,
+        images_per_landmark=config.images_per_landmark,
+        num_test_landmarks=config.num_test_landmarks,
+        queries_per_landmark=config.queries_per_landmark,
+        num_distractor_landmarks=config.num_distractor_landmarks,
+        image_size=config.image_size, seed=config.seed, num_workers=num_workers,
+        show_progress=False)
+    output_dir = os.path.join(config.root, TFRECORD_SUBDIR)
+    summary_path = os.path.join(output_dir, gldv2.SUMMARY_NAME)
+    if os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            done = json.load(f)
+        if done.get("written", {}).get("train") == summary.train_images:
+            logging.info("Synthetic TFRecords already in %s", output_dir)
+            return done["train_pattern"]
+    converted = gldv2.convert_gldv2(config.root, output_dir, num_shards=2,
+                                    seed=config.seed, show_progress=False)
+    logging.info("Converted %d synthetic training images of %d classes to %s",
+                 converted.written["train"], converted.num_classes, output_dir)
+    return converted.train_pattern
