@@ -13,11 +13,14 @@ load hits all of them alike.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_enum("backbone", "resnet101", ["resnet50", "resnet101", "resnet152"],
                   "Backbone of every variant.")
