@@ -24,6 +24,9 @@ _DISTRACTORS = flags.DEFINE_integer("num_distractor_landmarks", 20,
                                     "Landmarks only in the test database.")
 _PER_DISTRACTOR = flags.DEFINE_integer("images_per_distractor", 4, "Photos per distractor.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Longest photo side (x U(0.7, 1)).")
+_PALETTE = flags.DEFINE_float("palette_variation", 1.0,
+                              "How far each photo's building colours move from its own "
+                              "palette towards a random one, in [0, 1] (1: colour is no cue).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed; same seed, same bytes.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes.")
 _FORCE = flags.DEFINE_bool("force", False, "Delete <root> first and regenerate.")
@@ -46,7 +49,7 @@ def main(argv):
         queries_per_landmark=_QUERIES.value, database_per_landmark=database,
         num_distractor_landmarks=_DISTRACTORS.value,
         images_per_distractor=_PER_DISTRACTOR.value, image_size=_IMAGE_SIZE.value,
-        seed=_SEED.value, num_workers=_NUM_WORKERS.value)
+        palette_variation=_PALETTE.value, seed=_SEED.value, num_workers=_NUM_WORKERS.value)
     print(f"{summary.train_images} training photos of {summary.train_landmarks} landmarks: "
           f"{summary.train_csv}")
     print(f"{summary.num_queries} queries, {summary.num_database} database photos: "

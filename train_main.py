@@ -49,6 +49,9 @@ flags.DEFINE_float("gem_p", _M.gem_p, "Initial (learnable) GeM exponent.")
 flags.DEFINE_float("gem_eps", _M.gem_eps, "GeM clamp.")
 flags.DEFINE_integer("embedding_dim", _M.embedding_dim, "Descriptor dimension D.")
 flags.DEFINE_float("dropout", _M.dropout, "Dropout rate before the embedding layer.")
+flags.DEFINE_bool("zero_init_attention", _M.zero_init_attention,
+                  "Start the output convs of local and global spatial attention at zero "
+                  "(eqs. 2 and 6 start as identity); for training from random init.")
 # Data.
 flags.DEFINE_enum("data_source", _D.data_source, DATA_SOURCES,
                   "tfrecord: --train_file_pattern; synthetic: generate (if absent) and "
@@ -87,6 +90,9 @@ flags.DEFINE_integer("synthetic_num_distractor_landmarks", _S.num_distractor_lan
                      "Synthetic landmarks only in the test database (distractors).")
 flags.DEFINE_integer("synthetic_image_size", _S.image_size,
                      "Longer side of the synthetic images, pixels.")
+flags.DEFINE_float("synthetic_palette_variation", _S.palette_variation,
+                   "How far each synthetic photo's building colours move from its own "
+                   "palette towards a random one, in [0, 1] (1: colour is no cue).")
 flags.DEFINE_integer("synthetic_seed", _S.seed, "Seed of the synthetic generator.")
 # Optimisation.
 flags.DEFINE_enum("optimizer", _D.optimizer, OPTIMIZERS,
@@ -171,7 +177,8 @@ def config_from_flags(f=FLAGS) -> TrainConfig:
         backbone=f.backbone, weights=f.weights, variant=f.variant,
         reduced_channels=f.reduced_channels, kernel_size=f.kernel_size,
         dilations=_numbers("dilations", f.dilations, int), gem_p=f.gem_p,
-        gem_eps=f.gem_eps, embedding_dim=f.embedding_dim, dropout=f.dropout)
+        gem_eps=f.gem_eps, embedding_dim=f.embedding_dim, dropout=f.dropout,
+        zero_init_attention=f.zero_init_attention)
     data = TrainInputConfig(
         file_pattern=f.train_file_pattern, global_batch_size=f.global_batch_size,
         size_scale=f.size_scale, aspect_edges=_numbers("aspect_edges", f.aspect_edges, float),
@@ -184,7 +191,8 @@ def config_from_flags(f=FLAGS) -> TrainConfig:
         num_test_landmarks=f.synthetic_num_test_landmarks,
         queries_per_landmark=f.synthetic_queries_per_landmark,
         num_distractor_landmarks=f.synthetic_num_distractor_landmarks,
-        image_size=f.synthetic_image_size, seed=f.synthetic_seed) if f.synthetic_root else None
+        image_size=f.synthetic_image_size, palette_variation=f.synthetic_palette_variation,
+        seed=f.synthetic_seed) if f.synthetic_root else None
     return TrainConfig(
         train_dir=f.train_dir, model=model, data=data, data_source=f.data_source,
         synthetic=synthetic, num_classes=f.num_classes,

@@ -20,16 +20,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from glam_tf.model import ModelConfig, build_descriptor_model  # noqa: E402
+from glam_tf.model import GlobalChannelAttention, ModelConfig, build_descriptor_model  # noqa: E402
 
 
-def glam_module_gflops(h, w, c=2048, cp=256, n_dilations=3):
+def glam_module_gflops(h, w, c=2048, cp=256, n_dilations=3,
+                       series_terms=GlobalChannelAttention.SERIES_TERMS):
     """Multiply-accumulates (x2 = FLOPs) of the global+local module on an h x w x c map."""
     hw = h * w
     macs = hw * c * cp                                   # local: 1x1 reduce
     macs += n_dilations * hw * 9 * cp * cp               # dilated 3x3 convs
     macs += hw * cp * cp + hw * (n_dilations + 1) * cp   # 1x1 branch, 1x1 -> 1
-    macs += hw * c * c                                   # global channel: V a
+    macs += 2 * hw * c * series_terms                    # global channel: V k^n, (.) q^n
     macs += 3 * hw * c * cp + hw * cp * c                # Q, K, V, out 1x1 convs
     macs += 2 * hw * hw * cp                             # K.Q logits and a^T V
     return 2 * macs / 1e9

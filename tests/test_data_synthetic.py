@@ -169,6 +169,40 @@ def test_mean_colour_does_not_identify_a_landmark_but_structure_does(synth):
     assert by_structure >= 2.5 * chance and by_structure >= by_colour + 0.1, by_structure
 
 
+def _centre_colour_nn_accuracy(root):
+    """Nearest-neighbour landmark accuracy of the mean colour of each photo's central half
+    (mostly building: the camera frames it)."""
+    colours, labels = [], []
+    for im in gldv2.read_gldv2_csv(os.path.join(root, "train_clean.csv")):
+        with Image.open(gldv2.gldv2_image_path(os.path.join(root, "train"), im.image_id)) as f:
+            a = np.asarray(f.convert("RGB"), np.float32)
+        h, w = a.shape[:2]
+        colours.append(a[h // 4:3 * h // 4, w // 4:3 * w // 4].mean((0, 1)))
+        labels.append(im.landmark_id)
+    f, labels = np.asarray(colours), np.array(labels)
+    d = ((f[:, None] - f[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    return float((labels[d.argmin(1)] == labels).mean())
+
+
+def test_palette_variation_zero_makes_colour_a_cue(synth, tmp_path):
+    """palette_variation=0 keeps each building's own colours (illumination and occluders
+    still vary them; sky and ground stay random): the building's colour then finds the
+    landmark far above chance, unlike the default repainting."""
+    root = str(tmp_path / "consistent")
+    synthetic.generate_synthetic_landmarks(root, **{**SMALL, "palette_variation": 0.0})
+    chance = 1 / 16
+    consistent = _centre_colour_nn_accuracy(root)
+    assert consistent >= 2.5 * chance
+    assert consistent >= _centre_colour_nn_accuracy(synth[0]) + 0.08
+    # The setting is recorded with the other parameters.
+    with open(os.path.join(root, synthetic.MANIFEST_NAME)) as fh:
+        assert json.load(fh)["params"]["palette_variation"] == 0.0
+    with pytest.raises(ValueError, match=r"palette_variation must be in \[0, 1\], got 1.5"):
+        synthetic.generate_synthetic_landmarks(str(tmp_path / "bad"),
+                                               **{**SMALL, "palette_variation": 1.5})
+
+
 def test_generate_if_absent_is_idempotent(synth, tmp_path):
     root = str(tmp_path / "demo")
     kwargs = {**SMALL, "num_train_landmarks": 2, "images_per_landmark": 2,
@@ -180,6 +214,15 @@ def test_generate_if_absent_is_idempotent(synth, tmp_path):
     assert os.stat(marker).st_mtime_ns == stamp
     with pytest.raises(ValueError, match=r"other arguments \(seed: 5 there, 6 asked\)"):
         synthetic.generate_if_absent(root, **{**kwargs, "seed": 6})
+    # A set from before palette_variation existed was generated with its default (1).
+    with open(marker) as f:
+        saved = json.load(f)
+    del saved["params"]["palette_variation"]
+    with open(marker, "w") as f:
+        json.dump(saved, f)
+    assert synthetic.generate_if_absent(root, **kwargs) == first
+    with pytest.raises(ValueError, match=r"palette_variation: 1.0 there, 0.5 asked"):
+        synthetic.generate_if_absent(root, **{**kwargs, "palette_variation": 0.5})
     os.remove(marker)  # as if interrupted: generated again
     synthetic.generate_if_absent(root, **kwargs)
     assert os.path.exists(marker)

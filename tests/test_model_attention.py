@@ -255,6 +255,52 @@ def test_global_channel_attention_matches_numpy_and_softmax_runs_over_keys(feats
     roundtrip_same_outputs(layer, f)
 
 
+@pytest.mark.parametrize("bias", [0.0, 12.0])
+def test_global_channel_series_matches_explicit_softmax_at_full_width(bias):
+    """call() uses a power series of exp(kappa_i q_j); at C = 2048 it equals the explicit
+    softmax (float64 NumPy), including the worst case of the truncation, q and kappa -> 1
+    (bias 12: sigmoid = 0.999994), and on channel means of mixed sign."""
+    rng = np.random.default_rng(3)
+    c = 2048
+    f = (rng.normal(size=(2, 2, 3, c)) * 2.0 + rng.normal(size=(1, 1, 1, c))).astype("float32")
+    layer = GlobalChannelAttention(kernel_size=3)
+    layer.build(f.shape)
+    layer.conv_query.kernel.assign(np.array([[[1.5]], [[-2.0]], [[3.0]]], "float32"))
+    layer.conv_key.kernel.assign(np.array([[[-2.5]], [[2.0]], [[1.0]]], "float32"))
+    layer.conv_query.bias.assign([bias])
+    layer.conv_key.bias.assign([bias])
+    s = f.astype(np.float64).mean(axis=(1, 2))
+    q = sigmoid(np_conv1d_channels(s, *kb(layer.conv_query)))
+    kappa = sigmoid(np_conv1d_channels(s, *kb(layer.conv_key)))
+    e = np.exp(kappa[:, :, None] * q[:, None, :])               # [b, i, j]
+    a = e / e.sum(axis=1, keepdims=True)
+    expected = f * np.einsum("bhwi,bij->bhwj", f.astype(np.float64), a)
+    out = np.asarray(layer(f), np.float64)
+    scale = np.max(np.abs(expected))
+    assert np.max(np.abs(out - expected)) < 2e-6 * scale
+    a_layer = np.asarray(layer.attention(f), np.float64)
+    assert np.max(np.abs(a_layer - a)) < 1e-8
+
+
+def test_global_channel_gradients_stay_finite_when_sigmoids_saturate(feats):
+    """q = kappa = 0 exactly (bias -200): a = uniform, G_c = channel mean; every gradient
+    finite (the powers kappa^n are products, not pow(kappa, 0))."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    layer = GlobalChannelAttention(kernel_size=3)
+    layer.build(feats.shape)
+    layer.conv_query.bias.assign([-200.0])
+    layer.conv_key.bias.assign([-200.0])
+    x = tf.constant(feats)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = layer(x)
+        loss = tf.reduce_sum(tf.square(out))
+    assert_close(out, feats * feats.mean(axis=-1, keepdims=True))
+    for grad in tape.gradient(loss, [x] + layer.trainable_variables):
+        assert np.all(np.isfinite(np.asarray(grad)))
+
+
 def test_global_spatial_attention_matches_numpy_and_softmax_runs_over_keys(feats):
     layer = GlobalSpatialAttention(reduced_channels=CP, name="gs")
     layer.build(feats.shape)
@@ -334,6 +380,35 @@ def test_glam_fusion_weights_follow_beta(feats):
         beta[idx] = 50.0
         module.fusion_beta.assign(beta)
         assert_close(module(feats), np.asarray(expected))
+
+
+def test_zero_init_attention_starts_spatial_blocks_as_identity_and_still_learns(feats):
+    """zero_init_attention: A_s^l = 0 and G_s = 0 at init, so F^l = F_c^l and F^g = F_c^g
+    exactly (eqs. 2 and 6 reduce to their residual), yet the output convs get gradients;
+    the default keeps Keras' random init (non-zero maps)."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    module = GlamModule("global+local", reduced_channels=CP, zero_init_attention=True)
+    module.build(feats.shape)
+    _, maps = module(feats, return_attention=True)
+    assert np.all(np.asarray(maps["local_spatial"]) == 0.0)
+    np.testing.assert_array_equal(np.asarray(maps["local"]),
+                                  np.asarray(module.local_channel(feats)))
+    np.testing.assert_array_equal(np.asarray(maps["global"]),
+                                  np.asarray(module.global_channel(feats)))
+    outs = [module.local_spatial.conv_out.kernel, module.global_spatial.conv_out.kernel]
+    x = tf.constant(feats)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(module(x)))
+    for grad in tape.gradient(loss, outs):
+        assert float(tf.reduce_max(tf.abs(grad))) > 1e-3
+    clone = GlamModule.from_config(module.get_config())
+    assert clone.zero_init_attention and clone.local_spatial.zero_init_output
+    assert clone.global_spatial.zero_init_output
+    default = GlamModule("global+local", reduced_channels=CP)
+    default.build(feats.shape)
+    _, maps = default(feats, return_attention=True)
+    assert np.max(np.abs(np.asarray(maps["local_spatial"]))) > 1e-2
 
 
 def test_glam_sublayer_names_are_stable(feats):

@@ -56,6 +56,7 @@ def test_config_json_round_trip():
     ("gem_eps", -1e-6, "> 0"),
     ("embedding_dim", True, "positive integer"),
     ("dropout", 1.0, r"\[0, 1\)"),
+    ("zero_init_attention", 1, "must be a bool"),
 ])
 def test_config_errors_name_field_rule_and_value(field, value, rule):
     cfg = ModelConfig(**{field: value})

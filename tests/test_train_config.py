@@ -45,6 +45,8 @@ def test_defaults_are_the_paper_recipe():
     (dict(data_source="synthetic"), "--synthetic_root", "is required"),
     (dict(synthetic=SyntheticDataConfig(root="r", image_size=16), data_source="synthetic"),
      "--synthetic_image_size", ">= 32"),
+    (dict(synthetic=SyntheticDataConfig(root="r", palette_variation=1.5),
+          data_source="synthetic"), "--synthetic_palette_variation", r"\[0, 1\]"),
     (dict(num_classes=0), "--num_classes", "must be > 0 with --data_source=random"),
     (dict(optimizer="adam"), "--optimizer", "must be one of"),
     (dict(end_learning_rate=1.0), "--end_learning_rate", "must be <= --learning_rate"),

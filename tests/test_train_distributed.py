@@ -8,7 +8,9 @@ a pure function of (seed, k) however it is split, so every run sees the same glo
 Tolerance: replicas sum their gradients in another order than one device and synchronized
 batch norm computes the moments as E[x^2] - E[x]^2 from all-reduced sums; in float32 that
 moves the loss by ~1e-6 relative per step, growing slowly over a few SGD steps. We allow
-2e-4 relative on losses and 2e-4 absolute on weights (of size ~0.1-1). Without synchronized
+2e-4 relative on losses and 2e-4 absolute plus 1e-4 relative on weights (of size up to ~3
+after these steps; the largest differences, ~1e-4 relative, are on the largest weights).
+Without synchronized
 batch norm each replica normalises with its own half-batch statistics, and the losses
 differ by far more (checked below), so the comparison does test the synchronisation.
 """
@@ -29,6 +31,7 @@ from glam_tf.train.testing import DRIVER
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOSS_RTOL = 2e-4
 WEIGHT_ATOL = 2e-4
+WEIGHT_RTOL = 1e-4
 STEPS = 4
 
 COMMON_FLAGS = [
@@ -80,10 +83,14 @@ def _model_weights(ckpt_dir):
             if d.is_floating}
 
 
-def _assert_weights_close(a, b, atol):
+def _assert_weights_close(a, b, atol, rtol=0.0):
+    """|a - b| <= atol + rtol * |b| for every element of every tensor."""
     assert a.keys() == b.keys() and len(a) > 40
-    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    assert worst <= atol, f"max weight difference {worst}"
+    excess = {k: float(np.max(np.abs(a[k] - b[k]) - rtol * np.abs(b[k]))) for k in a}
+    worst = max(excess, key=excess.get)
+    assert excess[worst] <= atol, (
+        f"{worst}: weight difference exceeds {atol} + {rtol} * |w| by "
+        f"{excess[worst] - atol:.3g}")
 
 
 def test_two_replicas_follow_the_one_replica_trajectory(tmp_path):
@@ -96,7 +103,8 @@ def test_two_replicas_follow_the_one_replica_trajectory(tmp_path):
     assert len(one) == STEPS and np.all(np.isfinite(one))
     np.testing.assert_allclose(two, one, rtol=LOSS_RTOL)
     _assert_weights_close(_model_weights(tmp_path / "two" / "checkpoints"),
-                          _model_weights(tmp_path / "one" / "checkpoints"), WEIGHT_ATOL)
+                          _model_weights(tmp_path / "one" / "checkpoints"), WEIGHT_ATOL,
+                          WEIGHT_RTOL)
     # Per-replica batch statistics change the result well beyond the tolerance.
     unsynced = np.array(out["two_unsynced"]["losses"])
     assert np.max(np.abs(unsynced - one) / np.abs(one)) > 20 * LOSS_RTOL
@@ -149,6 +157,6 @@ def test_two_worker_processes_agree_with_one_process(tmp_path):
     np.testing.assert_allclose([multi[s] for s in one], [one[s] for s in one], rtol=LOSS_RTOL)
     chief_w = _model_weights(mwms / "checkpoints")
     _assert_weights_close(chief_w, _model_weights(tmp_path / "single" / "checkpoints"),
-                          WEIGHT_ATOL)
+                          WEIGHT_ATOL, WEIGHT_RTOL)
     # Both workers hold the same (mirrored) weights.
     _assert_weights_close(chief_w, _model_weights(worker1), 0.0)

@@ -6,9 +6,10 @@ revisited gnd pickle -> evaluation) without downloads.
 
 A landmark is a structure: building outline, roof (gable, dome, towers, spire, mansard,
 stepped, flat), a window grid (count, shape, skipped cells, frames, mullions), door, portico
-columns, floor bands and a wall texture (brick, stone blocks, bands, ribs, stucco). Colour is
-NOT part of the landmark: every photo draws a fresh palette, so mean colour says nothing about
-identity; only structure does. A photo applies a homography (viewpoint, rotation, scale,
+columns, floor bands and a wall texture (brick, stone blocks, bands, ribs, stucco). By default
+colour is NOT part of the landmark: every photo draws a fresh palette, so mean colour says
+nothing about identity; only structure does (`palette_variation` < 1 keeps some of each
+building's own colours). A photo applies a homography (viewpoint, rotation, scale,
 crop), illumination (gain, colour cast, gradient shadow, gamma), occluders (trees, poles,
 vehicles, signs), blur, noise and JPEG compression.
 
@@ -426,8 +427,15 @@ def _occlude(img: Image.Image, building: np.ndarray, target: float, rng) -> floa
 
 
 def render_photo(scene: LandmarkScene, rng: np.random.Generator, level: str,
-                 long_side: int) -> Photo:
-    """Photographs `scene` at difficulty `level` (see `_LEVEL_PARAMS`); returns a `Photo`."""
+                 long_side: int, *, base_palette: np.ndarray | None = None,
+                 palette_variation: float = 1.0) -> Photo:
+    """Photographs `scene` at difficulty `level` (see `_LEVEL_PARAMS`); returns a `Photo`.
+
+    The building's colours are `base_palette + palette_variation * (fresh - base_palette)`
+    with a fresh random palette per photo (sky and ground always take the fresh one):
+    variation 1 (or no base) repaints every photo, 0 keeps the landmark's own colours
+    (illumination still changes them).
+    """
     corner, yaw, rot_deg, zoom_range, offset, occ_range, light = _LEVEL_PARAMS[level]
     s = scene.material.shape[0]
     sw, sh = _SHAPES[rng.choice(len(_SHAPES), p=_SHAPE_P)]
@@ -436,6 +444,10 @@ def render_photo(scene: LandmarkScene, rng: np.random.Generator, level: str,
 
     # Canvas colours: a (materials * shade levels, 3) colour table, one gather.
     pal = _palette(rng)
+    if base_palette is not None and palette_variation < 1.0:
+        building = list(BUILDING_MATERIALS)  # sky and ground stay fresh: no background cue
+        pal[building] = base_palette[building] + palette_variation * (
+            pal[building] - base_palette[building])
     lo, hi = SHADE_RANGE
     levels = np.linspace(lo, hi, SHADE_LEVELS, dtype=np.float32)
     table = np.zeros((NUM_MATERIALS * SHADE_LEVELS, 4), np.uint8)
@@ -512,10 +524,12 @@ def image_id(seed: int, landmark: int, k: int) -> str:
 def _render_landmark_task(task: dict) -> list:
     """Renders and writes the photos of one landmark; returns [(path, record)]."""
     scene = render_scene(task["seed"], task["landmark"], task["canvas"])
+    base_palette = _palette(_rng(task["seed"], 4, task["landmark"]))
     out = []
     for k, (path, level) in enumerate(task["photos"]):
         rng = _rng(task["seed"], 2, task["landmark"], k)
-        photo = render_photo(scene, rng, level, task["long_side"])
+        photo = render_photo(scene, rng, level, task["long_side"], base_palette=base_palette,
+                             palette_variation=task["palette_variation"])
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -549,8 +563,8 @@ def generate_synthetic_landmarks(
         root: str, *, num_train_landmarks: int = 100, images_per_landmark: int = 15,
         num_test_landmarks: int = 10, queries_per_landmark: int = 5,
         database_per_landmark: tuple = (5, 4, 3), num_distractor_landmarks: int = 20,
-        images_per_distractor: int = 4, image_size: int = 224, seed: int = 0,
-        num_workers: int = 1, show_progress: bool = True) -> SyntheticSummary:
+        images_per_distractor: int = 4, image_size: int = 224, palette_variation: float = 1.0,
+        seed: int = 0, num_workers: int = 1, show_progress: bool = True) -> SyntheticSummary:
     """Writes the synthetic training set (GLDv2 layout) and test set (revisited layout).
 
     Args:
@@ -561,6 +575,9 @@ def generate_synthetic_landmarks(
       database_per_landmark: (easy, hard, junk) database photos per test landmark.
       num_distractor_landmarks / images_per_distractor: other landmarks in the database only.
       image_size: longer photo side is image_size * U(0.7, 1.0) px.
+      palette_variation: in [0, 1], how far each photo's building colours move from the
+        landmark's own palette towards a fresh random one (1: every photo repainted, colour
+        says nothing about identity; 0: only illumination and occluders change them).
       seed: everything follows from it; same seed, same bytes.
       num_workers: processes (spawned); 1 renders here.
       show_progress: progress bar.
@@ -581,6 +598,8 @@ def generate_synthetic_landmarks(
             sum(database_per_landmark) < 1:
         raise ValueError("database_per_landmark must be (easy, hard, junk) counts >= 0 with at "
                          f"least one photo, got {database_per_landmark!r}")
+    if not 0.0 <= palette_variation <= 1.0:
+        raise ValueError(f"palette_variation must be in [0, 1], got {palette_variation!r}")
     params = _params(num_train_landmarks=num_train_landmarks,
                      images_per_landmark=images_per_landmark,
                      num_test_landmarks=num_test_landmarks,
@@ -588,7 +607,7 @@ def generate_synthetic_landmarks(
                      database_per_landmark=list(database_per_landmark),
                      num_distractor_landmarks=num_distractor_landmarks,
                      images_per_distractor=images_per_distractor, image_size=image_size,
-                     seed=seed)
+                     palette_variation=float(palette_variation), seed=seed)
     start = time.monotonic()
     canvas = int(round(1.5 * image_size))
     rng = _rng(seed, 0)
@@ -637,7 +656,8 @@ def generate_synthetic_landmarks(
         task["photos"] = [
             (os.path.join(jpg_dir, db_name[p[3:]] + ".jpg") if p.startswith("db:") else p, lv)
             for p, lv in task["photos"]]
-        task.update(seed=seed, canvas=canvas, long_side=image_size)
+        task.update(seed=seed, canvas=canvas, long_side=image_size,
+                    palette_variation=float(palette_variation))
 
     marker = os.path.join(root, MARKER_NAME)
     if os.path.exists(marker):
@@ -731,12 +751,17 @@ def generate_if_absent(root: str, **kwargs) -> SyntheticSummary:
     """
     marker = os.path.join(root, MARKER_NAME)
     defaults = {k: v.default for k, v in _signature_defaults().items()}
-    merged = {**defaults, **kwargs}
-    params = _params(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in merged.items()
-                        if k not in ("num_workers", "show_progress")})
+
+    def comparable(args):
+        return _params(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()
+                          if k not in ("num_workers", "show_progress")})
+
+    params = comparable({**defaults, **kwargs})
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
             saved = json.load(f)
+        # A set written before a parameter existed was generated with its default.
+        saved["params"] = {**comparable(defaults), **saved["params"]}
         if saved["params"] == params:
             logging.info("synthetic landmarks already in %s", root)
             return SyntheticSummary(**saved["summary"])

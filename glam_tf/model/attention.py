@@ -7,6 +7,7 @@ default target is F itself. Every call accepts `return_attention=True`, which re
 `(output, attention_map)` so the maps can be checked directly.
 """
 
+import math
 import warnings
 
 import keras
@@ -37,6 +38,20 @@ def _check_kernel_size(layer_cls, value):
 def _channel_conv1d(s, conv):
     """1-D conv along the channel axis: `(B, C)` -> `(B, C)` (s reshaped to (B, C, 1))."""
     return ops.squeeze(conv(ops.expand_dims(s, -1)), -1)
+
+
+def _powers(x, n):
+    """`(B, C)` -> `(B, n, C)`, [b, i, c] = x[b, c]^i, by repeated products (finite
+    gradients at x = 0, unlike pow with exponent 0)."""
+    out = [ops.ones_like(x)]
+    for _ in range(n - 1):
+        out.append(out[-1] * x)
+    return ops.stack(out, axis=1)
+
+
+def _output_init(zero):
+    """Conv2D kwargs of a spatial block's output conv: zeros, or the Keras default."""
+    return {"kernel_initializer": "zeros"} if zero else {}
 
 
 def _spec(shape, dtype):
@@ -113,6 +128,9 @@ class LocalSpatialAttention(keras.layers.Layer):
     Args:
         reduced_channels: c' (spec: 256).
         dilations: dilation rates of the 3x3 convs (spec: (1, 2, 3)).
+        zero_init_output: start `conv_out` at zero, so A = 0 and the block starts as its
+            residual identity (the paper does not say how it initialises; see
+            ModelConfig.zero_init_attention).
 
     Call arguments:
         inputs: F, `(B, H, W, C)`, from which A is computed.
@@ -123,7 +141,8 @@ class LocalSpatialAttention(keras.layers.Layer):
         `(B, H, W, C)`, or `(output, A (B, H, W, 1))` with return_attention.
     """
 
-    def __init__(self, reduced_channels=256, dilations=(1, 2, 3), **kwargs):
+    def __init__(self, reduced_channels=256, dilations=(1, 2, 3), zero_init_output=False,
+                 **kwargs):
         super().__init__(**kwargs)
         _check_positive_int("LocalSpatialAttention", "reduced_channels", reduced_channels)
         dilations = tuple(dilations)
@@ -137,6 +156,7 @@ class LocalSpatialAttention(keras.layers.Layer):
                 f"'..._conv_d<rate>'); received dilations={dilations!r}.")
         self.reduced_channels = reduced_channels
         self.dilations = dilations
+        self.zero_init_output = bool(zero_init_output)
 
     def build(self, inputs_shape, target_shape=None):
         channels = _check_feature_shape(self, inputs_shape)
@@ -153,7 +173,8 @@ class LocalSpatialAttention(keras.layers.Layer):
             setattr(self, f"conv_d{d}", conv)
         self.conv_1x1 = keras.layers.Conv2D(cp, 1, name=f"{self.name}_conv_1x1", **kw)
         self.conv_1x1.build((None, None, None, cp))
-        self.conv_out = keras.layers.Conv2D(1, 1, name=f"{self.name}_conv_out", **kw)
+        self.conv_out = keras.layers.Conv2D(1, 1, name=f"{self.name}_conv_out",
+                                            **_output_init(self.zero_init_output), **kw)
         self.conv_out.build((None, None, None, cp * (len(self.dilations) + 1)))
 
     @property
@@ -185,7 +206,8 @@ class LocalSpatialAttention(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"reduced_channels": self.reduced_channels,
-                       "dilations": list(self.dilations)})
+                       "dilations": list(self.dilations),
+                       "zero_init_output": self.zero_init_output})
         return config
 
 
@@ -197,6 +219,14 @@ class GlobalChannelAttention(keras.layers.Layer):
     convs); a[i, j] = exp(kappa_i q_j) / sum_i' exp(kappa_i' q_j) (softmax over the key
     index i: each column sums to 1); G_c[p, j] = sum_i F[p, i] a[i, j];
     output F_c^g = F * G_c (no residual).
+
+    `call` never forms the C x C map: the logits kappa_i q_j are a rank-1 matrix with
+    entries in (0, 1) (both factors are sigmoids), so exp(kappa_i q_j) =
+    sum_n kappa_i^n q_j^n / n! and, truncated after `SERIES_TERMS` terms (remainder
+    < e / 16! < 1.3e-13, far below float32 resolution), numerator and denominator of the
+    softmax become two (hw x C) @ (C x N) and (N x C) products: O(hw C N) instead of
+    O(hw C^2), without a (B, 2048, 2048) tensor. `attention()` and `return_attention`
+    give the explicit map.
 
     Sublayers: `{name}_conv_query`, `{name}_conv_key`.
 
@@ -210,6 +240,8 @@ class GlobalChannelAttention(keras.layers.Layer):
     Returns:
         `(B, H, W, C)`, or `(output, a (B, C, C))` with return_attention, a[b, i, j].
     """
+
+    SERIES_TERMS = 16
 
     def __init__(self, kernel_size=3, **kwargs):
         super().__init__(**kwargs)
@@ -226,20 +258,33 @@ class GlobalChannelAttention(keras.layers.Layer):
         self.conv_query.build((None, channels, 1))
         self.conv_key.build((None, channels, 1))
 
-    def attention(self, inputs):
-        """a: `(B, H, W, C)` -> `(B, C, C)`, a[b, i, j], softmax over i (axis 1)."""
+    def _query_key(self, inputs):
+        """(q, kappa): `(B, H, W, C)` -> two float32 `(B, C)` in (0, 1)."""
         s = ops.mean(inputs, axis=(1, 2))
         q = ops.cast(ops.sigmoid(_channel_conv1d(s, self.conv_query)), "float32")
         k = ops.cast(ops.sigmoid(_channel_conv1d(s, self.conv_key)), "float32")
-        logits = k[:, :, None] * q[:, None, :]  # [b, i, j] = kappa_i q_j
-        # Softmax in float32 (a sum over C = 2048 terms), then back to the compute dtype.
-        return ops.cast(ops.softmax(logits, axis=1), self.compute_dtype)
+        return q, k
+
+    def attention(self, inputs):
+        """a: `(B, H, W, C)` -> `(B, C, C)`, a[b, i, j], softmax over i (axis 1)."""
+        q, k = self._query_key(inputs)
+        # [b, j, i] = kappa_i q_j: the softmax over i runs on the contiguous last axis.
+        a_t = ops.softmax(q[:, :, None] * k[:, None, :], axis=-1)
+        return ops.cast(ops.transpose(a_t, (0, 2, 1)), self.compute_dtype)
 
     def call(self, inputs, return_attention=False):
-        a = self.attention(inputs)
-        g = ops.einsum("bhwi,bij->bhwj", inputs, a)
+        q, k = self._query_key(inputs)
+        inv_factorial = ops.convert_to_tensor(
+            [1.0 / math.factorial(i) for i in range(self.SERIES_TERMS)], "float32")
+        k_pow = _powers(k, self.SERIES_TERMS)                                # (B, N, C)
+        q_pow = _powers(q, self.SERIES_TERMS) * inv_factorial[None, :, None]
+        v = ops.cast(inputs, "float32")
+        moments = ops.einsum("bhwi,bni->bhwn", v, k_pow)       # sum_i F[p, i] kappa_i^n
+        num = ops.einsum("bhwn,bnj->bhwj", moments, q_pow)      # sum_i F[p, i] exp(k_i q_j)
+        den = ops.einsum("bn,bnj->bj", ops.sum(k_pow, axis=-1), q_pow)  # sum_i exp(k_i q_j)
+        g = ops.cast(num / den[:, None, None, :], self.compute_dtype)
         out = inputs * g
-        return (out, a) if return_attention else out
+        return (out, self.attention(inputs)) if return_attention else out
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -274,6 +319,8 @@ class GlobalSpatialAttention(keras.layers.Layer):
 
     Args:
         reduced_channels: c' (spec: 256).
+        zero_init_output: start `conv_out` at zero, so G_s = 0 and the block starts as its
+            residual identity, as non-local blocks do (Wang et al., CVPR 2018).
 
     Call arguments:
         inputs: F, `(B, H, W, C)`, from which G_s is computed.
@@ -285,10 +332,11 @@ class GlobalSpatialAttention(keras.layers.Layer):
         positions flattened row-major (m = y * W + x).
     """
 
-    def __init__(self, reduced_channels=256, **kwargs):
+    def __init__(self, reduced_channels=256, zero_init_output=False, **kwargs):
         super().__init__(**kwargs)
         _check_positive_int("GlobalSpatialAttention", "reduced_channels", reduced_channels)
         self.reduced_channels = reduced_channels
+        self.zero_init_output = bool(zero_init_output)
 
     def build(self, inputs_shape, target_shape=None):
         channels = _check_feature_shape(self, inputs_shape)
@@ -298,7 +346,8 @@ class GlobalSpatialAttention(keras.layers.Layer):
         self.conv_key = keras.layers.Conv2D(cp, 1, use_bias=False,
                                             name=f"{self.name}_conv_key", **kw)
         self.conv_value = keras.layers.Conv2D(cp, 1, name=f"{self.name}_conv_value", **kw)
-        self.conv_out = keras.layers.Conv2D(channels, 1, name=f"{self.name}_conv_out", **kw)
+        self.conv_out = keras.layers.Conv2D(channels, 1, name=f"{self.name}_conv_out",
+                                            **_output_init(self.zero_init_output), **kw)
         for conv in (self.conv_query, self.conv_key, self.conv_value):
             conv.build((None, None, None, channels))
         self.conv_out.build((None, None, None, cp))
@@ -347,5 +396,6 @@ class GlobalSpatialAttention(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"reduced_channels": self.reduced_channels})
+        config.update({"reduced_channels": self.reduced_channels,
+                       "zero_init_output": self.zero_init_output})
         return config

@@ -55,6 +55,12 @@ class ModelConfig:
         gem_eps: GeM clamp.
         embedding_dim: descriptor size D.
         dropout: dropout rate before the embedding Dense layer.
+        zero_init_attention: initialise the output 1x1 convs of local and global spatial
+            attention to zero, so eqs. 2 and 6 start as their residual identity (F^l =
+            F_c^l, F^g = F_c^g) as non-local blocks do. The paper does not state its
+            initialisation; False keeps the Keras default. From random init the unbounded
+            spatial maps otherwise start as products of random features (|F|^2 terms of
+            random sign) and slow training down; the demo sets it.
     """
 
     backbone: str = "resnet101"
@@ -67,6 +73,7 @@ class ModelConfig:
     gem_eps: float = 1e-6
     embedding_dim: int = 512
     dropout: float = 0.0
+    zero_init_attention: bool = False
 
     def validate(self) -> None:
         """Raises ConfigError (a ValueError) naming the first bad field, its rule and value."""
@@ -106,6 +113,9 @@ class ModelConfig:
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             _fail("dropout", "must be a number in [0, 1)", self.dropout,
                   "The spec's default is 0.0.")
+        if not isinstance(self.zero_init_attention, bool):
+            _fail("zero_init_attention", "must be a bool", self.zero_init_attention,
+                  "Use --zero_init_attention or --nozero_init_attention.")
 
     def to_dict(self) -> dict:
         """JSON-able dict (tuples become lists)."""

@@ -50,6 +50,8 @@ class GlamModule(keras.layers.Layer):
         reduced_channels: c' of the spatial branches (spec: 256).
         kernel_size: k of the 1-D channel convs (spec: 3).
         dilations: local spatial dilation rates (spec: (1, 2, 3)).
+        zero_init_attention: start the output convs of both spatial blocks at zero
+            (ModelConfig.zero_init_attention).
 
     Call arguments:
         inputs: F, `(B, H, W, C)`.
@@ -63,7 +65,7 @@ class GlamModule(keras.layers.Layer):
     """
 
     def __init__(self, variant="global+local", reduced_channels=256, kernel_size=3,
-                 dilations=(1, 2, 3), **kwargs):
+                 dilations=(1, 2, 3), zero_init_attention=False, **kwargs):
         super().__init__(**kwargs)
         if variant not in MODULE_VARIANTS:
             hint = (" Variant 'baseline' has no GLAM module: build_descriptor_model "
@@ -74,6 +76,7 @@ class GlamModule(keras.layers.Layer):
         self.reduced_channels = reduced_channels
         self.kernel_size = kernel_size
         self.dilations = tuple(dilations)
+        self.zero_init_attention = bool(zero_init_attention)
         lc, ls, gc, gs = _PARTS[variant]
         self.has_local = lc or ls
         self.has_global = gc or gs
@@ -84,12 +87,13 @@ class GlamModule(keras.layers.Layer):
         self.local_channel = (LocalChannelAttention(
             kernel_size, name=f"{name}_local_channel", **kw) if lc else None)
         self.local_spatial = (LocalSpatialAttention(
-            reduced_channels, self.dilations, name=f"{name}_local_spatial", **kw)
-            if ls else None)
+            reduced_channels, self.dilations, zero_init_output=self.zero_init_attention,
+            name=f"{name}_local_spatial", **kw) if ls else None)
         self.global_channel = (GlobalChannelAttention(
             kernel_size, name=f"{name}_global_channel", **kw) if gc else None)
         self.global_spatial = (GlobalSpatialAttention(
-            reduced_channels, name=f"{name}_global_spatial", **kw) if gs else None)
+            reduced_channels, zero_init_output=self.zero_init_attention,
+            name=f"{name}_global_spatial", **kw) if gs else None)
 
     @property
     def num_branches(self):
@@ -114,22 +118,29 @@ class GlamModule(keras.layers.Layer):
     def call(self, inputs, return_attention=False):
         f = inputs
         maps, branches = {}, []
+
+        def apply(layer, key, *args, **kwargs):
+            # The maps only when asked: the explicit (B, C, C) global channel map is what
+            # the layer's own call avoids computing.
+            if not return_attention:
+                return layer(*args, **kwargs)
+            out, maps[key] = layer(*args, return_attention=True, **kwargs)
+            return out
+
         if self.has_local:
             x = f
             if self.local_channel is not None:
-                x, maps["local_channel"] = self.local_channel(f, return_attention=True)
+                x = apply(self.local_channel, "local_channel", f)
             if self.local_spatial is not None:
-                x, maps["local_spatial"] = self.local_spatial(
-                    f, target=x, return_attention=True)
+                x = apply(self.local_spatial, "local_spatial", f, target=x)
             maps["local"] = x
             branches.append(x)
         if self.has_global:
             x = f
             if self.global_channel is not None:
-                x, maps["global_channel"] = self.global_channel(f, return_attention=True)
+                x = apply(self.global_channel, "global_channel", f)
             if self.global_spatial is not None:
-                x, maps["global_spatial"] = self.global_spatial(
-                    f, target=x, return_attention=True)
+                x = apply(self.global_spatial, "global_spatial", f, target=x)
             maps["global"] = x
             branches.append(x)
         w = ops.cast(self.fusion_weights(), f.dtype)
@@ -150,5 +161,6 @@ class GlamModule(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"variant": self.variant, "reduced_channels": self.reduced_channels,
-                       "kernel_size": self.kernel_size, "dilations": list(self.dilations)})
+                       "kernel_size": self.kernel_size, "dilations": list(self.dilations),
+                       "zero_init_attention": self.zero_init_attention})
         return config

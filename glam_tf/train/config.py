@@ -53,6 +53,8 @@ class SyntheticDataConfig:
         queries_per_landmark: query photos per test landmark.
         num_distractor_landmarks: landmarks only in the test database (4 photos each).
         image_size: longer side of the generated images, pixels.
+        palette_variation: in [0, 1], how far each photo's building colours move from
+            the landmark's own palette to a random one (1: colour says nothing of identity).
         seed: generator seed.
     """
 
@@ -63,6 +65,7 @@ class SyntheticDataConfig:
     queries_per_landmark: int = 5
     num_distractor_landmarks: int = 20
     image_size: int = 224
+    palette_variation: float = 1.0
     seed: int = 0
 
 
@@ -208,6 +211,9 @@ class TrainConfig:
             if s.image_size < 32:
                 _fail("synthetic_image_size", "must be >= 32 (the backbone's minimum)",
                       s.image_size)
+            if not _is_real(s.palette_variation) or not 0.0 <= s.palette_variation <= 1.0:
+                _fail("synthetic_palette_variation", "must be a number in [0, 1]",
+                      s.palette_variation)
             if s.images_per_landmark < 2:
                 _fail("synthetic_images_per_landmark", "must be >= 2 (a class needs "
                       "several views)", s.images_per_landmark)

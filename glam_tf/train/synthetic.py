@@ -37,7 +37,8 @@ def prepare_synthetic(config: SyntheticDataConfig, *, num_workers: int = 1) -> s
         num_test_landmarks=config.num_test_landmarks,
         queries_per_landmark=config.queries_per_landmark,
         num_distractor_landmarks=config.num_distractor_landmarks,
-        image_size=config.image_size, seed=config.seed, num_workers=num_workers,
+        image_size=config.image_size, palette_variation=config.palette_variation,
+        seed=config.seed, num_workers=num_workers,
         show_progress=False)
     output_dir = os.path.join(config.root, TFRECORD_SUBDIR)
     summary_path = os.path.join(output_dir, gldv2.SUMMARY_NAME)

@@ -41,7 +41,7 @@ def tiny_descriptor_model(config: ModelConfig) -> keras.Model:
     if config.variant != "baseline":
         x = GlamModule(config.variant, reduced_channels=min(config.reduced_channels, 8),
                        kernel_size=config.kernel_size, dilations=tuple(config.dilations),
-                       name="glam")(x)
+                       zero_init_attention=config.zero_init_attention, name="glam")(x)
     x = GeM(p=config.gem_p, eps=config.gem_eps, name="gem")(x)
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)
     return keras.Model(image, x, name="tiny_" + config.variant.replace("+", "_"))
