@@ -43,13 +43,16 @@ def main(argv):
         ) from None
     if _FORCE.value:
         shutil.rmtree(_ROOT.value, ignore_errors=True)
-    summary = synthetic.generate_if_absent(
-        _ROOT.value, num_train_landmarks=_TRAIN_LANDMARKS.value,
-        images_per_landmark=_IMAGES.value, num_test_landmarks=_TEST_LANDMARKS.value,
-        queries_per_landmark=_QUERIES.value, database_per_landmark=database,
-        num_distractor_landmarks=_DISTRACTORS.value,
-        images_per_distractor=_PER_DISTRACTOR.value, image_size=_IMAGE_SIZE.value,
-        palette_variation=_PALETTE.value, seed=_SEED.value, num_workers=_NUM_WORKERS.value)
+    try:
+        summary = synthetic.generate_if_absent(
+            _ROOT.value, num_train_landmarks=_TRAIN_LANDMARKS.value,
+            images_per_landmark=_IMAGES.value, num_test_landmarks=_TEST_LANDMARKS.value,
+            queries_per_landmark=_QUERIES.value, database_per_landmark=database,
+            num_distractor_landmarks=_DISTRACTORS.value,
+            images_per_distractor=_PER_DISTRACTOR.value, image_size=_IMAGE_SIZE.value,
+            palette_variation=_PALETTE.value, seed=_SEED.value, num_workers=_NUM_WORKERS.value)
+    except ValueError as e:  # a flag out of range, or a set made there with other flags
+        raise app.UsageError(str(e)) from None
     print(f"{summary.train_images} training photos of {summary.train_landmarks} landmarks: "
           f"{summary.train_csv}")
     print(f"{summary.num_queries} queries, {summary.num_database} database photos: "

@@ -258,3 +258,10 @@ def test_make_synthetic_main(tmp_path):
     bad = subprocess.run(args + ["--database_per_landmark=1,x"], capture_output=True,
                          text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     assert bad.returncode != 0 and "--database_per_landmark must be three integers" in bad.stderr
+    # Range errors and a set made with other flags are usage errors, not tracebacks.
+    for extra, message in (("--palette_variation=1.5", "palette_variation must be in [0, 1]"),
+                           ("--seed=3", "other arguments (seed: 0 there, 3 asked)")):
+        bad = subprocess.run(args + [extra], capture_output=True, text=True, timeout=120,
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr

@@ -559,6 +559,28 @@ def _params(**kwargs) -> dict:
     return dict(sorted(kwargs.items()))
 
 
+def _check_args(*, num_train_landmarks, images_per_landmark, num_test_landmarks,
+                queries_per_landmark, database_per_landmark, num_distractor_landmarks,
+                images_per_distractor, image_size, palette_variation, num_workers, **_):
+    """Raises ValueError naming the first argument of `generate_synthetic_landmarks` out of
+    range."""
+    for name, value, low in (("num_train_landmarks", num_train_landmarks, 1),
+                             ("images_per_landmark", images_per_landmark, 1),
+                             ("num_test_landmarks", num_test_landmarks, 1),
+                             ("queries_per_landmark", queries_per_landmark, 1),
+                             ("num_distractor_landmarks", num_distractor_landmarks, 0),
+                             ("images_per_distractor", images_per_distractor, 0),
+                             ("image_size", image_size, 32), ("num_workers", num_workers, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if len(database_per_landmark) != 3 or min(database_per_landmark) < 0 or \
+            sum(database_per_landmark) < 1:
+        raise ValueError("database_per_landmark must be (easy, hard, junk) counts >= 0 with at "
+                         f"least one photo, got {database_per_landmark!r}")
+    if not 0.0 <= palette_variation <= 1.0:
+        raise ValueError(f"palette_variation must be in [0, 1], got {palette_variation!r}")
+
+
 def generate_synthetic_landmarks(
         root: str, *, num_train_landmarks: int = 100, images_per_landmark: int = 15,
         num_test_landmarks: int = 10, queries_per_landmark: int = 5,
@@ -585,21 +607,12 @@ def generate_synthetic_landmarks(
     Returns:
       A `SyntheticSummary`.
     """
-    for name, value, low in (("num_train_landmarks", num_train_landmarks, 1),
-                             ("images_per_landmark", images_per_landmark, 1),
-                             ("num_test_landmarks", num_test_landmarks, 1),
-                             ("queries_per_landmark", queries_per_landmark, 1),
-                             ("num_distractor_landmarks", num_distractor_landmarks, 0),
-                             ("images_per_distractor", images_per_distractor, 0),
-                             ("image_size", image_size, 32), ("num_workers", num_workers, 1)):
-        if int(value) != value or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if len(database_per_landmark) != 3 or min(database_per_landmark) < 0 or \
-            sum(database_per_landmark) < 1:
-        raise ValueError("database_per_landmark must be (easy, hard, junk) counts >= 0 with at "
-                         f"least one photo, got {database_per_landmark!r}")
-    if not 0.0 <= palette_variation <= 1.0:
-        raise ValueError(f"palette_variation must be in [0, 1], got {palette_variation!r}")
+    _check_args(num_train_landmarks=num_train_landmarks, images_per_landmark=images_per_landmark,
+                num_test_landmarks=num_test_landmarks, queries_per_landmark=queries_per_landmark,
+                database_per_landmark=database_per_landmark,
+                num_distractor_landmarks=num_distractor_landmarks,
+                images_per_distractor=images_per_distractor, image_size=image_size,
+                palette_variation=palette_variation, num_workers=num_workers)
     params = _params(num_train_landmarks=num_train_landmarks,
                      images_per_landmark=images_per_landmark,
                      num_test_landmarks=num_test_landmarks,
@@ -756,6 +769,7 @@ def generate_if_absent(root: str, **kwargs) -> SyntheticSummary:
         return _params(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()
                           if k not in ("num_workers", "show_progress")})
 
+    _check_args(**{**defaults, **kwargs})  # before the marker: a bad value fails first
     params = comparable({**defaults, **kwargs})
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
