@@ -145,26 +145,31 @@ def test_train_and_test_landmarks_disjoint(synth):
         assert not np.array_equal(a.material, synthetic.render_scene(5, lm, 144).material)
 
 
+def _train_photos(root):
+    """(RGB image, landmark id) of every training photo under `root`."""
+    for im in gldv2.read_gldv2_csv(os.path.join(root, "train_clean.csv")):
+        with Image.open(gldv2.gldv2_image_path(os.path.join(root, "train"), im.image_id)) as f:
+            yield f.convert("RGB"), im.landmark_id
+
+
+def _nearest_neighbour_accuracy(features, labels):
+    """Fraction of photos whose nearest other photo (L2) shows the same landmark."""
+    f, labels = np.asarray(features), np.asarray(labels)
+    d = ((f[:, None] - f[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    return float((labels[d.argmin(1)] == labels).mean())
+
+
 def test_mean_colour_does_not_identify_a_landmark_but_structure_does(synth):
     root, _ = synth
     colours, structure, labels = [], [], []
-    for im in gldv2.read_gldv2_csv(os.path.join(root, "train_clean.csv")):
-        with Image.open(gldv2.gldv2_image_path(os.path.join(root, "train"), im.image_id)) as f:
-            image = f.convert("RGB")
+    for image, label in _train_photos(root):
         colours.append(np.asarray(image, np.float32).mean((0, 1)))
         structure.append(_hog(image))
-        labels.append(im.landmark_id)
-    labels = np.array(labels)
-
-    def nearest_neighbour_accuracy(features):
-        f = np.asarray(features)
-        d = ((f[:, None] - f[None]) ** 2).sum(-1)
-        np.fill_diagonal(d, np.inf)
-        return float((labels[d.argmin(1)] == labels).mean())
-
+        labels.append(label)
     chance = 1 / 16
-    by_colour = nearest_neighbour_accuracy(colours)
-    by_structure = nearest_neighbour_accuracy(structure)
+    by_colour = _nearest_neighbour_accuracy(colours, labels)
+    by_structure = _nearest_neighbour_accuracy(structure, labels)
     assert by_colour <= 2.5 * chance, by_colour
     assert by_structure >= 2.5 * chance and by_structure >= by_colour + 0.1, by_structure
 
@@ -173,16 +178,12 @@ def _centre_colour_nn_accuracy(root):
     """Nearest-neighbour landmark accuracy of the mean colour of each photo's central half
     (mostly building: the camera frames it)."""
     colours, labels = [], []
-    for im in gldv2.read_gldv2_csv(os.path.join(root, "train_clean.csv")):
-        with Image.open(gldv2.gldv2_image_path(os.path.join(root, "train"), im.image_id)) as f:
-            a = np.asarray(f.convert("RGB"), np.float32)
+    for image, label in _train_photos(root):
+        a = np.asarray(image, np.float32)
         h, w = a.shape[:2]
         colours.append(a[h // 4:3 * h // 4, w // 4:3 * w // 4].mean((0, 1)))
-        labels.append(im.landmark_id)
-    f, labels = np.asarray(colours), np.array(labels)
-    d = ((f[:, None] - f[None]) ** 2).sum(-1)
-    np.fill_diagonal(d, np.inf)
-    return float((labels[d.argmin(1)] == labels).mean())
+        labels.append(label)
+    return _nearest_neighbour_accuracy(colours, labels)
 
 
 def test_palette_variation_zero_makes_colour_a_cue(synth, tmp_path):

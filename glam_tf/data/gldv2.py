@@ -298,7 +298,9 @@ def _tick() -> None:
             _PROGRESS_CALLBACK(value)
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj) -> None:
+    """Writes `obj` as JSON to `path` through a temporary file and a rename: a reader (or a
+    crash) never sees half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
@@ -335,7 +337,7 @@ def _write_shard(task: dict) -> dict:
             writer.write(example.SerializeToString(deterministic=True))
             report["written"] += 1
             _tick()
-    _write_json_atomic(task["report_path"], report)
+    write_json_atomic(task["report_path"], report)
     os.replace(tmp_path, out_path)
     return report
 
@@ -353,7 +355,7 @@ def _plan_shards(num_images: int, num_shards: int) -> int:
 
 def _check_plan(plan_path: str, plan: dict) -> None:
     if not os.path.exists(plan_path):
-        _write_json_atomic(plan_path, plan)
+        write_json_atomic(plan_path, plan)
         return
     with open(plan_path, encoding="utf-8") as f:
         old = json.load(f)
@@ -494,7 +496,7 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
         train_pattern=os.path.join(output_dir, "train-*-of-*.tfrecord"),
         validation_pattern=os.path.join(output_dir, "validation-*-of-*.tfrecord"),
         label_map_path=label_map_path, shards_skipped=len(skipped_reports))
-    _write_json_atomic(os.path.join(output_dir, SUMMARY_NAME), summary.to_json())
+    write_json_atomic(os.path.join(output_dir, SUMMARY_NAME), summary.to_json())
     logging.info(
         "GLDv2 conversion done: %d written (train %d, validation %d), %d classes, %d missing, "
         "%d undecodable (listed in %s and %s); %d shards kept from an earlier run",

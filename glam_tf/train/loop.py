@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from glam_tf.data.gldv2 import write_json_atomic
 from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
 from glam_tf.train import checkpointing, data as train_data, reporting
 from glam_tf.train.config import TrainConfig
@@ -116,13 +116,6 @@ def _plain_float32_copy(model: keras.Model, config: TrainConfig, model_fn) -> ke
         copy = model_fn(model_config)
     copy.set_weights([np.asarray(w) for w in model.get_weights()])
     return copy
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 @dataclasses.dataclass
@@ -277,9 +270,10 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
         result = TrainResult(start_step=start_step, final_step=start_step,
                              total_steps=total_steps)
         if worker.is_chief:
-            _write_json(os.path.join(config.train_dir, MODEL_CONFIG_FILE),
-                        config.model.to_dict())
-            _write_json(os.path.join(config.train_dir, TRAIN_CONFIG_FILE), config.to_dict())
+            write_json_atomic(os.path.join(config.train_dir, MODEL_CONFIG_FILE),
+                              config.model.to_dict())
+            write_json_atomic(os.path.join(config.train_dir, TRAIN_CONFIG_FILE),
+                              config.to_dict())
             if config.eval_untrained and start_step == 0:
                 logging.info("Evaluating the untrained model (step 0).")
                 result.untrained_evaluation = reporting.evaluate(

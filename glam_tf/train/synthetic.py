@@ -8,6 +8,7 @@ them; the test split (`<root>/synth`, dataset name "synth") is what --eval_datas
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -31,15 +32,10 @@ def prepare_synthetic(config: SyntheticDataConfig, *, num_workers: int = 1) -> s
     Returns:
         The TFRecord glob of the training split (`<root>/tfrecord/train-*-of-*.tfrecord`).
     """
-    summary = synthetic.generate_if_absent(
-        config.root, num_train_landmarks=config.num_train_landmarks,
-        images_per_landmark=config.images_per_landmark,
-        num_test_landmarks=config.num_test_landmarks,
-        queries_per_landmark=config.queries_per_landmark,
-        num_distractor_landmarks=config.num_distractor_landmarks,
-        image_size=config.image_size, palette_variation=config.palette_variation,
-        seed=config.seed, num_workers=num_workers,
-        show_progress=False)
+    # SyntheticDataConfig's fields are the generator's arguments, by name.
+    sizes = {k: v for k, v in dataclasses.asdict(config).items() if k != "root"}
+    summary = synthetic.generate_if_absent(config.root, **sizes, num_workers=num_workers,
+                                           show_progress=False)
     output_dir = os.path.join(config.root, TFRECORD_SUBDIR)
     summary_path = os.path.join(output_dir, gldv2.SUMMARY_NAME)
     if os.path.isfile(summary_path):
