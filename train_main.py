@@ -52,6 +52,9 @@ flags.DEFINE_float("dropout", _M.dropout, "Dropout rate before the embedding lay
 flags.DEFINE_bool("zero_init_attention", _M.zero_init_attention,
                   "Start the output convs of local and global spatial attention at zero "
                   "(eqs. 2 and 6 start as identity); for training from random init.")
+flags.DEFINE_bool("zero_init_residual", _M.zero_init_residual,
+                  "Start every bottleneck block of the backbone as its shortcut (last "
+                  "BatchNorm gamma 0); with --weights=none only.")
 # Data.
 flags.DEFINE_enum("data_source", _D.data_source, DATA_SOURCES,
                   "tfrecord: --train_file_pattern; synthetic: generate (if absent) and "
@@ -111,6 +114,9 @@ flags.DEFINE_float("arcface_margin", _D.arcface_margin, "ArcFace margin m (radia
 flags.DEFINE_float("arcface_scale", _D.arcface_scale, "ArcFace scale s.")
 flags.DEFINE_bool("sync_batchnorm", _D.sync_batchnorm,
                   "Batch-norm statistics over the global batch (all replicas).")
+flags.DEFINE_float("batchnorm_momentum", _D.batchnorm_momentum,
+                   "Moving-average momentum of every batch-norm layer; unset keeps "
+                   "Keras' 0.99. Short runs from random init want ~0.9.")
 flags.DEFINE_enum("precision", _D.precision, PRECISIONS, "Keras dtype policy for training "
                   "(export and evaluation always run float32).")
 # Distribution.
@@ -178,7 +184,7 @@ def config_from_flags(f=FLAGS) -> TrainConfig:
         reduced_channels=f.reduced_channels, kernel_size=f.kernel_size,
         dilations=_numbers("dilations", f.dilations, int), gem_p=f.gem_p,
         gem_eps=f.gem_eps, embedding_dim=f.embedding_dim, dropout=f.dropout,
-        zero_init_attention=f.zero_init_attention)
+        zero_init_attention=f.zero_init_attention, zero_init_residual=f.zero_init_residual)
     data = TrainInputConfig(
         file_pattern=f.train_file_pattern, global_batch_size=f.global_batch_size,
         size_scale=f.size_scale, aspect_edges=_numbers("aspect_edges", f.aspect_edges, float),
@@ -201,7 +207,8 @@ def config_from_flags(f=FLAGS) -> TrainConfig:
         end_learning_rate=f.end_learning_rate, warmup_steps=f.warmup_steps,
         momentum=f.momentum, weight_decay=f.weight_decay, train_steps=f.train_steps,
         epochs=f.epochs, arcface_margin=f.arcface_margin, arcface_scale=f.arcface_scale,
-        sync_batchnorm=f.sync_batchnorm, precision=f.precision, strategy=f.strategy,
+        sync_batchnorm=f.sync_batchnorm, batchnorm_momentum=f.batchnorm_momentum,
+        precision=f.precision, strategy=f.strategy,
         collective_timeout_s=f.collective_timeout_s, checkpoint_every=f.checkpoint_every,
         keep_checkpoints=f.keep_checkpoints, log_every=f.log_every,
         summary_every=f.summary_every, seed=f.seed, export=f.export,

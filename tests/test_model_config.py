@@ -6,6 +6,7 @@ import urllib.error
 import numpy as np
 import pytest
 import keras
+import tensorflow as tf
 
 from glam_tf.model import (
     BACKBONES,
@@ -57,6 +58,8 @@ def test_config_json_round_trip():
     ("embedding_dim", True, "positive integer"),
     ("dropout", 1.0, r"\[0, 1\)"),
     ("zero_init_attention", 1, "must be a bool"),
+    ("zero_init_residual", 1, "must be a bool"),
+    ("zero_init_residual", True, "random initialisation only"),  # weights "imagenet"
 ])
 def test_config_errors_name_field_rule_and_value(field, value, rule):
     cfg = ModelConfig(**{field: value})
@@ -137,6 +140,32 @@ def test_weights_path_errors(tmp_path):
         build_backbone("resnet50", str(wrong))
     with pytest.raises(ValueError, match="resnet18"):
         build_backbone("resnet18", "none")
+
+
+def test_zero_init_residual_starts_every_block_as_its_shortcut():
+    model = build_backbone("resnet50", "none", zero_init_residual=True)
+    gammas = {l.name: np.asarray(l.gamma) for l in model.layers
+              if isinstance(l, keras.layers.BatchNormalization)}
+    last = [n for n in gammas if n.endswith("_3_bn")]
+    assert len(last) == 16  # 3 + 4 + 6 + 3 bottleneck blocks
+    assert all(not gammas[n].any() for n in last)
+    assert all(gammas[n].min() == 1.0 for n in gammas if n not in last)
+    names = ("conv2_block1_out", "conv2_block2_out", "conv3_block1_0_bn", "conv3_block1_out")
+    probe = keras.Model(model.input, [model.get_layer(n).output for n in names])
+    x = np.random.default_rng(0).uniform(-100, 100, (2, 64, 96, 3)).astype("float32")
+    block1, block2, shortcut, block3 = (np.asarray(t) for t in probe(x, training=True))
+    np.testing.assert_array_equal(block2, block1)  # identity block: relu(x + 0) = x
+    np.testing.assert_allclose(block3, np.maximum(shortcut, 0.0), atol=1e-5)  # projection
+    # The zeroed gammas are ordinary trainable weights: they get gradients.
+    bn = model.get_layer("conv4_block2_3_bn")
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x, training=True)))
+    grad = tape.gradient(loss, bn.gamma)
+    assert bn.gamma.trainable and float(tf.reduce_max(tf.abs(grad))) > 0
+    # With loaded weights the option is refused by ModelConfig; the backbone without it
+    # keeps Keras' initialisation.
+    plain = build_backbone("resnet50", "none")
+    assert np.asarray(plain.get_layer("conv2_block1_3_bn").gamma).min() == 1.0
 
 
 def test_resnet101_backbone_shape_and_params():

@@ -54,6 +54,7 @@ def test_defaults_are_the_paper_recipe():
     (dict(train_steps=0, epochs=0.0, data_source="random"), "--train_steps", "must be > 0"),
     (dict(warmup_steps=10), "--warmup_steps", "must be < --train_steps"),
     (dict(arcface_margin=2.0), "--arcface_margin", "pi/2"),
+    (dict(batchnorm_momentum=1.0), "--batchnorm_momentum", r"\(0, 1\)"),
     (dict(precision="float16"), "--precision", "must be one of"),
     (dict(strategy="tpu"), "--strategy", "must be one of"),
     (dict(checkpoint_every=0), "--checkpoint_every", "positive integer"),
@@ -62,6 +63,8 @@ def test_defaults_are_the_paper_recipe():
     (dict(inject_nan_at_step=0), "--inject_nan_at_step", r"-1 \(off\)"),
     (dict(model=ModelConfig(backbone="resnet18")), "--backbone", "must be one of"),
     (dict(model=ModelConfig(variant="glam")), "--variant", "must be one of"),
+    (dict(model=ModelConfig(zero_init_residual=True)), "--zero_init_residual",
+     "random initialisation only"),
 ])
 def test_bad_values_name_the_flag(tmp_path, change, flag, rule):
     with pytest.raises(TrainConfigError, match=rule) as err:

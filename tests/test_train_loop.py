@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+import keras
 import tensorflow as tf
 
 from glam_tf.data.pipeline import TrainInputConfig
@@ -80,6 +81,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     values = _checkpoint_values(os.path.join(ckpt_dir, "ckpt-4"))
     floats = [v for v in values.values() if v is not None and v.dtype.kind == "f"]
     assert floats and all(np.isfinite(v).all() for v in floats)
+
+
+def test_batchnorm_momentum_reaches_every_layer(tmp_path):
+    built = []
+
+    def model_fn(config):
+        built.append(tiny_descriptor_model(config))
+        return built[-1]
+
+    train(_config(tmp_path / "run", train_steps=1, batchnorm_momentum=0.25),
+          model_fn=model_fn)
+    layers = [l for l in built[0]._flatten_layers(include_self=True, recursive=True)
+              if isinstance(l, keras.layers.BatchNormalization)]
+    assert layers and all(l.momentum == 0.25 for l in layers)
+    # Taken at trace time: after one step from (mean 0, var 1) every moving variance is
+    # 0.25 * 1 + 0.75 * (a batch variance >= 0), so never below 0.25, and it moved.
+    for layer in layers:
+        var = np.asarray(layer.moving_variance)
+        assert var.min() >= 0.25 - 1e-6 and np.abs(var - 1.0).max() > 1e-3, layer.name
 
 
 def test_synthetic_run_exports_and_evaluates_untrained_and_trained(tmp_path, capsys):

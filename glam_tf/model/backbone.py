@@ -1,6 +1,7 @@
 """ResNet backbones from keras.applications, cut at conv5 (stride 32, 2048 channels)."""
 
 import os
+import re
 
 import keras
 
@@ -83,7 +84,30 @@ def _load_weights_file(model, name, path):
             f"--backbone / --weights pair.") from e
 
 
-def build_backbone(name="resnet101", weights="imagenet", *, model_name="backbone"):
+# The BatchNorm closing the residual branch of a keras.applications ResNet v1 bottleneck block.
+_LAST_BLOCK_BN = re.compile(r"conv\d+_block\d+_3_bn$")
+
+
+def zero_init_residual_branches(backbone):
+    """Zeroes gamma of every bottleneck block's last BatchNorm; returns how many.
+
+    Each block then computes relu(shortcut(x)) until training moves gamma: the random
+    network starts as a shallow one (ModelConfig.zero_init_residual).
+    """
+    count = 0
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization) and _LAST_BLOCK_BN.match(
+                layer.name):
+            layer.gamma.assign(keras.ops.zeros_like(layer.gamma))
+            count += 1
+    if count == 0:
+        raise ValueError(f"zero_init_residual_branches: no layer of '{backbone.name}' is a "
+                         f"bottleneck block's last BatchNorm (conv<i>_block<j>_3_bn).")
+    return count
+
+
+def build_backbone(name="resnet101", weights="imagenet", *, model_name="backbone",
+                   zero_init_residual=False):
     """Builds the conv5 feature extractor of a keras.applications ResNet.
 
     Args:
@@ -92,6 +116,8 @@ def build_backbone(name="resnet101", weights="imagenet", *, model_name="backbone
             missing), "none" (random initialisation) or the path of a .h5 weights file
             of the same architecture without top.
         model_name: name of the returned model (the descriptor model uses "backbone").
+        zero_init_residual: with weights "none", start every bottleneck block as its
+            shortcut (`zero_init_residual_branches`).
 
     Returns:
         keras.Model mapping caffe-preprocessed `(B, H, W, 3)` images to conv5 features
@@ -121,4 +147,6 @@ def build_backbone(name="resnet101", weights="imagenet", *, model_name="backbone
                         name=model_name)
     if path is not None:
         _load_weights_file(model, name, path)
+    elif zero_init_residual:
+        zero_init_residual_branches(model)
     return model

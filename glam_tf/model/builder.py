@@ -27,7 +27,8 @@ def build_descriptor_model(config: ModelConfig) -> keras.Model:
     config.validate()
     image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
     x = CaffePreprocess(name="preprocess")(image)
-    x = build_backbone(config.backbone, config.weights, model_name="backbone")(x)
+    x = build_backbone(config.backbone, config.weights, model_name="backbone",
+                       zero_init_residual=config.zero_init_residual)(x)
     if config.variant != "baseline":
         x = GlamModule(config.variant, reduced_channels=config.reduced_channels,
                        kernel_size=config.kernel_size, dilations=tuple(config.dilations),

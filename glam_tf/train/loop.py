@@ -25,7 +25,8 @@ from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
 from glam_tf.train import checkpointing, data as train_data, reporting
 from glam_tf.train.config import TrainConfig
 from glam_tf.train.distribute import make_strategy, strategy_name, worker_info
-from glam_tf.train.step import make_train_step, set_synchronized_batchnorm
+from glam_tf.train.step import (make_train_step, set_batchnorm_momentum,
+                                set_synchronized_batchnorm)
 
 MODEL_CONFIG_FILE = "model_config.json"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -141,6 +142,10 @@ def _build_run(config: TrainConfig, strategy, worker, source, total_steps: int,
         if config.sync_batchnorm:
             logging.info("Synchronized %d BatchNormalization layers.",
                          set_synchronized_batchnorm(model))
+        if config.batchnorm_momentum is not None:
+            logging.info("BatchNormalization momentum %g in %d layers.",
+                         config.batchnorm_momentum,
+                         set_batchnorm_momentum(model, config.batchnorm_momentum))
         head = ArcFace(source.num_classes, margin=config.arcface_margin,
                        scale=config.arcface_scale, name="arcface", dtype="float32")
         head.build((None, config.model.embedding_dim))

@@ -13,18 +13,32 @@ import tensorflow as tf
 from glam_tf.model import arcface_logits
 
 
+def _batchnorm_layers(model: keras.Model) -> list:
+    return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
 def set_synchronized_batchnorm(model: keras.Model, synchronized: bool = True) -> int:
     """Sets `synchronized` on every BatchNormalization layer of `model`; returns how many.
 
     Keras reads the attribute at call time, so it takes effect at the next trace: batch
     statistics are then all-reduced over the replicas (the global batch).
     """
-    count = 0
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = synchronized
-            count += 1
-    return count
+    layers = _batchnorm_layers(model)
+    for layer in layers:
+        layer.synchronized = synchronized
+    return len(layers)
+
+
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
+    """Sets the moving-average momentum of every BatchNormalization layer; returns how many.
+
+    Read at call time like `synchronized`: takes effect at the next trace.
+    """
+    layers = _batchnorm_layers(model)
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)
 
 
 def make_train_step(strategy: tf.distribute.Strategy, model: keras.Model, head,
