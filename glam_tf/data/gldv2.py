@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from glam_tf.data import progress as progress_lib
+from glam_tf.files import write_json_atomic
 
 CSV_CLEAN = "train_clean.csv"
 CSV_FULL = "train.csv"
@@ -296,15 +297,6 @@ def _tick() -> None:
             value = _PROGRESS_COUNTER.value
         if _PROGRESS_CALLBACK is not None and value % 100 == 0:
             _PROGRESS_CALLBACK(value)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Writes `obj` as JSON to `path` through a temporary file and a rename: a reader (or a
-    crash) never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _write_shard(task: dict) -> dict:

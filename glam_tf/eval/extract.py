@@ -33,6 +33,7 @@ from absl import logging
 from PIL import Image
 
 from glam_tf.data.progress import ProgressBar
+from glam_tf.files import atomic_write
 
 MANIFEST = "manifest.json"
 
@@ -149,15 +150,6 @@ def _shard_paths(out_dir, shard):
     return base + ".npy", base + ".json"
 
 
-def _atomic_write(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _ids_digest(items):
     h = hashlib.sha1()
     for it in items:
@@ -188,7 +180,7 @@ def _check_manifest(out_dir, manifest):
                              "use another output directory or delete that one")
         return
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 def finished_shards(out_dir, num_shards_total):
@@ -315,8 +307,8 @@ def extract_split(items, out_dir, backend, *, max_image_size=1024, batch_size=8,
                                            on_images=on_images)
             record.update(shard=s, start=a, stop=b)
             npy, js = _shard_paths(out_dir, s)
-            _atomic_write(npy, lambda f, d=desc: np.save(f, d))
-            _atomic_write(js, lambda f, r=record: f.write(json.dumps(r).encode()))
+            atomic_write(npy, lambda f, d=desc: np.save(f, d))
+            atomic_write(js, lambda f, r=record: f.write(json.dumps(r).encode()))
             for u in record["undecodable"]:
                 logging.warning("%s: undecodable image %s (%s): excluded", name, u["path"],
                                 u["error"])

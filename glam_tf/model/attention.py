@@ -267,7 +267,9 @@ class GlobalChannelAttention(keras.layers.Layer):
 
     def attention(self, inputs):
         """a: `(B, H, W, C)` -> `(B, C, C)`, a[b, i, j], softmax over i (axis 1)."""
-        q, k = self._query_key(inputs)
+        return self._explicit_map(*self._query_key(inputs))
+
+    def _explicit_map(self, q, k):
         # [b, j, i] = kappa_i q_j: the softmax over i runs on the contiguous last axis.
         a_t = ops.softmax(q[:, :, None] * k[:, None, :], axis=-1)
         return ops.cast(ops.transpose(a_t, (0, 2, 1)), self.compute_dtype)
@@ -284,7 +286,7 @@ class GlobalChannelAttention(keras.layers.Layer):
         den = ops.einsum("bn,bnj->bj", ops.sum(k_pow, axis=-1), q_pow)  # sum_i exp(k_i q_j)
         g = ops.cast(num / den[:, None, None, :], self.compute_dtype)
         out = inputs * g
-        return (out, self.attention(inputs)) if return_attention else out
+        return (out, self._explicit_map(q, k)) if return_attention else out
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
