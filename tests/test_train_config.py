@@ -182,6 +182,16 @@ def test_every_flagfile_parses_and_validates(tmp_path):
     demo = parsed["configs/demo.flags"]["config"]
     assert demo["data_source"] == "synthetic" and demo["model"]["weights"] == "none"
     assert demo["eval_dataset"] == "synth" and demo["eval_untrained"]
+    # The demo trains at the photos' own size and is exported and evaluated at twice the
+    # training size, the paper's ratio (trained at <= 512 px, evaluated at 1024).
+    data = {k: tuple(map(tuple, v)) if k == "bucket_sizes" else v
+            for k, v in demo["data"].items() if k != "file_pattern"}
+    buckets = TrainInputConfig(file_pattern="x", **data).scaled_bucket_sizes()
+    assert max(max(size) for size in buckets) == demo["synthetic"]["image_size"]
+    assert demo["eval_max_image_size"] == demo["export_max_image_size"] == (
+        2 * demo["synthetic"]["image_size"])
+    assert paper["eval_max_image_size"] == 2 * max(max(size) for size in paper["data"][
+        "bucket_sizes"])
 
 
 def _run_main(args, tmp_path, timeout=120):
