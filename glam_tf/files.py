@@ -1,4 +1,5 @@
-"""Crash-safe file writes shared by the converter, the training run and the evaluator."""
+"""Crash-safe file writes (temporary file, fsync, rename) for the converter, the synthetic
+generator, the training run and the evaluator."""
 
 import json
 import os

@@ -20,6 +20,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -30,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from glam_tf.data import progress as progress_lib
-from glam_tf.files import write_json_atomic
+from glam_tf.files import atomic_write, write_json_atomic
 
 CSV_CLEAN = "train_clean.csv"
 CSV_FULL = "train.csv"
@@ -213,13 +214,12 @@ def build_label_map(landmark_ids) -> dict:
 
 def write_label_map(path: str, label_map: dict, counts: dict) -> None:
     """Writes `label,landmark_id,num_images` rows, sorted by label."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["label", "landmark_id", "num_images"])
-        for landmark, label in sorted(label_map.items(), key=lambda kv: kv[1]):
-            writer.writerow([label, landmark, counts.get(landmark, 0)])
-    os.replace(tmp, path)
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["label", "landmark_id", "num_images"])
+    for landmark, label in sorted(label_map.items(), key=lambda kv: kv[1]):
+        writer.writerow([label, landmark, counts.get(landmark, 0)])
+    atomic_write(path, lambda f: f.write(rows.getvalue().encode("utf-8")))
 
 
 def read_label_map(path: str) -> np.ndarray:

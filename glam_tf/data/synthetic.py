@@ -40,6 +40,7 @@ from absl import logging
 from PIL import Image, ImageDraw, ImageFilter
 
 from glam_tf.data import progress as progress_lib
+from glam_tf.files import atomic_write, write_json_atomic
 
 MARKER_NAME = ".synthetic_complete.json"
 MANIFEST_NAME = "synthetic_manifest.json"
@@ -531,10 +532,7 @@ def _render_landmark_task(task: dict) -> list:
         photo = render_photo(scene, rng, level, task["long_side"], base_palette=base_palette,
                              palette_variation=task["palette_variation"])
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(photo.jpeg)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f, jpeg=photo.jpeg: f.write(jpeg))
         out.append({"path": path, "level": level, "bbox": photo.bbox,
                     "occluded": round(photo.occluded, 4), "size": [photo.width, photo.height]})
     return out
@@ -697,11 +695,10 @@ def generate_synthetic_landmarks(
     bar.close()
 
     # Training csv (GLDv2 train_clean.csv format).
-    with open(os.path.join(root, "train_clean.csv.tmp"), "w", encoding="utf-8") as f:
-        f.write("landmark_id,images\n")
-        for lm_id, ids in train_rows:
-            f.write(f"{lm_id},{' '.join(ids)}\n")
-    os.replace(os.path.join(root, "train_clean.csv.tmp"), os.path.join(root, "train_clean.csv"))
+    csv_text = "landmark_id,images\n" + "".join(f"{lm_id},{' '.join(ids)}\n"
+                                                 for lm_id, ids in train_rows)
+    atomic_write(os.path.join(root, "train_clean.csv"),
+                 lambda f: f.write(csv_text.encode("utf-8")))
 
     # Ground truth (revisited format).
     name_index = {n: i for i, n in enumerate(imlist)}
@@ -728,27 +725,22 @@ def generate_synthetic_landmarks(
                             **{k: np.array(sorted(v), dtype=np.int64)
                                for k, v in levels.items()}})
     gnd_path = os.path.join(test_dir, f"gnd_{DATASET_NAME}.pkl")
-    with open(gnd_path + ".tmp", "wb") as f:
-        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f, protocol=4)
-    os.replace(gnd_path + ".tmp", gnd_path)
+    atomic_write(gnd_path, lambda f: pickle.dump(
+        {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f, protocol=4))
 
     manifest = {
         "params": params,
         "train": {str(int(landmark_ids[i])): i for i in range(num_train_landmarks)},
         "test": manifest_test,
     }
-    with open(os.path.join(root, MANIFEST_NAME), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
+    write_json_atomic(os.path.join(root, MANIFEST_NAME), manifest)
     seconds = time.monotonic() - start
     summary = SyntheticSummary(
         root=root, train_csv=os.path.join(root, "train_clean.csv"),
         train_images=num_train_landmarks * images_per_landmark,
         train_landmarks=num_train_landmarks, test_dir=test_dir, gnd_path=gnd_path,
         num_queries=len(qimlist), num_database=len(imlist), seconds=seconds)
-    with open(marker + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"params": params, "summary": dataclasses.asdict(summary)}, f, indent=1,
-                  sort_keys=True)
-    os.replace(marker + ".tmp", marker)
+    write_json_atomic(marker, {"params": params, "summary": dataclasses.asdict(summary)})
     logging.info("synthetic landmarks in %s: %d training photos of %d landmarks, %d queries, "
                  "%d database photos (%.1f s)", root, summary.train_images,
                  num_train_landmarks, len(qimlist), len(imlist), seconds)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from glam_tf.eval import extract, metrics
+from glam_tf.files import atomic_write
 
 _SHORT = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf5k", "paris6k": "Par6k",
           "synth": "Synth"}
@@ -82,10 +83,8 @@ def _nan_to_none(o):
 def write_json(results, path):
     """Writes the results dict (NaN and infinities -> null) to `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_nan_to_none(results), f, indent=1, default=_json_default)
-    os.replace(tmp, path)
+    text = json.dumps(_nan_to_none(results), indent=1, default=_json_default)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def result_status(gnd_query, index, valid=None):

@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
 from glam_tf.files import write_json_atomic
+from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
 from glam_tf.train import checkpointing, data as train_data, reporting
 from glam_tf.train.config import TrainConfig
 from glam_tf.train.distribute import make_strategy, strategy_name, worker_info
