@@ -26,9 +26,11 @@ flags.DEFINE_string("train_dir", "", "Training directory (model_config.json + ch
 flags.DEFINE_bool("distractors", False, "Add the revisitop1m distractors (roxford5k/rparis6k).")
 flags.DEFINE_string("distractors_root", "", "Folder holding revisitop1m/ (default: data_root).")
 flags.DEFINE_integer("max_image_size", 1024, "Longer side of full images after resizing.")
-flags.DEFINE_list("scales", ["0.70710678", "1.0", "1.41421356"],
-                  "Multi-scale factors (serving_default and checkpoints; a batched SavedModel "
-                  "uses its export-time scales).")
+flags.DEFINE_list("scales", [],
+                  "Multi-scale factors; empty = the model's own (a SavedModel's export-time "
+                  "scales, else 0.70710678,1,1.41421356). Other scales than a SavedModel's "
+                  "export-time ones go through its serving_default signature, one image per "
+                  "call.")
 flags.DEFINE_integer("batch_size", 8, "Images per model call (same resized size only). "
                      "Batching pays on accelerators; on a 2-core CPU bench/extract.py measured "
                      "batch 8 at 0.7-1.0x the one-at-a-time speed, so use 1 there.")
@@ -53,6 +55,8 @@ flags.mark_flags_as_required(["dataset", "data_root", "output_dir"])
 
 
 def _scales_ok(value):
+    if not value:
+        return True
     try:
         models.check_scales(value)
     except ValueError as e:
@@ -91,7 +95,7 @@ def main(argv):
         results = evaluator.run_evaluation(
             dataset=FLAGS.dataset, data_root=FLAGS.data_root, output_dir=FLAGS.output_dir,
             model=FLAGS.model, train_dir=FLAGS.train_dir,
-            scales=tuple(float(s) for s in FLAGS.scales), visualize=tuple(FLAGS.visualize),
+            scales=tuple(float(s) for s in FLAGS.scales) or None, visualize=tuple(FLAGS.visualize),
             **kwargs)
     except (ValueError, FileNotFoundError, MissingDataError, UnsafePickleError,
             ImportError) as e:

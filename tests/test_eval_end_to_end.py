@@ -253,6 +253,22 @@ def test_saved_model_batched_and_delg_signatures(tmp_path):
     np.testing.assert_allclose(models.delg_client_descriptor(rows),
                                np.array([0.6, 1.8]) / np.linalg.norm([0.6, 1.8]))
 
+    # Other scales than the export's are honoured (serving_default, one image per call),
+    # not silently replaced by the export-time ones; equal ones keep the batched signature.
+    single = models.load_saved_model(str(base), scales=(1.0,))
+    assert single.info["signature"] == "serving_default" and single.scales == (1.0,)
+    assert single.info["export"] == {"scales": list(SCALES), "max_image_size": MAX_SIZE}
+    np.testing.assert_allclose(single(images), models._normalize_rows(
+        model(images.astype(np.float32)).numpy()), atol=1e-5)
+    assert models.load_saved_model(str(base), scales=(2**-0.5, 1.0)).info["signature"] == \
+        "batched_global_descriptors"
+    batched_only = tmp_path / "batched_only" / "1"
+    tf.saved_model.save(module, str(batched_only), signatures={
+        "batched_global_descriptors": module.batched_global_descriptors})
+    with pytest.raises(ValueError, match=r"has no serving_default signature to apply "
+                                         r"scales=\[1.0\]"):
+        models.load_saved_model(str(batched_only), scales=(1.0,))
+
     with pytest.raises(FileNotFoundError, match="not a SavedModel"):
         models.resolve_saved_model_dir(str(tmp_path))
     assert "does not exist" in models.check_model_source(str(tmp_path / "nope"), "")

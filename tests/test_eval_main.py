@@ -89,6 +89,7 @@ def test_two_hosts_then_merge_from_the_command_line(tmp_path):
                        scales=e2e.SCALES, max_image_size=e2e.MAX_SIZE)
     common = ["--flagfile=configs/eval_roxford5k_1m.flags", f"--data_root={tmp_path / 'data'}",
               f"--output_dir={tmp_path / 'out'}", "--max_image_size=64", "--shard_size=2",
+              f"--scales={','.join(map(str, e2e.SCALES))}",
               "--num_shards=2", "--visualize=q1"]
     res = _run([*common, f"--model={tmp_path / 'glam'}", "--stage=extract", "--shard_index=0"])
     assert res.returncode == 0, res.stderr

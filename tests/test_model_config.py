@@ -53,7 +53,7 @@ def test_config_json_round_trip():
     ("kernel_size", 4, "odd"),
     ("dilations", (), "non-empty"),
     ("dilations", (1, 0, 3), "positive integers"),
-    ("gem_p", 0.0, "> 0"),
+    ("gem_p", 0.5, ">= 1"),
     ("gem_eps", -1e-6, "> 0"),
     ("embedding_dim", True, "positive integer"),
     ("dropout", 1.0, r"\[0, 1\)"),

@@ -75,6 +75,69 @@ def test_gem_gradient_finite_on_zero_features():
     assert all(np.all(np.isfinite(g)) for g in grads)
 
 
+def decimal_gem(column, p, eps):
+    """GeM of one channel and its derivative in p, in 60-digit decimal arithmetic.
+
+    Independent of float ranges: eps**p and x**p are formed exactly as the definition says,
+    at any p, so the reference stays valid where float32 and float64 underflow.
+    """
+    import decimal  # noqa: PLC0415
+
+    ctx = decimal.Context(prec=60, Emin=-10**9, Emax=10**9)
+    D = ctx.create_decimal
+    xs = [max(D(repr(float(v))), D(repr(eps))) for v in np.ravel(column)]
+
+    def f(q):
+        mean = ctx.divide(sum((ctx.power(v, q) for v in xs), D(0)), D(len(xs)))
+        return ctx.power(mean, ctx.divide(D(1), q))
+
+    q = D(repr(p))
+    h = D("1e-20")
+    grad = ctx.divide(f(q + h) - f(q - h), 2 * h)
+    return float(f(q)), float(grad)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("p", [1.0, 3.0, 6.5, 10.0, 40.0, 200.0])
+def test_gem_value_and_gradient_finite_and_exact_at_every_p(p, dtype):
+    # Channel 0 is <= eps everywhere (eps^p underflowed to 0 and gave d/dp = NaN above
+    # p ~ 6.4 before the log-space form); channel 1 has large activations (x^p overflowed).
+    rng = np.random.default_rng(3)
+    x = np.stack([np.full((3, 4), -1.0), rng.uniform(0.0, 60.0, (3, 4)),
+                  rng.uniform(0.0, 1.0, (3, 4))], axis=-1)[np.newaxis].astype("float32")
+    if dtype == "bfloat16":
+        x = np.asarray(tf.cast(tf.cast(x, tf.bfloat16), tf.float32))
+    layer = GeM(p=p, eps=1e-6, dtype=keras.DTypePolicy(
+        "mixed_bfloat16" if dtype == "bfloat16" else "float32"))
+    xt = tf.cast(tf.constant(x), dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32))
+    grad_x, grad_p = tape.gradient(loss, [xt, layer.p])
+    assert np.all(np.isfinite(np.asarray(tf.cast(grad_x, tf.float32))))
+    assert np.all(np.isfinite(np.asarray(grad_p)))
+    expected = [decimal_gem(x[0, :, :, c], p, 1e-6) for c in range(x.shape[-1])]
+    value_tol = 1e-2 if dtype == "bfloat16" else 1e-4   # bfloat16 output: 8-bit mantissa
+    np.testing.assert_allclose(np.asarray(tf.cast(y, tf.float32))[0],
+                               [v for v, _ in expected], rtol=value_tol)
+    np.testing.assert_allclose(float(grad_p[0]), sum(g for _, g in expected),
+                               rtol=2e-2 if dtype == "bfloat16" else 1e-3, atol=1e-6)
+
+
+def test_gem_p_is_kept_at_least_one_by_the_optimizer():
+    x = tf.constant(np.random.default_rng(4).uniform(0, 2, (2, 3, 3, 4)), tf.float32)
+    layer = GeM(p=1.05)
+    layer(x)
+    optimizer = keras.optimizers.SGD(learning_rate=10.0)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer.p)   # d loss / d p = 1: one step moves p by -10
+    optimizer.apply_gradients(zip(tape.gradient(loss, [layer.p]), [layer.p]))
+    assert float(layer.p[0]) == 1.0   # 1.05 - 10 projected back to the minimum
+    with pytest.raises(ValueError, match=">= 1"):
+        GeM(p=0.5)
+
+
 # ----------------------------------------------------------------------------- head
 
 def test_embedding_head_matches_numpy_and_is_unit_norm():

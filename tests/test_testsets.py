@@ -82,6 +82,73 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert not target.exists()
 
 
+class _Call:
+    """Pickles as `fn(*args)` (with `state` applied by BUILD when given), without running it."""
+
+    def __init__(self, fn, args, state=None):
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self):
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
+
+
+def _nested_shared_list(depth):
+    """[[...], [...]] with both halves the same object: tiny pickled, 2**depth as text."""
+    node = []
+    for _ in range(depth):
+        node = [node, node]
+    return node
+
+
+_AMPLIFIERS = {
+    # A few dozen bytes each; unbounded, each allocated (and filled) 2**34 bytes or more.
+    "bytearray_of_a_size": _Call(bytearray, (2**34,)),
+    "bytes_of_a_size": _Call(bytes, (2**34,)),
+    "object_array_of_a_shape": _Call(np._core.multiarray._reconstruct,
+                                     (np.ndarray, (2**31,), np.dtype("O"))),
+    "str_of_shared_references": _Call(str, (_nested_shared_list(40),)),
+    "array_state_larger_than_its_data": _Call(     # numpy dereferenced past the list: SIGSEGV
+        np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+        (1, (2**27,), np.dtype("O"), False, [1, 2])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_AMPLIFIERS))
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_pickle_that_sizes_memory_is_refused(tmp_path, case, protocol):
+    data = pickle.dumps({"imlist": [], "qimlist": [], "gnd": [_AMPLIFIERS[case]]},
+                        protocol=protocol)
+    assert len(data) < 2000
+    path = tmp_path / "gnd.pkl"
+    path.write_bytes(data)
+    with pytest.raises(testsets.UnsafePickleError, match="refused") as err:
+        testsets.safe_load_pickle(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_many_small_allocations_share_one_budget(tmp_path):
+    # Each bytearray(2**20) is in budget alone; 64 of them (64 MiB from a small file) are not.
+    data = pickle.dumps([_Call(bytearray, (2**20,)) for _ in range(64)], protocol=2)
+    path = tmp_path / "gnd.pkl"
+    path.write_bytes(data)
+    with pytest.raises(testsets.UnsafePickleError, match="over its budget"):
+        testsets.safe_load_pickle(str(path))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_large_honest_pickle_loads_within_budget(tmp_path, protocol):
+    # Arrays, bytes and sets whose data is in the file load whatever their size.
+    obj = {"a": np.arange(3_000_000, dtype=np.int64), "b": b"x" * 100_000,
+           "ba": bytearray(b"y" * 1000), "set": {1, 2}, "c": 2j,
+           "o": np.array([None, "s", 3], dtype=object), "f": np.float32(1.5)}
+    path = tmp_path / "big.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    out = testsets.safe_load_pickle(str(path))
+    np.testing.assert_array_equal(out["a"], obj["a"])
+    assert out["b"] == obj["b"] and out["ba"] == obj["ba"] and out["set"] == {1, 2}
+    assert out["c"] == 2j and list(out["o"]) == [None, "s", 3] and out["f"] == 1.5
+
+
 def test_bad_ground_truth_is_reported(tmp_path):
     _write_revisited(tmp_path)
     path = tmp_path / "roxford5k" / "gnd_roxford5k.pkl"

@@ -42,8 +42,9 @@ class EvalConfig:
         distractors: add the revisitop1m distractors (roxford5k / rparis6k only).
         distractors_root: folder holding `revisitop1m/` (default: data_root).
         max_image_size: longer side of the full images after the client resize.
-        scales: multi-scale factors (used by serving_default and checkpoints; a batched
-            SavedModel applies its export-time scales).
+        scales: multi-scale factors; None = the model's own (a SavedModel's export-time
+            scales, else models.DEFAULT_SCALES). Scales other than a SavedModel's export-time
+            ones are applied through its serving_default signature, one image per call.
         batch_size: images per model call (same resized size).
         shard_size: images per feature shard file.
         num_shards, shard_index: split extraction over hosts.
@@ -69,7 +70,7 @@ class EvalConfig:
     distractors: bool = False
     distractors_root: str = ""
     max_image_size: int = 1024
-    scales: tuple = models.DEFAULT_SCALES
+    scales: tuple = None
     batch_size: int = 8
     shard_size: int = 1000
     num_shards: int = 1
@@ -108,10 +109,11 @@ class EvalConfig:
         if self.memory_budget_mb < 0:
             raise ValueError(f"memory_budget_mb must be >= 0 (0 = automatic); got "
                              f"{self.memory_budget_mb}")
-        try:
-            models.check_scales(self.scales)
-        except ValueError as e:
-            raise ValueError(f"scales: {e}") from None
+        if self.scales is not None:
+            try:
+                models.check_scales(self.scales)
+            except ValueError as e:
+                raise ValueError(f"scales: {e}") from None
         if self.approx_index and importlib.util.find_spec("faiss") is None:
             raise ValueError(f"approx_index={self.approx_index!r} needs faiss, an optional "
                              "extra: pip install faiss-cpu==1.15.1 (or leave approx_index "
@@ -197,6 +199,11 @@ class Evaluator:
                 model=cfg.model, train_dir=cfg.train_dir, scales=cfg.scales,
                 max_image_size=cfg.max_image_size)
             logging.info("model: %s", backend.info)
+            export_size = backend.info.get("export", {}).get("max_image_size")
+            if export_size and export_size != cfg.max_image_size:
+                logging.info("full images are resized to max_image_size=%d before the model; "
+                             "the export's max_image_size=%d applies only to its "
+                             "global_descriptor signatures", cfg.max_image_size, export_size)
             # recorded in every split's manifest: the evaluate stage needs no model
             settings = {"model": backend.info,
                         "scales": list(backend.scales) if backend.scales else None}

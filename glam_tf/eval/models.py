@@ -5,11 +5,11 @@ Every back-end is a `DescriptorBackend`: a function from a batch of same-size ui
 descriptors, multi-scale as the model was exported. TensorFlow is imported only when a
 back-end is built, so flag checks and the pure parts stay light.
 
-- SavedModel with `batched_global_descriptors`: one call per batch (scales fixed at export,
-  read from `assets.extra/glam_export.json` when present).
-- SavedModel with only `serving_default` (any DELG-style export): one call per image with
-  `input_scales` = the client's scales; the DELG client rule: L2-normalise each row, sum
-  over scales, L2-normalise again.
+- SavedModel with `batched_global_descriptors`, at its export-time scales (read from
+  `assets.extra/glam_export.json`): one call per batch.
+- SavedModel with only `serving_default` (any DELG-style export), or asked for other scales
+  than its export's: one call per image with `input_scales` = the client's scales; the DELG
+  client rule: L2-normalise each row, sum over scales, L2-normalise again.
 - Training directory (`model_config.json` + `checkpoints/`): the descriptor model restored
   in-process and wrapped by glam_tf.export.build_serving_module (no SavedModel written).
 """
@@ -125,13 +125,22 @@ def delg_client_descriptor(per_scale):
     return _normalize_rows(np.sum(_normalize_rows(np.asarray(per_scale, np.float64)), axis=0))
 
 
-def load_saved_model(path, *, scales=DEFAULT_SCALES):
+def same_scales(a, b, tol=1e-6):
+    """Whether two scale lists are equal up to float rounding (e.g. 0.70710678 vs 1/sqrt 2)."""
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+def load_saved_model(path, *, scales=None):
     """A back-end from a SavedModel directory (version folder or its parent).
 
-    Uses `batched_global_descriptors` when present (its export-time scales apply; `scales`
-    is ignored), else `serving_default` per image with `scales` and the DELG client rule.
+    `scales=None` takes the model's own: its export-time scales through
+    `batched_global_descriptors` (one call per batch), or DEFAULT_SCALES for a DELG-style
+    export. Other scales are honoured through `serving_default` (one call per image, the
+    DELG client rule), as the batched signature cannot apply them; the choice is logged and
+    recorded in `info`.
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from absl import logging  # pylint: disable=import-outside-toplevel
 
     version_dir = resolve_saved_model_dir(path)
     loaded = tf.saved_model.load(version_dir)
@@ -143,23 +152,44 @@ def load_saved_model(path, *, scales=DEFAULT_SCALES):
     stamp = _file_stamp([os.path.join(version_dir, "saved_model.pb"),
                          os.path.join(version_dir, "variables", "variables.index")])
     info = {"kind": "saved_model", "path": os.path.abspath(version_dir)}
+    export_scales = tuple(export_info["scales"]) if "scales" in export_info else None
+    if export_scales is not None or "max_image_size" in export_info:
+        info["export"] = {"scales": list(export_scales) if export_scales else None,
+                          "max_image_size": export_info.get("max_image_size")}
     min_size = int(export_info.get("min_image_size", MIN_IMAGE_SIZE))
-    if "batched_global_descriptors" in loaded.signatures:
+    has_batched = "batched_global_descriptors" in loaded.signatures
+    has_delg = "serving_default" in loaded.signatures
+    scales = None if scales is None else check_scales(scales)
+    at_export_scales = scales is None or bool(export_scales and same_scales(scales,
+                                                                            export_scales))
+    if has_batched and not at_export_scales and not has_delg:
+        raise ValueError(
+            f"SavedModel {version_dir} applies its export-time scales "
+            f"{list(export_scales) if export_scales else '(unknown)'} in "
+            f"batched_global_descriptors and has no serving_default signature to apply "
+            f"scales={list(scales)}; leave scales unset or re-export with those scales")
+    if has_batched and at_export_scales:
         sig = loaded.signatures["batched_global_descriptors"]
-        used = tuple(export_info["scales"]) if "scales" in export_info else None
 
         def fn(images):
             return sig(input_images=tf.constant(images, tf.uint8))["global_descriptors"].numpy()
 
-        info.update(signature="batched_global_descriptors", scales=list(used) if used else None,
-                    scales_source="export" if used else "unknown (fixed at export)")
-        return DescriptorBackend(fn=fn, scales=used, info=info, min_image_size=min_size,
+        info.update(signature="batched_global_descriptors",
+                    scales=list(export_scales) if export_scales else None,
+                    scales_source="export" if export_scales else "unknown (fixed at export)")
+        return DescriptorBackend(fn=fn, scales=export_scales, info=info,
+                                 min_image_size=min_size,
                                  fingerprint=f"savedmodel:{info['path']}:{stamp}:batched")
-    if "serving_default" not in loaded.signatures:
+    if not has_delg:
         raise ValueError(f"SavedModel {version_dir} has neither a 'batched_global_descriptors' "
                          f"nor a 'serving_default' signature (has {list(loaded.signatures)})")
+    scales = DEFAULT_SCALES if scales is None else scales
+    if has_batched:
+        logging.info("SavedModel %s applies scales %s in batched_global_descriptors; scales "
+                     "%s were asked for, so descriptors come from serving_default, one image "
+                     "per call", version_dir,
+                     list(export_scales) if export_scales else "(unknown)", list(scales))
     sig = loaded.signatures["serving_default"]
-    scales = check_scales(scales)
     scales_t = tf.constant(scales, tf.float32)
     ind_t = tf.range(len(scales), dtype=tf.int32)
 
@@ -194,16 +224,17 @@ def from_serving_module(module, *, info=None, fingerprint="module"):
                                                         MIN_IMAGE_SIZE)))
 
 
-def load_checkpoint(train_dir, *, scales=DEFAULT_SCALES, max_image_size=1024):
+def load_checkpoint(train_dir, *, scales=None, max_image_size=1024):
     """A back-end from a training directory: model_config.json + newest checkpoint.
 
     Rebuilds the descriptor model (weights "none"), restores `model` from the checkpoint
     (expect_partial: optimizer state etc. ignored; every model weight must be found) and
-    wraps it with glam_tf.export.build_serving_module(scales, max_image_size).
+    wraps it with glam_tf.export.build_serving_module(scales, max_image_size); scales=None
+    means DEFAULT_SCALES.
     """
     from glam_tf import export  # pylint: disable=import-outside-toplevel
 
-    scales = check_scales(scales)
+    scales = check_scales(DEFAULT_SCALES if scales is None else scales)
     model, config, prefix = export.restore_descriptor_model(train_dir)
     module = export.build_serving_module(model, scales=scales, max_image_size=max_image_size)
     stamp = _file_stamp([prefix + ".index", os.path.join(train_dir, "model_config.json")])
@@ -213,8 +244,11 @@ def load_checkpoint(train_dir, *, scales=DEFAULT_SCALES, max_image_size=1024):
                                fingerprint=f"checkpoint:{os.path.abspath(prefix)}:{stamp}")
 
 
-def build_backend(*, model=None, train_dir=None, scales=DEFAULT_SCALES, max_image_size=1024):
-    """The back-end for a SavedModel path (`model`) or a training directory (`train_dir`)."""
+def build_backend(*, model=None, train_dir=None, scales=None, max_image_size=1024):
+    """The back-end for a SavedModel path (`model`) or a training directory (`train_dir`).
+
+    scales=None: the model's own (a SavedModel's export-time scales, else DEFAULT_SCALES).
+    """
     err = check_model_source(model, train_dir)
     if err:
         raise ValueError(err)

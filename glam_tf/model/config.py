@@ -108,8 +108,9 @@ class ModelConfig:
                 or not all(_is_int(d) and d >= 1 for d in self.dilations)):
             _fail("dilations", "must be a non-empty tuple of positive integers",
                   self.dilations, "The spec's default is (1, 2, 3).")
-        if not _is_real(self.gem_p) or not self.gem_p > 0:
-            _fail("gem_p", "must be a number > 0", self.gem_p,
+        if not _is_real(self.gem_p) or not self.gem_p >= 1:
+            _fail("gem_p", "must be a number >= 1 (GeM spans average to max pooling)",
+                  self.gem_p,
                   "The spec's default is 3.0 (1 is average pooling).")
         if not _is_real(self.gem_eps) or not self.gem_eps > 0:
             _fail("gem_eps", "must be a number > 0", self.gem_eps,

@@ -3,23 +3,46 @@
 import keras
 from keras import ops
 
+# GeM spans average (p = 1) to max pooling (p -> inf) (Radenovic et al., 2018); below 1 it
+# would favour the weakest activations. The learnable p is projected back to >= MIN_P after
+# every optimizer update, so 1/p stays well conditioned.
+MIN_P = 1.0
+
 
 def gem(x, p, eps=1e-6):
     """Generalized-mean pooling over the spatial axes (Radenovic et al., 2018).
 
     f_c = (mean_{h,w} max(x_{h,w,c}, eps)^p)^(1/p); p = 1 is average pooling, p -> inf max.
+    Computed in log space, f_c = exp((logsumexp_{h,w}(p log x) - log hw) / p), so neither
+    eps^p (underflows to 0 in float32 above p ~ 6.4, making d f / d p NaN) nor x^p of large
+    activations (overflows) is ever formed: value and gradients are finite for every p > 0.
 
     Args:
         x: feature map `(B, H, W, C)`.
         p: exponent, a scalar or a `(1,)` tensor, > 0.
-        eps: lower clamp of x (keeps the power and its gradient finite at x <= 0).
+        eps: lower clamp of x (keeps the log and its gradient finite at x <= 0).
 
     Returns:
         `(B, C)` pooled descriptor (not normalised).
     """
-    x = ops.maximum(x, eps)
-    pooled = ops.mean(ops.power(x, p), axis=(1, 2))
-    return ops.power(pooled, 1.0 / p)
+    log_x = ops.log(ops.maximum(x, eps))
+    shape = ops.shape(x)
+    log_count = ops.log(ops.cast(shape[1] * shape[2], log_x.dtype))
+    log_mean = ops.logsumexp(p * log_x, axis=(1, 2)) - log_count
+    return ops.exp(log_mean / p)
+
+
+class _AtLeast(keras.constraints.Constraint):
+    """Projects a weight to >= `minimum` after each optimizer update."""
+
+    def __init__(self, minimum):
+        self.minimum = float(minimum)
+
+    def __call__(self, w):
+        return ops.maximum(w, ops.cast(self.minimum, w.dtype))
+
+    def get_config(self):
+        return {"minimum": self.minimum}
 
 
 @keras.saving.register_keras_serializable(package="glam_tf")
@@ -27,7 +50,7 @@ class GeM(keras.layers.Layer):
     """GeM pooling with a learnable exponent p (spec: "GeM pooling, p learnable, init 3").
 
     Args:
-        p: initial exponent (> 0).
+        p: initial exponent (>= MIN_P = 1); training keeps it >= MIN_P.
         eps: clamp of the features before the power.
         trainable_p: whether p is learned.
 
@@ -40,8 +63,9 @@ class GeM(keras.layers.Layer):
 
     def __init__(self, p=3.0, eps=1e-6, trainable_p=True, **kwargs):
         super().__init__(**kwargs)
-        if not float(p) > 0:
-            raise ValueError(f"GeM: `p` must be > 0; received p={p!r}.")
+        if not float(p) >= MIN_P:
+            raise ValueError(f"GeM: `p` must be >= {MIN_P} (1 = average pooling); received "
+                             f"p={p!r}.")
         if not float(eps) > 0:
             raise ValueError(f"GeM: `eps` must be > 0; received eps={eps!r}.")
         self.p_init = float(p)
@@ -55,10 +79,11 @@ class GeM(keras.layers.Layer):
         self.p = self.add_weight(
             name="p", shape=(1,),
             initializer=keras.initializers.Constant(self.p_init),
+            constraint=_AtLeast(MIN_P),
             trainable=self.trainable_p)
 
     def call(self, inputs):
-        # float32 whatever the policy: x^p of large activations overflows/rounds in 16 bits.
+        # float32 whatever the policy: the log-space sums need float32's range and precision.
         pooled = gem(ops.cast(inputs, "float32"), ops.cast(self.p, "float32"), self.eps)
         return ops.cast(pooled, self.compute_dtype)
 
