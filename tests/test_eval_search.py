@@ -53,6 +53,26 @@ def test_ranks_and_topk_match_full_argsort(chunk, budget):
         res.rank_of(0, [11])
 
 
+@pytest.mark.parametrize("chunk,k", [(7, 20), (50, 20), (400, 20), (400, 2)])
+def test_near_queries_and_heavy_ties_match_full_argsort(chunk, k):
+    # Queries close to their tracked images (the usual case: few entries reach the lowest
+    # tracked score, so only those are sorted) and scores on a coarse grid (hundreds of
+    # exact ties at every top-k boundary), against a full stable argsort.
+    rng = np.random.default_rng(5)
+    db = np.round(rng.standard_normal((400, 4)) * 2).astype(np.float32) / 2
+    tracked = [rng.choice(400, size=5, replace=False) for _ in range(12)]
+    q = np.stack([db[t].mean(axis=0) for t in tracked]) + np.float32(0.25)
+    tracked[3] = np.concatenate([tracked[3], np.argsort(q[3] @ db.T)[:2]])  # lowest scores
+    # k = 2: a partition of the chunk's first 64k entries, then only comparisons.
+    res = search.exact_search(q, db, k=k, tracked=tracked, chunk_size=chunk)
+    scores = _chunked_scores(q, db, res)
+    order, ranks = _stable_ranks(scores)
+    for i in range(12):
+        np.testing.assert_array_equal(res.rank_of(i, tracked[i]), ranks[i, tracked[i]])
+    np.testing.assert_array_equal(res.topk_indices, order[:, :k])
+    np.testing.assert_array_equal(res.topk_scores, np.take_along_axis(scores, order[:, :k], 1))
+
+
 def test_topk_ties_at_the_chunk_boundary_prefer_low_indices():
     q = np.ones((1, 2), dtype=np.float32)
     db = np.zeros((10, 2), dtype=np.float32)

@@ -11,13 +11,18 @@ Optional approximate search through faiss (`pip install faiss-cpu==1.15.1`), wit
 recall@k against the exact top-k.
 """
 
+import concurrent.futures
 import dataclasses
+import functools
+import os
 import time
 
 import numpy as np
 from absl import logging
 
-_BYTES_PER_SCORE = 24  # scores + sorted copy + partition indices per (query, database) pair
+# Per (query, database) pair: the chunk's scores, pass A's kept product, the first chunk's
+# partition indices and the candidate mask (24 bytes: the bound of the budget).
+_BYTES_PER_SCORE = 24
 
 
 @dataclasses.dataclass
@@ -64,6 +69,13 @@ def _plan(num_queries, num_db, db_bytes, memory_budget_bytes, chunk_size):
     return query_block, chunk_size
 
 
+@functools.cache
+def _row_pool():
+    """Threads for the per-row rank counting, one per core."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                 thread_name_prefix="search")
+
+
 def _chunk_scores(queries, database, start, stop, valid):
     """(Qb, stop-start) float32 inner products; invalid database rows get -inf."""
     s = queries @ database[start:stop].T
@@ -72,13 +84,13 @@ def _chunk_scores(queries, database, start, stop, valid):
     return s
 
 
-def _topk_of_chunk(scores, sorted_scores, k, start):
+def _topk_of_chunk(scores, k, start):
     """Top-k (by score desc, index asc) of one chunk: (Qb, k') indices and scores."""
     qb, c = scores.shape
     kk = min(k, c)
     part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-    boundary = sorted_scores[:, c - kk]  # k-th largest value per row
     part_scores = np.take_along_axis(scores, part, axis=1)
+    boundary = part_scores.min(axis=1)  # k-th largest value per row
     # argpartition picks arbitrary members of a tie at the boundary: redo those rows so the
     # lowest indices win, as a stable sort would.
     n_eq_all = np.count_nonzero(scores == boundary[:, None], axis=1)
@@ -92,10 +104,62 @@ def _topk_of_chunk(scores, sorted_scores, k, start):
 
 
 def _merge_topk(idx_a, sc_a, idx_b, sc_b, k):
-    idx = np.concatenate([idx_a, idx_b], axis=1)
-    sc = np.concatenate([sc_a, sc_b], axis=1)
-    order = np.lexsort((idx, -sc), axis=-1)[:, :k]
-    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(sc, order, axis=1)
+    idx = np.concatenate([idx_a, idx_b], axis=-1)
+    sc = np.concatenate([sc_a, sc_b], axis=-1)
+    order = np.lexsort((idx, -sc), axis=-1)[..., :k]
+    return np.take_along_axis(idx, order, axis=-1), np.take_along_axis(sc, order, axis=-1)
+
+
+def _update_topk(run_idx, run_sc, scores, k, start):
+    """Merges one chunk's scores into the running top-k lists (Qb, k) in place.
+
+    Only the entries scoring at least a row's current k-th best can enter its list: one
+    vectorised comparison finds them (usually none after the first chunks), so a chunk
+    costs a pass over its scores instead of a partition or a sort.
+    """
+    candidates = scores >= run_sc[:, -1:]
+    for r in np.flatnonzero(candidates.any(axis=1)):
+        cols = np.flatnonzero(candidates[r])
+        if cols.size > k:   # keep the chunk's own top k of them (ties: lowest index)
+            cols = cols[np.lexsort((cols, -scores[r, cols]))[:k]]
+        run_idx[r], run_sc[r] = _merge_topk(run_idx[r], run_sc[r], cols + start,
+                                            scores[r, cols], k)
+
+
+def _chunk_topk(run_idx, run_sc, scores, k, start):
+    """The running top-k lists (Qb, <= k) after one more chunk of scores (Qb, c).
+
+    Until the lists hold k entries, a partition of a leading slice of the chunk fills them
+    (the slice's k-th best is a lower bound of the chunk's, so the rest only needs the
+    comparison of `_update_topk`); a partition of the whole chunk would cost a sort's time.
+    """
+    if run_idx.shape[1] < k:
+        lead = min(scores.shape[1], 64 * k)
+        idx_c, sc_c = _topk_of_chunk(scores[:, :lead], k, start)
+        run_idx, run_sc = _merge_topk(run_idx, run_sc, idx_c, sc_c, k)
+        scores, start = scores[:, lead:], start + lead
+    if run_idx.shape[1] == k and scores.shape[1]:
+        _update_topk(run_idx, run_sc, scores, k, start)
+    return run_idx, run_sc
+
+
+def _count_above(row, tracked_scores, tracked, a, b):
+    """Per tracked image, the images of chunk [a, b) ranked before it (one query's row).
+
+    rank(i) = |{j : s_j > s_i}| + |{j < i : s_j = s_i}|. Only entries >= the lowest tracked
+    score can count, so those alone are sorted (a small part of the row unless a tracked
+    image scores low); the sorted copy is searched for every tracked score.
+    """
+    reach = row >= tracked_scores.min()
+    candidates = np.sort(row if np.count_nonzero(reach) > row.size // 4 else row[reach])
+    left = np.searchsorted(candidates, tracked_scores, side="left")
+    right = np.searchsorted(candidates, tracked_scores, side="right")
+    n = candidates.size
+    counts = np.where(tracked >= b, n - left, n - right)  # before the chunk: ties count too
+    inside = (tracked >= a) & (tracked < b)
+    for m in np.flatnonzero(inside & (right - left > 1)):
+        counts[m] += np.count_nonzero(row[: tracked[m] - a] == tracked_scores[m])
+    return counts
 
 
 def exact_search(queries, database, *, k=100, tracked=None, valid=None,
@@ -153,39 +217,41 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
         qblock = queries[q0:q1]
         qtracked = tracked[q0:q1]
         # Pass A: scores of the tracked images, read from the same chunk products that
-        # pass B counts over (so a tracked score compares bit-exactly with its rivals).
+        # pass B counts over (so a tracked score compares bit-exactly with its rivals). The
+        # last product is kept for pass B (tracked images usually sit in one chunk).
         tscores = [np.zeros(t.size, dtype=np.float32) for t in qtracked]
         all_tracked = np.unique(np.concatenate(qtracked)) if qtracked else np.zeros(0, int)
+        kept_start, kept = -1, None
         for ci in np.unique(all_tracked // chunk):
             a, b = int(ci) * chunk, min(n, (int(ci) + 1) * chunk)
-            s = _chunk_scores(qblock, database, a, b, valid)
+            kept_start, kept = a, _chunk_scores(qblock, database, a, b, valid)
             for r, t in enumerate(qtracked):
                 sel = (t >= a) & (t < b)
-                tscores[r][sel] = s[r, t[sel] - a]
+                tscores[r][sel] = kept[r, t[sel] - a]
         # Pass B: count, per tracked image, the images ranked above it; keep the top-k.
         run_idx = np.zeros((q1 - q0, 0), dtype=np.int64)
         run_sc = np.zeros((q1 - q0, 0), dtype=np.float32)
         for a in starts:
             b = min(n, a + chunk)
-            s = _chunk_scores(qblock, database, a, b, valid)
-            s_sorted = np.sort(s, axis=1)
-            c = b - a
-            for r, t in enumerate(qtracked):
-                if not t.size:
-                    continue
-                ts = tscores[r]
+            if a == kept_start:
+                s, kept = kept, None
+            else:
+                s = _chunk_scores(qblock, database, a, b, valid)
+            rows = [r for r, t in enumerate(qtracked) if t.size]
+            for r in rows:
+                t = qtracked[r]
                 inside = (t >= a) & (t < b)
-                if np.any(inside) and not np.array_equal(s[r, t[inside] - a], ts[inside]):
+                if np.any(inside) and not np.array_equal(s[r, t[inside] - a],
+                                                         tscores[r][inside]):
                     raise RuntimeError("matrix product not reproducible between passes; "
                                        "ranks would be inexact")
-                left = np.searchsorted(s_sorted[r], ts, side="left")
-                right = np.searchsorted(s_sorted[r], ts, side="right")
-                counts = np.where(t >= b, c - left, c - right)  # before: ties count too
-                for m in np.flatnonzero(inside & (right - left > 1)):
-                    counts[m] += np.count_nonzero(s[r, : t[m] - a] == ts[m])
+            # Rows in threads: the sorts release the GIL, so every core takes part.
+            counted = _row_pool().map(
+                lambda r, s=s, a=a, b=b: _count_above(s[r], tscores[r], qtracked[r], a, b),
+                rows)
+            for r, counts in zip(rows, counted):
                 ranks[q0 + r] += counts
-            idx_c, sc_c = _topk_of_chunk(s, s_sorted, k, a)
-            run_idx, run_sc = _merge_topk(run_idx, run_sc, idx_c, sc_c, k)
+            run_idx, run_sc = _chunk_topk(run_idx, run_sc, s, k, a)
             step += 1
             now = time.time()
             if now - last_log >= log_every_s:
