@@ -11,6 +11,7 @@ import re
 import struct
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -67,45 +68,52 @@ def _flip(data, position):
     return data[:position] + bytes([data[position] ^ 0x10]) + data[position + 1:]
 
 
-# name -> (damage(data, offsets) -> bytes, ids of b that survive, problem, span(offsets, size)
-# -> (start, end) of the damaged span, records known lost)
+class Case(typing.NamedTuple):
+    """A damage to shard b and what must come of it."""
+
+    damage: typing.Callable  # (intact bytes, record offsets) -> damaged bytes
+    survivors: list  # ids of b read in skip mode
+    problem: str  # regex of the reported problem
+    span: typing.Callable  # (record offsets, damaged size) -> (start, end) of the lost span
+    lost: typing.Optional[int]  # records known lost (None: hidden by a damaged header)
+
+
 CASES = {
-    "cut_mid_record": (lambda d, o: d[:o[5] + 40], IDS_B[:5],
-                       r"record length \d+ runs past end of file \(size \d+\)",
-                       lambda o, size: (o[5], size), None),
-    "cut_mid_header": (lambda d, o: d[:o[5] + 5], IDS_B[:5],
-                       r"truncated inside record header \(5 bytes at the end of the file\)",
-                       lambda o, size: (o[5], size), None),
-    "flipped_payload_byte": (lambda d, o: _flip(d, o[2] + 12 + 30), IDS_B[:2] + IDS_B[3:],
-                             r"data CRC mismatch", lambda o, size: (o[2], o[3]), 1),
-    "flipped_length_byte": (lambda d, o: _flip(d, o[2] + 1), IDS_B[:2] + IDS_B[3:],
-                            r"length CRC mismatch", lambda o, size: (o[2], o[3]), None),
-    "huge_length_valid_crc": (_huge_length, IDS_B[:3] + IDS_B[4:],
-                              rf"record length {1 << 62} runs past end of file",
-                              lambda o, size: (o[3], o[4]), None),
-    "zeroed_block": (lambda d, o: d[:o[2] + 5] + bytes(o[5] + 15 - o[2]) + d[o[5] + 20:],
-                     IDS_B[:2] + IDS_B[6:], r"length CRC mismatch",
-                     lambda o, size: (o[2], o[6]), None),
-    "garbage_appended": (lambda d, o: d + np.random.default_rng(0).bytes(100), IDS_B,
-                         r"length CRC mismatch; no valid record follows \(trailing garbage",
-                         lambda o, size: (o[-1], size), None),
-    "not_a_tfrecord": (lambda d, o: b"\xff\xd8\xff\xe0 a JPEG, not a TFRecord " * 20, [],
-                       r"not a TFRecord file \(no valid record in its \d+ bytes\)",
-                       lambda o, size: (0, size), None),
+    "cut_mid_record": Case(lambda d, o: d[:o[5] + 40], IDS_B[:5],
+                           r"record length \d+ runs past end of file \(size \d+\)",
+                           lambda o, size: (o[5], size), None),
+    "cut_mid_header": Case(lambda d, o: d[:o[5] + 5], IDS_B[:5],
+                           r"truncated inside record header \(5 bytes at the end of the file\)",
+                           lambda o, size: (o[5], size), None),
+    "flipped_payload_byte": Case(lambda d, o: _flip(d, o[2] + 12 + 30), IDS_B[:2] + IDS_B[3:],
+                                 r"data CRC mismatch", lambda o, size: (o[2], o[3]), 1),
+    "flipped_length_byte": Case(lambda d, o: _flip(d, o[2] + 1), IDS_B[:2] + IDS_B[3:],
+                                r"length CRC mismatch", lambda o, size: (o[2], o[3]), None),
+    "huge_length_valid_crc": Case(_huge_length, IDS_B[:3] + IDS_B[4:],
+                                  rf"record length {1 << 62} runs past end of file",
+                                  lambda o, size: (o[3], o[4]), None),
+    "zeroed_block": Case(lambda d, o: d[:o[2] + 5] + bytes(o[5] + 15 - o[2]) + d[o[5] + 20:],
+                         IDS_B[:2] + IDS_B[6:], r"length CRC mismatch",
+                         lambda o, size: (o[2], o[6]), None),
+    "garbage_appended": Case(lambda d, o: d + np.random.default_rng(0).bytes(100), IDS_B,
+                             r"length CRC mismatch; no valid record follows \(trailing garbage",
+                             lambda o, size: (o[-1], size), None),
+    "not_a_tfrecord": Case(lambda d, o: b"\xff\xd8\xff\xe0 a JPEG, not a TFRecord " * 20, [],
+                           r"not a TFRecord file \(no valid record in its \d+ bytes\)",
+                           lambda o, size: (0, size), None),
 }
 
 
 @pytest.fixture
 def shards(tmp_path, request):
-    """(pattern, path of b, offsets of intact b, case) with b damaged as the case says."""
+    """(pattern, path of b, record offsets of intact b, its Case), b damaged as it says."""
     name = request.param
     _write(tmp_path / "train-a.tfrecord", IDS_A)
     path_b = tmp_path / "train-b.tfrecord"
     _write(path_b, IDS_B)
     data = path_b.read_bytes()
     offsets = _offsets(data)
-    damage = CASES[name][0]
-    path_b.write_bytes(damage(data, offsets))
+    path_b.write_bytes(CASES[name].damage(data, offsets))
     return str(tmp_path / "train-*.tfrecord"), str(path_b), offsets, CASES[name]
 
 
@@ -140,37 +148,37 @@ def test_intact_shard_scans_clean(tmp_path):
 
 @pytest.mark.parametrize("shards", list(CASES), indirect=True)
 def test_scanner_names_the_damaged_span(shards):
-    _, path_b, offsets, (_, survivors, problem, span, lost) = shards
+    _, path_b, offsets, case = shards
     size = os.path.getsize(path_b)
     report = framing.scan_shard(path_b, check_data=True)
-    assert report.records == len(survivors)
+    assert report.records == len(case.survivors)
     assert len(report.damage) == 1, report.describe()
     (damage,) = report.damage
-    assert (damage.offset, damage.end) == span(offsets, size)
-    assert damage.records == lost
+    assert (damage.offset, damage.end) == case.span(offsets, size)
+    assert damage.records == case.lost
     assert report.damaged_bytes + sum(e - s for s, e in report.spans) == size
     assert f"{path_b}: offset {damage.offset}: " in report.describe()
-    assert re.match(problem, damage.problem), damage.problem
+    assert re.match(case.problem, damage.problem), damage.problem
 
 
 @pytest.mark.parametrize("shards", list(CASES), indirect=True)
 def test_default_refuses_naming_file_offset_and_problem(shards):
-    pattern, path_b, offsets, (_, _, problem, span, _) = shards
-    start, _ = span(offsets, os.path.getsize(path_b))
+    pattern, path_b, offsets, case = shards
+    start, _ = case.span(offsets, os.path.getsize(path_b))
     for build in (lambda: pipeline.build_train_dataset(_config(pattern)),
                   lambda: pipeline.count_records(pattern)):
         with pytest.raises(pipeline.DamagedShardsError) as info:
             build()
         message = str(info.value)
         assert f"{path_b}: offset {start}: " in message
-        assert re.search(problem, message), message
+        assert re.search(case.problem, message), message
         assert "train-a.tfrecord" not in message  # only the damaged shard is listed
 
 
 @pytest.mark.parametrize("shards", list(CASES), indirect=True)
 def test_skip_mode_reads_every_recoverable_record(shards, tmp_path):
-    pattern, path_b, offsets, (_, survivors, _, span, lost) = shards
-    start, end = span(offsets, os.path.getsize(path_b))
+    pattern, path_b, offsets, case = shards
+    start, end = case.span(offsets, os.path.getsize(path_b))
     stats = pipeline.DecodeStats()
     reports = pipeline.check_shards(sorted(tf.io.gfile.glob(pattern)))
     files = pipeline.readable_files(reports, skip_damaged=True,
@@ -180,26 +188,26 @@ def test_skip_mode_reads_every_recoverable_record(shards, tmp_path):
     ds = pipeline.build_train_dataset(_config(pattern, skip_damaged_records=True),
                                       repeat=False, with_ids=True, files=files, stats=stats)
     ids = sorted(i.decode() for _, _, batch in ds for i in batch.numpy())
-    assert ids == sorted(IDS_A + survivors)
+    assert ids == sorted(IDS_A + case.survivors)
     counts = stats.result()
     assert (counts["damaged_spans"], counts["damaged_bytes"]) == (1, end - start)
-    assert counts["damaged_records"] == (lost or 0)
+    assert counts["damaged_records"] == (case.lost or 0)
     assert counts["dropped"] == 0
     # The clean copy is an intact shard; a rerun reuses it.
     assert framing.scan_shard(files[1]).ok
     assert pipeline.readable_files(reports, skip_damaged=True,
                                    clean_dir=str(tmp_path / "clean")) == files
-    assert pipeline.count_records(pattern, skip_damaged=True) == NUM_A + len(survivors)
+    assert pipeline.count_records(pattern, skip_damaged=True) == NUM_A + len(case.survivors)
 
 
 @pytest.mark.parametrize("shards", ["flipped_length_byte"], indirect=True)
 def test_build_without_files_checks_and_skips(shards):
-    pattern, _, _, (_, survivors, _, _, _) = shards
+    pattern, _, _, case = shards
     stats = pipeline.DecodeStats()
     ds = pipeline.build_train_dataset(_config(pattern, skip_damaged_records=True),
                                       repeat=False, with_ids=True, stats=stats)
     assert sorted(i.decode() for _, _, b in ds for i in b.numpy()) == sorted(
-        IDS_A + survivors)
+        IDS_A + case.survivors)
     assert stats.result()["damaged_spans"] == 1
 
 
