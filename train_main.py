@@ -75,6 +75,11 @@ flags.DEFINE_float("brightness", _I.brightness, "Random brightness +- this (0..1
 flags.DEFINE_integer("shuffle_buffer", _I.shuffle_buffer, "Records in the shuffle buffer.")
 flags.DEFINE_bool("deterministic_data", _I.deterministic,
                   "Keep decoded records in stream order (reproducible, slower).")
+flags.DEFINE_bool("skip_damaged_records", _I.skip_damaged_records,
+                  "Train on the valid records of damaged TFRecord shards (bad framing or "
+                  "data CRCs), leaving out and counting the damaged spans (clean copies in "
+                  "<train_dir>/data_check/); default: refuse to start, listing every "
+                  "damaged shard, offset and problem.")
 flags.DEFINE_integer("num_classes", _D.num_classes,
                      "ArcFace classes; 0 reads them from the data.")
 flags.DEFINE_list("random_image_size", [str(v) for v in _D.random_image_size],
@@ -190,7 +195,7 @@ def config_from_flags(f=FLAGS) -> TrainConfig:
         size_scale=f.size_scale, aspect_edges=_numbers("aspect_edges", f.aspect_edges, float),
         bucket_sizes=_bucket_sizes(f.bucket_sizes), crop_scale=f.crop_scale,
         brightness=f.brightness, shuffle_buffer=f.shuffle_buffer, seed=f.seed,
-        deterministic=f.deterministic_data)
+        deterministic=f.deterministic_data, skip_damaged_records=f.skip_damaged_records)
     synthetic = SyntheticDataConfig(
         root=f.synthetic_root, num_train_landmarks=f.synthetic_num_train_landmarks,
         images_per_landmark=f.synthetic_images_per_landmark,
@@ -223,6 +228,7 @@ def main(argv, model_fn=None):
     """absl main; `model_fn` replaces build_descriptor_model (tests' small stand-in)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from glam_tf.data.pipeline import DamagedShardsError
     from glam_tf.train import TrainConfigError, make_strategy, split_logical_cpus, train
 
     config = config_from_flags()
@@ -236,8 +242,8 @@ def main(argv, model_fn=None):
     try:
         result = (train(config, strategy) if model_fn is None
                   else train(config, strategy, model_fn=model_fn))
-    except TrainConfigError as e:  # needs the strategy: batch not divisible by replicas
-        raise app.UsageError(str(e)) from None
+    except (TrainConfigError, DamagedShardsError) as e:  # found after the strategy is made:
+        raise app.UsageError(str(e)) from None  # batch vs replicas, damaged shards
     from glam_tf.train.reporting import format_attention
 
     print(f"Learned pooling and fusion at step {result.final_step}: "

@@ -9,6 +9,9 @@ import importlib
 _EXPORTS = {
     "TrainInputConfig": "pipeline",
     "DecodeStats": "pipeline",
+    "DamagedShardsError": "pipeline",
+    "check_shards": "pipeline",
+    "scan_shard": "framing",
     "build_train_dataset": "pipeline",
     "make_dataset_fn": "pipeline",
     "convert_gldv2": "gldv2",

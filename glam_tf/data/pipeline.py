@@ -1,5 +1,10 @@
 """Training input pipeline: DELG-keyed TFRecords -> aspect-ratio batches of augmented images.
 
+Before anything is read, `check_shards` verifies every shard's TFRecord framing and data
+CRCs (glam_tf.data.framing): damage is refused with a `DamagedShardsError` naming each file,
+offset and problem, or, with `skip_damaged_records`, left out by reading clean copies of the
+damaged shards' valid records (see `readable_files`).
+
 Stream, per input pipeline (one per worker under tf.distribute):
 
   files (this pipeline's share, seeded shuffle per pass)
@@ -18,14 +23,19 @@ the `DecodeStats` object next to the iterator to keep its counts).
 """
 
 import dataclasses
+import hashlib
 import math
+import os
 import sys
+import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from glam_tf.data import records
+from glam_tf.data import framing, records
+from glam_tf.files import atomic_write
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -49,6 +59,9 @@ class TrainInputConfig:
       seed: seeds file order, record shuffle and augmentation.
       deterministic: also keep the decoded elements in stream order (reproducible batches, for
         tests); False lets the parallel decode emit out of order, which is faster.
+      skip_damaged_records: train on the valid records of damaged shards (bad framing or data
+        CRCs), leaving out and counting only the damaged spans; False (default) refuses to
+        start and lists every damaged shard, offset and problem.
     """
 
     file_pattern: str
@@ -61,6 +74,7 @@ class TrainInputConfig:
     shuffle_buffer: int = 1000
     seed: int = 0
     deterministic: bool = False
+    skip_damaged_records: bool = False
 
     def validate(self) -> None:
         """Raises ValueError naming the field, the rule and the value received."""
@@ -108,7 +122,7 @@ def aspect_group(height, width, edges) -> np.ndarray:
 
 
 class DecodeStats(tf.Module):
-    """Counters of records the pipeline tried to decode and dropped as undecodable.
+    """Counters of records the pipeline dropped: undecodable ones and damaged TFRecord spans.
 
     Read them with `result()`, log them with `log()`. Every drop also logs a warning with the
     record's id and the running count. The counters are tf.Variables on the CPU; put this
@@ -119,6 +133,10 @@ class DecodeStats(tf.Module):
     Attributes:
       examined: int64 variable, records that reached the decoder (after `skip_examples`).
       dropped: int64 variable, records dropped because parsing or decoding failed.
+      damaged_spans, damaged_bytes, damaged_records: int64 variables, the damaged spans of
+        the shards left out of every pass (`skip_damaged_records`), their bytes, and the
+        records known to be in them (a data CRC mismatch is one record; a damaged header
+        hides how many records its span held, so those spans add none).
     """
 
     def __init__(self, name="decode_stats"):
@@ -126,18 +144,145 @@ class DecodeStats(tf.Module):
         with tf.init_scope(), tf.device("/CPU:0"):
             self.examined = tf.Variable(0, dtype=tf.int64, trainable=False, name="examined")
             self.dropped = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropped")
+            self.damaged_spans = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                             name="damaged_spans")
+            self.damaged_bytes = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                             name="damaged_bytes")
+            self.damaged_records = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                               name="damaged_records")
+
+    def record_damage(self, reports) -> None:
+        """Sets the damaged-span counters from `check_shards` reports (what a pass leaves out)."""
+        damage = [d for r in reports for d in r.damage]
+        self.damaged_spans.assign(len(damage))
+        self.damaged_bytes.assign(sum(d.bytes for d in damage))
+        self.damaged_records.assign(sum(d.records or 0 for d in damage))
 
     def result(self) -> dict:
-        """{"examined": int, "dropped": int} as Python ints."""
-        return {"examined": int(self.examined.numpy()), "dropped": int(self.dropped.numpy())}
+        """{"examined", "dropped", "damaged_spans", "damaged_bytes", "damaged_records"}: ints."""
+        return {name: int(getattr(self, name).numpy()) for name in (
+            "examined", "dropped", "damaged_spans", "damaged_bytes", "damaged_records")}
 
     def log(self) -> dict:
         """Logs the counts (a warning when anything was dropped) and returns `result()`."""
         counts = self.result()
-        log = logging.warning if counts["dropped"] else logging.info
-        log("input pipeline: %d records decoded, %d dropped as undecodable",
-            counts["examined"] - counts["dropped"], counts["dropped"])
+        log = logging.warning if counts["dropped"] or counts["damaged_spans"] else logging.info
+        log("input pipeline: %d records decoded, %d dropped as undecodable; %d damaged TFRecord "
+            "spans (%d bytes, %d records known) left out of each pass",
+            counts["examined"] - counts["dropped"], counts["dropped"],
+            counts["damaged_spans"], counts["damaged_bytes"], counts["damaged_records"])
         return counts
+
+
+class DamagedShardsError(ValueError):
+    """Training shards with damaged TFRecord framing or data; the message lists each span."""
+
+
+def _tf_data_ok(path: str) -> bool:
+    """Whether TensorFlow's reader reads every record of `path` (it verifies the data CRCs).
+
+    Only for shards whose framing `framing.scan_shard` found intact: a damaged header can
+    crash this reader.
+    """
+    try:
+        tf.data.TFRecordDataset(path, buffer_size=8 << 20).reduce(
+            np.int64(0), lambda n, _: n + 1)
+    except tf.errors.DataLossError:
+        return False
+    return True
+
+
+def check_shards(files) -> tuple:
+    """Checks every TFRecord shard before it is read; returns a `framing.ShardReport` each.
+
+    The framing (length CRCs, records inside the file) is checked in pure Python by seeking;
+    the data CRCs of shards with intact framing by TensorFlow's C++ reader (about disk speed);
+    a shard with any damage is rescanned with the pure-Python data CRC (~16 MB/s) to name
+    each bad record and resynchronise after it. Nothing here raises on damage.
+    """
+    start, reports = time.monotonic(), []
+    for path in files:
+        report = framing.scan_shard(path, check_data=False)
+        if not (report.ok and _tf_data_ok(path)):
+            report = framing.scan_shard(path, check_data=True)
+        reports.append(report)
+    logging.info("Checked %d TFRecord shards (%d bytes, %d valid records) in %.1f s: %d "
+                 "damaged.", len(reports), sum(r.size for r in reports),
+                 sum(r.records for r in reports), time.monotonic() - start,
+                 sum(not r.ok for r in reports))
+    return tuple(reports)
+
+
+def describe_damage(reports, *, source: str) -> str:
+    """Lines naming every damaged file, offset and problem, and the totals, for `source`."""
+    damaged = [r for r in reports if not r.ok]
+    good = sum(r.records for r in reports)
+    lines = [f"{len(damaged)} of {len(reports)} TFRecord shards of {source} are damaged "
+             f"({sum(len(r.damage) for r in damaged)} spans, "
+             f"{sum(r.damaged_bytes for r in damaged)} bytes; {good} valid records):"]
+    lines += [r.describe() for r in damaged]
+    return "\n".join(lines)
+
+
+def readable_files(reports, *, skip_damaged: bool, clean_dir: str | None = None,
+                   source: str = "the training data", flag: str = "skip_damaged_records"
+                   ) -> list:
+    """The files to read for `reports` (from `check_shards`), in the same order.
+
+    Intact shards are read as they are. A damaged one is refused (DamagedShardsError listing
+    every damaged shard) unless `skip_damaged`; then its valid records are copied once
+    (crash-safe) into `clean_dir` and the copy is read instead: an ordinary TFRecord file,
+    so file shuffling, sharding and iterator checkpoints work as for any shard. The copy's
+    name holds a hash of the shard's path, size and modification time, so a restart reuses
+    it and a replaced shard gets a new one.
+
+    Args:
+      reports: `check_shards` output.
+      skip_damaged: read the valid records of damaged shards instead of refusing.
+      clean_dir: folder of the clean copies; a new temporary folder when None.
+      source, flag: named in the error (what was checked, the setting that skips damage).
+
+    Raises:
+      DamagedShardsError: a shard is damaged and `skip_damaged` is False.
+    """
+    damaged = [r for r in reports if not r.ok]
+    if damaged and not skip_damaged:
+        raise DamagedShardsError(
+            describe_damage(reports, source=source) + f"\nReplace or repair these shards, "
+            f"or set {flag} to train on their valid records, leaving out only the damaged "
+            "spans.")
+    if not damaged:
+        return [r.path for r in reports]
+    clean_dir = clean_dir or tempfile.mkdtemp(prefix="glam_tf_clean_shards_")
+    os.makedirs(clean_dir, exist_ok=True)
+    files = []
+    for report in reports:
+        if report.ok:
+            files.append(report.path)
+            continue
+        for line in report.describe().splitlines():
+            logging.warning("Skipping damaged TFRecord span: %s", line)
+        stat = os.stat(report.path)
+        key = hashlib.sha1(f"{os.path.abspath(report.path)}|{stat.st_size}|"
+                           f"{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        clean = os.path.join(clean_dir, f"{os.path.basename(report.path)}.{key}.clean")
+        if not os.path.exists(clean):
+            atomic_write(clean, lambda out, r=report: _copy_spans(r, out))
+        logging.warning("Reading %d valid records of %s from its clean copy %s.",
+                        report.records, report.path, clean)
+        files.append(clean)
+    return files
+
+
+def _copy_spans(report, out) -> None:
+    """Writes the valid record spans of `report.path` to the binary file `out`."""
+    with open(report.path, "rb") as f:
+        for start, end in report.spans:
+            f.seek(start)
+            while start < end:
+                chunk = f.read(min(framing.CHUNK_BYTES, end - start))
+                out.write(chunk)
+                start += len(chunk)
 
 
 def _try(fn, arg, fallback):
@@ -246,7 +391,8 @@ def _make_augment(config: TrainInputConfig, sizes: tuple, num_input_pipelines: i
 def build_train_dataset(config: TrainInputConfig, *, num_input_pipelines: int = 1,
                         input_pipeline_id: int = 0, batch_size: int | None = None,
                         skip_examples: int = 0, stats: DecodeStats | None = None,
-                        repeat: bool = True, with_ids: bool = False) -> tf.data.Dataset:
+                        repeat: bool = True, with_ids: bool = False,
+                        files=None) -> tf.data.Dataset:
     """Builds this input pipeline's dataset of single-aspect-group training batches.
 
     Args:
@@ -262,13 +408,17 @@ def build_train_dataset(config: TrainInputConfig, *, num_input_pipelines: int = 
       repeat: True (training): loop forever, batches always full. False: one pass, the last
         batch of each group may be smaller, so no record is lost (for tests and checks).
       with_ids: also yield the image ids.
+      files: the checked files to read, in order (`readable_files`); None checks the files
+        matching `config.file_pattern` here (`check_shards`, then `readable_files` with
+        `config.skip_damaged_records` and a temporary folder for clean copies).
 
     Returns:
       A dataset of (images float32 (B, H, W, 3) in [0, 255], labels int32 (B,)) — plus
       ids string (B,) with `with_ids` — where (W, H) is one of `config.scaled_bucket_sizes()`.
 
     Raises:
-      ValueError: invalid config or arguments; FileNotFoundError: the pattern matches nothing.
+      ValueError: invalid config or arguments; FileNotFoundError: the pattern matches nothing;
+      DamagedShardsError: a shard is damaged and `config.skip_damaged_records` is False.
     """
     config.validate()
     if num_input_pipelines < 1 or not 0 <= input_pipeline_id < num_input_pipelines:
@@ -285,12 +435,20 @@ def build_train_dataset(config: TrainInputConfig, *, num_input_pipelines: int = 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if skip_examples < 0:
         raise ValueError(f"skip_examples must be >= 0, got {skip_examples}")
-    files = sorted(tf.io.gfile.glob(config.file_pattern))
-    if not files:
-        raise FileNotFoundError(
-            f"TrainInputConfig.file_pattern {config.file_pattern!r} matches no file; expected "
-            "TFRecords written by build_gldv2_main.py (e.g. <out>/train-*-of-*.tfrecord)")
     stats = stats if stats is not None else DecodeStats()
+    if files is None:
+        files = sorted(tf.io.gfile.glob(config.file_pattern))
+        if not files:
+            raise FileNotFoundError(
+                f"TrainInputConfig.file_pattern {config.file_pattern!r} matches no file; "
+                "expected TFRecords written by build_gldv2_main.py (e.g. "
+                "<out>/train-*-of-*.tfrecord)")
+        reports = check_shards(files)
+        files = readable_files(reports, skip_damaged=config.skip_damaged_records,
+                               source=f"TrainInputConfig.file_pattern {config.file_pattern!r}",
+                               flag="TrainInputConfig.skip_damaged_records")
+        stats.record_damage(reports)
+    files = list(files)
 
     shard_records = len(files) < num_input_pipelines
     if not shard_records:
@@ -336,11 +494,12 @@ def build_train_dataset(config: TrainInputConfig, *, num_input_pipelines: int = 
 
 
 def make_dataset_fn(config: TrainInputConfig, *, steps_done: int = 0,
-                    stats: DecodeStats | None = None):
+                    stats: DecodeStats | None = None, files=None):
     """A `dataset_fn(input_context)` for `strategy.distribute_datasets_from_function`.
 
     Each pipeline yields per-replica batches and skips the records it fed in `steps_done`
-    steps (global_batch_size // num_input_pipelines per step).
+    steps (global_batch_size // num_input_pipelines per step). `files`: as in
+    `build_train_dataset` (pass the checked files to check the shards once, not per pipeline).
     """
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -349,17 +508,25 @@ def make_dataset_fn(config: TrainInputConfig, *, steps_done: int = 0,
         return build_train_dataset(
             config, num_input_pipelines=ctx.num_input_pipelines,
             input_pipeline_id=ctx.input_pipeline_id, batch_size=per_replica,
-            skip_examples=skip, stats=stats)
+            skip_examples=skip, stats=stats, files=files)
 
     return dataset_fn
 
 
-def count_records(file_pattern: str) -> int:
-    """Number of records in the files matching `file_pattern` (reads them once)."""
+def count_records(file_pattern: str, *, skip_damaged: bool = False) -> int:
+    """Number of valid records in the files matching `file_pattern` (`check_shards`).
+
+    Raises DamagedShardsError naming every damaged span, unless `skip_damaged` (then the
+    records of the damaged shards' valid spans are counted).
+    """
     files = sorted(tf.io.gfile.glob(file_pattern))
     if not files:
         raise FileNotFoundError(f"{file_pattern!r} matches no file")
-    return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+    reports = check_shards(files)
+    if not skip_damaged and any(not r.ok for r in reports):
+        raise DamagedShardsError(describe_damage(reports, source=repr(file_pattern)) +
+                                 "\nPass skip_damaged=True to count their valid records.")
+    return sum(r.records for r in reports)
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:

@@ -4,6 +4,11 @@ data_source "tfrecord" reads converter output (glam_tf.data.gldv2 writes summary
 with the class and image counts next to the shards; without it the labels are scanned
 once), "synthetic" first generates the synthetic landmarks when absent and converts them
 (the demo), "random" is the file-less stand-in of glam_tf.train.random_data.
+
+TFRecord shards are checked before anything else reads them (framing and data CRCs,
+glam_tf.data.pipeline.check_shards): a damaged shard stops the run before the model is
+built, with every file, offset and problem named, unless --skip_damaged_records, which
+reads clean copies of the damaged shards' valid records (kept in <train_dir>/data_check/).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from glam_tf.train.distribute import WorkerInfo
 from glam_tf.train.random_data import random_train_dataset
 
 SUMMARY_NAME = "summary.json"  # written by glam_tf.data.gldv2.convert_gldv2
+CLEAN_SHARDS_DIR = "data_check"  # under train_dir: clean copies of damaged shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +40,11 @@ class DataSource:
         num_classes: ArcFace classes.
         num_examples: training images (0 for the random stand-in).
         description: one line for the log.
-        decode_stats: glam_tf.data.pipeline.DecodeStats counting undecodable records
-            (checkpointed with the iterator), or None for the random stand-in.
+        decode_stats: glam_tf.data.pipeline.DecodeStats counting undecodable records and
+            the damaged spans left out (checkpointed with the iterator), or None for the
+            random stand-in.
+        shard_reports: glam_tf.data.framing.ShardReport of every shard checked (empty for
+            the random stand-in).
     """
 
     dataset: tf.data.Dataset
@@ -43,18 +52,20 @@ class DataSource:
     num_examples: int
     description: str
     decode_stats: Optional[tf.Module] = None
+    shard_reports: tuple = ()
 
 
-def count_records(file_pattern: str) -> tuple:
-    """(num_examples, num_classes) of TFRecords matching `file_pattern`.
+def count_records(files: list, file_pattern: str) -> tuple:
+    """(num_examples, num_classes) of the checked TFRecord `files` (those to be read).
 
     Reads the converter's summary.json beside the shards when every shard is in one
-    folder and the pattern is its train pattern; otherwise scans the labels (one pass
-    over the records, no image decoding).
+    folder and `files` are exactly its train pattern's files (so not when clean copies
+    replace damaged shards); otherwise scans the labels (one pass over the records, no
+    image decoding). `file_pattern` is named in the log.
     """
-    files = sorted(glob.glob(file_pattern))
     if not files:
         raise FileNotFoundError(f"--train_file_pattern={file_pattern!r} matches no file.")
+    files = list(files)
     folders = {os.path.dirname(f) for f in files}
     if len(folders) == 1:
         summary_path = os.path.join(folders.pop(), SUMMARY_NAME)
@@ -62,7 +73,7 @@ def count_records(file_pattern: str) -> tuple:
             with open(summary_path, encoding="utf-8") as f:
                 summary = json.load(f)
             train_pattern = summary.get("train_pattern", "")
-            if train_pattern and sorted(glob.glob(train_pattern)) == files:
+            if train_pattern and sorted(glob.glob(train_pattern)) == sorted(files):
                 return int(summary["written"]["train"]), int(summary["num_classes"])
     from glam_tf.data.records import KEY_LABEL  # noqa: PLC0415 (only for the scan)
 
@@ -99,15 +110,22 @@ def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
                              "train-*-of-*.tfrecord.")
         pattern = prepare_synthetic(config.synthetic)
         data_config = dataclasses.replace(data_config, file_pattern=pattern)
-    from glam_tf.data.pipeline import DecodeStats, build_train_dataset  # noqa: PLC0415
+    from glam_tf.data import pipeline  # noqa: PLC0415
 
-    num_examples, found_classes = count_records(data_config.file_pattern)
+    reports = pipeline.check_shards(sorted(glob.glob(data_config.file_pattern)))
+    files = pipeline.readable_files(
+        reports, skip_damaged=data_config.skip_damaged_records,
+        clean_dir=os.path.join(config.train_dir, CLEAN_SHARDS_DIR),
+        source=f"--train_file_pattern={data_config.file_pattern}",
+        flag="--skip_damaged_records")
+    num_examples, found_classes = count_records(files, data_config.file_pattern)
     num_classes = config.num_classes or found_classes
     if num_classes < found_classes:
         raise ValueError(f"--num_classes={num_classes} but the records of "
                          f"{data_config.file_pattern} have labels up to {found_classes - 1}.")
-    stats = DecodeStats()
-    dataset = build_train_dataset(data_config, num_input_pipelines=worker.num_workers,
-                                  input_pipeline_id=worker.worker_index, stats=stats)
+    stats = pipeline.DecodeStats()
+    dataset = pipeline.build_train_dataset(
+        data_config, num_input_pipelines=worker.num_workers,
+        input_pipeline_id=worker.worker_index, stats=stats, files=files)
     return DataSource(dataset, num_classes, num_examples,
-                      f"{num_examples} images in {data_config.file_pattern}", stats)
+                      f"{num_examples} images in {data_config.file_pattern}", stats, reports)

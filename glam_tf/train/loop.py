@@ -131,6 +131,7 @@ class _Run:
     iterator: object
     checkpoint: tf.train.Checkpoint
     manager: tf.train.CheckpointManager
+    data_stats: Optional[tf.Module] = None
 
 
 def _build_run(config: TrainConfig, strategy, worker, source, total_steps: int,
@@ -161,7 +162,8 @@ def _build_run(config: TrainConfig, strategy, worker, source, total_steps: int,
     manager = tf.train.CheckpointManager(
         checkpoint, checkpointing.checkpoint_dir(config.train_dir, worker),
         max_to_keep=config.keep_checkpoints, checkpoint_name=checkpointing.CHECKPOINT_NAME)
-    return _Run(model, head, optimizer, schedule, step, iterator, checkpoint, manager)
+    return _Run(model, head, optimizer, schedule, step, iterator, checkpoint, manager,
+                source.decode_stats)
 
 
 def _restore(run: _Run, strategy, worker) -> int:
@@ -214,7 +216,8 @@ def _loop(config: TrainConfig, run: _Run, strategy, worker, result: TrainResult,
                 logging.info("%s", progress.line(lr))
             if current % config.summary_every == 0 or current == total:
                 reporting.write_scalars(current, loss_value, result.accuracies[current], lr,
-                                        run.model, progress.images_per_second())
+                                        run.model, progress.images_per_second(),
+                                        data_stats=run.data_stats)
             stop = int(votes.numpy()) > 0
             if current % config.checkpoint_every == 0 or current == total or stop:
                 writer.flush()  # summaries up to the checkpoint survive a kill
@@ -272,6 +275,8 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
                      config.global_batch_size)
         run = _build_run(config, strategy, worker, source, total_steps, model_fn)
         start_step = _restore(run, strategy, worker)
+        if source.decode_stats is not None:  # this start's shard check, not the checkpoint's
+            source.decode_stats.record_damage(source.shard_reports)
         result = TrainResult(start_step=start_step, final_step=start_step,
                              total_steps=total_steps)
         if worker.is_chief:

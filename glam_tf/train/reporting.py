@@ -110,8 +110,9 @@ def scalar_summary(name: str, value: float, step: int) -> None:
 
 
 def write_scalars(step: int, loss: float, accuracy: float, learning_rate: float,
-                  model: keras.Model, images_per_second: float) -> None:
-    """TensorBoard scalars of one step: loss, accuracy, lr, images/s, GeM p, fusion."""
+                  model: keras.Model, images_per_second: float, data_stats=None) -> None:
+    """TensorBoard scalars of one step: loss, accuracy, lr, images/s, GeM p, fusion, and
+    with `data_stats` (glam_tf.data.pipeline.DecodeStats) the records the input left out."""
     scalar_summary("train/loss", loss, step)
     scalar_summary("train/accuracy", accuracy, step)
     scalar_summary("train/learning_rate", learning_rate, step)
@@ -119,6 +120,11 @@ def write_scalars(step: int, loss: float, accuracy: float, learning_rate: float,
         scalar_summary("train/images_per_second", images_per_second, step)
     for name, value in attention_scalars(model).items():
         scalar_summary(f"attention/{name}", value, step)
+    if data_stats is not None:
+        counts = data_stats.result()
+        scalar_summary("data/undecodable_dropped", counts["dropped"], step)
+        for name in ("damaged_spans", "damaged_bytes", "damaged_records"):
+            scalar_summary(f"data/{name}_skipped", counts[name], step)
 
 
 def read_scalars(event_dir: str) -> dict:
