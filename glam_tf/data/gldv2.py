@@ -35,6 +35,9 @@ from glam_tf.files import atomic_write, write_json_atomic
 
 CSV_CLEAN = "train_clean.csv"
 CSV_FULL = "train.csv"
+CSV_CLEAN_HEADER = ("landmark_id", "images")
+CSV_FULL_HEADER = ("id", "url", "landmark_id")
+IMAGE_DIR_NAME = "train"
 LABEL_MAP_NAME = "label_map.csv"
 SUMMARY_NAME = "summary.json"
 PLAN_NAME = "conversion_plan.json"
@@ -104,9 +107,22 @@ class ConversionSummary:
         }
 
 
+def train_image_dir(root: str) -> str:
+    """`<root>/train`, the folder the GLDv2 images are extracted into."""
+    return os.path.join(root, IMAGE_DIR_NAME)
+
+
 def gldv2_image_path(image_dir: str, image_id: str) -> str:
     """`<image_dir>/<a>/<b>/<c>/<id>.jpg` for a GLDv2 id (a, b, c its first three characters)."""
     return os.path.join(image_dir, image_id[0], image_id[1], image_id[2], image_id + ".jpg")
+
+
+def write_clean_csv(path: str, rows) -> None:
+    """Writes a train_clean.csv: the `landmark_id,images` header, then one line per
+    (landmark_id, [image ids]) of `rows`, the ids space-separated (atomic)."""
+    text = ",".join(CSV_CLEAN_HEADER) + "\n" + "".join(
+        f"{landmark_id},{' '.join(ids)}\n" for landmark_id, ids in rows)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def find_gldv2_csv(root: str, csv_path: str | None = None) -> str:
@@ -169,8 +185,8 @@ def read_gldv2_csv(csv_path: str) -> list:
         if header is None:
             raise ValueError(f"{csv_path} is empty; expected a header line "
                              "'landmark_id,images' or 'id,url,landmark_id'")
-        header = [h.strip() for h in header]
-        if header == ["landmark_id", "images"]:
+        header = tuple(h.strip() for h in header)
+        if header == CSV_CLEAN_HEADER:
             def rows():
                 for line, row in enumerate(reader, start=2):
                     if not row:
@@ -181,7 +197,7 @@ def read_gldv2_csv(csv_path: str) -> list:
                     landmark = _check_landmark(row[0], csv_path, line)
                     for image_id in row[1].split():
                         yield _check_id(image_id, csv_path, line), landmark
-        elif header == ["id", "url", "landmark_id"]:
+        elif header == CSV_FULL_HEADER:
             def rows():
                 for line, row in enumerate(reader, start=2):
                     if not row:
@@ -395,7 +411,7 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     csv_path = find_gldv2_csv(root, csv_path)
-    image_dir = image_dir or os.path.join(root, "train")
+    image_dir = image_dir or train_image_dir(root)
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(
             f"GLDv2 image folder {image_dir!r} does not exist (csv found at {csv_path}).\n"

@@ -27,6 +27,8 @@ import pickle
 
 import numpy as np
 
+from glam_tf.files import atomic_write
+
 REVISITED = ("roxford5k", "rparis6k", "synth")
 ORIGINAL = ("oxford5k", "paris6k")
 DISTRACTORS = "revisitop1m"
@@ -47,6 +49,37 @@ _SOURCES = {
 }
 _ORIGINAL_QUERY_PREFIX = {"oxford5k": "oxc1_", "paris6k": ""}
 _IMAGE_EXT = ".jpg"
+
+
+def revisited_dir(root, name):
+    """`<root>/<name>`: the folder of revisited test set `name`."""
+    return os.path.join(root, name)
+
+
+def revisited_image_dir(root, name):
+    """`<root>/<name>/jpg`: its images (database and queries), `<image>.jpg` each."""
+    return os.path.join(revisited_dir(root, name), "jpg")
+
+
+def revisited_image_path(root, name, image):
+    """`<root>/<name>/jpg/<image>.jpg`: image `image` of revisited test set `name`."""
+    return os.path.join(revisited_image_dir(root, name), image + _IMAGE_EXT)
+
+
+def revisited_gnd_path(root, name):
+    """`<root>/<name>/gnd_<name>.pkl`: its ground truth."""
+    return os.path.join(revisited_dir(root, name), f"gnd_{name}.pkl")
+
+
+def write_revisited_gnd(path, imlist, qimlist, gnd):
+    """Writes a ground-truth pickle `load_revisited` reads (protocol 4, atomic).
+
+    Args:
+        imlist / qimlist: database / query image names (no extension).
+        gnd: per query a dict with `bbx` and int64 index arrays `easy`, `hard`, `junk`.
+    """
+    atomic_write(path, lambda f: pickle.dump(
+        {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f, protocol=4))
 
 
 class MissingDataError(FileNotFoundError):
@@ -393,9 +426,8 @@ def load_revisited(root, name, *, distractors_root=None):
     if name not in REVISITED:
         raise ValueError(f"load_revisited: name must be one of {REVISITED}, got {name!r} "
                          f"(use load_original for {ORIGINAL})")
-    base = os.path.join(root, name)
-    image_dir = os.path.join(base, "jpg")
-    gnd_path = os.path.join(base, f"gnd_{name}.pkl")
+    image_dir = revisited_image_dir(root, name)
+    gnd_path = revisited_gnd_path(root, name)
     missing = []
     if not os.path.isdir(image_dir):
         missing.append((image_dir, "image folder", _SOURCES[name]))
