@@ -3,17 +3,30 @@ generator, the training run and the evaluator."""
 
 import json
 import os
+import socket
+import uuid
 
 
 def atomic_write(path: str, write) -> None:
     """Calls `write(f)` on a temporary binary file, syncs it and renames it to `path`: a
-    reader (or a crash) never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    reader (or a crash) never sees half a file.
+
+    The temporary file `{path}.tmp-{host}-{pid}-{random}` is unique across hosts and
+    processes, so two hosts writing the same path on a shared disk never write into one
+    temporary file (the last rename wins, whole). It is removed when `write` fails.
+    """
+    host = socket.gethostname().replace(os.sep, "_") or "host"
+    tmp = f"{path}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -5,7 +5,9 @@ Each damage case cuts, flips or appends bytes in shard "b" (shard "a" stays inta
 knows which records survive: those before the damage and, after a resync, those after it.
 """
 
+import glob
 import io
+import json
 import os
 import re
 import struct
@@ -251,7 +253,10 @@ def test_training_refuses_before_the_model_or_skips_and_reports(shards, tmp_path
                   model_fn=model_fn)
     assert (again.start_step, again.final_step) == (3, 5)
     assert read_scalars(str(run / "tensorboard"))["data/damaged_spans_skipped"][5] == 1
-    assert len(os.listdir(run / "data_check")) == 1
+    assert len(list((run / "data_check").glob("*.clean"))) == 1
+    # Only the intact shard a is in the record of verified shards.
+    assert list(pipeline.load_verified(str(run / "data_check"))) == [
+        os.path.abspath(pattern.replace("*", "a"))]
 
 
 @pytest.mark.parametrize("shards", ["huge_length_valid_crc"], indirect=True)
@@ -277,3 +282,142 @@ def test_cli_huge_length_never_crashes(shards, tmp_path):
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert '"final_step": 2' in skipped.stdout
     assert f"Skipping damaged TFRecord span: {path_b}: offset {offsets[3]}" in skipped.stderr
+
+
+def _counting_data_pass(monkeypatch):
+    """Replaces the TF data pass with a wrapper that lists the shards it reads."""
+    read, real = [], pipeline._tf_data_ok
+
+    def data_pass(path):
+        read.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "_tf_data_ok", data_pass)
+    return read
+
+
+def test_record_of_verified_shards_skips_the_data_pass(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data / "train-a.tfrecord", IDS_A)
+    _write(data / "train-b.tfrecord", IDS_B)
+    files = sorted(str(p) for p in data.glob("train-*.tfrecord"))
+    check = tmp_path / "data_check"
+    read = _counting_data_pass(monkeypatch)
+    written = []
+    real_write = pipeline.write_json_atomic
+    monkeypatch.setattr(pipeline, "write_json_atomic",
+                        lambda path, obj: (written.append(path), real_write(path, obj)))
+
+    assert all(r.ok for r in pipeline.check_shards(files, record_dir=str(check)))
+    assert read == ["train-a.tfrecord", "train-b.tfrecord"]
+    record = pipeline.record_path(str(check))
+    assert written == [record]  # through the crash-safe writer, once
+    assert sorted(os.listdir(check)) == [os.path.basename(record)]  # no temporary file left
+    with open(record, encoding="utf-8") as f:
+        shards = json.load(f)["shards"]
+    assert shards == {os.path.abspath(p): {"size": os.stat(p).st_size,
+                                           "mtime_ns": os.stat(p).st_mtime_ns}
+                      for p in files}
+
+    # A second start reads no data: both shards are known; nothing is rewritten.
+    read.clear()
+    reports = pipeline.check_shards(files, record_dir=str(check))
+    assert read == [] and written == [record]
+    assert [r.records for r in reports] == [NUM_A, NUM_B] and all(r.ok for r in reports)
+
+    # Without a record folder every shard is read, and nothing is recorded.
+    pipeline.check_shards(files)
+    assert read == ["train-a.tfrecord", "train-b.tfrecord"]
+
+    # Shard b changes after it was recorded (a flipped payload byte, a new mtime): it is
+    # verified again and found damaged, and leaves the record; a stays known.
+    read.clear()
+    path_b = files[1]
+    raw = open(path_b, "rb").read()
+    offsets = _offsets(raw)
+    stat = os.stat(path_b)
+    with open(path_b, "wb") as f:
+        f.write(_flip(raw, offsets[2] + 12 + 30))
+    os.utime(path_b, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    reports = pipeline.check_shards(files, record_dir=str(check))
+    assert read == ["train-b.tfrecord"]
+    assert reports[0].ok and not reports[1].ok
+    assert re.search(r"data CRC mismatch", reports[1].describe())
+    assert list(pipeline.load_verified(str(check))) == [os.path.abspath(files[0])]
+    with pytest.raises(pipeline.DamagedShardsError, match="data CRC mismatch"):
+        pipeline.readable_files(reports, skip_damaged=False)
+
+    # A truncated shard changes size: verified again (its framing already says so).
+    read.clear()
+    with open(files[0], "r+b") as f:
+        f.truncate(os.stat(files[0]).st_size - 7)
+    assert not pipeline.check_shards(files, record_dir=str(check))[0].ok
+
+
+def test_unreadable_record_is_ignored_and_workers_split_the_data_pass(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(4):
+        _write(data / f"train-{k}.tfrecord", IDS_A)
+    files = sorted(str(p) for p in data.glob("train-*.tfrecord"))
+    check = tmp_path / "data_check"
+    check.mkdir()
+    (check / "verified_shards-worker1.json").write_text("{half a fi")
+    read = _counting_data_pass(monkeypatch)
+
+    from glam_tf.train.data import data_verified_here  # noqa: PLC0415
+    from glam_tf.train.distribute import WorkerInfo  # noqa: PLC0415
+
+    def worker(k, n=2):
+        return WorkerInfo(num_workers=n, worker_index=k, is_chief=k == 0, num_replicas=n,
+                          local_replicas=1)
+
+    config = _config(str(data / "train-*.tfrecord"))
+    assert data_verified_here(files, worker(0, 1), config) is None
+    assert data_verified_here(files[:1], worker(1), config) is None  # records are split
+    assert data_verified_here(
+        files, worker(1), _config(config.file_pattern, skip_damaged_records=True)) is None
+    for k in (0, 1):  # each worker reads the data of the files its pipeline reads
+        share = data_verified_here(files, worker(k), config)
+        assert share == files[k::2]
+        reports = pipeline.check_shards(files, record_dir=str(check), verify=share,
+                                        worker_index=k)
+        assert all(r.ok and r.records == NUM_A for r in reports)  # framing of all
+        assert read == [os.path.basename(p) for p in share]
+        read.clear()
+    # Each worker wrote its own record file; together they know every shard.
+    assert sorted(glob.glob(str(check / "verified_shards-*.json"))) == [
+        str(check / "verified_shards-worker0.json"), str(check / "verified_shards-worker1.json")]
+    assert sorted(pipeline.load_verified(str(check))) == [os.path.abspath(p) for p in files]
+    pipeline.check_shards(files, record_dir=str(check))  # one worker now: nothing to read
+    assert read == []
+
+
+def test_atomic_write_temporary_names_are_unique_and_cleaned(tmp_path, monkeypatch):
+    from glam_tf import files as glam_files  # noqa: PLC0415
+
+    names = []
+    real_open = open
+
+    def spy_open(path, *args, **kw):
+        names.append(str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr("builtins.open", spy_open)
+    target = tmp_path / "out.json"
+    glam_files.write_json_atomic(str(target), {"a": 1})
+    glam_files.write_json_atomic(str(target), {"a": 2})
+    monkeypatch.undo()
+    assert len(set(names)) == 2 and all(
+        n.startswith(f"{target}.tmp-{__import__('socket').gethostname()}-{os.getpid()}-")
+        for n in names)
+    assert json.loads(target.read_text()) == {"a": 2}
+
+    def fails(f):
+        f.write(b"half")
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError):
+        glam_files.atomic_write(str(target), fails)
+    assert os.listdir(tmp_path) == ["out.json"] and json.loads(target.read_text()) == {"a": 2}

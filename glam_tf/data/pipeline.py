@@ -3,7 +3,8 @@
 Before anything is read, `check_shards` verifies every shard's TFRecord framing and data
 CRCs (glam_tf.data.framing): damage is refused with a `DamagedShardsError` naming each file,
 offset and problem, or, with `skip_damaged_records`, left out by reading clean copies of the
-damaged shards' valid records (see `readable_files`).
+damaged shards' valid records (see `readable_files`). With a record folder, the data CRCs
+of a shard are read once per shard version (path, size, mtime), not at every start.
 
 Stream, per input pipeline (one per worker under tf.distribute):
 
@@ -23,7 +24,9 @@ the `DecodeStats` object next to the iterator to keep its counts).
 """
 
 import dataclasses
+import glob
 import hashlib
+import json
 import math
 import os
 import sys
@@ -35,7 +38,7 @@ import tensorflow as tf
 from absl import logging
 
 from glam_tf.data import framing, records
-from glam_tf.files import atomic_write
+from glam_tf.files import atomic_write, write_json_atomic
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -192,25 +195,109 @@ def _tf_data_ok(path: str) -> bool:
     return True
 
 
-def check_shards(files) -> tuple:
+RECORD_PREFIX = "verified_shards"  # record files in the check folder: verified_shards*.json
+_RECORD_EVERY_S = 30.0  # a long check saves its progress this often
+
+
+def _shard_key(path: str) -> dict:
+    """What identifies a version of the shard `path`: its size and modification time."""
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def load_verified(record_dir: str | None) -> dict:
+    """{absolute path: {"size", "mtime_ns"}} of the shards whose data CRCs verified, from
+    every record file in `record_dir` (one per worker); {} when there is none."""
+    if not record_dir:
+        return {}
+    return _load_records(sorted(glob.glob(os.path.join(record_dir, RECORD_PREFIX + "*.json"))))
+
+
+def _load_records(paths) -> dict:
+    """The verified shards of the record files `paths`; an unreadable one is ignored (its
+    shards are verified again)."""
+    known = {}
+    for name in paths:
+        try:
+            with open(name, encoding="utf-8") as f:
+                shards = json.load(f)["shards"]
+            known.update({path: {"size": int(k["size"]), "mtime_ns": int(k["mtime_ns"])}
+                          for path, k in shards.items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            logging.warning("Ignoring the unreadable record of verified shards %s (%s).",
+                            name, e)
+    return known
+
+
+def record_path(record_dir: str, worker_index: int = 0) -> str:
+    """This worker's record file of verified shards in `record_dir`."""
+    return os.path.join(record_dir, f"{RECORD_PREFIX}-worker{worker_index}.json")
+
+
+def check_shards(files, *, record_dir: str | None = None, verify=None,
+                 worker_index: int = 0) -> tuple:
     """Checks every TFRecord shard before it is read; returns a `framing.ShardReport` each.
 
-    The framing (length CRCs, records inside the file) is checked in pure Python by seeking;
-    the data CRCs of shards with intact framing by TensorFlow's C++ reader (about disk speed);
-    a shard with any damage is rescanned with the pure-Python data CRC (~16 MB/s) to name
-    each bad record and resynchronise after it. Nothing here raises on damage.
+    The framing (length CRCs, records inside the file) of every shard is checked in pure
+    Python by seeking; the data CRCs of shards with intact framing by TensorFlow's C++
+    reader (a full read, about disk speed); a shard with any damage is rescanned with the
+    pure-Python data CRC (~16 MB/s) to name each bad record and resynchronise after it.
+    Nothing here raises on damage.
+
+    Args:
+      files: the shards, in order (the reports keep it).
+      record_dir: a folder for the record of verified shards (None: no record). A shard
+        whose (absolute path, size, mtime_ns) is in a record file there (any worker's) skips
+        the data read: its data CRCs verified before and it has not changed since. Shards
+        verified now are added to this worker's record file (`record_path`), written
+        crash-safely, so a restart reads each shard version's data once.
+      verify: the shards whose data CRCs this worker reads when not recorded (None: all).
+        The others get a framing-only report (under multi-worker, the shards other workers
+        read; they verify them).
+      worker_index: names this worker's record file (one writer per file).
     """
     start, reports = time.monotonic(), []
+    files = list(files)
+    verify = None if verify is None else {os.path.abspath(p) for p in verify}
+    known = load_verified(record_dir)
+    own_path = record_path(record_dir, worker_index) if record_dir else None
+    own = _load_records([own_path]) if own_path and os.path.exists(own_path) else {}
+    counts = {"now": 0, "recorded": 0, "others": 0}
+    dirty, last_write = False, time.monotonic()
     for path in files:
+        key_path = os.path.abspath(path)
+        key = _shard_key(path)  # before reading: a shard changed meanwhile is not recorded
         report = framing.scan_shard(path, check_data=False)
-        if not (report.ok and _tf_data_ok(path)):
-            report = framing.scan_shard(path, check_data=True)
+        if report.ok and known.get(key_path) == key:
+            counts["recorded"] += 1
+        elif report.ok and verify is not None and key_path not in verify:
+            counts["others"] += 1
+        else:
+            counts["now"] += report.ok
+            if report.ok and _tf_data_ok(path):
+                own[key_path], dirty = key, True
+            else:
+                report = framing.scan_shard(path, check_data=True)
+                dirty |= own.pop(key_path, None) is not None
+            if own_path and dirty and time.monotonic() - last_write > _RECORD_EVERY_S:
+                _write_record(own_path, own)
+                dirty, last_write = False, time.monotonic()
         reports.append(report)
+    if own_path and dirty:
+        _write_record(own_path, own)
     logging.info("Checked %d TFRecord shards (%d bytes, %d valid records) in %.1f s: %d "
-                 "damaged.", len(reports), sum(r.size for r in reports),
-                 sum(r.records for r in reports), time.monotonic() - start,
-                 sum(not r.ok for r in reports))
+                 "damaged; data CRCs read now for %d intact shards, known from the record "
+                 "for %d, left to other workers for %d.", len(reports),
+                 sum(r.size for r in reports), sum(r.records for r in reports),
+                 time.monotonic() - start, sum(not r.ok for r in reports), counts["now"],
+                 counts["recorded"], counts["others"])
     return tuple(reports)
+
+
+def _write_record(path: str, shards: dict) -> None:
+    """Writes the record file `path` of verified shards (crash-safe)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, {"version": 1, "shards": shards})
 
 
 def describe_damage(reports, *, source: str) -> str:

@@ -9,6 +9,10 @@ TFRecord shards are checked before anything else reads them (framing and data CR
 glam_tf.data.pipeline.check_shards): a damaged shard stops the run before the model is
 built, with every file, offset and problem named, unless --skip_damaged_records, which
 reads clean copies of the damaged shards' valid records (kept in <train_dir>/data_check/).
+The data CRCs are read once per shard version: shards that verified are recorded (path,
+size, mtime) in <train_dir>/data_check/verified_shards-worker<k>.json, and a restart only
+re-checks their framing. Under multi-worker training each worker reads the data of the
+shards it trains on (see `data_verified_here`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from glam_tf.train.distribute import WorkerInfo
 from glam_tf.train.random_data import random_train_dataset
 
 SUMMARY_NAME = "summary.json"  # written by glam_tf.data.gldv2.convert_gldv2
-CLEAN_SHARDS_DIR = "data_check"  # under train_dir: clean copies of damaged shards
+CLEAN_SHARDS_DIR = "data_check"  # under train_dir: clean copies of damaged shards and
+# the record of shards whose data CRCs verified (verified_shards-worker<k>.json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +94,23 @@ def count_records(files: list, file_pattern: str) -> tuple:
     return count, top + 1
 
 
+def data_verified_here(shards: list, worker: WorkerInfo, data_config) -> list | None:
+    """The shards whose data CRCs this worker reads (None: all of them).
+
+    Under multi-worker training with at least as many shards as workers, each input
+    pipeline reads the fixed share shards[worker_index::num_workers] of the checked files
+    (`build_train_dataset` splits files before shuffling them), so a worker verifies only
+    its share; the framing of every shard is still checked by every worker. With
+    skip_damaged_records every worker verifies all shards: the image and class counts come
+    from the files actually read, so every worker must see the same damage. With fewer
+    shards than workers the records are split, so every worker reads every shard.
+    """
+    if (worker.num_workers == 1 or data_config.skip_damaged_records
+            or len(shards) < worker.num_workers):
+        return None
+    return shards[worker.worker_index::worker.num_workers]
+
+
 def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
     """Builds this worker's DataSource for `config` (generating/converting data if asked)."""
     if config.data_source == "random":
@@ -112,10 +134,13 @@ def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
         data_config = dataclasses.replace(data_config, file_pattern=pattern)
     from glam_tf.data import pipeline  # noqa: PLC0415
 
-    reports = pipeline.check_shards(sorted(glob.glob(data_config.file_pattern)))
+    check_dir = os.path.join(config.train_dir, CLEAN_SHARDS_DIR)
+    shards = sorted(glob.glob(data_config.file_pattern))
+    reports = pipeline.check_shards(
+        shards, record_dir=check_dir, verify=data_verified_here(shards, worker, data_config),
+        worker_index=worker.worker_index)
     files = pipeline.readable_files(
-        reports, skip_damaged=data_config.skip_damaged_records,
-        clean_dir=os.path.join(config.train_dir, CLEAN_SHARDS_DIR),
+        reports, skip_damaged=data_config.skip_damaged_records, clean_dir=check_dir,
         source=f"--train_file_pattern={data_config.file_pattern}",
         flag="--skip_damaged_records")
     num_examples, found_classes = count_records(files, data_config.file_pattern)
