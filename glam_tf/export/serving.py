@@ -443,12 +443,13 @@ class GlamServingModule(tf.Module):
 
         def decode(index, data):
             image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            image = tf.ensure_shape(image, [None, None, 3])
-            return index, self._resize_longer_side(image, "decoded image")
+            return index, tf.ensure_shape(image, [None, None, 3])
 
+        # No prefetch (one decoded image at a time) and no per-call graph rewrites.
         options = tf.data.Options()
-        options.autotune.enabled = False          # no prefetch: one decoded image at a time
+        options.autotune.enabled = False
         options.experimental_optimization.inject_prefetch = False
+        options.experimental_optimization.apply_default_optimizations = False
         images = iter(tf.data.Dataset.from_tensor_slices((indices, prepared))
                       .map(decode).ignore_errors().with_options(options))
         out = tf.TensorArray(tf.float32, size=num,
@@ -463,7 +464,7 @@ class GlamServingModule(tf.Module):
                 "file)."])])
             with tf.control_dependencies([decoded]):
                 image = element.get_value()[1]
-            return k + 1, out.write(k, self._multiscale(image, names[k]))
+            return k + 1, out.write(k, self._global_descriptor(image, names[k]))
 
         _, out = tf.while_loop(lambda k, _: k < num, body, (tf.constant(0), out),
                                parallel_iterations=1)
