@@ -35,6 +35,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("max_image_size", serving.DEFAULT_MAX_IMAGE_SIZE,
                          "Longer side (px) the global_descriptor signatures resize images to.",
                          flag_values=flag_values)
+    flags.DEFINE_integer("max_batch_pixels", serving.DEFAULT_MAX_BATCH_PIXELS,
+                         "Largest batched_global_descriptors request: images x pixels per "
+                         "image at the largest scale.", flag_values=flag_values)
+    flags.DEFINE_integer("max_decoded_pixels", serving.DEFAULT_MAX_DECODED_PIXELS,
+                         "Largest image (width x height, read from its header before "
+                         "decoding) global_descriptor_from_bytes accepts.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("max_image_bytes", serving.DEFAULT_MAX_IMAGE_BYTES,
+                         "Largest encoded image (bytes) global_descriptor_from_bytes accepts.",
+                         flag_values=flag_values)
 
 
 def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
@@ -56,14 +66,18 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     except ValueError:
         raise app.UsageError(f"--scales must be comma-separated numbers, e.g. "
                              f"0.70710678,1.0,1.41421356; received {fv.scales!r}.") from None
+    limits = {name: fv[name].value
+              for name in ("max_batch_pixels", "max_decoded_pixels", "max_image_bytes")}
     try:
-        scales = serving.validate_export_args(scales=scales, max_image_size=fv.max_image_size)
+        scales = serving.validate_export_args(scales=scales, max_image_size=fv.max_image_size,
+                                              **limits)
         version = serving.resolve_version(fv.export_dir, fv.version)
     except (ValueError, FileExistsError) as e:
-        raise app.UsageError(f"bad flag value (--scales / --max_image_size / --version): "
+        raise app.UsageError(f"bad flag value (--scales / --max_image_size / --max_batch_pixels"
+                             f" / --max_decoded_pixels / --max_image_bytes / --version): "
                              f"{e}") from None
     return dict(train_dir=fv.train_dir, export_dir=fv.export_dir, version=version,
-                scales=scales, max_image_size=fv.max_image_size)
+                scales=scales, max_image_size=fv.max_image_size, **limits)
 
 
 def run_export(flag_values: flags.FlagValues = flags.FLAGS) -> str:

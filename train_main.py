@@ -145,6 +145,15 @@ flags.DEFINE_list("export_scales", [str(s) for s in _D.export_scales],
                   "Scales of the exported multi-scale descriptor.")
 flags.DEFINE_integer("export_max_image_size", _D.export_max_image_size,
                      "Longer-side limit of the exported global_descriptor signature.")
+flags.DEFINE_integer("export_max_batch_pixels", _D.export_max_batch_pixels,
+                     "Largest exported batched_global_descriptors request (images x pixels "
+                     "at the largest scale).")
+flags.DEFINE_integer("export_max_decoded_pixels", _D.export_max_decoded_pixels,
+                     "Largest image (from its header) the exported "
+                     "global_descriptor_from_bytes decodes.")
+flags.DEFINE_integer("export_max_image_bytes", _D.export_max_image_bytes,
+                     "Largest encoded image (bytes) the exported global_descriptor_from_bytes "
+                     "accepts.")
 flags.DEFINE_string("eval_dataset", "", "Evaluate at the end on this set (roxford5k, "
                     "rparis6k, synth, ...); empty: no evaluation.")
 flags.DEFINE_string("eval_root", "", "Folder holding the evaluation set.")
@@ -218,7 +227,10 @@ def config_from_flags(f=FLAGS) -> TrainConfig:
         keep_checkpoints=f.keep_checkpoints, log_every=f.log_every,
         summary_every=f.summary_every, seed=f.seed, export=f.export,
         export_scales=_numbers("export_scales", f.export_scales, float),
-        export_max_image_size=f.export_max_image_size, eval_dataset=f.eval_dataset,
+        export_max_image_size=f.export_max_image_size,
+        export_max_batch_pixels=f.export_max_batch_pixels,
+        export_max_decoded_pixels=f.export_max_decoded_pixels,
+        export_max_image_bytes=f.export_max_image_bytes, eval_dataset=f.eval_dataset,
         eval_root=f.eval_root, eval_max_image_size=f.eval_max_image_size,
         eval_scales=_numbers("eval_scales", f.eval_scales, float),
         eval_untrained=f.eval_untrained, inject_nan_at_step=f.inject_nan_at_step)

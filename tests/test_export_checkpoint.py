@@ -71,7 +71,8 @@ def exported(trained, tmp_path_factory):
     export_dir = tmp_path_factory.mktemp("exports") / "glam"
     return export_main.run_export(export_flags(
         f"--train_dir={train_dir}", f"--export_dir={export_dir}", "--scales=0.75,1.0,1.25",
-        "--max_image_size=96"))
+        "--max_image_size=96", "--max_decoded_pixels=50000000", "--max_image_bytes=1000000",
+        "--max_batch_pixels=40000000"))
 
 
 def test_export_main_restores_the_latest_checkpoint(trained, exported):
@@ -81,6 +82,8 @@ def test_export_main_restores_the_latest_checkpoint(trained, exported):
     assert info["checkpoint"] == os.path.abspath(latest) and latest.endswith("ckpt-2")
     assert info["model_config"] == dataclasses.replace(CONFIG, weights="none").to_dict()
     assert info["scales"] == [0.75, 1.0, 1.25] and info["max_image_size"] == 96
+    assert (info["max_decoded_pixels"], info["max_image_bytes"], info["max_batch_pixels"]) == (
+        50000000, 1000000, 40000000)
 
     # Every weight in the SavedModel is the trained (perturbed, latest-checkpoint) value; a
     # missed restore would leave the initial values. Descriptor equality of an export with
@@ -142,6 +145,12 @@ def test_export_main_validates_flags_before_any_work(trained, tmp_path):
          "finite and > 0"),
         ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--max_image_size=0"],
          "max_image_size must be a positive integer"),
+        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--max_decoded_pixels=0"],
+         "max_decoded_pixels must be a positive integer"),
+        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--max_image_bytes=0"],
+         "max_image_bytes must be an integer in"),
+        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--max_batch_pixels=1000"],
+         "max_batch_pixels must be an integer >= max_scaled_pixels"),
         ([f"--train_dir={train_dir}", f"--export_dir={tmp_path / 'e'}", "--version=-1"],
          "non-negative integer"),
         ([f"--train_dir={train_dir}", f"--export_dir={tmp_path / 'e'}", "--version=2"],
@@ -153,7 +162,8 @@ def test_export_main_validates_flags_before_any_work(trained, tmp_path):
     assert export_main.parse_flags(export_flags(
         f"--train_dir={train_dir}", f"--export_dir={tmp_path / 'e'}")) == dict(
         train_dir=str(train_dir), export_dir=str(tmp_path / "e"), version=3,
-        scales=(0.70710678, 1.0, 1.41421356), max_image_size=1024)
+        scales=(0.70710678, 1.0, 1.41421356), max_image_size=1024, max_batch_pixels=2**25,
+        max_decoded_pixels=2**27, max_image_bytes=64 * 2**20)
 
 
 def test_export_main_program_reports_usage_errors(tmp_path):

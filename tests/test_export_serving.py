@@ -162,7 +162,9 @@ def test_serving_default_selects_scales_in_index_order(loaded, model):
                                atol=TOL)
     np.testing.assert_allclose(serving_default(loaded, image, scales, [0, 2, 2]), expected,
                                atol=TOL)
-    assert serving_default(loaded, image, scales, []).shape == (0, 512)
+    # No selected scale: refused (no row would reach a DELG client as NaN).
+    with pytest.raises(tf.errors.InvalidArgumentError, match="select at least one scale"):
+        serving_default(loaded, image, scales, [])
 
 
 def test_delg_client_gets_the_glam_descriptor(loaded):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from glam_tf.data.pipeline import TrainInputConfig
+from glam_tf.export import serving
 from glam_tf.model import VARIANTS, ModelConfig
 from glam_tf.train.config import SyntheticDataConfig, TrainConfig, TrainConfigError
 
@@ -33,6 +34,15 @@ def test_defaults_are_the_paper_recipe():
     assert (c.end_learning_rate, c.arcface_margin, c.arcface_scale) == (3e-6, 0.3, 30.0)
     assert c.global_batch_size == 64 and c.sync_batchnorm
     assert c.model == ModelConfig()  # resnet101, imagenet, global+local, 512-d, GeM p 3
+
+
+def test_export_limits_default_to_the_exports():
+    c = TrainConfig(train_dir="x")
+    assert (c.export_max_batch_pixels, c.export_max_decoded_pixels,
+            c.export_max_image_bytes) == (serving.DEFAULT_MAX_BATCH_PIXELS,
+                                          serving.DEFAULT_MAX_DECODED_PIXELS,
+                                          serving.DEFAULT_MAX_IMAGE_BYTES)
+    assert serving.DEFAULT_MAX_SCALED_PIXELS == 2**23   # TrainConfig's batch-pixel minimum
 
 
 @pytest.mark.parametrize("change,flag,rule", [
@@ -61,6 +71,8 @@ def test_defaults_are_the_paper_recipe():
     (dict(eval_dataset="synth"), "--eval_root", "set together"),
     (dict(eval_untrained=True), "--eval_untrained", "needs --eval_dataset"),
     (dict(inject_nan_at_step=0), "--inject_nan_at_step", r"-1 \(off\)"),
+    (dict(export_max_batch_pixels=1000), "--export_max_batch_pixels", ">= 8388608"),
+    (dict(export_max_image_bytes=2**31), "--export_max_image_bytes", "< 2\\*\\*31"),
     (dict(model=ModelConfig(backbone="resnet18")), "--backbone", "must be one of"),
     (dict(model=ModelConfig(variant="glam")), "--variant", "must be one of"),
     (dict(model=ModelConfig(zero_init_residual=True)), "--zero_init_residual",

@@ -7,6 +7,9 @@ from glam_tf.export.checkpoint import (
     restore_descriptor_model,
 )
 from glam_tf.export.serving import (
+    DEFAULT_MAX_BATCH_PIXELS,
+    DEFAULT_MAX_DECODED_PIXELS,
+    DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_SIZE,
     DEFAULT_MAX_SCALED_PIXELS,
     DEFAULT_SCALES,
@@ -21,6 +24,7 @@ from glam_tf.export.serving import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_BATCH_PIXELS", "DEFAULT_MAX_DECODED_PIXELS", "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_IMAGE_SIZE", "DEFAULT_MAX_SCALED_PIXELS", "DEFAULT_SCALES", "MIN_IMAGE_SIZE",
     "SIGNATURE_NAMES", "GlamServingModule", "build_serving_module", "export_from_checkpoint",
     "export_saved_model", "latest_checkpoint", "next_version", "read_model_config",

@@ -89,7 +89,10 @@ def restore_descriptor_model(train_dir, *, config=None, prefix=None):
 def export_from_checkpoint(train_dir, export_dir, *, version=None,
                            scales=serving.DEFAULT_SCALES,
                            max_image_size=serving.DEFAULT_MAX_IMAGE_SIZE,
-                           max_scaled_pixels=serving.DEFAULT_MAX_SCALED_PIXELS) -> str:
+                           max_scaled_pixels=serving.DEFAULT_MAX_SCALED_PIXELS,
+                           max_batch_pixels=serving.DEFAULT_MAX_BATCH_PIXELS,
+                           max_decoded_pixels=serving.DEFAULT_MAX_DECODED_PIXELS,
+                           max_image_bytes=serving.DEFAULT_MAX_IMAGE_BYTES) -> str:
     """Rebuilds the descriptor model of a training run, restores it, exports a SavedModel.
 
     Reads `<train_dir>/model_config.json`, builds the model with weights="none", restores
@@ -102,19 +105,22 @@ def export_from_checkpoint(train_dir, export_dir, *, version=None,
         train_dir: training output directory.
         export_dir: SavedModel base path (TF Serving's model_base_path).
         version: version folder number; None = next free.
-        scales, max_image_size, max_scaled_pixels: see serving.GlamServingModule.
+        scales, max_image_size, max_scaled_pixels, max_batch_pixels, max_decoded_pixels,
+            max_image_bytes: see serving.GlamServingModule.
 
     Returns:
         The version folder path.
     """
     config = read_model_config(train_dir)
     prefix = latest_checkpoint(train_dir)
+    limits = dict(max_scaled_pixels=max_scaled_pixels, max_batch_pixels=max_batch_pixels,
+                  max_decoded_pixels=max_decoded_pixels, max_image_bytes=max_image_bytes)
     scales = serving.validate_export_args(scales=scales, max_image_size=max_image_size,
-                                          max_scaled_pixels=max_scaled_pixels)
+                                          **limits)
     version = serving.resolve_version(export_dir, version)
 
     model, _, _ = restore_descriptor_model(train_dir, config=config, prefix=prefix)
     return serving.export_saved_model(
         model, export_dir, version=version, scales=scales, max_image_size=max_image_size,
-        max_scaled_pixels=max_scaled_pixels,
+        **limits,
         extra_info={"model_config": config.to_dict(), "checkpoint": os.path.abspath(prefix)})

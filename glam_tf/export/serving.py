@@ -13,16 +13,24 @@ SavedModel loads with plain `tf.saved_model.load` or TF Serving, without glam_tf
   max_image_size, unit descriptors at the export-time scales averaged, L2-normalised.
 - `batched_global_descriptors`: input_images uint8 [B, H, W, C] (same size, already at the
   target size; no longer-side resize) -> global_descriptors float32 [B, D], multi-scale as
-  `global_descriptor`, per image.
+  `global_descriptor`, per image; B = 0 gives [0, D].
 - `global_descriptor_from_bytes`: image_bytes string [B] (encoded JPEG/PNG/GIF/BMP/WebP) ->
-  global_descriptors float32 [B, D], each decoded and described as `global_descriptor`. It is
-  the signature TF Serving's REST API can feed with base64 (`{"b64": ...}` works only for
-  DT_STRING inputs).
+  global_descriptors float32 [B, D], each decoded (a GIF's first frame only) and described as
+  `global_descriptor`. It is the signature TF Serving's REST API can feed with base64
+  (`{"b64": ...}` works only for DT_STRING inputs).
 
 C may be 1 (grayscale, tiled to RGB) or 3. Bad inputs raise InvalidArgumentError with a
-message (never crash the server): a scaled side under `min_image_size` (the backbone needs
-32 px), a scaled image over `max_scaled_pixels`, wrong channel counts, scale indices out of
-range, non-finite or non-positive scales, undecodable bytes.
+message naming the input (never crash the server), before any large allocation:
+- a wrong rank or channel count (the expected shape and the received one);
+- a scaled side under `min_image_size` (the backbone needs 32 px), a scaled image over
+  `max_scaled_pixels`, a batched request over `max_batch_pixels` (B * h * w at the largest
+  scale);
+- an empty `input_global_scales_ind`, scale indices out of range, non-finite or
+  non-positive selected scales;
+- in `global_descriptor_from_bytes`, naming `image_bytes[i]`: a file over
+  `max_image_bytes`, an unknown format, an unreadable header, an animated WebP, a size
+  (read from the header, image_header.encoded_image_size) over `max_decoded_pixels`, data
+  the decoder rejects.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ import uuid
 import tensorflow as tf
 from absl import logging
 
+from glam_tf.export import image_header
+
 DEFAULT_SCALES = (0.70710678, 1.0, 1.41421356)
 DEFAULT_MAX_IMAGE_SIZE = 1024
 # ResNet conv5 has stride 32: a smaller side leaves no feature-map cell to pool.
@@ -46,6 +56,16 @@ MIN_IMAGE_SIZE = 32
 # 2**23 px (e.g. 2896 x 2896 = a 2048-px image at scale sqrt(2), or 4096 x 2048). Above it the
 # (hw)^2 global spatial attention and the backbone activations grow to many GiB.
 DEFAULT_MAX_SCALED_PIXELS = 2**23
+# A whole batched_global_descriptors request: B * h * w at the largest scale. 4x the largest
+# single image (four 2896 x 2896, or sixteen 1024 x 1024 images at scale sqrt(2)), so one
+# request costs at most about four times what the largest single image does.
+DEFAULT_MAX_BATCH_PIXELS = 2**25
+# Decoded size of one encoded image, read from its header before decoding: 2**27 px (134 MP,
+# about 400 MB of uint8 RGB) passes 100-MP medium-format photos (11648 x 8736) and 108-MP
+# phone photos (12000 x 9000); 200-MP phone full-resolution shots must be downsized first.
+DEFAULT_MAX_DECODED_PIXELS = 2**27
+# Encoded bytes of one image: a 100-MP JPEG at top quality (~0.5 byte/px) is ~50 MB.
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 SIGNATURE_NAMES = (
     "serving_default",
     "global_descriptor",
@@ -60,7 +80,10 @@ def _is_int(value) -> bool:
 
 
 def validate_export_args(*, scales, max_image_size, min_image_size=MIN_IMAGE_SIZE,
-                         max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS) -> tuple:
+                         max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS,
+                         max_batch_pixels=DEFAULT_MAX_BATCH_PIXELS,
+                         max_decoded_pixels=DEFAULT_MAX_DECODED_PIXELS,
+                         max_image_bytes=DEFAULT_MAX_IMAGE_BYTES) -> tuple:
     """Checks the export-time settings; returns scales as a tuple of floats.
 
     Raises:
@@ -87,6 +110,16 @@ def validate_export_args(*, scales, max_image_size, min_image_size=MIN_IMAGE_SIZ
     if not _is_int(max_scaled_pixels) or max_scaled_pixels < min_image_size**2:
         raise ValueError(f"max_scaled_pixels must be an integer >= min_image_size**2 = "
                          f"{min_image_size**2}; received {max_scaled_pixels!r}.")
+    if not _is_int(max_batch_pixels) or max_batch_pixels < max_scaled_pixels:
+        raise ValueError(f"max_batch_pixels must be an integer >= max_scaled_pixels = "
+                         f"{max_scaled_pixels} (a batch of one image at the largest size); "
+                         f"received {max_batch_pixels!r}.")
+    if not _is_int(max_decoded_pixels) or max_decoded_pixels < 1:
+        raise ValueError(f"max_decoded_pixels must be a positive integer; received "
+                         f"{max_decoded_pixels!r}.")
+    if not _is_int(max_image_bytes) or not 1 <= max_image_bytes < 2**31:
+        raise ValueError(f"max_image_bytes must be an integer in [1, 2**31) (a tf.string "
+                         f"offset); received {max_image_bytes!r}.")
     smallest = round(max_image_size * min(scales))
     if smallest < min_image_size:
         raise ValueError(
@@ -103,16 +136,22 @@ def validate_export_args(*, scales, max_image_size, min_image_size=MIN_IMAGE_SIZ
     return scales
 
 
-def _as_rgb(images: tf.Tensor, input_name: str) -> tf.Tensor:
-    """Grayscale (C = 1) -> RGB by tiling; RGB passes; any other C fails with a message."""
-    channels = tf.shape(images)[-1]
-    check = tf.debugging.Assert(
-        tf.logical_or(tf.equal(channels, 1), tf.equal(channels, 3)),
-        [f"{input_name} must have 1 (grayscale) or 3 (RGB) channels in its last dimension; "
-         "received shape", tf.shape(images)])
+def _as_rgb(images: tf.Tensor, input_name: str, layout: str) -> tf.Tensor:
+    """Checks rank and channels ([..., C], C 1 or 3); grayscale -> RGB by tiling.
+
+    `layout` names the expected shape in the message, e.g. "[H, W, C]". The signatures'
+    static shapes do not bind a caller: a loaded signature accepts any rank, so it is checked.
+    """
+    rank = images.shape.rank
+    message = (f"{input_name} must have shape {layout} with C 1 (grayscale) or 3 (RGB); "
+               "received shape")
+    ok = tf.equal(tf.rank(images), rank)
+    channels = tf.concat([tf.shape(images), tf.zeros([rank], tf.int32)], 0)[rank - 1]
+    ok = tf.logical_and(ok, tf.reduce_any(tf.equal(channels, [1, 3])))
+    check = tf.debugging.Assert(ok, [message, tf.shape(images)], summarize=8)
     with tf.control_dependencies([check]):
         images = tf.identity(images)
-    rgb = tf.cond(tf.equal(channels, 1),
+    rgb = tf.cond(tf.equal(tf.shape(images)[-1], 1),
                   lambda: tf.image.grayscale_to_rgb(images),
                   lambda: images)
     return tf.ensure_shape(rgb, images.shape[:-1].concatenate([3]))
@@ -125,22 +164,27 @@ def scaled_sizes(hw: tf.Tensor, scales: tf.Tensor) -> tf.Tensor:
 
 
 def _check_sizes(sizes: tf.Tensor, *, min_size: int, max_pixels: int,
-                 what: str) -> tf.Operation:
-    """Asserts every (h, w) row of `sizes` (float32 (S, 2)) is >= min_size and <= max_pixels."""
+                 what) -> tf.Operation:
+    """Asserts every (h, w) row of `sizes` (float32 (S, 2)) is >= min_size and <= max_pixels.
+
+    `what` (str or scalar tf.string) names the input at the start of the message.
+    """
     too_small = tf.reduce_any(sizes < float(min_size))
     pixels = tf.reduce_prod(tf.cast(sizes, tf.float64), axis=1)
     too_large = tf.reduce_any(pixels > float(max_pixels))
     small = tf.debugging.Assert(
         tf.logical_not(too_small),
-        [f"{what}: every scaled image side must be at least {min_size} px (the backbone's "
-         "minimum); use a larger image or larger scales. Scaled [height, width] per scale:",
+        [tf.strings.join([what, f": every scaled image side must be at least {min_size} px "
+                                "(the backbone minimum); use a larger image or larger "
+                                "scales. Scaled [height, width] per scale:"]),
          sizes], summarize=64)
     with tf.control_dependencies([small]):
         large = tf.debugging.Assert(
             tf.logical_not(too_large),
-            [f"{what}: a scaled image has more than {max_pixels} pixels (the export's "
-             "max_scaled_pixels); downsize the image or use smaller scales. Scaled "
-             "[height, width] per scale:", sizes], summarize=64)
+            [tf.strings.join([what, f": a scaled image has more than {max_pixels} pixels (the "
+                                    "export setting max_scaled_pixels); downsize the image or use "
+                                    "smaller scales. Scaled [height, width] per scale:"]),
+             sizes], summarize=64)
     return large
 
 
@@ -165,15 +209,26 @@ class GlamServingModule(tf.Module):
         max_image_size: longer side (px) `global_descriptor` resizes the input to.
         min_image_size: smallest scaled side accepted (the model needs 32 px).
         max_scaled_pixels: largest scaled image (h * w) accepted by any signature.
+        max_batch_pixels: largest batched_global_descriptors request, B * h * w at the
+            largest scale.
+        max_decoded_pixels: largest image (height * width, read from the encoded header
+            before decoding) global_descriptor_from_bytes decodes.
+        max_image_bytes: largest encoded image global_descriptor_from_bytes accepts.
     """
 
     def __init__(self, model, *, scales=DEFAULT_SCALES,
                  max_image_size=DEFAULT_MAX_IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
-                 max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS, name="glam_serving"):
+                 max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS,
+                 max_batch_pixels=DEFAULT_MAX_BATCH_PIXELS,
+                 max_decoded_pixels=DEFAULT_MAX_DECODED_PIXELS,
+                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, name="glam_serving"):
         super().__init__(name=name)
         scales = validate_export_args(scales=scales, max_image_size=max_image_size,
                                       min_image_size=min_image_size,
-                                      max_scaled_pixels=max_scaled_pixels)
+                                      max_scaled_pixels=max_scaled_pixels,
+                                      max_batch_pixels=max_batch_pixels,
+                                      max_decoded_pixels=max_decoded_pixels,
+                                      max_image_bytes=max_image_bytes)
         side = max(min_image_size, 64)
         probe = model(tf.zeros([1, side, side, 3]), training=False)
         if probe.shape.rank != 2 or probe.shape[0] != 1:
@@ -184,6 +239,9 @@ class GlamServingModule(tf.Module):
         self.max_image_size = int(max_image_size)
         self.min_image_size = int(min_image_size)
         self.max_scaled_pixels = int(max_scaled_pixels)
+        self.max_batch_pixels = int(max_batch_pixels)
+        self.max_decoded_pixels = int(max_decoded_pixels)
+        self.max_image_bytes = int(max_image_bytes)
         # Only the variables are tracked (saved); the Keras model object is kept out of the
         # object graph (a plain closure is not tracked) so loading needs no Keras classes.
         # The tf.Variables inside the keras.Variables are tracked, not the keras.Variables:
@@ -224,14 +282,14 @@ class GlamServingModule(tf.Module):
                                parallel_iterations=1)
         return out.stack()
 
-    def _fixed_scale_sizes(self, hw: tf.Tensor, what: str):
+    def _fixed_scale_sizes(self, hw: tf.Tensor, what):
         sizes = scaled_sizes(hw, tf.constant(self.scales, tf.float32))
         check = _check_sizes(sizes, min_size=self.min_image_size,
                              max_pixels=self.max_scaled_pixels, what=what)
         with tf.control_dependencies([check]):
             return tf.identity(sizes)
 
-    def _resize_longer_side(self, image: tf.Tensor, what: str) -> tf.Tensor:
+    def _resize_longer_side(self, image: tf.Tensor, what) -> tf.Tensor:
         """(H, W, 3) uint8 -> (h, w, 3) float32, longer side = max_image_size (aspect kept).
 
         Antialiased bilinear (like PIL's BILINEAR resize that image-retrieval code uses
@@ -239,19 +297,76 @@ class GlamServingModule(tf.Module):
         """
         hw = tf.cast(tf.shape(image)[:2], tf.float32)
         nonempty = tf.debugging.Assert(tf.reduce_all(hw >= 1.0),
-                                       [f"{what} must have height and width >= 1; received "
-                                        "shape", tf.shape(image)])
+                                       [tf.strings.join([what, " must have height and width "
+                                                         ">= 1; received shape"]),
+                                        tf.shape(image)])
         with tf.control_dependencies([nonempty]):
             factor = tf.constant(float(self.max_image_size), tf.float32) / tf.reduce_max(hw)
         target = tf.maximum(tf.cast(tf.round(hw * factor), tf.int32), 1)
         return tf.image.resize(image[tf.newaxis], target, method="bilinear", antialias=True)[0]
 
-    def _global_descriptor(self, image: tf.Tensor, what: str) -> tf.Tensor:
-        """(H, W, 3) uint8 -> (D,) multi-scale unit descriptor (GLAM_SPEC "Inference")."""
-        image = self._resize_longer_side(image, what)
+    def _multiscale(self, image: tf.Tensor, what) -> tf.Tensor:
+        """(h, w, 3) at its target size -> (D,) mean of the unit descriptors at the scales, L2."""
         sizes = self._fixed_scale_sizes(tf.shape(image)[:2], what)
         descriptors = self._descriptors_at_sizes(image[tf.newaxis], sizes)[:, 0, :]
         return tf.math.l2_normalize(tf.reduce_mean(descriptors, axis=0))
+
+    def _global_descriptor(self, image: tf.Tensor, what) -> tf.Tensor:
+        """(H, W, 3) uint8 -> (D,) multi-scale unit descriptor (GLAM_SPEC "Inference")."""
+        return self._multiscale(self._resize_longer_side(image, what), what)
+
+    def _batched(self, images: tf.Tensor) -> tf.Tensor:
+        """(B, h, w, 3), B >= 1 -> (B, D); the request is refused over max_batch_pixels."""
+        what = "batched_global_descriptors"
+        sizes = self._fixed_scale_sizes(tf.shape(images)[1:3], what)
+        batch = tf.cast(tf.shape(images)[0], tf.float64)
+        pixels = batch * tf.reduce_max(tf.reduce_prod(tf.cast(sizes, tf.float64), axis=1))
+        bounded = tf.debugging.Assert(
+            pixels <= float(self.max_batch_pixels),
+            [f"{what}: the images of the request at the largest scale have more than "
+             f"{self.max_batch_pixels} pixels in all (the export setting max_batch_pixels); send "
+             "fewer images per request. input_images shape, pixels in all:",
+             tf.shape(images), tf.cast(pixels, tf.int64)])
+        with tf.control_dependencies([bounded]):
+            descriptors = self._descriptors_at_sizes(images, sizes)
+        return tf.math.l2_normalize(tf.reduce_mean(descriptors, axis=0), axis=-1)
+
+    def _checked_encoded(self, data: tf.Tensor, name: tf.Tensor):
+        """One encoded image -> (bytes to decode, format name), refused before decoding.
+
+        Refuses (InvalidArgumentError, message starting with `name`) a file over
+        max_image_bytes, an unknown format, an unreadable header, an animated WebP and a
+        declared size over max_decoded_pixels. A GIF is cut to its first frame.
+        """
+        num_bytes = tf.strings.length(data)
+        small = tf.debugging.Assert(num_bytes <= self.max_image_bytes, [tf.strings.join([
+            name, " has ", tf.strings.as_string(num_bytes), " bytes, over the export setting "
+            f"max_image_bytes={self.max_image_bytes}; downsize or recompress it."])])
+        with tf.control_dependencies([small]):
+            fmt, height, width, frame_end = image_header.encoded_image_size(data)
+        format_name = tf.gather(image_header.FORMAT_NAMES, fmt)
+        known = tf.debugging.Assert(tf.not_equal(fmt, image_header.UNKNOWN), [
+            tf.strings.join([name, " is not a JPEG, PNG, GIF, BMP or WebP file (its first "
+                             "bytes match none of their signatures)."])])
+        is_gif = tf.equal(fmt, image_header.GIF)
+        readable = tf.debugging.Assert(
+            (height >= 1) & ~(is_gif & (frame_end < 0)),
+            [tf.strings.join([name, ": could not read the image size from its ", format_name,
+                              " header (a truncated or damaged file)."])])
+        # TF decodes an animated WebP only to RGBA with every frame; a still one decodes.
+        still = tf.debugging.Assert(~image_header.is_animated_webp(data), [tf.strings.join([
+            name, " is an animated WebP, which is not supported; send a still image (e.g. "
+            "its first frame)."])])
+        pixels = height * width
+        within = tf.debugging.Assert(pixels <= self.max_decoded_pixels, [tf.strings.join([
+            name, " is a ", tf.strings.as_string(width), " x ", tf.strings.as_string(height),
+            " ", format_name, " image (", tf.strings.as_string(pixels), " pixels), over the "
+            f"export setting max_decoded_pixels={self.max_decoded_pixels}; downsize it before "
+            "sending."])])
+        with tf.control_dependencies([known, readable, still, within]):
+            data = tf.cond(is_gif, lambda: image_header.first_gif_frame(data, frame_end),
+                           lambda: tf.identity(data))
+        return data, format_name
 
     # ---- signatures ----------------------------------------------------------------------
     @tf.function(autograph=False, input_signature=[
@@ -261,8 +376,13 @@ class GlamServingModule(tf.Module):
     ])
     def serving_default(self, input_image, input_scales, input_global_scales_ind):
         """DELG interface: one unit descriptor per selected scale, in scale-index order."""
-        image = _as_rgb(input_image, "input_image")
+        image = _as_rgb(input_image, "input_image", "[H, W, C]")
         num_scales = tf.size(input_scales)
+        # No row at all would reach a DELG client as a sum of nothing, normalised: NaN.
+        nonempty = tf.debugging.Assert(
+            tf.size(input_global_scales_ind) > 0,
+            ["input_global_scales_ind must select at least one scale (a descriptor per "
+             "selected scale is returned; none selected gives no descriptor); received []"])
         in_range = tf.debugging.Assert(
             tf.reduce_all((input_global_scales_ind >= 0)
                           & (input_global_scales_ind < num_scales)),
@@ -277,7 +397,7 @@ class GlamServingModule(tf.Module):
             tf.reduce_all(tf.math.is_finite(scales) & (scales > 0)),
             ["input_scales selected by input_global_scales_ind must be finite and > 0; "
              "received", input_scales], summarize=64)
-        with tf.control_dependencies([in_range, valid]):
+        with tf.control_dependencies([nonempty, in_range, valid]):
             sizes = scaled_sizes(tf.shape(image)[:2], scales)
         check = _check_sizes(sizes, min_size=self.min_image_size,
                              max_pixels=self.max_scaled_pixels,
@@ -291,33 +411,64 @@ class GlamServingModule(tf.Module):
         tf.TensorSpec([None, None, None], tf.uint8, name="input_image")])
     def global_descriptor(self, input_image):
         """The paper's descriptor of one image: max-size resize, fixed scales, mean, L2."""
-        image = _as_rgb(input_image, "input_image")
+        image = _as_rgb(input_image, "input_image", "[H, W, C]")
         return {"global_descriptor": self._global_descriptor(image, "global_descriptor")}
 
     @tf.function(autograph=False, input_signature=[
         tf.TensorSpec([None, None, None, None], tf.uint8, name="input_images")])
     def batched_global_descriptors(self, input_images):
         """Same-size images already at their target size -> (B, D), fixed scales per image."""
-        images = _as_rgb(input_images, "input_images")
-        sizes = self._fixed_scale_sizes(tf.shape(images)[1:3], "batched_global_descriptors")
-        descriptors = self._descriptors_at_sizes(images, sizes)
-        return {"global_descriptors": tf.math.l2_normalize(
-            tf.reduce_mean(descriptors, axis=0), axis=-1)}
+        images = _as_rgb(input_images, "input_images", "[B, H, W, C]")
+        descriptors = tf.cond(tf.shape(images)[0] > 0, lambda: self._batched(images),
+                              lambda: tf.zeros([0, self.descriptor_dim]))
+        return {"global_descriptors": tf.ensure_shape(descriptors,
+                                                      [None, self.descriptor_dim])}
 
     @tf.function(autograph=False,
                  input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def global_descriptor_from_bytes(self, image_bytes):
-        """Encoded images (any size each) -> (B, D), each as `global_descriptor`."""
+        """Encoded images (any size each) -> (B, D), each as `global_descriptor`.
 
-        def one(encoded):
-            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-            image = tf.ensure_shape(image, [None, None, 3])
-            return self._global_descriptor(image, "global_descriptor_from_bytes")
+        Every image is checked from its header first (nothing decoded), then they are
+        decoded one at a time in a tf.data pipeline whose ignore_errors() turns a decoder
+        failure into a missing element, so the error can name the image's index.
+        """
+        num = tf.size(image_bytes)
+        indices = tf.range(num)
+        names = tf.strings.join(["global_descriptor_from_bytes: image_bytes[",
+                                 tf.strings.as_string(indices), "]"])
+        prepared, formats = tf.map_fn(
+            lambda args: self._checked_encoded(*args), (image_bytes, names),
+            parallel_iterations=1, fn_output_signature=(tf.string, tf.string))
 
-        descriptors = tf.map_fn(
-            one, image_bytes, parallel_iterations=1,
-            fn_output_signature=tf.TensorSpec([self.descriptor_dim], tf.float32))
-        return {"global_descriptors": tf.ensure_shape(descriptors,
+        def decode(index, data):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            return index, tf.ensure_shape(image, [None, None, 3])
+
+        # No prefetch (one decoded image at a time) and no per-call graph rewrites.
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        options.experimental_optimization.inject_prefetch = False
+        options.experimental_optimization.apply_default_optimizations = False
+        images = iter(tf.data.Dataset.from_tensor_slices((indices, prepared))
+                      .map(decode).ignore_errors().with_options(options))
+        out = tf.TensorArray(tf.float32, size=num,
+                             element_shape=tf.TensorShape([self.descriptor_dim]))
+
+        def body(k, out):
+            element = images.get_next_as_optional()
+            got = tf.cond(element.has_value(), lambda: element.get_value()[0],
+                          lambda: tf.constant(-1))
+            decoded = tf.debugging.Assert(tf.equal(got, k), [tf.strings.join([
+                names[k], " could not be decoded as ", formats[k], " (a damaged or truncated "
+                "file)."])])
+            with tf.control_dependencies([decoded]):
+                image = element.get_value()[1]
+            return k + 1, out.write(k, self._global_descriptor(image, names[k]))
+
+        _, out = tf.while_loop(lambda k, _: k < num, body, (tf.constant(0), out),
+                               parallel_iterations=1)
+        return {"global_descriptors": tf.ensure_shape(out.stack(),
                                                       [None, self.descriptor_dim])}
 
     def signatures(self) -> dict:
@@ -329,13 +480,12 @@ class GlamServingModule(tf.Module):
         return {name: getattr(self, name) for name in SIGNATURE_NAMES}
 
 
-def build_serving_module(model, *, scales=DEFAULT_SCALES, max_image_size=DEFAULT_MAX_IMAGE_SIZE,
-                         min_image_size=MIN_IMAGE_SIZE,
-                         max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS) -> GlamServingModule:
-    """The exported functions, usable in-process (module.global_descriptor(image) etc.)."""
-    return GlamServingModule(model, scales=scales, max_image_size=max_image_size,
-                             min_image_size=min_image_size,
-                             max_scaled_pixels=max_scaled_pixels)
+def build_serving_module(model, **kwargs) -> GlamServingModule:
+    """The exported functions, usable in-process (module.global_descriptor(image) etc.).
+
+    Keyword arguments: the export-time settings of GlamServingModule.
+    """
+    return GlamServingModule(model, **kwargs)
 
 
 def next_version(export_dir: str) -> int:
@@ -391,9 +541,8 @@ def _quiet_signature_renaming():
             logger.removeFilter(notice_filter)
 
 
-def export_saved_model(model, export_dir, *, version=None, scales=DEFAULT_SCALES,
-                       max_image_size=DEFAULT_MAX_IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
-                       max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS, extra_info=None) -> str:
+def export_saved_model(model, export_dir, *, version=None, extra_info=None,
+                       **settings) -> str:
     """Saves the serving module as `<export_dir>/<version>/` (TF Serving layout).
 
     The SavedModel is written to a hidden temporary folder next to it and renamed into
@@ -403,9 +552,11 @@ def export_saved_model(model, export_dir, *, version=None, scales=DEFAULT_SCALES
         model: keras.Model, float32 (B, H, W, 3) RGB in [0, 255] -> (B, D) unit rows.
         export_dir: model base path (created if missing).
         version: non-negative integer; None = next after the existing numbered folders.
-        scales, max_image_size, min_image_size, max_scaled_pixels: see GlamServingModule.
         extra_info: JSON-able dict stored with the export settings in
             `assets.extra/glam_export.json` (e.g. the ModelConfig, the checkpoint path).
+        **settings: the export-time settings of GlamServingModule (scales, max_image_size,
+            min_image_size, max_scaled_pixels, max_batch_pixels, max_decoded_pixels,
+            max_image_bytes), all recorded in glam_export.json.
 
     Returns:
         The version folder path.
@@ -413,9 +564,7 @@ def export_saved_model(model, export_dir, *, version=None, scales=DEFAULT_SCALES
     export_dir = os.fspath(export_dir)
     version = resolve_version(export_dir, version)
     final = os.path.join(export_dir, str(version))
-    module = build_serving_module(model, scales=scales, max_image_size=max_image_size,
-                                  min_image_size=min_image_size,
-                                  max_scaled_pixels=max_scaled_pixels)
+    module = build_serving_module(model, **settings)
     os.makedirs(export_dir, exist_ok=True)
     tmp = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:
@@ -430,6 +579,9 @@ def export_saved_model(model, export_dir, *, version=None, scales=DEFAULT_SCALES
             "max_image_size": module.max_image_size,
             "min_image_size": module.min_image_size,
             "max_scaled_pixels": module.max_scaled_pixels,
+            "max_batch_pixels": module.max_batch_pixels,
+            "max_decoded_pixels": module.max_decoded_pixels,
+            "max_image_bytes": module.max_image_bytes,
             "tensorflow_version": tf.__version__,
         }
         info.update(extra_info or {})

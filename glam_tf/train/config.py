@@ -119,6 +119,9 @@ class TrainConfig:
         export: export the SavedModel to <train_dir>/export at the end.
         export_scales: scales of the exported multi-scale descriptor.
         export_max_image_size: longer-side limit of the exported `global_descriptor`.
+        export_max_batch_pixels, export_max_decoded_pixels, export_max_image_bytes: the
+            exported signatures' request limits (glam_tf.export.serving's defaults:
+            max_batch_pixels, max_decoded_pixels, max_image_bytes).
         eval_dataset: evaluation set name ("roxford5k", "rparis6k", "synth", ...) or ""
             for none.
         eval_root: folder holding the evaluation set.
@@ -160,6 +163,9 @@ class TrainConfig:
     export: bool = True
     export_scales: tuple = (0.70710678, 1.0, 1.41421356)
     export_max_image_size: int = 1024
+    export_max_batch_pixels: int = 2**25
+    export_max_decoded_pixels: int = 2**27
+    export_max_image_bytes: int = 64 * 2**20
     eval_dataset: str = ""
     eval_root: str = ""
     eval_max_image_size: int = 1024
@@ -293,6 +299,16 @@ class TrainConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 32:
                 _fail(name, "must be an integer >= 32", v)
+        # Checked again by the export (serving.validate_export_args); here so a bad value
+        # fails before training, not after it. 2**23: the export's max_scaled_pixels.
+        for name, low in (("export_max_batch_pixels", 2**23), ("export_max_decoded_pixels", 1),
+                          ("export_max_image_bytes", 1)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < low:
+                _fail(name, f"must be an integer >= {low}", v)
+        if self.export_max_image_bytes >= 2**31:
+            _fail("export_max_image_bytes", "must be < 2**31 (a tf.string offset)",
+                  self.export_max_image_bytes)
         if bool(self.eval_dataset) != bool(self.eval_root):
             _fail("eval_root" if self.eval_dataset else "eval_dataset",
                   "must be set together with --eval_dataset / --eval_root",

@@ -311,7 +311,10 @@ def _export_and_evaluate(config: TrainConfig, model: keras.Model, result: TrainR
 
         result.export_dir = export_saved_model(
             final_model, os.path.join(config.train_dir, "export"),
-            scales=tuple(config.export_scales), max_image_size=config.export_max_image_size)
+            scales=tuple(config.export_scales), max_image_size=config.export_max_image_size,
+            max_batch_pixels=config.export_max_batch_pixels,
+            max_decoded_pixels=config.export_max_decoded_pixels,
+            max_image_bytes=config.export_max_image_bytes)
         logging.info("Exported the SavedModel to %s", result.export_dir)
     if config.eval_dataset:
         result.evaluation = reporting.evaluate(final_model, config, step=result.final_step)

@@ -1,0 +1,218 @@
+"""Image size from the encoded header, in the graph (no decoding), and a GIF's first frame.
+
+TensorFlow ops only (tf.strings.substr, tf.io.decode_raw, integer arithmetic), so the
+SavedModel signatures that use them run in TF Serving without Python. They read a few bytes
+at a time: the cost does not depend on the declared image size, and a hostile file that
+declares a huge canvas is refused before a decoder allocates it.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+UNKNOWN, JPEG, PNG, GIF, BMP, WEBP = range(6)
+FORMAT_NAMES = ("unknown", "JPEG", "PNG", "GIF", "BMP", "WebP")
+# Header walks (JPEG segments before the frame header, GIF blocks before the first image)
+# stop after this many steps: real files need tens; a file made of thousands of empty
+# segments is refused instead of costing a loop iteration per 2 bytes.
+MAX_HEADER_STEPS = 4096
+# GIF data sub-blocks are skipped a chunk at a time (pointer doubling inside the chunk), so
+# the cost is O(bytes), whatever the sub-block sizes.
+_GIF_CHUNK = 1 << 16
+_SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+
+
+def _int(value) -> tf.Tensor:
+    return tf.constant(value, tf.int64)
+
+
+def _read(data: tf.Tensor, pos, n: int) -> tf.Tensor:
+    """Bytes [pos, pos + n) of a scalar string as int64 (n,), zero past the end."""
+    length = tf.strings.length(data)
+    pos = tf.clip_by_value(tf.cast(pos, tf.int32), 0, length)
+    raw = tf.io.decode_raw(tf.strings.substr(data, pos, n), tf.uint8)
+    raw = tf.pad(raw, [[0, n - tf.size(raw)]])
+    return tf.ensure_shape(tf.cast(raw, tf.int64), [n])
+
+
+def _le(b, i: int, n: int):
+    return sum(b[i + k] * (1 << (8 * k)) for k in range(n))
+
+
+def _be(b, i: int, n: int):
+    return sum(b[i + k] * (1 << (8 * (n - 1 - k))) for k in range(n))
+
+
+def _signed32(x):
+    return tf.where(x >= 1 << 31, x - (1 << 32), x)
+
+
+def _matches(b, offset: int, magic: bytes):
+    return tf.reduce_all(tf.equal(b[offset:offset + len(magic)],
+                                  tf.constant(list(magic), tf.int64)))
+
+
+def _jpeg_size(data: tf.Tensor):
+    """(height, width) from the first SOFn segment (baseline, progressive, lossless...)."""
+    length = tf.cast(tf.strings.length(data), tf.int64)
+    sof = tf.constant(_SOF_MARKERS, tf.int64)
+
+    def body(step, pos, h, w, done):
+        b = _read(data, pos, 9)
+        marker = b[1]
+        is_sof = tf.reduce_any(tf.equal(marker, sof))
+        standalone = ((marker >= 0xD0) & (marker <= 0xD7)) | tf.equal(marker, 0x01)
+        fill = tf.equal(marker, 0xFF)
+        # Not a marker, end of image, start of scan before a frame header, or past the end.
+        broken = (tf.not_equal(b[0], 0xFF) | tf.equal(marker, 0xD9) | tf.equal(marker, 0xDA)
+                  | (pos + 4 > length))
+        step_len = tf.where(fill, _int(1), tf.where(standalone, _int(2), 2 + _be(b, 2, 2)))
+        found = is_sof & ~broken
+        return (step + 1, pos + step_len, tf.where(found, _be(b, 5, 2), h),
+                tf.where(found, _be(b, 7, 2), w), found | broken)
+
+    init = (_int(0), _int(2), _int(-1),
+            _int(-1), tf.constant(False))
+    _, _, h, w, _ = tf.while_loop(
+        lambda step, pos, h, w, done: (~done) & (step < MAX_HEADER_STEPS), body, init)
+    return h, w
+
+
+def _skip_sub_blocks(data: tf.Tensor, start) -> tf.Tensor:
+    """Position after the chain of GIF data sub-blocks at `start` (-1: it runs off the end).
+
+    A chain is size byte s, s data bytes, next size byte, ..., a 0 size byte. Per chunk,
+    next[i] = i + 1 + byte[i] is followed by doubling (next = next[next], 16 times), which
+    takes position 0 to the chain's terminator in the chunk or to its first position past it.
+    """
+
+    def body(pos, end):
+        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(
+            data, tf.cast(tf.minimum(pos, tf.cast(tf.strings.length(data), tf.int64)),
+                          tf.int32), _GIF_CHUNK), tf.uint8), tf.int32)
+        size = tf.size(raw)
+        index = tf.range(size)
+        nxt = tf.where(tf.equal(raw, 0), index, index + 1 + raw)
+        tail = tf.range(size, size + 257)      # positions past the chunk stay where they are
+        for _ in range(_GIF_CHUNK.bit_length()):
+            nxt = tf.gather(tf.concat([nxt, tail], 0), nxt)
+        r = tf.cast(tf.concat([nxt, [size]], 0)[0], tf.int64)   # [size]: empty chunk
+        inside = r < tf.cast(size, tf.int64)
+        ran_off = ~inside & (size < _GIF_CHUNK)
+        end = tf.where(inside, pos + r + 1, tf.where(ran_off, _int(-1), end))
+        return pos + r, end
+
+    _, end = tf.while_loop(lambda pos, end: tf.equal(end, -2), body,
+                           (tf.cast(start, tf.int64), _int(-2)))
+    return end
+
+
+def _colour_table_size(packed):
+    """Bytes of the GIF colour table a packed-fields byte announces (flag 0x80, 3 * 2^(n+1))."""
+    n = tf.bitwise.bitwise_and(packed, 7)
+    return tf.where(packed >= 0x80, 3 * tf.bitwise.left_shift(_int(2), n), _int(0))
+
+
+def _gif_first_frame(data: tf.Tensor):
+    """(frame height, frame width, end of the first image's data or -1) of a GIF."""
+    lsd = _read(data, 0, 13)
+    packed = lsd[10]
+    start = 13 + _colour_table_size(packed)
+
+    def body(step, pos, h, w, end):
+        b = _read(data, pos, 10)
+        is_ext, is_image = tf.equal(b[0], 0x21), tf.equal(b[0], 0x2C)
+        # Extension: introducer, label, sub-blocks. Image: 10-byte descriptor, local colour
+        # table, LZW minimum code size, sub-blocks.
+        chain = tf.where(is_ext, pos + 2, pos + 10 + _colour_table_size(b[9]) + 1)
+        after = tf.cond(is_ext | is_image, lambda: _skip_sub_blocks(data, chain),
+                        lambda: _int(-1))
+        end = tf.where(is_image, after, tf.where(is_ext & (after >= 0), end, _int(-1)))
+        return (step + 1, after, tf.where(is_image, _le(b, 7, 2), h),
+                tf.where(is_image, _le(b, 5, 2), w), end)
+
+    init = (_int(0), start, _int(-1),
+            _int(-1), _int(-2))
+    _, _, h, w, end = tf.while_loop(
+        lambda step, pos, h, w, end: tf.equal(end, -2) & (step < MAX_HEADER_STEPS), body, init)
+    return h, w, tf.where(tf.equal(end, -2), _int(-1), end)
+
+
+def encoded_image_size(data: tf.Tensor):
+    """Format, height and width an encoded image declares, read from its header.
+
+    Args:
+        data: scalar tf.string, the encoded file.
+
+    Returns:
+        `(format, height, width, frame_end)` int64 scalars: format one of UNKNOWN, JPEG,
+        PNG, GIF, BMP, WEBP (FORMAT_NAMES); height and width -1 when the header is
+        truncated or damaged (a negative BMP height, top-down rows, counts as its absolute
+        value); for a GIF, height and width cover both the logical screen and the first
+        frame (the larger of each), and frame_end is the byte offset just after the first
+        image's data (-1 if not found); frame_end is -1 for other formats.
+    """
+    b = _read(data, 0, 30)
+    minus1 = _int(-1)
+    is_jpeg = _matches(b, 0, b"\xff\xd8\xff")
+    is_png = _matches(b, 0, b"\x89PNG\r\n\x1a\n")
+    is_gif = _matches(b, 0, b"GIF87a") | _matches(b, 0, b"GIF89a")
+    is_bmp = _matches(b, 0, b"BM")
+    is_webp = _matches(b, 0, b"RIFF") & _matches(b, 8, b"WEBP")
+    fmt = tf.cast(tf.where(is_jpeg, JPEG, tf.where(is_png, PNG, tf.where(
+        is_gif, GIF, tf.where(is_bmp, BMP, tf.where(is_webp, WEBP, UNKNOWN))))), tf.int64)
+
+    def png():
+        ok = _matches(b, 12, b"IHDR")
+        return tf.where(ok, _be(b, 20, 4), minus1), tf.where(ok, _be(b, 16, 4), minus1)
+
+    def bmp():
+        core = tf.equal(_le(b, 14, 4), 12)               # BITMAPCOREHEADER: 16-bit sizes
+        h = tf.where(core, _le(b, 20, 2), tf.abs(_signed32(_le(b, 22, 4))))
+        w = tf.where(core, _le(b, 18, 2), _signed32(_le(b, 18, 4)))
+        return h, w
+
+    def webp():
+        vp8 = _matches(b, 12, b"VP8 ") & _matches(b, 23, b"\x9d\x01\x2a")
+        vp8l = _matches(b, 12, b"VP8L") & tf.equal(b[20], 0x2F)
+        vp8x = _matches(b, 12, b"VP8X")
+        # VP8: 14-bit sizes after the start code; VP8L: 14-bit (size - 1) fields packed
+        # little-endian after the 0x2F signature; VP8X: 24-bit (canvas size - 1).
+        and_ = tf.bitwise.bitwise_and
+        h = tf.where(vp8, and_(_le(b, 28, 2), 0x3FFF), tf.where(
+            vp8l, 1 + and_(tf.bitwise.right_shift(_le(b, 22, 3), 6), 0x3FFF),
+            tf.where(vp8x, 1 + _le(b, 27, 3), minus1)))
+        w = tf.where(vp8, and_(_le(b, 26, 2), 0x3FFF), tf.where(
+            vp8l, 1 + and_(_le(b, 21, 2), 0x3FFF),
+            tf.where(vp8x, 1 + _le(b, 24, 3), minus1)))
+        return h, w
+
+    def gif():
+        fh, fw, end = _gif_first_frame(data)
+        return tf.maximum(_le(b, 8, 2), fh), tf.maximum(_le(b, 6, 2), fw), end
+
+    def with_end(fn):
+        return lambda: (*fn(), minus1)
+
+    h, w, end = tf.switch_case(tf.cast(fmt, tf.int32), [
+        lambda: (minus1, minus1, minus1), with_end(lambda: _jpeg_size(data)), with_end(png), gif,
+        with_end(bmp), with_end(webp)])
+    # Sizes the decoders would refuse anyway; also 0 x N (nothing to describe).
+    bad = (h < 1) | (w < 1)
+    return fmt, tf.where(bad, minus1, h), tf.where(bad, minus1, w), end
+
+
+def is_animated_webp(data: tf.Tensor) -> tf.Tensor:
+    """Whether a WebP file's VP8X header sets the animation flag (scalar bool)."""
+    b = _read(data, 0, 21)
+    return (_matches(b, 0, b"RIFF") & _matches(b, 8, b"WEBPVP8X")
+            & tf.not_equal(tf.bitwise.bitwise_and(b[20], 0x02), 0))
+
+
+def first_gif_frame(data: tf.Tensor, frame_end) -> tf.Tensor:
+    """The GIF cut after its first image's data, with the trailer byte (0x3B) appended.
+
+    TF's GIF decoder (giflib's DGifSlurp) decodes every frame before returning the first
+    one; cut, the file has one frame and decodes to the same first frame.
+    """
+    return tf.strings.join([tf.strings.substr(data, 0, tf.cast(frame_end, tf.int32)), "\x3b"])
