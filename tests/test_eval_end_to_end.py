@@ -13,50 +13,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import keras
 from glam_tf.eval import evaluator, extract, models, report
 from glam_tf.export import export_saved_model, build_serving_module
 from glam_tf.model import ModelConfig, build_descriptor_model
-from test_eval_metrics import _ref_compute_map
-
-SCALES = (0.70710678, 1.0)
-MAX_SIZE = 64
-
-
-def write_tiny_revisited(root, *, distractors=True):
-    """roxford5k layout: 8 database images (db7 undecodable), 3 queries with boxes (q2
-    undecodable), and 3 revisitop1m distractors (one undecodable)."""
-    rng = np.random.default_rng(0)
-    jpg = root / "roxford5k" / "jpg"
-    jpg.mkdir(parents=True)
-    imlist = [f"db{i}" for i in range(8)]
-    qimlist = ["q0", "q1", "q2"]
-    base = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
-    for i, name in enumerate(imlist + qimlist):
-        img = np.roll(base, 5 * i, axis=1)
-        img = 255 - img if i % 2 else img
-        if i % 3 == 2:
-            img = img.transpose(1, 0, 2)
-        Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2)).save(jpg / f"{name}.jpg")
-    (jpg / "db7.jpg").write_bytes(b"not an image")
-    (jpg / "q2.jpg").write_bytes(b"")
-    gnd = [{"bbx": [4.0, 6.5, 120.0, 90.0], "easy": np.array([0, 1]), "hard": np.array([2]),
-            "junk": np.array([3])},
-           {"bbx": [0.0, 0.0, 500.0, 500.0],  # clipped to the image
-            "easy": np.array([4]), "hard": np.array([7]), "junk": np.array([], dtype=int)},
-           {"bbx": [0.0, 0.0, 10.0, 10.0], "easy": np.array([5]), "hard": np.array([6]),
-            "junk": np.array([], dtype=int)}]
-    with open(root / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
-        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f, protocol=2)
-    if distractors:
-        d = root / "revisitop1m" / "jpg" / "0" / "00"
-        d.mkdir(parents=True)
-        for k in range(3):
-            Image.fromarray(np.full((40, 56, 3), 40 * k, np.uint8)).save(d / f"x{k}.jpg")
-        (d / "x1.jpg").write_bytes(b"")
-        (root / "revisitop1m" / "revisitop1m.txt").write_text(
-            "0/00/x0.jpg\n0/00/x1.jpg\n0/00/x2.jpg\n")
-    return imlist, qimlist, gnd
+from helpers import MAX_SIZE, SCALES, fake_backend, ref_compute_map, write_tiny_revisited
+from keras_helpers import tiny_keras_model
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +107,7 @@ def test_evaluator_end_to_end_tiny_revisited(tmp_path, glam_backend, train_dir, 
                             ("hard", ["hard"], ["junk", "easy"])):
         g = [{"ok": np.concatenate([x[k] for k in pos]),
               "junk": np.concatenate([x[k] for k in ign])} for x in gnd[:2]]
-        ref_map, ref_pr, ref_aps = _ref_compute_map(ranking, g)
+        ref_map, ref_pr, ref_aps = ref_compute_map(ranking, g)
         assert res["metrics"][setup]["mAP"] == pytest.approx(100 * ref_map, abs=0.006)
         assert res["metrics"][setup]["mP@10"] == pytest.approx(100 * ref_pr[2], abs=0.006)
         for i in range(2):
@@ -215,15 +176,8 @@ def test_oxford_query_crops_as_real_retrieval_set(tmp_path, shared_data, glam_ba
         assert pq["ap"]["medium"] == pytest.approx(ap, abs=1e-6)
 
 
-def _tiny_keras_model():
-    inputs = keras.Input((None, None, 3))
-    x = keras.layers.GlobalAveragePooling2D()(inputs)
-    x = keras.layers.Dense(8, kernel_initializer=keras.initializers.RandomNormal(seed=1))(x)
-    return keras.Model(inputs, keras.layers.UnitNormalization()(x))
-
-
 def test_saved_model_batched_and_delg_signatures(tmp_path):
-    model = _tiny_keras_model()
+    model = tiny_keras_model()
     base = tmp_path / "models" / "glam"
     export_saved_model(model, str(base), version=3, scales=SCALES, max_image_size=MAX_SIZE)
     export_saved_model(model, str(base), version=12, scales=SCALES, max_image_size=MAX_SIZE)
@@ -279,8 +233,6 @@ def test_saved_model_batched_and_delg_signatures(tmp_path):
 def test_original_protocol_end_to_end(tmp_path, capsys):
     """Oxford5k-format ground truth (queries are database images, good + ok positives, junk
     ignored, `oxc1_` prefixes) scored with a NumPy back-end: mAP only, as the reference."""
-    from test_eval_extract import _backend  # pylint: disable=import-outside-toplevel
-
     rng = np.random.default_rng(3)
     jpg = tmp_path / "data" / "oxford5k" / "jpg"
     gt = tmp_path / "data" / "oxford5k" / "gt_files"
@@ -295,7 +247,7 @@ def test_original_protocol_end_to_end(tmp_path, capsys):
         (gt / f"{qid}_query.txt").write_text(f"oxc1_{img} 2.0 3.5 38.0 27.0\n")
         for kind, lst in (("good", good), ("ok", ok), ("junk", junk)):
             (gt / f"{qid}_{kind}.txt").write_text("".join(f"{n}\n" for n in lst))
-    res = evaluator.run_evaluation(backend=_backend(), dataset="oxford5k",
+    res = evaluator.run_evaluation(backend=fake_backend(), dataset="oxford5k",
                                    data_root=str(tmp_path / "data"),
                                    output_dir=str(tmp_path / "out"), max_image_size=48)
     assert res["protocol"] == "original" and list(res["metrics"]) == ["original"]
@@ -310,5 +262,5 @@ def test_original_protocol_end_to_end(tmp_path, capsys):
     ranking = np.argsort(-(q @ db.T), axis=1, kind="stable").T
     g = [{"ok": [imlist.index(n) for n in good + ok], "junk": [imlist.index(n) for n in junk]}
          for _, good, ok, junk in queries.values()]
-    ref_map, _, _ = _ref_compute_map(ranking, g)
+    ref_map, _, _ = ref_compute_map(ranking, g)
     assert res["metrics"]["original"]["mAP"] == pytest.approx(100 * ref_map, abs=0.006)

@@ -14,18 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glam_tf.eval import extract, models
+from glam_tf.eval import extract
+from helpers import fake_backend, fake_descriptor_fn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _fake_fn(images):
-    """A deterministic NumPy 'model': colour statistics and the size, L2-normalised."""
-    x = images.astype(np.float64) / 255.0
-    feats = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)),
-                            np.tile([[images.shape[1] / 100, images.shape[2] / 100]],
-                                    (len(images), 1))], axis=1)
-    return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
 
 
 class _Recorder:
@@ -34,12 +26,7 @@ class _Recorder:
 
     def __call__(self, images):
         self.shapes.append(images.shape)
-        return _fake_fn(images)
-
-
-def _backend(fn=_fake_fn, fingerprint="fake-v1"):
-    return models.DescriptorBackend(fn=fn, scales=(0.70710678, 1.0), info={"kind": "fake"},
-                                    fingerprint=fingerprint)
+        return fake_descriptor_fn(images)
 
 
 def _crops(shared_data):
@@ -104,7 +91,7 @@ def test_batched_sharded_extraction_of_real_photos(tmp_path, shared_data):
     folder, rows = _crops(shared_data)
     items = [extract.ImageItem(r["filename"], str(folder / r["filename"])) for r in rows]
     rec = _Recorder()
-    st = extract.extract_split(items, str(tmp_path / "f"), _backend(rec), max_image_size=64,
+    st = extract.extract_split(items, str(tmp_path / "f"), fake_backend(rec), max_image_size=64,
                                batch_size=4, shard_size=20, name="crops")
     assert st.complete and st.done_now == [0, 1, 2] and st.images_done == 55
     # same-size batches of up to 4, fewer calls than images
@@ -117,23 +104,23 @@ def test_batched_sharded_extraction_of_real_photos(tmp_path, shared_data):
     for k in (0, 17, 54):
         r = rows[k]
         (h, w), _ = extract.target_size(int(r["width"]), int(r["height"]), None, 64,
-                                        min_side=_backend().min_side())
-        one = _fake_fn(extract.load_image(items[k], (h, w))[None])[0]
+                                        min_side=fake_backend().min_side())
+        one = fake_descriptor_fn(extract.load_image(items[k], (h, w))[None])[0]
         np.testing.assert_allclose(merged.descriptors[k], one, rtol=1e-6)
     for s in range(3):
         assert (tmp_path / "f" / f"shard-{s:05d}.npy").is_file()
         record = json.loads((tmp_path / "f" / f"shard-{s:05d}.json").read_text())
         assert record["ids"] == [it.id for it in items[20 * s:20 * s + 20]]
     # a second run finds everything done
-    again = extract.extract_split(items, str(tmp_path / "f"), _backend(rec), max_image_size=64,
+    again = extract.extract_split(items, str(tmp_path / "f"), fake_backend(rec), max_image_size=64,
                                   batch_size=4, shard_size=20)
     assert again.done_now == [] and again.done_before == [0, 1, 2]
     # other settings in the same folder are refused
     with pytest.raises(ValueError, match="other settings.*max_image_size"):
-        extract.extract_split(items, str(tmp_path / "f"), _backend(), max_image_size=96,
+        extract.extract_split(items, str(tmp_path / "f"), fake_backend(), max_image_size=96,
                               batch_size=4, shard_size=20)
     with pytest.raises(ValueError, match="backend"):
-        extract.extract_split(items, str(tmp_path / "f"), _backend(fingerprint="other"),
+        extract.extract_split(items, str(tmp_path / "f"), fake_backend(fingerprint="other"),
                               max_image_size=64, batch_size=4, shard_size=20)
 
 
@@ -154,17 +141,17 @@ def test_multi_host_shards_and_merge_check(tmp_path):
     (tmp_path / "img" / "i4.jpg").write_bytes(b"broken")
     out = str(tmp_path / "hosts")
     for host in (0, 1):
-        st = extract.extract_split(items, out, _backend(), max_image_size=48, batch_size=2,
+        st = extract.extract_split(items, out, fake_backend(), max_image_size=48, batch_size=2,
                                    shard_size=2, num_shards=3, shard_index=host)
         assert st.mine == [s for s in range(5) if s % 3 == host]
     assert not st.complete and st.missing == [2]
     with pytest.raises(FileNotFoundError, match=r"1 of 5 shards .*shards 2\).*--shard_index \[2\]"):
         extract.merge_shards(out, [it.id for it in items], num_hosts=3)
-    extract.extract_split(items, out, _backend(), max_image_size=48, batch_size=2,
+    extract.extract_split(items, out, fake_backend(), max_image_size=48, batch_size=2,
                           shard_size=2, num_shards=3, shard_index=2)
     merged = extract.merge_shards(out, [it.id for it in items], num_hosts=3)
     single = str(tmp_path / "single")
-    extract.extract_split(items, single, _backend(), max_image_size=48, batch_size=2,
+    extract.extract_split(items, single, fake_backend(), max_image_size=48, batch_size=2,
                           shard_size=2)
     ref = extract.merge_shards(single, [it.id for it in items])
     np.testing.assert_array_equal(merged.descriptors, ref.descriptors)
@@ -175,7 +162,7 @@ def test_multi_host_shards_and_merge_check(tmp_path):
     with pytest.raises(ValueError, match="ids differ"):
         extract.merge_shards(out, [it.id for it in reversed(items)])
     with pytest.raises(ValueError, match="shard_index"):
-        extract.extract_split(items, out, _backend(), shard_size=2, num_shards=2, shard_index=2)
+        extract.extract_split(items, out, fake_backend(), shard_size=2, num_shards=2, shard_index=2)
 
 
 _CHILD = textwrap.dedent("""
@@ -185,14 +172,14 @@ _CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     sys.path.insert(0, {tests!r})
     from glam_tf.eval import extract
-    import test_eval_extract as t
+    import helpers
     logging.set_verbosity(logging.INFO)
     delay = float(sys.argv[1])
     def slow(images):
         time.sleep(delay)
-        return t._fake_fn(images)
+        return helpers.fake_descriptor_fn(images)
     items = [extract.ImageItem(f"i{{i}}", p) for i, p in enumerate(sys.argv[3:])]
-    st = extract.extract_split(items, sys.argv[2], t._backend(slow), max_image_size=48,
+    st = extract.extract_split(items, sys.argv[2], helpers.fake_backend(slow), max_image_size=48,
                                batch_size=1, shard_size=2, log_every_s=0.0, name="child")
     print("DONE", st.done_before, st.done_now)
 """)
@@ -232,7 +219,7 @@ def test_resume_after_sigkill(tmp_path):
     assert not list(out.glob("*.tmp-*"))
     merged = extract.merge_shards(str(out), [it.id for it in items])
     ref_dir = str(tmp_path / "ref")
-    extract.extract_split(items, ref_dir, _backend(), max_image_size=48, batch_size=1,
+    extract.extract_split(items, ref_dir, fake_backend(), max_image_size=48, batch_size=1,
                           shard_size=2)
     ref = extract.merge_shards(ref_dir, [it.id for it in items])
     np.testing.assert_array_equal(merged.descriptors, ref.descriptors)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from helpers import MAX_SIZE, SCALES, write_tiny_revisited
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("eval_roxford5k", "eval_rparis6k", "eval_roxford5k_1m", "eval_rparis6k_1m",
            "eval_oxford5k", "eval_paris6k", "eval_synth")
@@ -81,15 +83,15 @@ def test_flagfiles_parse(tmp_path):
 
 
 def test_two_hosts_then_merge_from_the_command_line(tmp_path):
-    import test_eval_end_to_end as e2e  # pylint: disable=import-outside-toplevel
     from glam_tf.export import export_saved_model  # pylint: disable=import-outside-toplevel
+    from keras_helpers import tiny_keras_model  # pylint: disable=import-outside-toplevel
 
-    e2e.write_tiny_revisited(tmp_path / "data")
-    export_saved_model(e2e._tiny_keras_model(), str(tmp_path / "glam"), version=1,
-                       scales=e2e.SCALES, max_image_size=e2e.MAX_SIZE)
+    write_tiny_revisited(tmp_path / "data")
+    export_saved_model(tiny_keras_model(), str(tmp_path / "glam"), version=1,
+                       scales=SCALES, max_image_size=MAX_SIZE)
     common = ["--flagfile=configs/eval_roxford5k_1m.flags", f"--data_root={tmp_path / 'data'}",
               f"--output_dir={tmp_path / 'out'}", "--max_image_size=64", "--shard_size=2",
-              f"--scales={','.join(map(str, e2e.SCALES))}",
+              f"--scales={','.join(map(str, SCALES))}",
               "--num_shards=2", "--visualize=q1"]
     res = _run([*common, f"--model={tmp_path / 'glam'}", "--stage=extract", "--shard_index=0"])
     assert res.returncode == 0, res.stderr
@@ -104,7 +106,7 @@ def test_two_hosts_then_merge_from_the_command_line(tmp_path):
     results = json.loads((tmp_path / "out" / "results-roxford5k+1m.json").read_text())
     assert results["counts"]["undecodable_database"] == 2
     assert results["model"]["signature"] == "batched_global_descriptors"
-    assert results["settings"]["scales"] == list(e2e.SCALES)
+    assert results["settings"]["scales"] == list(SCALES)
     assert os.path.isfile(results["outputs"]["png"])
     # scoring again needs no model: the evaluate stage alone gives the same numbers
     res = _run([*common, "--stage=evaluate"], 60)

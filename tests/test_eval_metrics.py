@@ -7,51 +7,7 @@ import pytest
 
 from glam_tf.eval import metrics
 from glam_tf.eval.search import exact_search
-
-
-# ---------------------------------------------------------------------------------------
-# Independent reference: cirtorch utils/evaluate.py, written the straightforward way.
-
-def _ref_compute_ap(ranks, nres):
-    ap = 0.0
-    recall_step = 1.0 / nres
-    for j, rank in enumerate(ranks):
-        precision_0 = 1.0 if rank == 0 else float(j) / rank
-        precision_1 = float(j + 1) / (rank + 1)
-        ap += (precision_0 + precision_1) * recall_step / 2.0
-    return ap
-
-
-def _ref_compute_map(ranking, gnd, kappas=(1, 5, 10)):
-    """ranking: (N, Q) full argsort; gnd: per query {'ok': positives, 'junk': ignored}."""
-    nq = len(gnd)
-    aps, prs, nempty = np.zeros(nq), np.zeros((nq, len(kappas))), 0
-    for i in range(nq):
-        qgnd = np.array(gnd[i]["ok"])
-        if qgnd.shape[0] == 0:
-            aps[i] = np.nan
-            prs[i] = np.nan
-            nempty += 1
-            continue
-        qgndj = np.array(gnd[i]["junk"])
-        pos = np.arange(ranking.shape[0])[np.isin(ranking[:, i], qgnd)]
-        junk = np.arange(ranking.shape[0])[np.isin(ranking[:, i], qgndj)]
-        k, ij = 0, 0
-        if len(junk):
-            ip = 0
-            while ip < len(pos):
-                while ij < len(junk) and pos[ip] > junk[ij]:
-                    k += 1
-                    ij += 1
-                pos[ip] = pos[ip] - k
-                ip += 1
-        aps[i] = _ref_compute_ap(pos, len(qgnd))
-        pos = pos + 1
-        for j, kap in enumerate(kappas):
-            kq = min(max(pos), kap)
-            prs[i, j] = (pos <= kq).sum() / kq
-    valid = ~np.isnan(aps)
-    return aps[valid].mean(), prs[valid].mean(axis=0), aps
+from helpers import ref_compute_map
 
 
 def _ref_revisited(scores, gnd):
@@ -63,7 +19,7 @@ def _ref_revisited(scores, gnd):
                                        ("hard", ["hard"], ["junk", "easy"])):
         g = [{"ok": np.concatenate([q[k] for k in pos_keys]),
               "junk": np.concatenate([q[k] for k in junk_keys])} for q in gnd]
-        m, pr, _ = _ref_compute_map(ranking, g)
+        m, pr, _ = ref_compute_map(ranking, g)
         out[setup] = (100 * m, 100 * pr)
     return out
 

@@ -17,6 +17,7 @@ from glam_tf.model import (
     LocalChannelAttention,
     LocalSpatialAttention,
 )
+from keras_helpers import run_layer_test
 
 B, H, W, C, CP = 2, 5, 7, 16, 4
 TOL = 1e-4
@@ -171,17 +172,22 @@ def assert_close(actual, expected, tol=TOL):
     assert err < tol, f"max abs error {err:.3g} >= {tol}"
 
 
-def roundtrip_same_outputs(layer, f, **call_kwargs):
-    """from_config(get_config()) with the same weights gives the same outputs."""
-    clone = type(layer).from_config(layer.get_config())
-    clone.build(f.shape)
-    clone.set_weights(layer.get_weights())
-    assert clone.get_config() == layer.get_config()
-    np.testing.assert_allclose(np.asarray(clone(f, **call_kwargs)),
-                               np.asarray(layer(f, **call_kwargs)), atol=1e-6)
-
-
 # ----------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("layer_cls,kwargs", [
+    (LocalChannelAttention, {"kernel_size": 3}),
+    (LocalSpatialAttention, {"reduced_channels": CP, "dilations": (1, 2, 3)}),
+    (GlobalChannelAttention, {"kernel_size": 3}),
+    (GlobalSpatialAttention, {"reduced_channels": CP}),
+    *[(GlamModule, {"variant": v, "reduced_channels": CP, "kernel_size": 3})
+      for v in MODULE_VARIANTS],
+    (GlamModule, {"variant": "global+local", "reduced_channels": CP,
+                  "zero_init_attention": True}),
+], ids=lambda v: v.__name__ if isinstance(v, type) else "-".join(map(str, v.values())))
+def test_layer_basics(feats, layer_cls, kwargs):
+    """Shapes, config and .keras round trips (same outputs), float32 and mixed_bfloat16."""
+    run_layer_test(layer_cls, kwargs, feats, expected_output_shape=(B, H, W, C))
+
 
 def test_local_channel_attention_matches_numpy(feats):
     layer = LocalChannelAttention(kernel_size=3, name="lc")
@@ -195,7 +201,6 @@ def test_local_channel_attention_matches_numpy(feats):
     assert_close(out, out_ref)
     assert_close(layer(feats), out_ref)
     assert layer.conv.name == "lc_conv"
-    roundtrip_same_outputs(layer, feats)
 
 
 def test_local_spatial_attention_matches_numpy(feats):
@@ -214,7 +219,6 @@ def test_local_spatial_attention_matches_numpy(feats):
     assert float(np.min(a)) < 0 < float(np.max(a))
     assert [c.name for c in layer.dilated_convs] == ["ls_conv_d1", "ls_conv_d2", "ls_conv_d3"]
     assert [c.dilation_rate for c in layer.dilated_convs] == [(1, 1), (2, 2), (3, 3)]
-    roundtrip_same_outputs(layer, feats)
 
 
 def test_local_spatial_dilations_are_not_interchangeable(feats):
@@ -252,7 +256,6 @@ def test_global_channel_attention_matches_numpy_and_softmax_runs_over_keys(feats
     # Query and key are two separate convs (one public version reuses the query conv).
     assert layer.conv_query is not layer.conv_key
     assert [layer.conv_query.name, layer.conv_key.name] == ["gc_conv_query", "gc_conv_key"]
-    roundtrip_same_outputs(layer, f)
 
 
 @pytest.mark.parametrize("bias", [0.0, 12.0])
@@ -319,7 +322,6 @@ def test_global_spatial_attention_matches_numpy_and_softmax_runs_over_keys(feats
     assert np.max(np.abs(np.asarray(out) - out_t)) > 0.1
     target = np.random.default_rng(6).normal(size=feats.shape).astype("float32")
     assert_close(layer(feats, target=target), ref_global_spatial(layer, feats, target)[1])
-    roundtrip_same_outputs(layer, feats)
 
 
 def test_global_spatial_has_no_1_over_sqrt_c_scaling(feats):
@@ -366,7 +368,6 @@ def test_glam_module_variant_matches_numpy(feats, variant):
     out, maps = module(feats, return_attention=True)
     assert_close(out, ref_glam(module, feats))
     assert set(maps) >= present
-    roundtrip_same_outputs(module, feats)
 
 
 def test_glam_fusion_weights_follow_beta(feats):

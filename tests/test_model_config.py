@@ -1,7 +1,6 @@
 """ModelConfig validation and serialisation; backbone construction and its weight errors."""
 
 import json
-import urllib.error
 
 import numpy as np
 import pytest
@@ -79,16 +78,11 @@ def test_build_descriptor_model_validates_first():
 
 @pytest.fixture
 def offline_keras_cache(tmp_path, monkeypatch):
-    """Empty Keras cache dir, and any download fails at once like on an offline machine."""
-    from keras.src.backend import config as keras_config
-    from keras.src.utils import file_utils
-
-    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras_home"))
-
-    def offline(url, *args, **kwargs):
-        raise urllib.error.URLError("[Errno -2] Name or service not known (test)")
-
-    monkeypatch.setattr(file_utils, "urlretrieve", offline)
+    """Empty Keras cache dir, and any download fails at once like on an offline machine
+    (the weights URL points into a folder that does not exist: urllib raises URLError)."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setattr(backbone_lib, "IMAGENET_WEIGHTS_URL",
+                        (tmp_path / "offline").as_uri() + "/")
     return tmp_path / "keras_home" / "models"
 
 
@@ -110,15 +104,13 @@ def test_imagenet_weights_are_read_from_the_keras_cache(offline_keras_cache, mon
                                                         tmp_path):
     """A file placed at <keras home>/models/<file> is used without any download (the same
     loader serves --weights=<path>)."""
-    from keras.src.legacy.saving import legacy_h5_format
-    import h5py
-
     source = build_backbone("resnet50", "none", model_name="source")
     offline_keras_cache.mkdir(parents=True)
     path = offline_keras_cache / imagenet_weights_file("resnet50")
-    with h5py.File(path, "w") as f:  # the legacy .h5 layout of the Keras ImageNet files
-        legacy_h5_format.save_weights_to_hdf5_group(f, source)
-    monkeypatch.setattr(backbone_lib, "_imagenet_file_hash", lambda name: None)
+    # A legacy .h5 file (model.save to a .h5 path): its "model_weights" group has the
+    # layout of the Keras ImageNet files, and load_weights reads it the same way.
+    source.save(path)
+    monkeypatch.setitem(backbone_lib.IMAGENET_NOTOP_MD5, "resnet50", None)  # any file goes
     model = build_backbone("resnet50", "imagenet")
     for a, b in zip(model.get_weights(), source.get_weights()):
         np.testing.assert_array_equal(a, b)

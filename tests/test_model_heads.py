@@ -16,6 +16,7 @@ from glam_tf.model import (
     gem,
     l2_normalize,
 )
+from keras_helpers import run_layer_test
 
 
 # ----------------------------------------------------------------------------- GeM
@@ -42,7 +43,7 @@ def test_gem_function_matches_numpy():
                                rtol=1e-5)
 
 
-def test_gem_layer_learnable_p_and_round_trip():
+def test_gem_layer_learnable_p():
     x = np.random.default_rng(1).uniform(0, 2, size=(2, 4, 3, 8)).astype("float32")
     layer = GeM(p=3.0, eps=1e-6, name="gem")
     y = layer(x)
@@ -55,13 +56,15 @@ def test_gem_layer_learnable_p_and_round_trip():
         loss = tf.reduce_sum(layer(x))
     grad = tape.gradient(loss, layer.p)
     assert np.all(np.isfinite(grad)) and abs(float(grad[0])) > 0
-    clone = GeM.from_config(layer.get_config())
-    clone.build(x.shape)
-    clone.set_weights(layer.get_weights())
-    np.testing.assert_allclose(np.asarray(clone(x)), np.asarray(layer(x)), atol=1e-6)
     assert layer.compute_output_shape((None, None, None, 8)) == (None, 8)
     with pytest.raises(ValueError, match="p"):
         GeM(p=0.0)
+
+
+def test_gem_layer_basics():
+    """Shapes, config and .keras round trips (same outputs), float32 and mixed_bfloat16."""
+    x = np.random.default_rng(1).uniform(0, 2, size=(2, 4, 3, 8)).astype("float32")
+    run_layer_test(GeM, {"p": 3.0, "eps": 1e-6}, x, expected_output_shape=(2, 8))
 
 
 def test_gem_gradient_finite_on_zero_features():
@@ -157,10 +160,14 @@ def test_embedding_head_matches_numpy_and_is_unit_norm():
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, ref, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
-    clone = EmbeddingHead.from_config(head.get_config())
-    clone.build(x.shape)
-    clone.set_weights(head.get_weights())
-    np.testing.assert_allclose(np.asarray(clone(x)), y, atol=1e-6)
+
+
+def test_embedding_head_basics():
+    """Round trips and policies; the descriptor stays float32 under mixed_bfloat16."""
+    x = np.random.default_rng(2).normal(size=(3, 32)).astype("float32")
+    run_layer_test(EmbeddingHead, {"embedding_dim": 8, "dropout": 0.1}, x,
+                   call_kwargs={"training": False}, expected_output_shape=(3, 8),
+                   mixed_output_dtype="float32")
 
 
 def test_l2_normalize_zero_row_stays_finite():
@@ -222,7 +229,7 @@ def test_arcface_gradients_finite_at_cos_plus_minus_one():
     assert abs(grad[3, 2]) > 0
 
 
-def test_arcface_layer_cosine_logits_gradients_and_round_trip():
+def test_arcface_layer_cosine_logits_and_gradients():
     rng = np.random.default_rng(4)
     layer = ArcFace(num_classes=6, margin=MARGIN, scale=SCALE, name="arcface")
     emb = rng.normal(size=(4, 5)).astype("float32")
@@ -247,11 +254,17 @@ def test_arcface_layer_cosine_logits_gradients_and_round_trip():
     # float32 cosines of equal directions land within ~1e-7 of 1, i.e. theta up to ~5e-4
     # rad: s*cos(theta + m) is then within s*sin(m)*5e-4 ~ 5e-3 of s*cos(m).
     np.testing.assert_allclose(np.asarray(out)[0, 0], SCALE * math.cos(MARGIN), atol=1e-2)
-    clone = ArcFace.from_config(layer.get_config())
-    clone(emb, labels)
-    clone.set_weights(layer.get_weights())
-    np.testing.assert_allclose(np.asarray(clone(emb, labels)), logits, atol=1e-5)
     assert layer.get_config()["num_classes"] == 6
+
+
+def test_arcface_layer_basics():
+    """Two inputs (embeddings, labels); the logits stay float32 under mixed_bfloat16."""
+    rng = np.random.default_rng(4)
+    emb = rng.normal(size=(4, 5)).astype("float32")
+    labels = np.array([0, 3, 5, 3], "int32")
+    run_layer_test(ArcFace, {"num_classes": 6, "margin": MARGIN, "scale": SCALE},
+                   (emb, labels), expected_output_shape=(4, 6), mixed_output_dtype="float32",
+                   atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -273,8 +286,13 @@ def test_caffe_preprocess_matches_keras_applications():
     np.testing.assert_allclose(got, expected, atol=1e-4)
     # By hand: BGR order minus the means.
     np.testing.assert_allclose(got[..., 0], x[..., 2] - 103.939, atol=1e-4)
-    clone = CaffePreprocess.from_config(CaffePreprocess(name="pre").get_config())
-    assert clone.name == "pre"
-    np.testing.assert_allclose(np.asarray(clone(x)), got, atol=1e-6)
     with pytest.raises(ValueError, match="RGB"):
         CaffePreprocess().build((None, 8, 8, 1))
+
+
+def test_caffe_preprocess_basics():
+    """Round trips (the name survives from_config) and dtype policies."""
+    x = np.random.default_rng(5).uniform(0, 255, size=(2, 7, 9, 3)).astype("float32")
+    layer = run_layer_test(CaffePreprocess, {"name": "pre"}, x,
+                           expected_output_shape=(2, 7, 9, 3))
+    assert CaffePreprocess.from_config(layer.get_config()).name == "pre"

@@ -1,9 +1,10 @@
 """Distributed training gives the single-replica result: MirroredStrategy over 2 logical
 CPUs, and MultiWorkerMirroredStrategy with two worker processes on localhost.
 
-Every run trains the stand-in model (glam_tf.train.testing: two convs with BatchNorm, then
-the real GLAM, GeM and head layers) on the "random" stand-in data, whose global batch k is
-a pure function of (seed, k) however it is split, so every run sees the same global batches.
+Every run trains the stand-in model (keras_helpers.tiny_descriptor_model: two convs with
+BatchNorm, then the real GLAM, GeM and head layers) on the "random" stand-in data, whose
+global batch k is a pure function of (seed, k) however it is split, so every run sees the
+same global batches.
 
 Tolerance: replicas sum their gradients in another order than one device and synchronized
 batch norm computes the moments as E[x^2] - E[x]^2 from all-reduced sums; in float32 that
@@ -26,7 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from glam_tf.train.reporting import read_scalars
-from glam_tf.train.testing import DRIVER
+from helpers import TESTS_DIR
+from keras_helpers import DRIVER
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOSS_RTOL = 2e-4
@@ -50,7 +52,8 @@ import tensorflow as tf
 from glam_tf.data.pipeline import TrainInputConfig
 from glam_tf.model import ModelConfig
 from glam_tf.train import TrainConfig, train
-from glam_tf.train.testing import tiny_descriptor_model
+sys.path.insert(0, sys.argv[2])
+from keras_helpers import tiny_descriptor_model
 root = sys.argv[1]
 out = {}
 # One MirroredStrategy for both 2-replica runs: a second one over the same devices in the
@@ -95,7 +98,7 @@ def _assert_weights_close(a, b, atol, rtol=0.0):
 
 def test_two_replicas_follow_the_one_replica_trajectory(tmp_path):
     proc = subprocess.run(["timeout", "-k", "5", "240", sys.executable, "-c", _MIRRORED,
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+                           str(tmp_path), TESTS_DIR], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert [out[k]["replicas"] for k in ("one", "two", "two_unsynced")] == [1, 2, 2]

@@ -1,7 +1,7 @@
 """The training loop in-process: checkpoint layout, TensorBoard scalars, NaN guard, and a
 synthetic-data run through export and evaluation (untrained vs trained).
 
-The stand-in model (glam_tf.train.testing.tiny_descriptor_model: two convs + the real GLAM,
+The stand-in model (keras_helpers.tiny_descriptor_model: two convs + the real GLAM,
 GeM and head layers) keeps every test to seconds; the loop does not depend on the backbone.
 """
 
@@ -14,10 +14,10 @@ import keras
 import tensorflow as tf
 
 from glam_tf.data.pipeline import TrainInputConfig
-from glam_tf.model import ModelConfig
+from glam_tf.model import ModelConfig, all_layers
 from glam_tf.train import NonFiniteLossError, SyntheticDataConfig, TrainConfig, train
 from glam_tf.train.reporting import read_scalars
-from glam_tf.train.testing import tiny_descriptor_model
+from keras_helpers import tiny_descriptor_model
 
 MODEL = ModelConfig(backbone="resnet50", weights="none", reduced_channels=8, embedding_dim=16)
 
@@ -92,7 +92,7 @@ def test_batchnorm_momentum_reaches_every_layer(tmp_path):
 
     train(_config(tmp_path / "run", train_steps=1, batchnorm_momentum=0.25),
           model_fn=model_fn)
-    layers = [l for l in built[0]._flatten_layers(include_self=True, recursive=True)
+    layers = [l for l in all_layers(built[0])
               if isinstance(l, keras.layers.BatchNormalization)]
     assert layers and all(l.momentum == 0.25 for l in layers)
     # Taken at trace time: after one step from (mean 0, var 1) every moving variance is

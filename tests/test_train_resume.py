@@ -6,7 +6,7 @@ uninterrupted run ends.
 Data: small DELG-keyed TFRecords (4 classes x 6 images of 3 aspect ratios, 6 steps per
 epoch) through the real input pipeline (seeded shuffle, aspect buckets, augmentation,
 deterministic order); the process is train_main with the stand-in model
-(glam_tf.train.testing.DRIVER), so a step takes milliseconds and the signals land
+(keras_helpers.DRIVER), so a step takes milliseconds and the signals land
 mid-run.
 """
 
@@ -25,7 +25,7 @@ from PIL import Image
 
 from glam_tf.data import records
 from glam_tf.train.reporting import read_scalars
-from glam_tf.train.testing import DRIVER
+from keras_helpers import DRIVER
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 60

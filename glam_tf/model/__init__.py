@@ -8,7 +8,7 @@ from glam_tf.model.attention import (
     LocalSpatialAttention,
 )
 from glam_tf.model.backbone import BackboneWeightsError, build_backbone, imagenet_weights_file
-from glam_tf.model.builder import build_descriptor_model
+from glam_tf.model.builder import all_layers, build_descriptor_model
 from glam_tf.model.config import BACKBONES, VARIANTS, ConfigError, ModelConfig
 from glam_tf.model.glam import MODULE_VARIANTS, GlamModule
 from glam_tf.model.head import EmbeddingHead, l2_normalize
@@ -16,9 +16,10 @@ from glam_tf.model.pooling import GeM, gem
 from glam_tf.model.preprocessing import CaffePreprocess
 
 __all__ = [
-    "ArcFace", "arcface_logits", "BACKBONES", "BackboneWeightsError", "build_backbone",
-    "build_descriptor_model", "CaffePreprocess", "ConfigError", "EmbeddingHead", "GeM",
-    "gem", "GlamModule", "GlobalChannelAttention", "GlobalSpatialAttention",
-    "imagenet_weights_file", "l2_normalize", "LocalChannelAttention",
-    "LocalSpatialAttention", "ModelConfig", "MODULE_VARIANTS", "VARIANTS",
+    "all_layers", "ArcFace", "arcface_logits", "BACKBONES", "BackboneWeightsError",
+    "build_backbone", "build_descriptor_model", "CaffePreprocess", "ConfigError",
+    "EmbeddingHead", "GeM", "gem", "GlamModule", "GlobalChannelAttention",
+    "GlobalSpatialAttention", "imagenet_weights_file", "l2_normalize",
+    "LocalChannelAttention", "LocalSpatialAttention", "ModelConfig", "MODULE_VARIANTS",
+    "VARIANTS",
 ]

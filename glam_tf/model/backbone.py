@@ -12,8 +12,15 @@ _APPLICATIONS = {
     "resnet101": "ResNet101",
     "resnet152": "ResNet152",
 }
-# Where keras.applications downloads the ResNet v1 weights from (keras/src/applications/resnet.py).
+# Where keras.applications downloads the ResNet v1 weights from, and the MD5 of each no-top
+# file: BASE_WEIGHTS_PATH and WEIGHTS_HASHES[name][1] of keras/src/applications/resnet.py
+# (Keras 3.15), held here because Keras exports neither.
 IMAGENET_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+IMAGENET_NOTOP_MD5 = {
+    "resnet50": "4d473c1dd8becc155b73f8504c6f6626",
+    "resnet101": "88cf7a10940856eca736dc7b7e228a21",
+    "resnet152": "ee4c566cf9a93f14d82f913c2dc6dd0c",
+}
 
 
 class BackboneWeightsError(RuntimeError):
@@ -25,22 +32,19 @@ def imagenet_weights_file(name):
     return f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
+def keras_home():
+    """Keras' home folder: `$KERAS_HOME`, else `~/.keras`, else `/tmp/.keras` when the home
+    directory is not writable (the rule of keras/src/backend/config.py, which has no public
+    accessor)."""
+    if "KERAS_HOME" in os.environ:
+        return os.environ["KERAS_HOME"]
+    base = os.path.expanduser("~")
+    return os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+
+
 def keras_models_dir():
-    """The folder keras.utils.get_file caches application weights in (`$KERAS_HOME/models`)."""
-    try:
-        from keras.src.backend.config import keras_home
-        home = keras_home()
-    except ImportError:  # private API moved: fall back to Keras' documented default
-        home = os.environ.get("KERAS_HOME", os.path.join("~", ".keras"))
-    return os.path.join(os.path.expanduser(home), "models")
-
-
-def _imagenet_file_hash(name):
-    try:
-        from keras.src.applications.resnet import WEIGHTS_HASHES
-        return WEIGHTS_HASHES[name][1]
-    except (ImportError, KeyError):
-        return None
+    """The folder the ImageNet weights are cached in (`keras_home()/models`)."""
+    return os.path.join(os.path.expanduser(keras_home()), "models")
 
 
 def _fetch_imagenet_weights(name):
@@ -48,8 +52,8 @@ def _fetch_imagenet_weights(name):
     cache_dir = keras_models_dir()
     try:
         return keras.utils.get_file(
-            file_name, IMAGENET_WEIGHTS_URL + file_name, cache_subdir="models",
-            file_hash=_imagenet_file_hash(name))
+            file_name, IMAGENET_WEIGHTS_URL + file_name, cache_dir=keras_home(),
+            cache_subdir="models", file_hash=IMAGENET_NOTOP_MD5.get(name))
     except Exception as e:  # noqa: BLE001 - get_file raises bare Exception on URL errors
         raise BackboneWeightsError(
             f"Could not get the ImageNet weights of backbone '{name}': the file "

@@ -1,4 +1,5 @@
-"""build_descriptor_model: image -> preprocessing -> backbone -> GLAM -> GeM -> head."""
+"""build_descriptor_model: image -> preprocessing -> backbone -> GLAM -> GeM -> head;
+all_layers: every layer of a built model, nested ones included."""
 
 import keras
 
@@ -37,3 +38,39 @@ def build_descriptor_model(config: ModelConfig) -> keras.Model:
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)
     name = "glam_" + config.variant.replace("+", "_").replace("-", "_")
     return keras.Model(image, x, name=name)
+
+
+def all_layers(root: keras.layers.Layer) -> list:
+    """Every layer of `root`, itself first, then depth first; each layer once.
+
+    The children of a layer are the layers of `keras.Model.layers` (the nodes of a
+    functional or Sequential model) and the layers held by its public attributes, alone
+    or in a list, tuple or dict (how glam_tf layers hold their sublayers, e.g.
+    `EmbeddingHead.bn`, `LocalSpatialAttention.dilated_convs`). Keras 3 has no public
+    recursive walk over sublayers (`Layer._flatten_layers` is private).
+
+    Args:
+        root: a keras layer or model.
+
+    Returns:
+        list of keras.layers.Layer.
+    """
+    seen, order = set(), []
+
+    def visit(layer):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        order.append(layer)
+        children = list(layer.layers) if isinstance(layer, keras.Model) else []
+        for name, value in vars(layer).items():
+            if name.startswith("_"):
+                continue
+            items = value.values() if isinstance(value, dict) else (
+                value if isinstance(value, (list, tuple)) else (value,))
+            children.extend(item for item in items if isinstance(item, keras.layers.Layer))
+        for child in children:
+            visit(child)
+
+    visit(root)
+    return order

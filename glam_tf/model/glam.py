@@ -154,8 +154,9 @@ class GlamModule(keras.layers.Layer):
 
     def compute_output_spec(self, inputs, return_attention=False):
         if return_attention:
-            return keras.src.backend.compute_output_spec(
-                self.call, inputs, return_attention=True)
+            # Keras' own inference by a symbolic trace of call() (what keras.Layer does
+            # when compute_output_shape is not overridden), through the public base class.
+            return keras.Operation.compute_output_spec(self, inputs, return_attention=True)
         return keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
 
     def get_config(self):

@@ -243,7 +243,7 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
             program creates it first and passes it).
         model_fn: ModelConfig -> descriptor model (same contract as
             build_descriptor_model); tests pass a small stand-in
-            (glam_tf.train.testing) where the backbone does not matter.
+            (tests/keras_helpers.py) where the backbone does not matter.
 
     Returns:
         TrainResult.

@@ -10,11 +10,11 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from glam_tf.model import arcface_logits
+from glam_tf.model import all_layers, arcface_logits
 
 
 def _batchnorm_layers(model: keras.Model) -> list:
-    return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+    return [layer for layer in all_layers(model)
             if isinstance(layer, keras.layers.BatchNormalization)]
 
 
