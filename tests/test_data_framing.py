@@ -24,7 +24,7 @@ from glam_tf.data import framing, pipeline, records
 from glam_tf.model import ModelConfig
 from glam_tf.train import TrainConfig, train
 from glam_tf.train.reporting import read_scalars
-from glam_tf.train.testing import DRIVER, tiny_descriptor_model
+from keras_helpers import DRIVER, tiny_descriptor_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_A, NUM_B = 4, 8  # records per shard
