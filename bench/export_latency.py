@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from glam_tf.config import contract  # noqa: E402
 from glam_tf.export import serving  # noqa: E402
 from glam_tf.model import BACKBONES, VARIANTS, ModelConfig, build_descriptor_model  # noqa: E402
 
@@ -87,9 +88,9 @@ def main(argv):
     image = rng.randint(0, 256, (short_side, long_side, 3), dtype=np.uint8)
     batch = rng.randint(0, 256, (FLAGS.batch_size, short_side, long_side, 3), dtype=np.uint8)
     jpeg = tf.io.encode_jpeg(image, quality=90)
-    scales = tf.constant(serving.DEFAULT_SCALES, tf.float32)
+    scales = tf.constant(contract.DEFAULT_SCALES, tf.float32)
     sizes = [(int(round(short_side * s)), int(round(long_side * s)))
-             for s in serving.DEFAULT_SCALES]
+             for s in contract.DEFAULT_SCALES]
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -123,7 +124,7 @@ def main(argv):
         results = _interleaved(cases, FLAGS.reps, FLAGS.warmup)
 
     print(f"\n{config.backbone} / {config.variant}, image {short_side}x{long_side}, scales "
-          f"{serving.DEFAULT_SCALES}, CPU threads: {os.cpu_count()}, TF {tf.__version__}, "
+          f"{contract.DEFAULT_SCALES}, CPU threads: {os.cpu_count()}, TF {tf.__version__}, "
           f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"export {export_s:.1f} s, load {load_s:.1f} s, {FLAGS.reps} timed rounds")
     print(f"{'call':<44}{'first s':>9}{'median s':>10}{'CPU s':>8}")

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # noqa: E402  pylint: disable=wrong-import-position
 
+from glam_tf.config import DataConfig  # noqa: E402  pylint: disable=wrong-import-position
 from glam_tf.data import pipeline, records  # noqa: E402  pylint: disable=wrong-import-position
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 128, "Distinct JPEGs generated.")
@@ -40,7 +41,7 @@ _BATCH = flags.DEFINE_integer("global_batch", 64, "Images per training step (all
 _GPUS = flags.DEFINE_integer("gpus", 8, "GPUs sharing the global batch (for the printout).")
 _STEPS_PER_S = flags.DEFINE_float(
     "steps_per_s", 2.5, "Model step rate to feed: global-batch steps per second.")
-_SIZE_SCALE = flags.DEFINE_float("size_scale", 1.0, "TrainInputConfig.size_scale.")
+_SIZE_SCALE = flags.DEFINE_float("size_scale", 1.0, "DataConfig.size_scale.")
 
 
 def natural_jpeg(rng: np.random.Generator, width=800, height=600, quality=90) -> bytes:
@@ -93,7 +94,7 @@ def main(argv):
                 writer.write(records.make_example(encoded=data, image_id=f"{k:016x}", label=k,
                                                   info=info).SerializeToString())
         print(f"{_NUM_IMAGES.value} JPEGs 800x600, mean {np.mean(sizes) / 1024:.0f} KB")
-        config = pipeline.TrainInputConfig(
+        config = DataConfig(
             file_pattern=path, global_batch_size=_BATCH.value, size_scale=_SIZE_SCALE.value,
             shuffle_buffer=min(128, _NUM_IMAGES.value))
         w, h = config.scaled_bucket_sizes()[1]  # 800x600: h/w = 0.75, group 1

@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from glam_tf.config import DataConfig
 from glam_tf.data import framing, pipeline, records
 from glam_tf.model import ModelConfig
 from glam_tf.train import TrainConfig, train
@@ -120,7 +121,7 @@ def shards(tmp_path, request):
 
 
 def _config(pattern, **kw):
-    return pipeline.TrainInputConfig(file_pattern=pattern, global_batch_size=2,
+    return DataConfig(file_pattern=pattern, global_batch_size=2,
                                      size_scale=1 / 16, shuffle_buffer=4, deterministic=True,
                                      **kw)
 
@@ -273,7 +274,7 @@ def test_cli_huge_length_never_crashes(shards, tmp_path):
             cwd=REPO, capture_output=True, text=True)
 
     refused = run(f"--train_dir={tmp_path / 'refused'}")
-    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert refused.returncode == 2, refused.stderr[-3000:]
     assert (f"{path_b}: offset {offsets[3]}: record length {1 << 62} runs past end of file"
             in refused.stderr)
     assert "--skip_damaged_records" in refused.stderr

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from glam_tf.config import DataConfig
 from glam_tf.data import pipeline, records
 
 # (width, height) per h/w group with the default edges (0.67, 0.77, 1.33, 1.5):
@@ -60,29 +61,32 @@ def _config(pattern, **kw):
     defaults = dict(global_batch_size=4, size_scale=1 / 8, shuffle_buffer=16,
                     deterministic=True)
     defaults.update(kw)
-    return pipeline.TrainInputConfig(file_pattern=pattern, **defaults)
+    return DataConfig(file_pattern=pattern, **defaults)
 
 
 def test_config_validation_names_field():
-    with pytest.raises(ValueError, match="aspect_edges must be positive and strictly"):
-        pipeline.TrainInputConfig("x", aspect_edges=(0.7, 0.6, 1.3, 1.5)).validate()
-    with pytest.raises(ValueError, match=r"bucket_sizes needs len\(aspect_edges\) \+ 1 = 5"):
-        pipeline.TrainInputConfig("x", bucket_sizes=((32, 32),)).validate()
-    with pytest.raises(ValueError, match="crop_scale must be in"):
-        pipeline.TrainInputConfig("x", crop_scale=1.5).validate()
+    with pytest.raises(ValueError, match="--aspect_edges must be strictly increasing"):
+        DataConfig("x", aspect_edges=(0.7, 0.6, 1.3, 1.5)).validate()
+    with pytest.raises(ValueError, match="--aspect_edges must be a non-empty list of finite "
+                                         "numbers > 0"):
+        DataConfig("x", aspect_edges=(-1.0, 0.6, 1.3, 1.5)).validate()
+    with pytest.raises(ValueError, match=r"--bucket_sizes needs len\(aspect_edges\) \+ 1 = 5"):
+        DataConfig("x", bucket_sizes=((32, 32),)).validate()
+    with pytest.raises(ValueError, match=r"--crop_scale must be a number in \[0, 1\)"):
+        DataConfig("x", crop_scale=1.5).validate()
     with pytest.raises(FileNotFoundError, match="matches no file"):
-        pipeline.build_train_dataset(pipeline.TrainInputConfig("/nonexistent/train-*"))
+        pipeline.build_train_dataset(DataConfig("/nonexistent/train-*"))
     with pytest.raises(ValueError, match=r"global_batch_size \(64\) must be divisible"):
-        pipeline.build_train_dataset(pipeline.TrainInputConfig("x"), num_input_pipelines=3)
+        pipeline.build_train_dataset(DataConfig("x"), num_input_pipelines=3)
 
 
 def test_scaled_bucket_sizes():
-    config = pipeline.TrainInputConfig("x", size_scale=0.25)
+    config = DataConfig("x", size_scale=0.25)
     # 352/4 = 88 -> 96, 448/4 = 112 -> 128 (half rounds up), 384/4 = 96.
     assert config.scaled_bucket_sizes() == ((128, 96), (128, 96), (128, 128), (96, 128),
                                             (96, 128))
-    assert pipeline.TrainInputConfig("x", size_scale=0.01).scaled_bucket_sizes()[0] == (32, 32)
-    assert pipeline.TrainInputConfig("x").scaled_bucket_sizes() == (
+    assert DataConfig("x", size_scale=0.01).scaled_bucket_sizes()[0] == (32, 32)
+    assert DataConfig("x").scaled_bucket_sizes() == (
         (512, 352), (512, 384), (448, 448), (384, 512), (352, 512))
 
 

@@ -1,5 +1,6 @@
 """Tests of the synthetic landmarks: determinism, layouts, disjointness, structure vs colour."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -12,19 +13,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from glam_tf.config import DataConfig, SettingError, SyntheticConfig
 from glam_tf.data import gldv2, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_train_landmarks=16, images_per_landmark=8, num_test_landmarks=3,
              queries_per_landmark=2, database_per_landmark=(3, 2, 2),
-             num_distractor_landmarks=3, images_per_distractor=2, image_size=96, seed=5,
-             show_progress=False)
+             num_distractor_landmarks=3, images_per_distractor=2, image_size=96, seed=5)
+
+
+def _small(root, **changes):
+    return SyntheticConfig(root=root, **{**SMALL, **changes})
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("synth"))
-    return root, synthetic.generate_synthetic_landmarks(root, **SMALL)
+    return root, synthetic.generate_synthetic_landmarks(_small(root), show_progress=False)
 
 
 def _digests(root):
@@ -53,12 +58,12 @@ def _hog(image, cells=4, bins=8):
 def test_same_seed_same_bytes_other_seed_differs(synth, tmp_path):
     root, _ = synth
     again = str(tmp_path / "again")  # also: worker processes change nothing
-    synthetic.generate_synthetic_landmarks(again, **{**SMALL, "num_workers": 2})
+    synthetic.generate_synthetic_landmarks(_small(again), num_workers=2, show_progress=False)
     assert _digests(root) == _digests(again)
     other = str(tmp_path / "other")
-    synthetic.generate_synthetic_landmarks(other, **{**SMALL, "seed": 6, "num_train_landmarks": 2,
-                                                     "num_test_landmarks": 1,
-                                                     "num_distractor_landmarks": 0})
+    synthetic.generate_synthetic_landmarks(
+        _small(other, seed=6, num_train_landmarks=2, num_test_landmarks=1,
+               num_distractor_landmarks=0), show_progress=False)
     assert not set(_digests(root).values()) & set(_digests(other).values())
 
 
@@ -191,7 +196,8 @@ def test_palette_variation_zero_makes_colour_a_cue(synth, tmp_path):
     still vary them; sky and ground stay random): the building's colour then finds the
     landmark far above chance, unlike the default repainting."""
     root = str(tmp_path / "consistent")
-    synthetic.generate_synthetic_landmarks(root, **{**SMALL, "palette_variation": 0.0})
+    synthetic.generate_synthetic_landmarks(_small(root, palette_variation=0.0),
+                                           show_progress=False)
     chance = 1 / 16
     consistent = _centre_colour_nn_accuracy(root)
     assert consistent >= 2.5 * chance
@@ -199,33 +205,34 @@ def test_palette_variation_zero_makes_colour_a_cue(synth, tmp_path):
     # The setting is recorded with the other parameters.
     with open(os.path.join(root, synthetic.MANIFEST_NAME)) as fh:
         assert json.load(fh)["params"]["palette_variation"] == 0.0
-    with pytest.raises(ValueError, match=r"palette_variation must be in \[0, 1\], got 1.5"):
-        synthetic.generate_synthetic_landmarks(str(tmp_path / "bad"),
-                                               **{**SMALL, "palette_variation": 1.5})
+    with pytest.raises(SettingError, match=r"--palette_variation must be a number in \[0, 1\]; "
+                                           r"received --palette_variation=1.5"):
+        synthetic.generate_synthetic_landmarks(_small(str(tmp_path / "bad"),
+                                                      palette_variation=1.5))
 
 
 def test_generate_if_absent_is_idempotent(synth, tmp_path):
     root = str(tmp_path / "demo")
-    kwargs = {**SMALL, "num_train_landmarks": 2, "images_per_landmark": 2,
-              "num_test_landmarks": 1, "num_distractor_landmarks": 1}
-    first = synthetic.generate_if_absent(root, **kwargs)
+    config = _small(root, num_train_landmarks=2, images_per_landmark=2, num_test_landmarks=1,
+                    num_distractor_landmarks=1)
+    first = synthetic.generate_if_absent(config, show_progress=False)
     marker = os.path.join(root, synthetic.MARKER_NAME)
     stamp = os.stat(marker).st_mtime_ns
-    assert synthetic.generate_if_absent(root, **kwargs) == first
+    assert synthetic.generate_if_absent(config) == first
     assert os.stat(marker).st_mtime_ns == stamp
     with pytest.raises(ValueError, match=r"other arguments \(seed: 5 there, 6 asked\)"):
-        synthetic.generate_if_absent(root, **{**kwargs, "seed": 6})
+        synthetic.generate_if_absent(dataclasses.replace(config, seed=6))
     # A set from before palette_variation existed was generated with its default (1).
     with open(marker) as f:
         saved = json.load(f)
     del saved["params"]["palette_variation"]
     with open(marker, "w") as f:
         json.dump(saved, f)
-    assert synthetic.generate_if_absent(root, **kwargs) == first
+    assert synthetic.generate_if_absent(config) == first
     with pytest.raises(ValueError, match=r"palette_variation: 1.0 there, 0.5 asked"):
-        synthetic.generate_if_absent(root, **{**kwargs, "palette_variation": 0.5})
+        synthetic.generate_if_absent(dataclasses.replace(config, palette_variation=0.5))
     os.remove(marker)  # as if interrupted: generated again
-    synthetic.generate_if_absent(root, **kwargs)
+    synthetic.generate_if_absent(config, show_progress=False)
     assert os.path.exists(marker)
 
 
@@ -237,7 +244,7 @@ def test_synthetic_through_converter_and_pipeline(synth, tmp_path):
                                   show_progress=False)
     assert summary.total_written == 128 and summary.num_classes == 16
     assert not summary.missing and not summary.undecodable
-    config = pipeline.TrainInputConfig(summary.train_pattern, global_batch_size=8,
+    config = DataConfig(summary.train_pattern, global_batch_size=8,
                                        size_scale=0.125, shuffle_buffer=64, deterministic=True)
     images, labels = next(iter(pipeline.build_train_dataset(config)))
     assert images.shape[0] == 8
@@ -258,9 +265,12 @@ def test_make_synthetic_main(tmp_path):
     assert "1 queries, 4 database photos" in result.stdout
     bad = subprocess.run(args + ["--database_per_landmark=1,x"], capture_output=True,
                          text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
-    assert bad.returncode != 0 and "--database_per_landmark must be three integers" in bad.stderr
+    assert bad.returncode == 2 and ("--database_per_landmark must be a comma-separated list "
+                                    "like 1,2,3; received --database_per_landmark=1,x"
+                                    ) in bad.stderr
     # Range errors and a set made with other flags are usage errors, not tracebacks.
-    for extra, message in (("--palette_variation=1.5", "palette_variation must be in [0, 1]"),
+    for extra, message in (("--palette_variation=1.5",
+                            "--palette_variation must be a number in [0, 1]"),
                            ("--seed=3", "other arguments (seed: 0 there, 3 asked)")):
         bad = subprocess.run(args + [extra], capture_output=True, text=True, timeout=120,
                              cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})

@@ -21,15 +21,19 @@ def _run(args, timeout=120):
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--dataset=holidays"], "flag --dataset=holidays: value should be one of"),
+    (["--dataset=holidays"], "--dataset must be one of roxford5k, rparis6k, synth, oxford5k, "
+                             "paris6k; received --dataset='holidays'"),
     (["--dataset=roxford5k", "--model=/no/such/model"],
      "model: model directory '/no/such/model' does not exist"),
-    (["--dataset=roxford5k", "--model={fake}", "--scales=0.7,abc"], "flag --scales="),
+    (["--dataset=roxford5k", "--model={fake}", "--scales=0.7,abc"],
+     "--scales must be a comma-separated list like 0.70710678,1,1.41421356; received "
+     "--scales=0.7,abc"),
     (["--dataset=roxford5k", "--model={fake}", "--scales=0.7,-1"], "finite numbers > 0"),
-    (["--dataset=roxford5k", "--model={fake}", "--train_dir={fake}"], "exactly one of model"),
+    (["--dataset=roxford5k", "--model={fake}", "--train_dir={fake}"], "exactly one of --model"),
     (["--dataset=roxford5k", "--model={fake}", "--num_shards=2", "--shard_index=2"],
-     "--shard_index must be in [0, --num_shards)"),
-    (["--dataset=roxford5k", "--model={fake}", "--batch_size=0"], "flag --batch_size=0"),
+     "--shard_index must be in [0, --num_shards=2)"),
+    (["--dataset=roxford5k", "--model={fake}", "--batch_size=0"],
+     "--batch_size must be a positive integer; received --batch_size=0"),
 ])
 def test_bad_flags_fail_fast_naming_the_flag(tmp_path, args, expect):
     fake = tmp_path / "model" / "1"
@@ -37,8 +41,9 @@ def test_bad_flags_fail_fast_naming_the_flag(tmp_path, args, expect):
     (fake / "saved_model.pb").write_bytes(b"")
     args = [a.format(fake=tmp_path / "model") for a in args]
     res = _run([*args, f"--data_root={tmp_path}", f"--output_dir={tmp_path / 'out'}"], 60)
-    assert res.returncode != 0
+    assert res.returncode == 2
     assert expect in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 2    # no page of flag help
     assert not (tmp_path / "out").exists()
 
 
@@ -80,6 +85,12 @@ def test_flagfiles_parse(tmp_path):
     assert values["eval_roxford5k"]["scales"] == ["0.70710678", "1.0", "1.41421356"]
     assert values["eval_roxford5k"]["max_image_size"] == 1024
     assert values["eval_roxford5k_1m"]["shard_size"] == values["eval_rparis6k_1m"]["shard_size"]
+    # eval_synth reads what the README's demo command writes, at the demo's evaluation size.
+    with open(os.path.join(REPO, "configs", "demo.flags"), encoding="utf-8") as f:
+        demo = dict(line.strip()[2:].split("=", 1) for line in f
+                    if line.startswith("--") and "=" in line)
+    assert values["eval_synth"]["data_root"] == demo["synthetic_root"] == demo["eval_root"]
+    assert values["eval_synth"]["max_image_size"] == int(demo["eval_max_image_size"])
 
 
 def test_two_hosts_then_merge_from_the_command_line(tmp_path):

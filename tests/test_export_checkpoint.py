@@ -11,9 +11,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 import export_main
+from glam_tf.config import ExportConfig, SettingError
 from glam_tf.export import export_from_checkpoint
 from glam_tf.model import ModelConfig, build_descriptor_model
 
@@ -139,31 +140,25 @@ def test_export_main_validates_flags_before_any_work(trained, tmp_path):
         ([f"--train_dir={tmp_path / 'nope'}", f"--export_dir={tmp_path}"], "not a directory"),
         ([f"--train_dir={train_dir}", f"--export_dir={tmp_path / 'file'}"],
          "exists and is not a directory"),
-        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--scales=a,b"],
-         "comma-separated numbers"),
-        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--scales=1,-1"],
-         "finite and > 0"),
-        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--max_image_size=0"],
-         "max_image_size must be a positive integer"),
-        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--max_decoded_pixels=0"],
-         "max_decoded_pixels must be a positive integer"),
-        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--max_image_bytes=0"],
-         "max_image_bytes must be an integer in"),
-        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path}", "--max_batch_pixels=1000"],
-         "max_batch_pixels must be an integer >= max_scaled_pixels"),
-        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path / 'e'}", "--version=-1"],
-         "non-negative integer"),
-        ([f"--train_dir={train_dir}", f"--export_dir={tmp_path / 'e'}", "--version=2"],
-         "already exists"),
     ]
+    both = [f"--train_dir={train_dir}", f"--export_dir={tmp_path}"]
+    cases += [(both + [flag], match) for flag, match in (
+        ("--scales=a,b", "--scales must be a comma-separated list"),
+        ("--scales=1,-1", "--scales must be a non-empty list of finite numbers > 0"),
+        ("--max_image_size=0", "--max_image_size must be an integer >= 32"),
+        ("--max_decoded_pixels=0", "--max_decoded_pixels must be a positive integer"),
+        ("--max_image_bytes=0", "--max_image_bytes must be an integer in"),
+        ("--max_batch_pixels=1000", "--max_batch_pixels must be >= max_scaled_pixels"))]
+    both = [f"--train_dir={train_dir}", f"--export_dir={tmp_path / 'e'}"]
+    cases += [(both + ["--version=-1"], "non-negative integer"),
+              (both + ["--version=2"], "already exists")]
     for args, match in cases:
-        with pytest.raises(app.UsageError, match=match):
+        with pytest.raises(SettingError, match=match):
             export_main.parse_flags(export_flags(*args))
     assert export_main.parse_flags(export_flags(
         f"--train_dir={train_dir}", f"--export_dir={tmp_path / 'e'}")) == dict(
         train_dir=str(train_dir), export_dir=str(tmp_path / "e"), version=3,
-        scales=(0.70710678, 1.0, 1.41421356), max_image_size=1024, max_batch_pixels=2**25,
-        max_decoded_pixels=2**27, max_image_bytes=64 * 2**20)
+        config=ExportConfig())
 
 
 def test_export_main_program_reports_usage_errors(tmp_path):
@@ -171,6 +166,6 @@ def test_export_main_program_reports_usage_errors(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(repo, "export_main.py"), f"--export_dir={tmp_path}"],
         cwd=repo, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "--train_dir is required" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == "export_main: error: --train_dir is required."
     assert not os.listdir(tmp_path)

@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from glam_tf.config import ExportConfig, contract
 from glam_tf.export import image_header, serving
 
 MAX_SIZE = 64
@@ -235,10 +236,10 @@ def global_descriptor(sig, image):
 
 
 def test_limits_are_recorded(export_path):
-    info = json.loads((pathlib.Path(export_path) / serving.EXPORT_INFO_FILE).read_text())
-    assert info["max_decoded_pixels"] == serving.DEFAULT_MAX_DECODED_PIXELS == 2**27
-    assert info["max_image_bytes"] == serving.DEFAULT_MAX_IMAGE_BYTES == 64 * 2**20
-    assert info["max_batch_pixels"] == serving.DEFAULT_MAX_BATCH_PIXELS == 2**25
+    info = json.loads((pathlib.Path(export_path) / contract.EXPORT_INFO_FILE).read_text())
+    assert info["max_decoded_pixels"] == ExportConfig().max_decoded_pixels == 2**27
+    assert info["max_image_bytes"] == ExportConfig().max_image_bytes == 64 * 2**20
+    assert info["max_batch_pixels"] == ExportConfig().max_batch_pixels == 2**25
 
 
 HUGE = {"PNG": lambda: huge_png(30000, 30000), "WebP": lambda: huge_webp(16383, 16383),
@@ -363,10 +364,10 @@ def test_animated_gif_gives_its_first_frame(sig):
 
 def test_export_limits_are_validated(model, tmp_path):
     for kwargs, match in [
-        (dict(max_batch_pixels=2**22), "max_batch_pixels must be an integer >= "
-                                       "max_scaled_pixels"),
-        (dict(max_decoded_pixels=0), "max_decoded_pixels must be a positive integer"),
-        (dict(max_image_bytes=2**31), r"max_image_bytes must be an integer in \[1, 2\*\*31\)"),
+        (dict(max_batch_pixels=2**22), "--max_batch_pixels must be >= max_scaled_pixels"),
+        (dict(max_decoded_pixels=0), "--max_decoded_pixels must be a positive integer"),
+        (dict(max_image_bytes=2**31), r"--max_image_bytes must be an integer in "
+                                      r"\[1, 2147483647\]"),
     ]:
         with pytest.raises(ValueError, match=match):
             serving.export_saved_model(model, tmp_path / "e", **kwargs)

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from glam_tf.config import contract
 from glam_tf.export import serving
 from glam_tf.model import ModelConfig, build_descriptor_model
 
 MAX_SIZE = 128
-SCALES = serving.DEFAULT_SCALES
+SCALES = contract.DEFAULT_SCALES
 TOL = 1e-5
 
 
@@ -278,10 +279,10 @@ def test_bad_scales_and_indices(loaded):
 
 def test_export_arguments_are_validated_before_any_work(model, tmp_path):
     for kwargs, match in [
-        (dict(scales=()), "scales must not be empty"),
-        (dict(scales=(1.0, -2.0)), "finite and > 0"),
-        (dict(scales=("a",)), "sequence of numbers"),
-        (dict(max_image_size=0), "max_image_size must be a positive integer"),
+        (dict(scales=()), "--scales must be a non-empty list of finite numbers > 0"),
+        (dict(scales=(1.0, -2.0)), "received --scales=1.0,-2.0"),
+        (dict(scales=("a",)), "received --scales='a'"),
+        (dict(max_image_size=0), "--max_image_size must be an integer >= 32"),
         (dict(max_image_size=40), "below the model's minimum"),
         (dict(max_image_size=4096), "over max_scaled_pixels"),
         (dict(version=-1), "non-negative integer"),
@@ -296,11 +297,11 @@ def test_export_arguments_are_validated_before_any_work(model, tmp_path):
 
 
 def test_next_version(tmp_path):
-    assert serving.next_version(tmp_path / "missing") == 1
+    assert contract.next_version(tmp_path / "missing") == 1
     for name in ("1", "12", "7", "backup", ".tmp-13-abc"):
         (tmp_path / name).mkdir()
     (tmp_path / "99").write_text("a file, not a version")
-    assert serving.next_version(tmp_path) == 13
+    assert contract.next_version(tmp_path) == 13
 
 
 # ---- loading without glam_tf -----------------------------------------------------------------

@@ -256,10 +256,12 @@ def test_original_missing_images_listed(tmp_path, shared_data):
 
 def test_synthetic_split_loads(tmp_path):
     synthetic = pytest.importorskip("glam_tf.data.synthetic")
-    synthetic.generate_synthetic_landmarks(
-        str(tmp_path), num_train_landmarks=1, images_per_landmark=1, num_test_landmarks=2,
+    from glam_tf.config import SyntheticConfig  # pylint: disable=import-outside-toplevel
+
+    synthetic.generate_synthetic_landmarks(SyntheticConfig(
+        root=str(tmp_path), num_train_landmarks=1, images_per_landmark=1, num_test_landmarks=2,
         queries_per_landmark=2, database_per_landmark=(2, 1, 1), num_distractor_landmarks=1,
-        images_per_distractor=2, image_size=48, show_progress=False)
+        images_per_distractor=2, image_size=48), show_progress=False)
     ts = testsets.load_revisited(str(tmp_path), "synth")
     assert len(ts.qimlist) == 4 and len(ts.imlist) == 2 * 4 + 2
     for q, g in zip(ts.qimlist, ts.gnd):

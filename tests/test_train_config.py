@@ -12,16 +12,14 @@ import sys
 import numpy as np
 import pytest
 
-from glam_tf.data.pipeline import TrainInputConfig
-from glam_tf.export import serving
-from glam_tf.model import VARIANTS, ModelConfig
-from glam_tf.train.config import SyntheticDataConfig, TrainConfig, TrainConfigError
+from glam_tf.config import (VARIANTS, DataConfig, EvalConfig, ExportConfig, ModelConfig,
+                            SettingError, SyntheticConfig, TrainConfig)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path, **kw):
-    data = kw.pop("data", TrainInputConfig(file_pattern="", global_batch_size=8))
+    data = kw.pop("data", DataConfig(file_pattern="", global_batch_size=8))
     base = dict(train_dir=str(tmp_path / "run"), data=data, data_source="random",
                 num_classes=5, train_steps=10)
     base.update(kw)
@@ -36,26 +34,24 @@ def test_defaults_are_the_paper_recipe():
     assert c.model == ModelConfig()  # resnet101, imagenet, global+local, 512-d, GeM p 3
 
 
-def test_export_limits_default_to_the_exports():
+def test_export_and_evaluation_settings_are_their_configs():
     c = TrainConfig(train_dir="x")
-    assert (c.export_max_batch_pixels, c.export_max_decoded_pixels,
-            c.export_max_image_bytes) == (serving.DEFAULT_MAX_BATCH_PIXELS,
-                                          serving.DEFAULT_MAX_DECODED_PIXELS,
-                                          serving.DEFAULT_MAX_IMAGE_BYTES)
-    assert serving.DEFAULT_MAX_SCALED_PIXELS == 2**23   # TrainConfig's batch-pixel minimum
+    assert c.export_settings == ExportConfig()
+    assert c.evaluation == EvalConfig(scales=ExportConfig().scales)
+    assert TrainConfig(train_dir="x", seed=7).data.seed == 7   # one seed for the run
 
 
 @pytest.mark.parametrize("change,flag,rule", [
     (dict(learning_rate=0.0), "--learning_rate", "finite number > 0"),
     (dict(learning_rate=-1e-3), "--learning_rate", "finite number > 0"),
     (dict(learning_rate=float("nan")), "--learning_rate", "finite number > 0"),
-    (dict(data=TrainInputConfig(file_pattern="", global_batch_size=0)),
+    (dict(data=DataConfig(file_pattern="", global_batch_size=0)),
      "--global_batch_size", "positive integer"),
     (dict(data_source="tfrecord"), "--train_file_pattern", "is required"),
-    (dict(data_source="synthetic"), "--synthetic_root", "is required"),
-    (dict(synthetic=SyntheticDataConfig(root="r", image_size=16), data_source="synthetic"),
+    (dict(data_source="synthetic"), "--synthetic_root", "must not be empty"),
+    (dict(synthetic=SyntheticConfig(root="r", image_size=16), data_source="synthetic"),
      "--synthetic_image_size", ">= 32"),
-    (dict(synthetic=SyntheticDataConfig(root="r", palette_variation=1.5),
+    (dict(synthetic=SyntheticConfig(root="r", palette_variation=1.5),
           data_source="synthetic"), "--synthetic_palette_variation", r"\[0, 1\]"),
     (dict(num_classes=0), "--num_classes", "must be > 0 with --data_source=random"),
     (dict(optimizer="adam"), "--optimizer", "must be one of"),
@@ -68,18 +64,20 @@ def test_export_limits_default_to_the_exports():
     (dict(precision="float16"), "--precision", "must be one of"),
     (dict(strategy="tpu"), "--strategy", "must be one of"),
     (dict(checkpoint_every=0), "--checkpoint_every", "positive integer"),
-    (dict(eval_dataset="synth"), "--eval_root", "set together"),
+    (dict(evaluation=EvalConfig(dataset="synth")), "--eval_root", "set together"),
     (dict(eval_untrained=True), "--eval_untrained", "needs --eval_dataset"),
     (dict(inject_nan_at_step=0), "--inject_nan_at_step", r"-1 \(off\)"),
-    (dict(export_max_batch_pixels=1000), "--export_max_batch_pixels", ">= 8388608"),
-    (dict(export_max_image_bytes=2**31), "--export_max_image_bytes", "< 2\\*\\*31"),
+    (dict(export_settings=ExportConfig(max_batch_pixels=1000)), "--export_max_batch_pixels",
+     ">= max_scaled_pixels = 8388608"),
+    (dict(export_settings=ExportConfig(max_image_bytes=2**31)), "--export_max_image_bytes",
+     r"\[1, 2147483647\]"),
     (dict(model=ModelConfig(backbone="resnet18")), "--backbone", "must be one of"),
     (dict(model=ModelConfig(variant="glam")), "--variant", "must be one of"),
     (dict(model=ModelConfig(zero_init_residual=True)), "--zero_init_residual",
      "random initialisation only"),
 ])
 def test_bad_values_name_the_flag(tmp_path, change, flag, rule):
-    with pytest.raises(TrainConfigError, match=rule) as err:
+    with pytest.raises(SettingError, match=rule) as err:
         _config(tmp_path, **change).validate()
     assert flag in str(err.value), str(err.value)
 
@@ -87,21 +85,21 @@ def test_bad_values_name_the_flag(tmp_path, change, flag, rule):
 def test_missing_training_files_are_named(tmp_path):
     pattern = str(tmp_path / "nothing-*.tfrecord")
     c = _config(tmp_path, data_source="tfrecord",
-                data=TrainInputConfig(file_pattern=pattern, global_batch_size=8))
-    with pytest.raises(TrainConfigError, match=r"--train_file_pattern matches no file.*"
+                data=DataConfig(file_pattern=pattern, global_batch_size=8))
+    with pytest.raises(SettingError, match=r"--train_file_pattern matches no file.*"
                        + "nothing-"):
         c.validate()
     (tmp_path / "nothing-0.tfrecord").write_bytes(b"")
     c.validate()
-    with pytest.raises(TrainConfigError, match="--eval_root is not a folder"):
-        dataclasses.replace(c, eval_dataset="roxford5k",
-                            eval_root=str(tmp_path / "absent")).validate()
+    with pytest.raises(SettingError, match="--eval_root is not a folder"):
+        dataclasses.replace(c, evaluation=EvalConfig(
+            dataset="roxford5k", data_root=str(tmp_path / "absent"))).validate()
 
 
 def test_global_batch_must_split_over_replicas(tmp_path):
-    c = _config(tmp_path, data=TrainInputConfig(file_pattern="", global_batch_size=6))
+    c = _config(tmp_path, data=DataConfig(file_pattern="", global_batch_size=6))
     c.validate_for_replicas(3, 1)
-    with pytest.raises(TrainConfigError, match=r"--global_batch_size must be divisible by "
+    with pytest.raises(SettingError, match=r"--global_batch_size must be divisible by "
                        r"the number of replicas \(4: 2 worker\(s\)\); received "
                        r"--global_batch_size=6\. Use a multiple of 4"):
         c.validate_for_replicas(4, 2)
@@ -193,16 +191,16 @@ def test_every_flagfile_parses_and_validates(tmp_path):
     assert sorted(variants) == sorted(VARIANTS)  # one flagfile per ablation row
     demo = parsed["configs/demo.flags"]["config"]
     assert demo["data_source"] == "synthetic" and demo["model"]["weights"] == "none"
-    assert demo["eval_dataset"] == "synth" and demo["eval_untrained"]
+    assert demo["evaluation"]["dataset"] == "synth" and demo["eval_untrained"]
     # The demo trains at the photos' own size and is exported and evaluated at twice the
     # training size, the paper's ratio (trained at <= 512 px, evaluated at 1024).
     data = {k: tuple(map(tuple, v)) if k == "bucket_sizes" else v
-            for k, v in demo["data"].items() if k != "file_pattern"}
-    buckets = TrainInputConfig(file_pattern="x", **data).scaled_bucket_sizes()
+            for k, v in demo["data"].items()}
+    buckets = DataConfig(**data).scaled_bucket_sizes()
     assert max(max(size) for size in buckets) == demo["synthetic"]["image_size"]
-    assert demo["eval_max_image_size"] == demo["export_max_image_size"] == (
+    assert demo["evaluation"]["max_image_size"] == demo["export_settings"]["max_image_size"] == (
         2 * demo["synthetic"]["image_size"])
-    assert paper["eval_max_image_size"] == 2 * max(max(size) for size in paper["data"][
+    assert paper["evaluation"]["max_image_size"] == 2 * max(max(size) for size in paper["data"][
         "bucket_sizes"])
 
 
@@ -218,8 +216,11 @@ def test_cli_rejects_bad_values_before_any_work(tmp_path):
               "--train_steps=2", "--backbone=resnet50", "--weights=none"]
     proc = _run_main(common + ["--learning_rate=0"], tmp_path)
     assert proc.returncode != 0
-    assert "--learning_rate must be a finite number > 0; received --learning_rate=0.0" in (
-        proc.stderr)
+    # The error and where the flags are listed: not the ~200 lines of flag help.
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "train_main: error: --learning_rate must be a finite number > 0; received "
+        "--learning_rate=0.0.",
+        "Run `python train_main.py --helpfull` for every flag and its help."]
     assert not train_dir.exists()  # failed before creating anything
     proc = _run_main(common + ["--variant=glam"], tmp_path)
     assert proc.returncode != 0 and "flag --variant=glam" in proc.stderr

@@ -49,7 +49,7 @@ import json, sys
 from glam_tf.train.distribute import split_logical_cpus
 split_logical_cpus(2)
 import tensorflow as tf
-from glam_tf.data.pipeline import TrainInputConfig
+from glam_tf.config import DataConfig
 from glam_tf.model import ModelConfig
 from glam_tf.train import TrainConfig, train
 sys.path.insert(0, sys.argv[2])
@@ -63,7 +63,7 @@ for name, strategy, sync in (("one", tf.distribute.get_strategy(), True),
                              ("two", mirrored, True), ("two_unsynced", mirrored, False)):
     config = TrainConfig(
         train_dir=f"{root}/{name}", data_source="random", num_classes=6,
-        random_image_size=(32, 48), data=TrainInputConfig(file_pattern="", global_batch_size=8),
+        random_image_size=(32, 48), data=DataConfig(file_pattern="", global_batch_size=8),
         model=ModelConfig(backbone="resnet50", weights="none", reduced_channels=8,
                           embedding_dim=16),
         optimizer="sgd", learning_rate=0.05, train_steps=4, checkpoint_every=4,

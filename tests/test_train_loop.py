@@ -13,9 +13,9 @@ import pytest
 import keras
 import tensorflow as tf
 
-from glam_tf.data.pipeline import TrainInputConfig
+from glam_tf.config import DataConfig, EvalConfig, ExportConfig, SyntheticConfig, TrainConfig
 from glam_tf.model import ModelConfig, all_layers
-from glam_tf.train import NonFiniteLossError, SyntheticDataConfig, TrainConfig, train
+from glam_tf.train import NonFiniteLossError, train
 from glam_tf.train.reporting import read_scalars
 from keras_helpers import tiny_descriptor_model
 
@@ -25,7 +25,7 @@ MODEL = ModelConfig(backbone="resnet50", weights="none", reduced_channels=8, emb
 def _config(train_dir, **kw):
     base = dict(train_dir=str(train_dir), model=MODEL, data_source="random", num_classes=6,
                 random_image_size=(32, 48),
-                data=TrainInputConfig(file_pattern="", global_batch_size=8),
+                data=DataConfig(file_pattern="", global_batch_size=8),
                 optimizer="sgd", learning_rate=0.05, train_steps=6, checkpoint_every=3,
                 log_every=2, summary_every=1, export=False)
     base.update(kw)
@@ -103,17 +103,17 @@ def test_batchnorm_momentum_reaches_every_layer(tmp_path):
 
 
 def test_synthetic_run_exports_and_evaluates_untrained_and_trained(tmp_path, capsys):
-    synth = SyntheticDataConfig(root=str(tmp_path / "synth"), num_train_landmarks=4,
-                                images_per_landmark=4, num_test_landmarks=2,
-                                queries_per_landmark=2, num_distractor_landmarks=1,
-                                image_size=64)
+    synth = SyntheticConfig(root=str(tmp_path / "synth"), num_train_landmarks=4,
+                            images_per_landmark=4, num_test_landmarks=2,
+                            queries_per_landmark=2, num_distractor_landmarks=1, image_size=64)
     config = _config(
         tmp_path / "run", data_source="synthetic", synthetic=synth, num_classes=0,
-        data=TrainInputConfig(file_pattern="", global_batch_size=4, size_scale=0.1,
-                              shuffle_buffer=16),
-        train_steps=3, export=True, export_scales=(1.0,), export_max_image_size=64,
-        eval_dataset="synth", eval_root=synth.root, eval_max_image_size=64,
-        eval_scales=(1.0,), eval_untrained=True)
+        data=DataConfig(global_batch_size=4, size_scale=0.1, shuffle_buffer=16),
+        train_steps=3, export=True,
+        export_settings=ExportConfig(scales=(1.0,), max_image_size=64),
+        evaluation=EvalConfig(dataset="synth", data_root=synth.root, max_image_size=64,
+                              scales=(1.0,)),
+        eval_untrained=True)
     result = train(config, model_fn=tiny_descriptor_model)
     out = capsys.readouterr().out
     assert result.final_step == 3

@@ -7,7 +7,6 @@ TensorFlow; `from glam_tf.data import build_train_dataset` still works.
 import importlib
 
 _EXPORTS = {
-    "TrainInputConfig": "pipeline",
     "DecodeStats": "pipeline",
     "DamagedShardsError": "pipeline",
     "check_shards": "pipeline",

@@ -30,6 +30,7 @@ import re
 import numpy as np
 from absl import logging
 
+from glam_tf.config import contract
 from glam_tf.data import progress as progress_lib
 from glam_tf.files import atomic_write, write_json_atomic
 
@@ -39,7 +40,6 @@ CSV_CLEAN_HEADER = ("landmark_id", "images")
 CSV_FULL_HEADER = ("id", "url", "landmark_id")
 IMAGE_DIR_NAME = "train"
 LABEL_MAP_NAME = "label_map.csv"
-SUMMARY_NAME = "summary.json"
 PLAN_NAME = "conversion_plan.json"
 MISSING_NAME = "missing_images.txt"
 UNDECODABLE_NAME = "undecodable_images.txt"
@@ -75,7 +75,7 @@ class ConversionSummary:
       missing: ids listed in the csv whose file is absent.
       undecodable: ids whose file Pillow cannot decode (with the reason).
       num_classes: N, the labels run 0..N-1 (classes with at least one present file).
-      train_pattern / validation_pattern: globs for `TrainInputConfig.file_pattern`.
+      train_pattern / validation_pattern: globs for `DataConfig.file_pattern`.
       label_map_path: label -> landmark id csv.
       shards_skipped: finished shards a resumed run left as they were.
     """
@@ -504,7 +504,7 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
         train_pattern=os.path.join(output_dir, "train-*-of-*.tfrecord"),
         validation_pattern=os.path.join(output_dir, "validation-*-of-*.tfrecord"),
         label_map_path=label_map_path, shards_skipped=len(skipped_reports))
-    write_json_atomic(os.path.join(output_dir, SUMMARY_NAME), summary.to_json())
+    write_json_atomic(os.path.join(output_dir, contract.CONVERTER_SUMMARY_FILE), summary.to_json())
     logging.info(
         "GLDv2 conversion done: %d written (train %d, validation %d), %d classes, %d missing, "
         "%d undecodable (listed in %s and %s); %d shards kept from an earlier run",

@@ -23,7 +23,6 @@ stateful ops are the `DecodeStats` counters, which are excluded from iterator st
 the `DecodeStats` object next to the iterator to keep its counts).
 """
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -37,85 +36,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from glam_tf.config import DataConfig
 from glam_tf.data import framing, records
 from glam_tf.files import atomic_write, write_json_atomic
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainInputConfig:
-    """Training input settings (defaults: Yokoo et al.'s recipe, GLAM_SPEC "Training recipe").
-
-    Attributes:
-      file_pattern: glob of the training TFRecords (DELG keys, see `records`).
-      global_batch_size: images per training step over all replicas.
-      size_scale: multiplies every bucket size (rounded to a multiple of 32, at least 32);
-        e.g. 0.25 for quick runs.
-      aspect_edges: increasing h/w edges; group i holds edges[i-1] <= h/w < edges[i].
-      bucket_sizes: (width, height) of each group; len(aspect_edges) + 1 entries.
-      crop_scale: zoom s ~ U[1 - crop_scale, 1 + crop_scale]: s >= 1 crops a random window of
-        1/s of the image side; s < 1 shrinks the whole image to s of the frame at a random
-        place, the border filled with the image's mean colour. Then resized to the group size.
-      brightness: additive brightness delta ~ U[-brightness, brightness] in [0, 1] units.
-      shuffle_buffer: records in the shuffle buffer (encoded bytes, ~100 KB each for GLDv2).
-      seed: seeds file order, record shuffle and augmentation.
-      deterministic: also keep the decoded elements in stream order (reproducible batches, for
-        tests); False lets the parallel decode emit out of order, which is faster.
-      skip_damaged_records: train on the valid records of damaged shards (bad framing or data
-        CRCs), leaving out and counting only the damaged spans; False (default) refuses to
-        start and lists every damaged shard, offset and problem.
-    """
-
-    file_pattern: str
-    global_batch_size: int = 64
-    size_scale: float = 1.0
-    aspect_edges: tuple = (0.67, 0.77, 1.33, 1.5)
-    bucket_sizes: tuple = ((512, 352), (512, 384), (448, 448), (384, 512), (352, 512))
-    crop_scale: float = 0.2
-    brightness: float = 0.1
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    deterministic: bool = False
-    skip_damaged_records: bool = False
-
-    def validate(self) -> None:
-        """Raises ValueError naming the field, the rule and the value received."""
-        if not self.file_pattern:
-            raise ValueError("TrainInputConfig.file_pattern must be a non-empty glob of "
-                             "TFRecord files, got ''")
-        if self.global_batch_size < 1:
-            raise ValueError(f"TrainInputConfig.global_batch_size must be >= 1, got "
-                             f"{self.global_batch_size}")
-        if not self.size_scale > 0:
-            raise ValueError(f"TrainInputConfig.size_scale must be > 0, got {self.size_scale}")
-        edges = tuple(self.aspect_edges)
-        if any(not e > 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ValueError("TrainInputConfig.aspect_edges must be positive and strictly "
-                             f"increasing, got {self.aspect_edges}")
-        if len(self.bucket_sizes) != len(edges) + 1:
-            raise ValueError(
-                f"TrainInputConfig.bucket_sizes needs len(aspect_edges) + 1 = {len(edges) + 1} "
-                f"(width, height) pairs, got {len(self.bucket_sizes)}: {self.bucket_sizes}")
-        for size in self.bucket_sizes:
-            if len(size) != 2 or any(int(v) != v or v < 1 for v in size):
-                raise ValueError("TrainInputConfig.bucket_sizes entries must be (width, height) "
-                                 f"positive integers, got {size}")
-        if not 0.0 <= self.crop_scale < 1.0:
-            raise ValueError(f"TrainInputConfig.crop_scale must be in [0, 1), got "
-                             f"{self.crop_scale}")
-        if not 0.0 <= self.brightness <= 1.0:
-            raise ValueError(f"TrainInputConfig.brightness must be in [0, 1], got "
-                             f"{self.brightness}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"TrainInputConfig.shuffle_buffer must be >= 1, got "
-                             f"{self.shuffle_buffer}")
-
-    def scaled_bucket_sizes(self) -> tuple:
-        """(width, height) per group after `size_scale`: multiples of 32, at least 32."""
-        return tuple(
-            tuple(max(32, int(math.floor(v * self.size_scale / 32.0 + 0.5)) * 32) for v in size)
-            for size in self.bucket_sizes)
 
 
 def aspect_group(height, width, edges) -> np.ndarray:
@@ -426,7 +351,7 @@ def _make_counter(stats: DecodeStats):
     return count
 
 
-def _make_augment(config: TrainInputConfig, sizes: tuple, num_input_pipelines: int,
+def _make_augment(config: DataConfig, sizes: tuple, num_input_pipelines: int,
                   input_pipeline_id: int):
     """Per-record augmentation, drawn from stateless RNG keyed by (seed, stream position)."""
     edges = tf.constant(config.aspect_edges, tf.float32)
@@ -475,7 +400,7 @@ def _make_augment(config: TrainInputConfig, sizes: tuple, num_input_pipelines: i
     return augment
 
 
-def build_train_dataset(config: TrainInputConfig, *, num_input_pipelines: int = 1,
+def build_train_dataset(config: DataConfig, *, num_input_pipelines: int = 1,
                         input_pipeline_id: int = 0, batch_size: int | None = None,
                         skip_examples: int = 0, stats: DecodeStats | None = None,
                         repeat: bool = True, with_ids: bool = False,
@@ -483,7 +408,7 @@ def build_train_dataset(config: TrainInputConfig, *, num_input_pipelines: int = 
     """Builds this input pipeline's dataset of single-aspect-group training batches.
 
     Args:
-      config: a `TrainInputConfig`.
+      config: a `DataConfig`.
       num_input_pipelines / input_pipeline_id: from `tf.distribute.InputContext`. Files are
         split across pipelines when there are at least as many files as pipelines, else
         records are.
@@ -527,13 +452,13 @@ def build_train_dataset(config: TrainInputConfig, *, num_input_pipelines: int = 
         files = sorted(tf.io.gfile.glob(config.file_pattern))
         if not files:
             raise FileNotFoundError(
-                f"TrainInputConfig.file_pattern {config.file_pattern!r} matches no file; "
+                f"DataConfig.file_pattern {config.file_pattern!r} matches no file; "
                 "expected TFRecords written by build_gldv2_main.py (e.g. "
                 "<out>/train-*-of-*.tfrecord)")
         reports = check_shards(files)
         files = readable_files(reports, skip_damaged=config.skip_damaged_records,
-                               source=f"TrainInputConfig.file_pattern {config.file_pattern!r}",
-                               flag="TrainInputConfig.skip_damaged_records")
+                               source=f"DataConfig.file_pattern {config.file_pattern!r}",
+                               flag="DataConfig.skip_damaged_records")
         stats.record_damage(reports)
     files = list(files)
 
@@ -580,7 +505,7 @@ def build_train_dataset(config: TrainInputConfig, *, num_input_pipelines: int = 
     return ds.with_options(options)
 
 
-def make_dataset_fn(config: TrainInputConfig, *, steps_done: int = 0,
+def make_dataset_fn(config: DataConfig, *, steps_done: int = 0,
                     stats: DecodeStats | None = None, files=None):
     """A `dataset_fn(input_context)` for `strategy.distribute_datasets_from_function`.
 

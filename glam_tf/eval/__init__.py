@@ -1,6 +1,7 @@
 """Retrieval evaluation: test-set extraction, exact search, revisited/original metrics."""
 
-from glam_tf.eval.evaluator import DATASETS, EvalConfig, Evaluator, run_evaluation
+from glam_tf.config.eval import DATASETS, EvalConfig
+from glam_tf.eval.evaluator import Evaluator, evaluate_model, read_results, run_evaluation
 from glam_tf.eval.metrics import (
     KAPPAS,
     SETUPS,
@@ -13,7 +14,8 @@ from glam_tf.eval.metrics import (
 from glam_tf.eval.search import SearchResult, approximate_search, exact_search, recall_at_k
 
 __all__ = [
-    "DATASETS", "EvalConfig", "Evaluator", "run_evaluation", "KAPPAS", "SETUPS",
+    "DATASETS", "EvalConfig", "Evaluator", "evaluate_model", "read_results", "run_evaluation",
+    "KAPPAS", "SETUPS",
     "average_precision", "evaluate_setups", "precision_at_k", "ranks_after_removal",
     "setup_ground_truth", "SearchResult", "approximate_search", "exact_search", "recall_at_k",
 ]

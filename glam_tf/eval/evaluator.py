@@ -3,23 +3,23 @@
 `Evaluator(config=EvalConfig(...)).evaluate()` loads the test set, extracts query and
 database descriptors (batched, sharded, resumable; glam_tf.eval.extract), searches
 exactly (glam_tf.eval.search), scores per EVAL_PROTOCOL.md (glam_tf.eval.metrics) and
-writes a JSON record and top-10 pictures (glam_tf.eval.report). `run_evaluation` is the
-keyword-only entry point training calls at its end; eval_main.py is the command line.
+writes a JSON record and top-10 pictures (glam_tf.eval.report). `run_evaluation` runs an
+EvalConfig, `evaluate_model` an in-memory model (what training calls); eval_main.py is the
+command line. EvalConfig lives in glam_tf.config.
 """
 
-import dataclasses
-import importlib.util
+import json
 import os
+import shutil
 import time
 
 import numpy as np
 from absl import logging
 
+from glam_tf.config.eval import EvalConfig
 from glam_tf.data import testsets
 from glam_tf.eval import extract, metrics, models, report, search
 
-DATASETS = testsets.REVISITED + testsets.ORIGINAL
-STAGES = ("all", "extract", "evaluate")
 UNDECODABLE_POLICY = ("database images that cannot be decoded stay in the database and rank "
                       "last (after every decodable image, by index), so a positive among "
                       "them still counts in AP's denominator; undecodable queries are left "
@@ -27,110 +27,6 @@ UNDECODABLE_POLICY = ("database images that cannot be decoded stay in the databa
 RESIZE_POLICY = ("Pillow decode (no EXIF rotation), crop queries to bbx, bilinear resize so "
                  "the full image's longer side = max_image_size (query crops keep that "
                  "scale), sides raised to the model minimum at the smallest scale if needed")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """Settings of one evaluation run (field names = eval_main flag names).
-
-    Attributes:
-        dataset: one of DATASETS.
-        data_root: folder holding the dataset (`<data_root>/<dataset>/...`).
-        output_dir: features, results JSON and pictures go here.
-        model: SavedModel directory (version folder or its parent), or
-        train_dir: training directory (model_config.json + checkpoints/); exactly one.
-        distractors: add the revisitop1m distractors (roxford5k / rparis6k only).
-        distractors_root: folder holding `revisitop1m/` (default: data_root).
-        max_image_size: longer side of the full images after the client resize.
-        scales: multi-scale factors; None = the model's own (a SavedModel's export-time
-            scales, else models.DEFAULT_SCALES). Scales other than a SavedModel's export-time
-            ones are applied through its serving_default signature, one image per call.
-        batch_size: images per model call (same resized size).
-        shard_size: images per feature shard file.
-        num_shards, shard_index: split extraction over hosts.
-        num_workers: image-decoding threads.
-        stage: "all" (extract this host's shards, then evaluate when every shard is
-            there), "extract" (only extract), "evaluate" (merge + search + metrics; fails
-            listing missing shards).
-        topk: neighbours kept per query in the JSON.
-        visualize: query indices or names to draw with their top 10.
-        approx_index: faiss index_factory string (e.g. "HNSW32") to also run approximate
-            search and report its recall@approx_k against exact search; "" for none.
-        approx_params: faiss search parameters, e.g. "efSearch=128" or "nprobe=16".
-        approx_k: k of that recall.
-        memory_budget_mb: search temporaries budget; 0 = automatic.
-        log_every_s: progress logging interval.
-    """
-
-    dataset: str
-    data_root: str
-    output_dir: str
-    model: str = ""
-    train_dir: str = ""
-    distractors: bool = False
-    distractors_root: str = ""
-    max_image_size: int = 1024
-    scales: tuple = None
-    batch_size: int = 8
-    shard_size: int = 1000
-    num_shards: int = 1
-    shard_index: int = 0
-    num_workers: int = 2
-    stage: str = "all"
-    topk: int = 100
-    visualize: tuple = ()
-    approx_index: str = ""
-    approx_params: str = ""
-    approx_k: int = 100
-    memory_budget_mb: int = 0
-    log_every_s: float = 30.0
-
-    def validate(self, *, check_model=True):
-        """Raises ValueError naming the field, the rule and the value; cheap checks only."""
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got "
-                             f"{self.dataset!r}")
-        if self.distractors and self.dataset not in ("roxford5k", "rparis6k"):
-            raise ValueError(f"distractors (revisitop1m) go with roxford5k or rparis6k, not "
-                             f"dataset={self.dataset!r}")
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}; got {self.stage!r}")
-        for name in ("max_image_size", "batch_size", "shard_size", "num_shards", "num_workers",
-                     "topk", "approx_k"):
-            positive_int(name)
-        if not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}); got "
-                             f"{self.shard_index}")
-        if self.memory_budget_mb < 0:
-            raise ValueError(f"memory_budget_mb must be >= 0 (0 = automatic); got "
-                             f"{self.memory_budget_mb}")
-        if self.scales is not None:
-            try:
-                models.check_scales(self.scales)
-            except ValueError as e:
-                raise ValueError(f"scales: {e}") from None
-        if self.approx_index and importlib.util.find_spec("faiss") is None:
-            raise ValueError(f"approx_index={self.approx_index!r} needs faiss, an optional "
-                             "extra: pip install faiss-cpu==1.15.1 (or leave approx_index "
-                             "empty)")
-        if not self.data_root:
-            raise ValueError("data_root must name the folder holding the dataset")
-        if not self.output_dir:
-            raise ValueError("output_dir must name a folder for features and results")
-        if check_model:
-            err = models.check_model_source(self.model, self.train_dir)
-            if err:
-                raise ValueError(err)
-
-    @property
-    def label(self):
-        """File-name label, e.g. `roxford5k+1m`."""
-        return self.dataset + ("+1m" if self.distractors else "")
 
 
 def _resolve_visualize(names, testset):
@@ -315,7 +211,7 @@ class Evaluator:
         if cfg.approx_index:
             results["approx_index"] = self._approximate(merged_q.descriptors, db, db_valid, res)
         label = cfg.label
-        outputs = {"json": os.path.join(cfg.output_dir, f"results-{label}.json")}
+        outputs = {"json": results_path(cfg)}
         if vis:
             entries = []
             for q in vis:
@@ -346,17 +242,45 @@ class Evaluator:
                 "build_seconds": round(build_s, 3), "search_seconds": round(search_s, 3)}
 
 
-def run_evaluation(*, dataset, data_root, output_dir, model="", train_dir="", backend=None,
-                   print_table=True, **kwargs):
-    """Evaluates a SavedModel (`model`) or training directory (`train_dir`) on `dataset`.
+def run_evaluation(config=None, *, backend=None, print_table=True, **fields):
+    """Evaluates `config` (an EvalConfig, or one made of `fields`); returns the results.
 
-    The entry point training calls at its end; other EvalConfig fields go in kwargs.
-    Prints the paper-layout table (when print_table) and returns the results dict.
+    Prints the paper-layout table (when print_table). `backend`: a DescriptorBackend to use
+    instead of loading config.model / config.train_dir.
     """
-    config = EvalConfig(dataset=dataset, data_root=data_root, output_dir=output_dir,
-                        model=model, train_dir=train_dir, **kwargs)
+    config = config if config is not None else EvalConfig(**fields)
     results = Evaluator(config=config, backend=backend).evaluate()
     if results["status"] == "complete" and print_table:
         print(report.format_table(results), flush=True)
         print(f"results: {results['outputs']['json']}", flush=True)
     return results
+
+
+def evaluate_model(model, config, *, tag: str) -> dict:
+    """Evaluates an in-memory Keras descriptor model (the eval back-end training uses).
+
+    The model goes through its serving module (the functions the SavedModel exports) at
+    config.scales (default: the paper's), fed images resized to config.max_image_size;
+    config.output_dir is replaced. `tag` names the model in the results (e.g. `<train_dir>@step_<n>`).
+    """
+    shutil.rmtree(config.output_dir, ignore_errors=True)
+    backend = models.from_keras_model(model, scales=config.scales,
+                                      max_image_size=config.max_image_size,
+                                      info={"kind": "in-memory model", "model": tag},
+                                      fingerprint=f"model:{tag}")
+    print(f"Evaluation of {tag} on {config.label}:", flush=True)
+    return run_evaluation(config, backend=backend)
+
+
+def results_path(config) -> str:
+    """Where the evaluation of `config` writes its results JSON."""
+    return os.path.join(config.output_dir, f"results-{config.label}.json")
+
+
+def read_results(config):
+    """The results dict an earlier evaluation of `config` wrote, or None."""
+    path = results_path(config)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from glam_tf.config.contract import DEFAULT_MAX_IMAGE_SIZE
 from glam_tf.data.progress import ProgressBar
 from glam_tf.files import atomic_write
 
@@ -249,8 +250,8 @@ def _safe_size(item):
         return e
 
 
-def extract_split(items, out_dir, backend, *, max_image_size=1024, batch_size=8,
-                  shard_size=1000, num_shards=1, shard_index=0, num_workers=2,
+def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_SIZE,
+                  batch_size=8, shard_size=1000, num_shards=1, shard_index=0, num_workers=2,
                   settings=None, name="", log_every_s=30.0):
     """Describes `items` into shard files under `out_dir`, skipping finished shards.
 

@@ -22,9 +22,18 @@ import os
 
 import numpy as np
 
-DEFAULT_SCALES = (0.70710678, 1.0, 1.41421356)
-MIN_IMAGE_SIZE = 32  # the backbone needs 32 px per side at every scale
-_EXPORT_INFO = os.path.join("assets.extra", "glam_export.json")
+from glam_tf.config.contract import (
+    DEFAULT_MAX_IMAGE_SIZE,
+    DEFAULT_SCALES,
+    EXPORT_INFO_FILE,
+    MIN_IMAGE_SIZE,
+    check_model_source,
+    model_config_path,
+    resolve_saved_model_dir,
+)
+from glam_tf.config.settings import fail, numbers_list
+
+_SCALES_RULE = numbers_list()
 
 
 @dataclasses.dataclass
@@ -58,53 +67,15 @@ class DescriptorBackend:
         return out
 
 
-def check_scales(scales):
-    """Scales as a tuple of finite positive floats; ValueError naming `scales` otherwise."""
+def check_scales(scales) -> tuple:
+    """Scales as a tuple of floats, checked by the scales rule of the configs."""
     try:
         out = tuple(float(s) for s in scales)
     except (TypeError, ValueError):
-        raise ValueError(f"scales must be numbers, e.g. 0.7071,1,1.4142; got {scales!r}") from None
-    if not out or not all(math.isfinite(s) and s > 0 for s in out):
-        raise ValueError(f"scales must be a non-empty list of finite numbers > 0; got {scales!r}")
+        fail("scales", _SCALES_RULE.text, scales)
+    if not _SCALES_RULE(out):
+        fail("scales", _SCALES_RULE.text, scales)
     return out
-
-
-def resolve_saved_model_dir(path):
-    """The SavedModel folder: `path` itself if it holds saved_model.pb, else its newest
-    numbered version folder (as TF Serving picks). FileNotFoundError explains otherwise."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        return path
-    versions = sorted((int(n) for n in os.listdir(path)
-                       if n.isdigit() and os.path.isfile(os.path.join(path, n, "saved_model.pb"))))
-    if not versions:
-        raise FileNotFoundError(f"{path!r} is not a SavedModel: no saved_model.pb in it nor in "
-                                "a numbered version folder (<model>/<version>/saved_model.pb)")
-    return os.path.join(path, str(versions[-1]))
-
-
-def check_model_source(model=None, train_dir=None):
-    """Exactly one of a SavedModel path and a training directory, each with its files.
-
-    Returns an error message (naming `model` or `train_dir`) or None when fine.
-    """
-    if bool(model) == bool(train_dir):
-        return ("give exactly one of model (a SavedModel directory) and train_dir (a training "
-                f"directory with model_config.json and checkpoints/); got model={model!r}, "
-                f"train_dir={train_dir!r}")
-    if model:
-        try:
-            resolve_saved_model_dir(model)
-        except FileNotFoundError as e:
-            return f"model: {e}"
-        return None
-    missing = [p for p in (os.path.join(train_dir, "model_config.json"),
-                           os.path.join(train_dir, "checkpoints")) if not os.path.exists(p)]
-    if missing:
-        return f"train_dir: {train_dir!r} lacks {', '.join(missing)}"
-    return None
 
 
 def _file_stamp(paths):
@@ -145,7 +116,7 @@ def load_saved_model(path, *, scales=None):
     version_dir = resolve_saved_model_dir(path)
     loaded = tf.saved_model.load(version_dir)
     export_info = {}
-    info_path = os.path.join(version_dir, _EXPORT_INFO)
+    info_path = os.path.join(version_dir, EXPORT_INFO_FILE)
     if os.path.isfile(info_path):
         with open(info_path) as f:
             export_info = json.load(f)
@@ -224,27 +195,39 @@ def from_serving_module(module, *, info=None, fingerprint="module"):
                                                         MIN_IMAGE_SIZE)))
 
 
-def load_checkpoint(train_dir, *, scales=None, max_image_size=1024):
+def from_keras_model(model, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_SIZE, info=None,
+                     fingerprint="model"):
+    """A back-end over an in-memory Keras descriptor model, through its serving module
+    (glam_tf.export.build_serving_module: the functions the SavedModel exports) at `scales`
+    (None: DEFAULT_SCALES). The client resizes full images to `max_image_size`; the module
+    is built for that size, so its limits (max_scaled_pixels) are checked against what the
+    client will send before any image is read."""
+    from glam_tf import export  # pylint: disable=import-outside-toplevel
+
+    scales = check_scales(DEFAULT_SCALES if scales is None else scales)
+    module = export.build_serving_module(model, scales=scales, max_image_size=max_image_size)
+    return from_serving_module(module, info=info, fingerprint=fingerprint)
+
+
+def load_checkpoint(train_dir, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_SIZE):
     """A back-end from a training directory: model_config.json + newest checkpoint.
 
     Rebuilds the descriptor model (weights "none"), restores `model` from the checkpoint
     (expect_partial: optimizer state etc. ignored; every model weight must be found) and
-    wraps it with glam_tf.export.build_serving_module(scales, max_image_size); scales=None
-    means DEFAULT_SCALES.
+    wraps it as `from_keras_model`; scales=None means DEFAULT_SCALES.
     """
     from glam_tf import export  # pylint: disable=import-outside-toplevel
 
-    scales = check_scales(DEFAULT_SCALES if scales is None else scales)
     model, config, prefix = export.restore_descriptor_model(train_dir)
-    module = export.build_serving_module(model, scales=scales, max_image_size=max_image_size)
-    stamp = _file_stamp([prefix + ".index", os.path.join(train_dir, "model_config.json")])
+    stamp = _file_stamp([prefix + ".index", model_config_path(train_dir)])
     info = {"kind": "checkpoint", "path": os.path.abspath(prefix),
             "model_config": config.to_dict()}
-    return from_serving_module(module, info=info,
-                               fingerprint=f"checkpoint:{os.path.abspath(prefix)}:{stamp}")
+    return from_keras_model(model, scales=scales, max_image_size=max_image_size, info=info,
+                            fingerprint=f"checkpoint:{os.path.abspath(prefix)}:{stamp}")
 
 
-def build_backend(*, model=None, train_dir=None, scales=None, max_image_size=1024):
+def build_backend(*, model=None, train_dir=None, scales=None,
+                  max_image_size=DEFAULT_MAX_IMAGE_SIZE):
     """The back-end for a SavedModel path (`model`) or a training directory (`train_dir`).
 
     scales=None: the model's own (a SavedModel's export-time scales, else DEFAULT_SCALES).

@@ -9,11 +9,10 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from glam_tf.config import contract
 from glam_tf.export import serving
 from glam_tf.model import ModelConfig, build_descriptor_model
 
-MODEL_CONFIG_FILE = "model_config.json"
-CHECKPOINT_SUBDIR = "checkpoints"
 
 
 def read_model_config(train_dir) -> ModelConfig:
@@ -30,7 +29,7 @@ def read_model_config(train_dir) -> ModelConfig:
     if not os.path.isdir(train_dir):
         raise FileNotFoundError(f"train_dir {train_dir!r} does not exist or is not a "
                                 "directory; pass the directory training wrote to.")
-    path = os.path.join(train_dir, MODEL_CONFIG_FILE)
+    path = contract.model_config_path(train_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: training writes it (ModelConfig.to_dict) "
                                 "next to checkpoints/; is train_dir the right directory?")
@@ -50,7 +49,7 @@ def read_model_config(train_dir) -> ModelConfig:
 
 def latest_checkpoint(train_dir) -> str:
     """Prefix of the newest checkpoint under `<train_dir>/checkpoints/`; error when none."""
-    ckpt_dir = os.path.join(os.fspath(train_dir), CHECKPOINT_SUBDIR)
+    ckpt_dir = contract.checkpoints_dir(os.fspath(train_dir))
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} does not exist: training writes its "
                                 "tf.train.Checkpoint files there.")
@@ -80,19 +79,14 @@ def restore_descriptor_model(train_dir, *, config=None, prefix=None):
         status.assert_existing_objects_matched()
     except AssertionError as e:
         raise ValueError(f"checkpoint {prefix} does not hold every weight of the model "
-                         f"described by {os.path.join(train_dir, MODEL_CONFIG_FILE)} (was it "
+                         f"described by {contract.model_config_path(train_dir)} (was it "
                          f"written by another config, or without the key 'model'?): {e}"
                          ) from None
     return model, config, prefix
 
 
-def export_from_checkpoint(train_dir, export_dir, *, version=None,
-                           scales=serving.DEFAULT_SCALES,
-                           max_image_size=serving.DEFAULT_MAX_IMAGE_SIZE,
-                           max_scaled_pixels=serving.DEFAULT_MAX_SCALED_PIXELS,
-                           max_batch_pixels=serving.DEFAULT_MAX_BATCH_PIXELS,
-                           max_decoded_pixels=serving.DEFAULT_MAX_DECODED_PIXELS,
-                           max_image_bytes=serving.DEFAULT_MAX_IMAGE_BYTES) -> str:
+def export_from_checkpoint(train_dir, export_dir, config=None, *, version=None,
+                           **settings) -> str:
     """Rebuilds the descriptor model of a training run, restores it, exports a SavedModel.
 
     Reads `<train_dir>/model_config.json`, builds the model with weights="none", restores
@@ -104,23 +98,20 @@ def export_from_checkpoint(train_dir, export_dir, *, version=None,
     Args:
         train_dir: training output directory.
         export_dir: SavedModel base path (TF Serving's model_base_path).
+        config / **settings: the export-time settings (glam_tf.config.ExportConfig, fields
+            replaced by name).
         version: version folder number; None = next free.
-        scales, max_image_size, max_scaled_pixels, max_batch_pixels, max_decoded_pixels,
-            max_image_bytes: see serving.GlamServingModule.
 
     Returns:
         The version folder path.
     """
-    config = read_model_config(train_dir)
+    model_config = read_model_config(train_dir)
     prefix = latest_checkpoint(train_dir)
-    limits = dict(max_scaled_pixels=max_scaled_pixels, max_batch_pixels=max_batch_pixels,
-                  max_decoded_pixels=max_decoded_pixels, max_image_bytes=max_image_bytes)
-    scales = serving.validate_export_args(scales=scales, max_image_size=max_image_size,
-                                          **limits)
-    version = serving.resolve_version(export_dir, version)
+    config = serving.export_config(config, **settings)
+    version = contract.resolve_version(export_dir, version)
 
-    model, _, _ = restore_descriptor_model(train_dir, config=config, prefix=prefix)
+    model, _, _ = restore_descriptor_model(train_dir, config=model_config, prefix=prefix)
     return serving.export_saved_model(
-        model, export_dir, version=version, scales=scales, max_image_size=max_image_size,
-        **limits,
-        extra_info={"model_config": config.to_dict(), "checkpoint": os.path.abspath(prefix)})
+        model, export_dir, config, version=version,
+        extra_info={"model_config": model_config.to_dict(),
+                    "checkpoint": os.path.abspath(prefix)})

@@ -36,104 +36,48 @@ message naming the input (never crash the server), before any large allocation:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging as std_logging
-import math
-import numbers
 import os
 import shutil
 import uuid
+from typing import Optional
 
 import tensorflow as tf
 from absl import logging
 
+from glam_tf.config import ExportConfig, contract
 from glam_tf.export import image_header
 
-DEFAULT_SCALES = (0.70710678, 1.0, 1.41421356)
-DEFAULT_MAX_IMAGE_SIZE = 1024
-# ResNet conv5 has stride 32: a smaller side leaves no feature-map cell to pool.
-MIN_IMAGE_SIZE = 32
-# 2**23 px (e.g. 2896 x 2896 = a 2048-px image at scale sqrt(2), or 4096 x 2048). Above it the
-# (hw)^2 global spatial attention and the backbone activations grow to many GiB.
-DEFAULT_MAX_SCALED_PIXELS = 2**23
-# A whole batched_global_descriptors request: B * h * w at the largest scale. 4x the largest
-# single image (four 2896 x 2896, or sixteen 1024 x 1024 images at scale sqrt(2)), so one
-# request costs at most about four times what the largest single image does.
-DEFAULT_MAX_BATCH_PIXELS = 2**25
-# Decoded size of one encoded image, read from its header before decoding: 2**27 px (134 MP,
-# about 400 MB of uint8 RGB) passes 100-MP medium-format photos (11648 x 8736) and 108-MP
-# phone photos (12000 x 9000); 200-MP phone full-resolution shots must be downsized first.
-DEFAULT_MAX_DECODED_PIXELS = 2**27
-# Encoded bytes of one image: a 100-MP JPEG at top quality (~0.5 byte/px) is ~50 MB.
-DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 SIGNATURE_NAMES = (
     "serving_default",
     "global_descriptor",
     "batched_global_descriptors",
     "global_descriptor_from_bytes",
 )
-EXPORT_INFO_FILE = os.path.join("assets.extra", "glam_export.json")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def validate_export_args(*, scales, max_image_size, min_image_size=MIN_IMAGE_SIZE,
-                         max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS,
-                         max_batch_pixels=DEFAULT_MAX_BATCH_PIXELS,
-                         max_decoded_pixels=DEFAULT_MAX_DECODED_PIXELS,
-                         max_image_bytes=DEFAULT_MAX_IMAGE_BYTES) -> tuple:
-    """Checks the export-time settings; returns scales as a tuple of floats.
+def export_config(config: Optional[ExportConfig] = None, **settings) -> ExportConfig:
+    """`config` (default: ExportConfig()) with `settings` replaced, validated.
 
     Raises:
-        ValueError naming the argument, the rule and the received value.
+        SettingError (a ValueError) naming the setting, the rule and the received value.
     """
+    config = config if config is not None else ExportConfig()
     try:
-        scales = tuple(float(s) for s in scales)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"scales must be a sequence of numbers; received scales={scales!r} "
-                         f"({e}).") from None
-    if not scales:
-        raise ValueError("scales must not be empty; received scales=(). The paper uses "
-                         f"{DEFAULT_SCALES}.")
-    bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
-    if bad:
-        raise ValueError(f"scales must be finite and > 0; received scales={scales} "
-                         f"(bad: {bad}).")
-    if not _is_int(min_image_size) or min_image_size < 1:
-        raise ValueError(f"min_image_size must be a positive integer; received "
-                         f"{min_image_size!r}.")
-    if not _is_int(max_image_size) or max_image_size < 1:
-        raise ValueError(f"max_image_size must be a positive integer (pixels of the longer "
-                         f"side); received max_image_size={max_image_size!r}.")
-    if not _is_int(max_scaled_pixels) or max_scaled_pixels < min_image_size**2:
-        raise ValueError(f"max_scaled_pixels must be an integer >= min_image_size**2 = "
-                         f"{min_image_size**2}; received {max_scaled_pixels!r}.")
-    if not _is_int(max_batch_pixels) or max_batch_pixels < max_scaled_pixels:
-        raise ValueError(f"max_batch_pixels must be an integer >= max_scaled_pixels = "
-                         f"{max_scaled_pixels} (a batch of one image at the largest size); "
-                         f"received {max_batch_pixels!r}.")
-    if not _is_int(max_decoded_pixels) or max_decoded_pixels < 1:
-        raise ValueError(f"max_decoded_pixels must be a positive integer; received "
-                         f"{max_decoded_pixels!r}.")
-    if not _is_int(max_image_bytes) or not 1 <= max_image_bytes < 2**31:
-        raise ValueError(f"max_image_bytes must be an integer in [1, 2**31) (a tf.string "
-                         f"offset); received {max_image_bytes!r}.")
-    smallest = round(max_image_size * min(scales))
-    if smallest < min_image_size:
-        raise ValueError(
-            f"max_image_size={max_image_size} at the smallest scale {min(scales)} gives a "
-            f"{smallest}-px longer side, below the model's minimum of {min_image_size} px; "
-            f"raise max_image_size or the smallest scale.")
-    largest = round(max_image_size * max(scales))
-    if largest * largest > max_scaled_pixels:
-        raise ValueError(
-            f"max_image_size={max_image_size} at the largest scale {max(scales)} allows "
-            f"{largest}x{largest} = {largest * largest} px, over max_scaled_pixels="
-            f"{max_scaled_pixels}; lower max_image_size or the largest scale, or raise "
-            f"max_scaled_pixels.")
-    return scales
+        config = dataclasses.replace(config, **settings)
+    except TypeError as e:
+        raise TypeError(f"unknown export setting ({e}); the settings are ExportConfig's "
+                        f"fields: {', '.join(f.name for f in dataclasses.fields(ExportConfig))}"
+                        ) from None
+    if settings.get("scales") is not None:
+        try:
+            config = dataclasses.replace(config, scales=tuple(float(s) for s in config.scales))
+        except (TypeError, ValueError):
+            pass   # validate() names the bad value
+    config.validate()
+    return config
 
 
 def _as_rgb(images: tf.Tensor, input_name: str, layout: str) -> tf.Tensor:
@@ -169,23 +113,22 @@ def _check_sizes(sizes: tf.Tensor, *, min_size: int, max_pixels: int,
 
     `what` (str or scalar tf.string) names the input at the start of the message.
     """
-    too_small = tf.reduce_any(sizes < float(min_size))
     pixels = tf.reduce_prod(tf.cast(sizes, tf.float64), axis=1)
-    too_large = tf.reduce_any(pixels > float(max_pixels))
-    small = tf.debugging.Assert(
-        tf.logical_not(too_small),
-        [tf.strings.join([what, f": every scaled image side must be at least {min_size} px "
-                                "(the backbone minimum); use a larger image or larger "
-                                "scales. Scaled [height, width] per scale:"]),
-         sizes], summarize=64)
-    with tf.control_dependencies([small]):
-        large = tf.debugging.Assert(
-            tf.logical_not(too_large),
-            [tf.strings.join([what, f": a scaled image has more than {max_pixels} pixels (the "
-                                    "export setting max_scaled_pixels); downsize the image or use "
-                                    "smaller scales. Scaled [height, width] per scale:"]),
-             sizes], summarize=64)
-    return large
+    checks = (
+        (tf.reduce_all(sizes >= float(min_size)),
+         f": every scaled image side must be at least {min_size} px (the backbone minimum); "
+         "use a larger image or larger scales."),
+        (tf.reduce_all(pixels <= float(max_pixels)),
+         f": a scaled image has more than {max_pixels} pixels (the export setting "
+         "max_scaled_pixels); downsize the image or use smaller scales."),
+    )
+    last = tf.no_op()
+    for ok, message in checks:   # in order: the first broken rule is the one reported
+        with tf.control_dependencies([last]):
+            last = tf.debugging.Assert(
+                ok, [tf.strings.join([what, message + " Scaled [height, width] per scale:"]),
+                     sizes], summarize=64)
+    return last
 
 
 def _tf_variable(variable) -> tf.Variable:
@@ -205,43 +148,29 @@ class GlamServingModule(tf.Module):
 
     Args:
         model: keras.Model, float32 (B, H, W, 3) RGB in [0, 255] -> (B, D) unit rows.
-        scales: export-time scales of `global_descriptor` and the batched signatures.
-        max_image_size: longer side (px) `global_descriptor` resizes the input to.
-        min_image_size: smallest scaled side accepted (the model needs 32 px).
-        max_scaled_pixels: largest scaled image (h * w) accepted by any signature.
-        max_batch_pixels: largest batched_global_descriptors request, B * h * w at the
-            largest scale.
-        max_decoded_pixels: largest image (height * width, read from the encoded header
-            before decoding) global_descriptor_from_bytes decodes.
-        max_image_bytes: largest encoded image global_descriptor_from_bytes accepts.
+        config: the export-time settings (glam_tf.config.ExportConfig: scales, sizes and
+            request limits); default ExportConfig().
+        **settings: ExportConfig fields replaced in `config` (e.g. scales=(1.0,)).
     """
 
-    def __init__(self, model, *, scales=DEFAULT_SCALES,
-                 max_image_size=DEFAULT_MAX_IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
-                 max_scaled_pixels=DEFAULT_MAX_SCALED_PIXELS,
-                 max_batch_pixels=DEFAULT_MAX_BATCH_PIXELS,
-                 max_decoded_pixels=DEFAULT_MAX_DECODED_PIXELS,
-                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, name="glam_serving"):
+    def __init__(self, model, config: Optional[ExportConfig] = None, *, name="glam_serving",
+                 **settings):
         super().__init__(name=name)
-        scales = validate_export_args(scales=scales, max_image_size=max_image_size,
-                                      min_image_size=min_image_size,
-                                      max_scaled_pixels=max_scaled_pixels,
-                                      max_batch_pixels=max_batch_pixels,
-                                      max_decoded_pixels=max_decoded_pixels,
-                                      max_image_bytes=max_image_bytes)
-        side = max(min_image_size, 64)
+        config = export_config(config, **settings)
+        self.config = config
+        side = max(config.min_image_size, 64)
         probe = model(tf.zeros([1, side, side, 3]), training=False)
         if probe.shape.rank != 2 or probe.shape[0] != 1:
             raise ValueError(f"model must map (B, H, W, 3) images to (B, D) descriptors; a "
                              f"(1, {side}, {side}, 3) input gave shape {tuple(probe.shape)}.")
         self.descriptor_dim = int(probe.shape[-1])
-        self.scales = scales
-        self.max_image_size = int(max_image_size)
-        self.min_image_size = int(min_image_size)
-        self.max_scaled_pixels = int(max_scaled_pixels)
-        self.max_batch_pixels = int(max_batch_pixels)
-        self.max_decoded_pixels = int(max_decoded_pixels)
-        self.max_image_bytes = int(max_image_bytes)
+        self.scales = tuple(config.scales)
+        self.max_image_size = config.max_image_size
+        self.min_image_size = config.min_image_size
+        self.max_scaled_pixels = config.max_scaled_pixels
+        self.max_batch_pixels = config.max_batch_pixels
+        self.max_decoded_pixels = config.max_decoded_pixels
+        self.max_image_bytes = config.max_image_bytes
         # Only the variables are tracked (saved); the Keras model object is kept out of the
         # object graph (a plain closure is not tracked) so loading needs no Keras classes.
         # The tf.Variables inside the keras.Variables are tracked, not the keras.Variables:
@@ -480,41 +409,13 @@ class GlamServingModule(tf.Module):
         return {name: getattr(self, name) for name in SIGNATURE_NAMES}
 
 
-def build_serving_module(model, **kwargs) -> GlamServingModule:
+def build_serving_module(model, config: Optional[ExportConfig] = None,
+                         **settings) -> GlamServingModule:
     """The exported functions, usable in-process (module.global_descriptor(image) etc.).
 
-    Keyword arguments: the export-time settings of GlamServingModule.
+    `config` / `settings`: the export-time settings (ExportConfig, fields replaced by name).
     """
-    return GlamServingModule(model, **kwargs)
-
-
-def next_version(export_dir: str) -> int:
-    """1 + the largest integer-named subfolder of export_dir (1 when there is none)."""
-    if not os.path.isdir(export_dir):
-        return 1
-    versions = [int(n) for n in os.listdir(export_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(export_dir, n))]
-    return max(versions, default=0) + 1
-
-
-def resolve_version(export_dir, version=None) -> int:
-    """The version folder number to write: `version`, or the next free one when None.
-
-    Raises:
-        ValueError: version is not a non-negative integer.
-        FileExistsError: `<export_dir>/<version>` already exists.
-    """
-    export_dir = os.fspath(export_dir)
-    if version is None:
-        version = next_version(export_dir)
-    elif not _is_int(version) or version < 0:
-        raise ValueError(f"version must be a non-negative integer (the TF Serving version "
-                         f"folder name); received version={version!r}.")
-    final = os.path.join(export_dir, str(int(version)))
-    if os.path.exists(final):
-        raise FileExistsError(f"{final} already exists; pass another version, or leave "
-                              "version unset to take the next free number.")
-    return int(version)
+    return GlamServingModule(model, config, **settings)
 
 
 class _DropRenamedInputNotice(std_logging.Filter):
@@ -541,8 +442,8 @@ def _quiet_signature_renaming():
             logger.removeFilter(notice_filter)
 
 
-def export_saved_model(model, export_dir, *, version=None, extra_info=None,
-                       **settings) -> str:
+def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None, *,
+                       version=None, extra_info=None, **settings) -> str:
     """Saves the serving module as `<export_dir>/<version>/` (TF Serving layout).
 
     The SavedModel is written to a hidden temporary folder next to it and renamed into
@@ -554,17 +455,16 @@ def export_saved_model(model, export_dir, *, version=None, extra_info=None,
         version: non-negative integer; None = next after the existing numbered folders.
         extra_info: JSON-able dict stored with the export settings in
             `assets.extra/glam_export.json` (e.g. the ModelConfig, the checkpoint path).
-        **settings: the export-time settings of GlamServingModule (scales, max_image_size,
-            min_image_size, max_scaled_pixels, max_batch_pixels, max_decoded_pixels,
-            max_image_bytes), all recorded in glam_export.json.
+        config / **settings: the export-time settings (glam_tf.config.ExportConfig, fields
+            replaced by name), all recorded in glam_export.json.
 
     Returns:
         The version folder path.
     """
     export_dir = os.fspath(export_dir)
-    version = resolve_version(export_dir, version)
+    version = contract.resolve_version(export_dir, version)
     final = os.path.join(export_dir, str(version))
-    module = build_serving_module(model, **settings)
+    module = build_serving_module(model, config, **settings)
     os.makedirs(export_dir, exist_ok=True)
     tmp = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:
@@ -575,18 +475,12 @@ def export_saved_model(model, export_dir, *, version=None, extra_info=None,
         info = {
             "signatures": list(SIGNATURE_NAMES),
             "descriptor_dim": module.descriptor_dim,
-            "scales": list(module.scales),
-            "max_image_size": module.max_image_size,
-            "min_image_size": module.min_image_size,
-            "max_scaled_pixels": module.max_scaled_pixels,
-            "max_batch_pixels": module.max_batch_pixels,
-            "max_decoded_pixels": module.max_decoded_pixels,
-            "max_image_bytes": module.max_image_bytes,
+            **module.config.info(),
             "tensorflow_version": tf.__version__,
         }
         info.update(extra_info or {})
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
-        with open(os.path.join(tmp, EXPORT_INFO_FILE), "w") as f:
+        with open(os.path.join(tmp, contract.EXPORT_INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
         os.rename(tmp, final)
     finally:

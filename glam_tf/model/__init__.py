@@ -1,4 +1,5 @@
-"""GLAM descriptor model: config, attention layers, pooling, head, ArcFace, builder."""
+"""GLAM descriptor model: attention layers, pooling, head, ArcFace, builder (ModelConfig in
+glam_tf.config)."""
 
 from glam_tf.model.arcface import ArcFace, arcface_logits
 from glam_tf.model.attention import (
@@ -8,8 +9,8 @@ from glam_tf.model.attention import (
     LocalSpatialAttention,
 )
 from glam_tf.model.backbone import BackboneWeightsError, build_backbone, imagenet_weights_file
+from glam_tf.config.model import BACKBONES, VARIANTS, ModelConfig
 from glam_tf.model.builder import all_layers, build_descriptor_model
-from glam_tf.model.config import BACKBONES, VARIANTS, ConfigError, ModelConfig
 from glam_tf.model.glam import MODULE_VARIANTS, GlamModule
 from glam_tf.model.head import EmbeddingHead, l2_normalize
 from glam_tf.model.pooling import GeM, gem
@@ -17,9 +18,8 @@ from glam_tf.model.preprocessing import CaffePreprocess
 
 __all__ = [
     "all_layers", "ArcFace", "arcface_logits", "BACKBONES", "BackboneWeightsError",
-    "build_backbone", "build_descriptor_model", "CaffePreprocess", "ConfigError",
-    "EmbeddingHead", "GeM", "gem", "GlamModule", "GlobalChannelAttention",
-    "GlobalSpatialAttention", "imagenet_weights_file", "l2_normalize",
-    "LocalChannelAttention", "LocalSpatialAttention", "ModelConfig", "MODULE_VARIANTS",
-    "VARIANTS",
+    "build_backbone", "build_descriptor_model", "CaffePreprocess", "EmbeddingHead", "GeM",
+    "gem", "GlamModule", "GlobalChannelAttention", "GlobalSpatialAttention",
+    "imagenet_weights_file", "l2_normalize", "LocalChannelAttention",
+    "LocalSpatialAttention", "ModelConfig", "MODULE_VARIANTS", "VARIANTS",
 ]

@@ -5,7 +5,7 @@ import re
 
 import keras
 
-from glam_tf.model.config import BACKBONES
+from glam_tf.config.model import BACKBONES
 
 _APPLICATIONS = {
     "resnet50": "ResNet50",

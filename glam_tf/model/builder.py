@@ -4,7 +4,7 @@ all_layers: every layer of a built model, nested ones included."""
 import keras
 
 from glam_tf.model.backbone import build_backbone
-from glam_tf.model.config import ModelConfig
+from glam_tf.config.model import ModelConfig
 from glam_tf.model.glam import GlamModule
 from glam_tf.model.head import EmbeddingHead
 from glam_tf.model.pooling import GeM

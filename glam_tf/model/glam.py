@@ -13,7 +13,7 @@ from glam_tf.model.attention import (
     LocalChannelAttention,
     LocalSpatialAttention,
 )
-from glam_tf.model.config import VARIANTS
+from glam_tf.config.model import VARIANTS
 
 MODULE_VARIANTS = tuple(v for v in VARIANTS if v != "baseline")
 

@@ -18,16 +18,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from glam_tf.config import contract
 from glam_tf.train.distribute import WorkerInfo
 
 CHECKPOINT_NAME = "ckpt"
 
 
 def checkpoint_dir(train_dir: str, worker: WorkerInfo) -> str:
-    """Where this worker keeps its checkpoints."""
-    if worker.is_chief:
-        return os.path.join(train_dir, "checkpoints")
-    return os.path.join(train_dir, "worker_checkpoints", f"worker_{worker.worker_index}")
+    """Where this worker keeps its checkpoints (glam_tf.config.contract's layout)."""
+    return contract.checkpoints_dir(train_dir, 0 if worker.is_chief else worker.worker_index)
 
 
 def checkpoint_steps(manager: tf.train.CheckpointManager) -> list:

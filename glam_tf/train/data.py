@@ -26,13 +26,11 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from glam_tf.train.config import TrainConfig
+from glam_tf.config import contract
+from glam_tf.config.train import TrainConfig
 from glam_tf.train.distribute import WorkerInfo
 from glam_tf.train.random_data import random_train_dataset
 
-SUMMARY_NAME = "summary.json"  # written by glam_tf.data.gldv2.convert_gldv2
-CLEAN_SHARDS_DIR = "data_check"  # under train_dir: clean copies of damaged shards and
-# the record of shards whose data CRCs verified (verified_shards-worker<k>.json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +71,7 @@ def count_records(files: list, file_pattern: str) -> tuple:
     files = list(files)
     folders = {os.path.dirname(f) for f in files}
     if len(folders) == 1:
-        summary_path = os.path.join(folders.pop(), SUMMARY_NAME)
+        summary_path = os.path.join(folders.pop(), contract.CONVERTER_SUMMARY_FILE)
         if os.path.isfile(summary_path):
             with open(summary_path, encoding="utf-8") as f:
                 summary = json.load(f)
@@ -134,7 +132,7 @@ def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
         data_config = dataclasses.replace(data_config, file_pattern=pattern)
     from glam_tf.data import pipeline  # noqa: PLC0415
 
-    check_dir = os.path.join(config.train_dir, CLEAN_SHARDS_DIR)
+    check_dir = contract.data_check_dir(config.train_dir)
     shards = sorted(glob.glob(data_config.file_pattern))
     reports = pipeline.check_shards(
         shards, record_dir=check_dir, verify=data_verified_here(shards, worker, data_config),

@@ -20,16 +20,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from glam_tf.config import contract
+from glam_tf.config.train import TrainConfig
 from glam_tf.files import write_json_atomic
 from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
 from glam_tf.train import checkpointing, data as train_data, reporting
-from glam_tf.train.config import TrainConfig
 from glam_tf.train.distribute import make_strategy, strategy_name, worker_info
 from glam_tf.train.step import (make_train_step, set_batchnorm_momentum,
                                 set_synchronized_batchnorm)
 
-MODEL_CONFIG_FILE = "model_config.json"
-TRAIN_CONFIG_FILE = "train_config.json"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -189,7 +188,7 @@ def _loop(config: TrainConfig, run: _Run, strategy, worker, result: TrainResult,
         strategy, run.model, run.head, run.optimizer, run.step,
         global_batch_size=config.global_batch_size, local_replicas=worker.local_replicas,
         inject_nan_at_step=config.inject_nan_at_step)
-    writer = (tf.summary.create_file_writer(os.path.join(config.train_dir, "tensorboard"))
+    writer = (tf.summary.create_file_writer(contract.tensorboard_dir(config.train_dir))
               if worker.is_chief else tf.summary.create_noop_writer())
     progress = reporting.Progress(total_steps=result.total_steps, start_step=result.final_step,
                                   global_batch_size=config.global_batch_size)
@@ -249,7 +248,7 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
         TrainResult.
 
     Raises:
-        TrainConfigError: a bad config value (names the flag).
+        SettingError: a bad config value (names the flag).
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
     t_start = time.monotonic()
@@ -280,16 +279,18 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
         result = TrainResult(start_step=start_step, final_step=start_step,
                              total_steps=total_steps)
         if worker.is_chief:
-            write_json_atomic(os.path.join(config.train_dir, MODEL_CONFIG_FILE),
+            write_json_atomic(contract.model_config_path(config.train_dir),
                               config.model.to_dict())
-            write_json_atomic(os.path.join(config.train_dir, TRAIN_CONFIG_FILE),
+            write_json_atomic(contract.train_config_path(config.train_dir),
                               config.to_dict())
             if config.eval_untrained and start_step == 0:
                 logging.info("Evaluating the untrained model (step 0).")
-                result.untrained_evaluation = reporting.evaluate(
+                result.untrained_evaluation = _evaluate(
                     _plain_float32_copy(run.model, config, model_fn), config, step=0)
             elif config.eval_untrained:
-                result.untrained_evaluation = reporting.read_evaluation(config, step=0)
+                from glam_tf.eval import read_results  # noqa: PLC0415 (optional stage)
+
+                result.untrained_evaluation = read_results(config.evaluation_at(0))
         _loop(config, run, strategy, worker, result, stop_signal)
     if source.decode_stats is not None:
         source.decode_stats.log()
@@ -302,6 +303,15 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
     return result
 
 
+def _evaluate(model: keras.Model, config: TrainConfig, *, step: int) -> dict:
+    """Retrieval evaluation of `model` at `step` (outputs in <train_dir>/eval/step_<step>):
+    the untrained and the trained model go through this same in-memory eval back-end."""
+    from glam_tf.eval import evaluate_model  # noqa: PLC0415 (optional stage)
+
+    return evaluate_model(model, config.evaluation_at(step),
+                          tag=f"{os.path.abspath(config.train_dir)}@step_{step}")
+
+
 def _export_and_evaluate(config: TrainConfig, model: keras.Model, result: TrainResult,
                          model_fn) -> None:
     """Chief, after training: SavedModel export, then evaluation (and its comparison)."""
@@ -310,14 +320,11 @@ def _export_and_evaluate(config: TrainConfig, model: keras.Model, result: TrainR
         from glam_tf.export import export_saved_model  # noqa: PLC0415 (optional stage)
 
         result.export_dir = export_saved_model(
-            final_model, os.path.join(config.train_dir, "export"),
-            scales=tuple(config.export_scales), max_image_size=config.export_max_image_size,
-            max_batch_pixels=config.export_max_batch_pixels,
-            max_decoded_pixels=config.export_max_decoded_pixels,
-            max_image_bytes=config.export_max_image_bytes)
+            final_model, contract.export_dir(config.train_dir),
+            config.export_settings)
         logging.info("Exported the SavedModel to %s", result.export_dir)
-    if config.eval_dataset:
-        result.evaluation = reporting.evaluate(final_model, config, step=result.final_step)
+    if config.evaluation.dataset:
+        result.evaluation = _evaluate(final_model, config, step=result.final_step)
         if result.untrained_evaluation is not None:
             print(f"Untrained (step 0): "
                   f"{reporting.map_summary(result.untrained_evaluation)}\n"

@@ -8,9 +8,6 @@ and their final values are printed at the end of a run.
 from __future__ import annotations
 
 import collections
-import json
-import os
-import shutil
 import time
 
 import keras
@@ -137,50 +134,6 @@ def read_scalars(event_dir: str) -> dict:
                 out.setdefault(value.tag, {})[int(event.step)] = float(
                     tf.make_ndarray(value.tensor))
     return out
-
-
-def evaluation_dir(config, step: int) -> str:
-    """<train_dir>/eval/step_<step>: features and results of one evaluation."""
-    return os.path.join(config.train_dir, "eval", f"step_{step}")
-
-
-def read_evaluation(config, step: int):
-    """The results dict an earlier `evaluate(..., step=step)` wrote, or None."""
-    path = os.path.join(evaluation_dir(config, step), f"results-{config.eval_dataset}.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def evaluate(model: keras.Model, config, *, step: int) -> dict:
-    """Retrieval evaluation of `model` on config.eval_dataset; prints the evaluator's table.
-
-    The untrained (step 0) and the trained model go through this same path: the model's
-    serving module (glam_tf.export.build_serving_module, the functions the SavedModel
-    exports) at config.eval_scales / eval_max_image_size, fed by glam_tf.eval's
-    run_evaluation (extraction, exact search, revisited metrics). Features and results go
-    to <train_dir>/eval/step_<step>/ (replaced on every call).
-
-    Returns:
-        The evaluator's results dict ("metrics" -> setup -> "mAP", "mP@k", ...).
-    """
-    from glam_tf.eval import run_evaluation  # noqa: PLC0415
-    from glam_tf.eval.models import from_serving_module  # noqa: PLC0415
-    from glam_tf.export import build_serving_module  # noqa: PLC0415
-
-    output_dir = evaluation_dir(config, step)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    module = build_serving_module(model, scales=tuple(config.eval_scales),
-                                  max_image_size=config.eval_max_image_size)
-    tag = f"{os.path.abspath(config.train_dir)}@step_{step}"
-    backend = from_serving_module(module, info={"kind": "training run", "model": tag},
-                                  fingerprint=f"train:{tag}")
-    print(f"Evaluation of the model at step {step} on {config.eval_dataset}:", flush=True)
-    return run_evaluation(dataset=config.eval_dataset, data_root=config.eval_root,
-                          output_dir=output_dir, backend=backend,
-                          max_image_size=config.eval_max_image_size,
-                          scales=tuple(config.eval_scales))
 
 
 def map_summary(results: dict) -> str:

@@ -8,19 +8,18 @@ them; the test split (`<root>/synth`, dataset name "synth") is what --eval_datas
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 from absl import logging
 
 from glam_tf.data import gldv2, synthetic
-from glam_tf.train.config import SyntheticDataConfig
+from glam_tf.config import SyntheticConfig, contract
 
 TFRECORD_SUBDIR = "tfrecord"
 
 
-def prepare_synthetic(config: SyntheticDataConfig, *, num_workers: int = 1) -> str:
+def prepare_synthetic(config: SyntheticConfig, *, num_workers: int = 1) -> str:
     """Generates (if absent) and converts (if not done) the synthetic set; returns the glob.
 
     Args:
@@ -32,12 +31,10 @@ def prepare_synthetic(config: SyntheticDataConfig, *, num_workers: int = 1) -> s
     Returns:
         The TFRecord glob of the training split (`<root>/tfrecord/train-*-of-*.tfrecord`).
     """
-    # SyntheticDataConfig's fields are the generator's arguments, by name.
-    sizes = {k: v for k, v in dataclasses.asdict(config).items() if k != "root"}
-    summary = synthetic.generate_if_absent(config.root, **sizes, num_workers=num_workers,
+    summary = synthetic.generate_if_absent(config, num_workers=num_workers,
                                            show_progress=False)
     output_dir = os.path.join(config.root, TFRECORD_SUBDIR)
-    summary_path = os.path.join(output_dir, gldv2.SUMMARY_NAME)
+    summary_path = os.path.join(output_dir, contract.CONVERTER_SUMMARY_FILE)
     if os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as f:
             done = json.load(f)

@@ -16,6 +16,8 @@ import time
 import numpy as np
 from absl import logging
 
+from glam_tf.config.data import SyntheticConfig
+from glam_tf.config.settings import is_int
 from glam_tf.data import gldv2, testsets
 from glam_tf.data import progress as progress_lib
 from glam_tf.data.synthetic.photo import render_photo
@@ -63,72 +65,35 @@ class SyntheticSummary:
     seconds: float
 
 
-def _params(**kwargs) -> dict:
-    return dict(sorted(kwargs.items()))
-
-
-def _check_args(*, num_train_landmarks, images_per_landmark, num_test_landmarks,
-                queries_per_landmark, database_per_landmark, num_distractor_landmarks,
-                images_per_distractor, image_size, palette_variation, num_workers, **_):
-    """Raises ValueError naming the first argument of `generate_synthetic_landmarks` out of
-    range."""
-    for name, value, low in (("num_train_landmarks", num_train_landmarks, 1),
-                             ("images_per_landmark", images_per_landmark, 1),
-                             ("num_test_landmarks", num_test_landmarks, 1),
-                             ("queries_per_landmark", queries_per_landmark, 1),
-                             ("num_distractor_landmarks", num_distractor_landmarks, 0),
-                             ("images_per_distractor", images_per_distractor, 0),
-                             ("image_size", image_size, 32), ("num_workers", num_workers, 1)):
-        if int(value) != value or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if len(database_per_landmark) != 3 or min(database_per_landmark) < 0 or \
-            sum(database_per_landmark) < 1:
-        raise ValueError("database_per_landmark must be (easy, hard, junk) counts >= 0 with at "
-                         f"least one photo, got {database_per_landmark!r}")
-    if not 0.0 <= palette_variation <= 1.0:
-        raise ValueError(f"palette_variation must be in [0, 1], got {palette_variation!r}")
-
-
-def generate_synthetic_landmarks(
-        root: str, *, num_train_landmarks: int = 100, images_per_landmark: int = 15,
-        num_test_landmarks: int = 10, queries_per_landmark: int = 5,
-        database_per_landmark: tuple = (5, 4, 3), num_distractor_landmarks: int = 20,
-        images_per_distractor: int = 4, image_size: int = 224, palette_variation: float = 1.0,
-        seed: int = 0, num_workers: int = 1, show_progress: bool = True) -> SyntheticSummary:
+def generate_synthetic_landmarks(config: SyntheticConfig, *, num_workers: int = 1,
+                                 show_progress: bool = True) -> SyntheticSummary:
     """Writes the synthetic training set (GLDv2 layout) and test set (revisited layout).
 
     Args:
-      root: output folder (created).
-      num_train_landmarks / images_per_landmark: training classes and photos per class.
-      num_test_landmarks: landmarks that get queries (disjoint from training landmarks).
-      queries_per_landmark: query photos per test landmark (not in the database).
-      database_per_landmark: (easy, hard, junk) database photos per test landmark.
-      num_distractor_landmarks / images_per_distractor: other landmarks in the database only.
-      image_size: longer photo side is image_size * U(0.7, 1.0) px.
-      palette_variation: in [0, 1], how far each photo's building colours move from the
-        landmark's own palette towards a fresh random one (1: every photo repainted, colour
-        says nothing about identity; 0: only illumination and occluders change them).
-      seed: everything follows from it; same seed, same bytes.
+      config: the set (SyntheticConfig: root, sizes, palette variation, seed); the same
+        config gives the same bytes.
       num_workers: processes (spawned); 1 renders here.
       show_progress: progress bar.
 
     Returns:
       A `SyntheticSummary`.
+
+    Raises:
+      SettingError: a setting out of range (named).
     """
-    _check_args(num_train_landmarks=num_train_landmarks, images_per_landmark=images_per_landmark,
-                num_test_landmarks=num_test_landmarks, queries_per_landmark=queries_per_landmark,
-                database_per_landmark=database_per_landmark,
-                num_distractor_landmarks=num_distractor_landmarks,
-                images_per_distractor=images_per_distractor, image_size=image_size,
-                palette_variation=palette_variation, num_workers=num_workers)
-    params = _params(num_train_landmarks=num_train_landmarks,
-                     images_per_landmark=images_per_landmark,
-                     num_test_landmarks=num_test_landmarks,
-                     queries_per_landmark=queries_per_landmark,
-                     database_per_landmark=list(database_per_landmark),
-                     num_distractor_landmarks=num_distractor_landmarks,
-                     images_per_distractor=images_per_distractor, image_size=image_size,
-                     palette_variation=float(palette_variation), seed=seed)
+    config.validate()
+    if not is_int(num_workers) or num_workers < 1:
+        raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+    params = config.generator_params()
+    root, seed, image_size = config.root, config.seed, config.image_size
+    num_train_landmarks = config.num_train_landmarks
+    images_per_landmark = config.images_per_landmark
+    num_test_landmarks = config.num_test_landmarks
+    queries_per_landmark = config.queries_per_landmark
+    database_per_landmark = config.database_per_landmark
+    num_distractor_landmarks = config.num_distractor_landmarks
+    images_per_distractor = config.images_per_distractor
+    palette_variation = float(config.palette_variation)
     start = time.monotonic()
     canvas = int(round(1.5 * image_size))
     rng = seeded_rng(seed, 0)
@@ -255,27 +220,22 @@ def generate_synthetic_landmarks(
     return summary
 
 
-def generate_if_absent(root: str, **kwargs) -> SyntheticSummary:
-    """Generates the synthetic set unless `root` already holds a complete one with these args.
+def generate_if_absent(config: SyntheticConfig, *, num_workers: int = 1,
+                       show_progress: bool = True) -> SyntheticSummary:
+    """Generates the synthetic set unless `config.root` holds a complete one of this config.
 
     Idempotent: the marker file is written last, so an interrupted generation is redone. A
-    complete set generated with different arguments raises instead of being overwritten.
-    Takes the keyword arguments of `generate_synthetic_landmarks`.
+    complete set generated with other settings raises instead of being overwritten.
     """
+    config.validate()   # before the marker: a bad value fails first
+    root = config.root
     marker = os.path.join(root, MARKER_NAME)
-    defaults = {k: v.default for k, v in _signature_defaults().items()}
-
-    def comparable(args):
-        return _params(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()
-                          if k not in ("num_workers", "show_progress")})
-
-    _check_args(**{**defaults, **kwargs})  # before the marker: a bad value fails first
-    params = comparable({**defaults, **kwargs})
+    params = config.generator_params()
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
             saved = json.load(f)
-        # A set written before a parameter existed was generated with its default.
-        saved["params"] = {**comparable(defaults), **saved["params"]}
+        # A set written before a setting existed was generated with its default.
+        saved["params"] = {**SyntheticConfig().generator_params(), **saved["params"]}
         if saved["params"] == params:
             logging.info("synthetic landmarks already in %s", root)
             return SyntheticSummary(**saved["summary"])
@@ -284,10 +244,5 @@ def generate_if_absent(root: str, **kwargs) -> SyntheticSummary:
             f"{root} holds synthetic landmarks generated with other arguments ("
             + ", ".join(f"{k}: {saved['params'].get(k)!r} there, {params[k]!r} asked" for k in diff)
             + "); use another folder or delete it")
-    return generate_synthetic_landmarks(root, **kwargs)
-
-
-def _signature_defaults() -> dict:
-    import inspect  # pylint: disable=g-import-not-at-top
-    sig = inspect.signature(generate_synthetic_landmarks)
-    return {k: p for k, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
+    return generate_synthetic_landmarks(config, num_workers=num_workers,
+                                        show_progress=show_progress)

@@ -1,0 +1,73 @@
+"""ExportConfig: the settings of the exported serving signatures (and their limits)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from glam_tf.config import contract
+from glam_tf.config.settings import check, fail, integer, numbers_list, setting, to_json
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What the SavedModel's signatures compute and what they refuse.
+
+    max_scaled_pixels: 2**23 px (e.g. 2896 x 2896 = a 2048-px image at scale sqrt(2), or
+    4096 x 2048). Above it the (hw)^2 global spatial attention and the backbone activations
+    grow to many GiB.
+    max_batch_pixels: 4x the largest single image (four 2896 x 2896, or sixteen 1024 x 1024
+    images at scale sqrt(2)), so one request costs at most about four times what the
+    largest single image does.
+    max_decoded_pixels: 2**27 px (134 MP, about 400 MB of uint8 RGB) passes 100-MP
+    medium-format photos (11648 x 8736) and 108-MP phone photos (12000 x 9000); 200-MP
+    phone full-resolution shots must be downsized first.
+    max_image_bytes: a 100-MP JPEG at top quality (~0.5 byte/px) is ~50 MB.
+    """
+
+    scales: tuple = setting(contract.DEFAULT_SCALES, "Image scales of the global_descriptor, "
+                            "batched and from_bytes signatures (serving_default takes its "
+                            "scales per request).", rule=numbers_list(), kind="floats",
+                            fix=f"The paper uses {','.join(map(str, contract.DEFAULT_SCALES))}.")
+    max_image_size: int = setting(contract.DEFAULT_MAX_IMAGE_SIZE, "Longer side (px) the "
+                                  "global_descriptor signatures resize images to.",
+                                  rule=integer(contract.MIN_IMAGE_SIZE))
+    max_scaled_pixels: int = setting(2**23, "Largest scaled image (h * w) any signature "
+                                     "accepts.", rule=integer(contract.MIN_IMAGE_SIZE**2))
+    max_batch_pixels: int = setting(2**25, "Largest batched_global_descriptors request, B * h "
+                                    "* w at the largest scale (>= max_scaled_pixels).",
+                                    rule=integer(1))
+    max_decoded_pixels: int = setting(2**27, "Largest image (height * width, read from its "
+                                      "encoded header before decoding) "
+                                      "global_descriptor_from_bytes decodes.",
+                                      rule=integer(1))
+    max_image_bytes: int = setting(64 * 2**20, "Largest encoded image "
+                                   "global_descriptor_from_bytes accepts, bytes (< 2**31, a "
+                                   "tf.string offset).", rule=integer(1, 2**31 - 1))
+    min_image_size: int = setting(contract.MIN_IMAGE_SIZE, "Smallest scaled side accepted "
+                                  "(the backbone needs 32 px).", rule=integer(1), flag="")
+
+    def validate(self, names=None) -> None:
+        """Raises SettingError naming the setting's flag, the rule and the value."""
+        names = names or {}
+        name = lambda field: names.get(field, field)  # noqa: E731
+        check(self, names)
+        smallest = round(self.max_image_size * min(self.scales))
+        if smallest < self.min_image_size:
+            fail(name("max_image_size"), f"at the smallest scale {min(self.scales)} gives a "
+                 f"{smallest}-px longer side, below the model's minimum of "
+                 f"{self.min_image_size} px", self.max_image_size,
+                 "Raise it or the smallest scale.")
+        if self.max_batch_pixels < self.max_scaled_pixels:
+            fail(name("max_batch_pixels"), f"must be >= max_scaled_pixels = "
+                 f"{self.max_scaled_pixels} (a batch of one image at the largest size)",
+                 self.max_batch_pixels)
+        largest = round(self.max_image_size * max(self.scales))
+        if largest * largest > self.max_scaled_pixels:
+            fail(name("max_image_size"), f"at the largest scale {max(self.scales)} allows "
+                 f"{largest}x{largest} = {largest * largest} px, over max_scaled_pixels="
+                 f"{self.max_scaled_pixels}", self.max_image_size,
+                 "Lower it or the largest scale, or raise max_scaled_pixels.")
+
+    def info(self) -> dict:
+        """The settings as recorded in the SavedModel's glam_export.json."""
+        return to_json(self)
