@@ -110,48 +110,62 @@ def _merge_topk(idx_a, sc_a, idx_b, sc_b, k):
     return np.take_along_axis(idx, order, axis=-1), np.take_along_axis(sc, order, axis=-1)
 
 
-def _update_topk(run_idx, run_sc, scores, k, start):
+def _update_topk(run_idx, run_sc, scores, k, start, reaching=None):
     """Merges one chunk's scores into the running top-k lists (Qb, k) in place.
 
     Only the entries scoring at least a row's current k-th best can enter its list: one
-    vectorised comparison finds them (usually none after the first chunks), so a chunk
-    costs a pass over its scores instead of a partition or a sort.
+    comparison finds them (usually none after the first chunks), so a chunk costs a pass
+    over its scores instead of a partition or a sort. `reaching` {row: count of such
+    entries}, known from the rank counting's sorted rows, spares that pass where it is 0.
     """
-    candidates = scores >= run_sc[:, -1:]
-    for r in np.flatnonzero(candidates.any(axis=1)):
-        cols = np.flatnonzero(candidates[r])
+    if not reaching:
+        rows = np.flatnonzero((scores >= run_sc[:, -1:]).any(axis=1))
+    else:
+        rows = [r for r in range(scores.shape[0]) if reaching.get(r, 1)]
+    for r in rows:
+        cols = np.flatnonzero(scores[r] >= run_sc[r, -1])
+        if not cols.size:
+            continue
         if cols.size > k:   # keep the chunk's own top k of them (ties: lowest index)
             cols = cols[np.lexsort((cols, -scores[r, cols]))[:k]]
         run_idx[r], run_sc[r] = _merge_topk(run_idx[r], run_sc[r], cols + start,
                                             scores[r, cols], k)
 
 
-def _chunk_topk(run_idx, run_sc, scores, k, start):
+def _chunk_topk(run_idx, run_sc, scores, k, start, reaching=None):
     """The running top-k lists (Qb, <= k) after one more chunk of scores (Qb, c).
 
     Until the lists hold k entries, a partition of a leading slice of the chunk fills them
     (the slice's k-th best is a lower bound of the chunk's, so the rest only needs the
     comparison of `_update_topk`); a partition of the whole chunk would cost a sort's time.
+    `reaching`: see `_update_topk` (valid for full lists only).
     """
-    if run_idx.shape[1] < k:
-        lead = min(scores.shape[1], 64 * k)
-        idx_c, sc_c = _topk_of_chunk(scores[:, :lead], k, start)
-        run_idx, run_sc = _merge_topk(run_idx, run_sc, idx_c, sc_c, k)
-        scores, start = scores[:, lead:], start + lead
-    if run_idx.shape[1] == k and scores.shape[1]:
-        _update_topk(run_idx, run_sc, scores, k, start)
+    if run_idx.shape[1] == k:
+        _update_topk(run_idx, run_sc, scores, k, start, reaching)
+        return run_idx, run_sc
+    lead = min(scores.shape[1], 64 * k)
+    idx_c, sc_c = _topk_of_chunk(scores[:, :lead], k, start)
+    run_idx, run_sc = _merge_topk(run_idx, run_sc, idx_c, sc_c, k)
+    if run_idx.shape[1] == k and scores.shape[1] > lead:
+        _update_topk(run_idx, run_sc, scores[:, lead:], k, start + lead)
     return run_idx, run_sc
 
 
-def _count_above(row, tracked_scores, tracked, a, b):
+def _count_above(row, tracked_scores, tracked, a, b, kth=None):
     """Per tracked image, the images of chunk [a, b) ranked before it (one query's row).
 
     rank(i) = |{j : s_j > s_i}| + |{j < i : s_j = s_i}|. Only entries >= the lowest tracked
     score can count, so those alone are sorted (a small part of the row unless a tracked
     image scores low); the sorted copy is searched for every tracked score.
+
+    Returns:
+        (counts per tracked image, the number of entries >= `kth` when the sorted copy
+        holds them all, else None).
     """
-    reach = row >= tracked_scores.min()
-    candidates = np.sort(row if np.count_nonzero(reach) > row.size // 4 else row[reach])
+    low = tracked_scores.min()
+    reach = row >= low
+    whole = np.count_nonzero(reach) > row.size // 4
+    candidates = np.sort(row if whole else row[reach])
     left = np.searchsorted(candidates, tracked_scores, side="left")
     right = np.searchsorted(candidates, tracked_scores, side="right")
     n = candidates.size
@@ -159,7 +173,10 @@ def _count_above(row, tracked_scores, tracked, a, b):
     inside = (tracked >= a) & (tracked < b)
     for m in np.flatnonzero(inside & (right - left > 1)):
         counts[m] += np.count_nonzero(row[: tracked[m] - a] == tracked_scores[m])
-    return counts
+    reaching = None
+    if kth is not None and (whole or kth >= low):
+        reaching = n - int(np.searchsorted(candidates, kth, side="left"))
+    return counts, reaching
 
 
 def exact_search(queries, database, *, k=100, tracked=None, valid=None,
@@ -246,12 +263,17 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
                     raise RuntimeError("matrix product not reproducible between passes; "
                                        "ranks would be inexact")
             # Rows in threads: the sorts release the GIL, so every core takes part.
+            full = run_idx.shape[1] == k
             counted = _row_pool().map(
-                lambda r, s=s, a=a, b=b: _count_above(s[r], tscores[r], qtracked[r], a, b),
+                lambda r, s=s, a=a, b=b: _count_above(s[r], tscores[r], qtracked[r], a, b,
+                                                      run_sc[r, -1] if full else None),
                 rows)
-            for r, counts in zip(rows, counted):
+            reaching = {}
+            for r, (counts, n_reaching) in zip(rows, counted):
                 ranks[q0 + r] += counts
-            run_idx, run_sc = _chunk_topk(run_idx, run_sc, s, k, a)
+                if n_reaching is not None:
+                    reaching[r] = n_reaching
+            run_idx, run_sc = _chunk_topk(run_idx, run_sc, s, k, a, reaching)
             step += 1
             now = time.time()
             if now - last_log >= log_every_s:
