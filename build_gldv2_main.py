@@ -5,11 +5,13 @@
 
 Reads <gldv2_root>/train_clean.csv (or train.csv) and <gldv2_root>/train/<a>/<b>/<c>/<id>.jpg.
 Re-running with the same flags resumes: finished shards are kept. Train with
---file_pattern=<output_dir>/train-*-of-*.tfrecord; label_map.csv maps class -> landmark id.
+--train_file_pattern=<output_dir>/train-*-of-*.tfrecord; label_map.csv maps class -> landmark
+id. A missing folder or file is one line on stderr (exit 2), not a traceback.
 """
 
 from absl import app, flags, logging
 
+from glam_tf.config import settings
 from glam_tf.data import gldv2
 
 _ROOT = flags.DEFINE_string("gldv2_root", None, "GLDv2 folder (csv + train/).", required=True)
@@ -30,11 +32,14 @@ _FULL_DECODE = flags.DEFINE_bool("full_decode", True,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    summary = gldv2.convert_gldv2(
-        _ROOT.value, _OUTPUT_DIR.value, csv_path=_CSV.value, image_dir=_IMAGE_DIR.value,
-        num_shards=_NUM_SHARDS.value, num_validation_shards=_NUM_VAL_SHARDS.value,
-        validation_fraction=_VAL_FRACTION.value, num_workers=_NUM_WORKERS.value,
-        seed=_SEED.value, full_decode=_FULL_DECODE.value)
+    try:
+        summary = gldv2.convert_gldv2(
+            _ROOT.value, _OUTPUT_DIR.value, csv_path=_CSV.value, image_dir=_IMAGE_DIR.value,
+            num_shards=_NUM_SHARDS.value, num_validation_shards=_NUM_VAL_SHARDS.value,
+            validation_fraction=_VAL_FRACTION.value, num_workers=_NUM_WORKERS.value,
+            seed=_SEED.value, full_decode=_FULL_DECODE.value)
+    except (ValueError, FileNotFoundError) as e:
+        settings.exit_with_usage_error("build_gldv2_main", e)
     print(f"written: {summary.total_written} (train {summary.written['train']}, validation "
           f"{summary.written['validation']}); missing: {len(summary.missing)}; undecodable: "
           f"{len(summary.undecodable)}; classes: {summary.num_classes}")

@@ -61,7 +61,9 @@ class GlamGldv2(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         root = dl_manager.manual_dir
         csv_path = gldv2.find_gldv2_csv(str(root))
-        image_dir = root / "train"
+        # The layout is gldv2's (train_image_dir, gldv2_image_path), spelled with the
+        # manual_dir path object: tfds' builder tests forbid `os` inside a builder.
+        image_dir = root / gldv2.IMAGE_DIR_NAME
         if not image_dir.exists():
             raise FileNotFoundError(
                 f"GLDv2 image folder {image_dir} does not exist.\n"
