@@ -5,7 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from glam_tf.config import contract
-from glam_tf.config.settings import check, fail, integer, numbers_list, setting, to_json
+from glam_tf.config.settings import (check, fail, integer, numbers_list, one_of, setting,
+                                     to_json)
+
+# Compute precisions of the exported signatures (glam_tf.export.precision says what runs in
+# which precision and why).
+EXPORT_PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,13 @@ class ExportConfig:
     max_image_bytes: int = setting(64 * 2**20, "Largest encoded image "
                                    "global_descriptor_from_bytes accepts, bytes (< 2**31, a "
                                    "tf.string offset).", rule=integer(1, 2**31 - 1))
+    precision: str = setting("float32", "Compute precision of the exported signatures: "
+                             "float32; bfloat16 (CPUs with AVX512-BF16/AMX, TPUs, recent "
+                             "GPUs); float16 (GPUs only: no faster on CPUs). Softmaxes, GeM and "
+                             "the head stay float32; inputs and float32 unit outputs are "
+                             "the same.", rule=one_of(EXPORT_PRECISIONS),
+                             fix="Use bfloat16 on a CPU with AVX512-BF16 or AMX, a TPU or a "
+                             "recent GPU, float16 on a GPU, float32 elsewhere.")
     min_image_size: int = setting(contract.MIN_IMAGE_SIZE, "Smallest scaled side accepted "
                                   "(the backbone needs 32 px).", rule=integer(1), flag="")
 

@@ -85,8 +85,8 @@ class TrainConfig:
     batchnorm_momentum: Optional[float] = setting(
         None, "Moving-average momentum of every batch-norm layer, in (0, 1); unset keeps "
         "Keras' 0.99. Short runs from random init want ~0.9.", kind="float")
-    precision: str = setting("float32", "Keras dtype policy for training (export and "
-                             "evaluation always run float32).", rule=one_of(PRECISIONS))
+    precision: str = setting("float32", "Keras dtype policy for training (evaluation "
+                             "runs float32, the export --export_precision).", rule=one_of(PRECISIONS))
     strategy: str = setting("auto", "auto: multi_worker when TF_CONFIG lists several "
                             "workers, mirrored over several local GPUs, else default (one "
                             "device).", rule=one_of(STRATEGIES))

@@ -19,6 +19,10 @@ SavedModel loads with plain `tf.saved_model.load` or TF Serving, without glam_tf
   `global_descriptor`. It is the signature TF Serving's REST API can feed with base64
   (`{"b64": ...}` works only for DT_STRING inputs).
 
+The model computes in the export's `precision` (float32, bfloat16 or float16; see
+glam_tf.export.precision for what stays float32); every signature's inputs and float32 unit
+outputs are the same in every precision.
+
 C may be 1 (grayscale, tiled to RGB) or 3. Bad inputs raise InvalidArgumentError with a
 message naming the input (never crash the server), before any large allocation:
 - a wrong rank or channel count (the expected shape and the received one);
@@ -49,6 +53,7 @@ from absl import logging
 
 from glam_tf.config import ExportConfig, contract
 from glam_tf.export import image_header
+from glam_tf.export import precision as precision_lib
 
 SIGNATURE_NAMES = (
     "serving_default",
@@ -148,9 +153,14 @@ class GlamServingModule(tf.Module):
 
     Args:
         model: keras.Model, float32 (B, H, W, 3) RGB in [0, 255] -> (B, D) unit rows.
-        config: the export-time settings (glam_tf.config.ExportConfig: scales, sizes and
-            request limits); default ExportConfig().
-        **settings: ExportConfig fields replaced in `config` (e.g. scales=(1.0,)).
+        config: the export-time settings (glam_tf.config.ExportConfig: scales, sizes,
+            request limits, compute precision); default ExportConfig().
+        **settings: ExportConfig fields replaced in `config` (e.g. scales=(1.0,),
+            precision="bfloat16").
+
+    With precision bfloat16 or float16 the signatures run a clone of `model` that computes
+    in that precision (glam_tf.export.precision.with_precision); inputs and float32 unit
+    outputs are the same as in float32.
     """
 
     def __init__(self, model, config: Optional[ExportConfig] = None, *, name="glam_serving",
@@ -158,6 +168,10 @@ class GlamServingModule(tf.Module):
         super().__init__(name=name)
         config = export_config(config, **settings)
         self.config = config
+        self.precision = config.precision
+        # bfloat16/float16: a clone computing in that precision (float32 variables, float32
+        # softmaxes, GeM and head: glam_tf.export.precision); float32: the model itself.
+        model = precision_lib.with_precision(model, config.precision)
         side = max(config.min_image_size, 64)
         probe = model(tf.zeros([1, side, side, 3]), training=False)
         if probe.shape.rank != 2 or probe.shape[0] != 1:

@@ -108,12 +108,16 @@ class GlamModule(keras.layers.Layer):
                       self.global_spatial):
             if layer is not None:
                 layer.build(input_shape)
+        # Not autocast: under a mixed policy beta is read in float32 (bfloat16 would round
+        # it to 3 significant digits) and the softmax of three scalars costs nothing.
         self.fusion_beta = self.add_weight(
-            name="fusion_beta", shape=(self.num_branches + 1,), initializer="zeros")
+            name="fusion_beta", shape=(self.num_branches + 1,), initializer="zeros",
+            autocast=False)
 
     def fusion_weights(self):
-        """softmax(beta): `(n_branches + 1,)`, branches first (local, global), F last."""
-        return ops.softmax(self.fusion_beta)
+        """softmax(beta) in float32: `(n_branches + 1,)`, branches first (local, global), F
+        last."""
+        return ops.softmax(ops.cast(self.fusion_beta, "float32"))
 
     def call(self, inputs, return_attention=False):
         f = inputs

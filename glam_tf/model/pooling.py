@@ -80,7 +80,8 @@ class GeM(keras.layers.Layer):
             name="p", shape=(1,),
             initializer=keras.initializers.Constant(self.p_init),
             constraint=_AtLeast(MIN_P),
-            trainable=self.trainable_p)
+            trainable=self.trainable_p,
+            autocast=False)   # p in float32 under a mixed policy (not rounded to bfloat16)
 
     def call(self, inputs):
         # float32 whatever the policy: the log-space sums need float32's range and precision.
