@@ -159,37 +159,42 @@ for name, status, seconds, log in steps:
         why = status if status != "ok" else "no JSON line in the output"
         row(name, "-", "status", f"{why} (log: {log})")
         continue
-    if name.startswith("train_"):
-        setting = (f"{data['precision']}, {data['backbone']}, {data['image_size']} px, "
-                   f"batch {data['batch_size']}, {data['device']}")
-        ref = data["reference"]
-        for variant, v in data["variants"].items():
-            row("train step", setting, f"{variant} s/step", f"{v['s_per_step']:.4f}")
-            if variant != ref:
-                row("train step", setting, f"{variant} / {ref}", f"{v['ratio']:.3f}")
-    elif name == "export_precision":
-        lat = data.get("latency", data)
-        setting = (f"{lat.get('backbone', '?')}, {'x'.join(map(str, lat.get('image', [])))}"
-                   " px")
-        for precision, v in lat.get("precisions", {}).items():
-            row("export latency", f"{precision}, {setting}", "median s/image",
-                f"{v['median_s']:.4f}")
-            row("export latency", f"{precision}, {setting}", "speed-up over float32",
-                f"{v['speedup']:.3f}")
-    elif name == "extract":
-        setting = (f"{data.get('backbone', 'resnet50')}, max {data['max_image_size']} px, "
-                   f"batch {data['batch_size']}, {data['device']}")
-        for tag in ("oxford-like", "real-crops"):
-            if tag in data:
-                v = data[tag]
-                row("extraction", f"{tag}, {setting}", "batched images/s",
-                    f"{v['batched_images_per_s']:.2f}")
-                row("extraction", f"{tag}, {setting}", "one-at-a-time images/s",
-                    f"{v['single_images_per_s']:.2f}")
-                row("extraction", f"{tag}, {setting}", "batched / one-at-a-time",
-                    f"{v['speedup_batched_over_single']:.2f}")
-    else:
-        row(name, "-", "status", status)
+    try:
+        if name.startswith("train_"):
+            setting = (f"{data['precision']}, {data['backbone']}, {data['image_size']} px, "
+                       f"batch {data['batch_size']}, {data['device']}")
+            ref = data["reference"]
+            for variant, v in data["variants"].items():
+                row("train step", setting, f"{variant} s/step", f"{v['s_per_step']:.4f}")
+                if variant != ref:
+                    row("train step", setting, f"{variant} / {ref}", f"{v['ratio']:.3f}")
+        elif name == "export_precision":
+            lat = data.get("latency", data)
+            setting = (f"{lat.get('backbone', '?')}, {'x'.join(map(str, lat.get('image', [])))}"
+                       " px")
+            for precision, v in lat.get("precisions", {}).items():
+                row("export latency", f"{precision}, {setting}", "median s/image",
+                    f"{v['median_s']:.4f}")
+                row("export latency", f"{precision}, {setting}", "speed-up over float32",
+                    f"{v['speedup']:.3f}")
+        elif name == "extract":
+            setting = (f"{data.get('backbone', 'resnet50')}, max {data['max_image_size']} px, "
+                       f"batch {data['batch_size']}, {data['device']}")
+            for tag in ("oxford-like", "real-crops"):
+                if tag in data:
+                    v = data[tag]
+                    row("extraction", f"{tag}, {setting}", "batched images/s",
+                        f"{v['batched_images_per_s']:.2f}")
+                    row("extraction", f"{tag}, {setting}", "one-at-a-time images/s",
+                        f"{v['single_images_per_s']:.2f}")
+                    row("extraction", f"{tag}, {setting}", "batched / one-at-a-time",
+                        f"{v['speedup_batched_over_single']:.2f}")
+        else:
+            row(name, "-", "status", status)
+    except (KeyError, TypeError, ValueError) as e:   # a bench whose JSON changed shape
+        complete = False
+        row(name, "-", "status", f"unexpected JSON ({type(e).__name__}: {e}; log: {log})")
+        continue
     if status == "ok":
         row(name, "-", "wall s", seconds)
 
