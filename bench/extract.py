@@ -1,6 +1,6 @@
 """Benchmark: batched (size-bucketed) vs one-at-a-time descriptor extraction, one process.
 
-Exports a small GLAM model (ResNet50, weights none) as a SavedModel with glam_tf.export
+Exports a GLAM model (--backbone, ResNet50 by default; weights none) as a SavedModel with glam_tf.export
 (or, if that package is unusable, wraps glam_tf.model.build_descriptor_model in a
 tf.function; the output says which), then runs glam_tf.eval.extract.extract_split on the
 same images with --batch_size and with batch size 1, and prints images/s and the ratio.
@@ -91,11 +91,13 @@ def main():
     p.add_argument("--num_images", type=int, default=24, help="oxford-like images")
     p.add_argument("--num_real", type=int, default=24, help="real crops used (max 55)")
     p.add_argument("--variant", default="global+local")
+    p.add_argument("--backbone", default="resnet50",
+                   choices=("resnet50", "resnet101", "resnet152"))
     p.add_argument("--repeats", type=int, default=2,
                    help="best of this many runs (first runs pay per-shape warm-up)")
     args = p.parse_args()
     scales = models.DEFAULT_SCALES
-    model = build_descriptor_model(ModelConfig(backbone="resnet50", weights="none",
+    model = build_descriptor_model(ModelConfig(backbone=args.backbone, weights="none",
                                                variant=args.variant))
     with tempfile.TemporaryDirectory() as tmp:
         backend, kind = _backend(model, scales, args.max_image_size, tmp)
@@ -103,7 +105,7 @@ def main():
         crops = _real_crops()
         if crops and args.num_real > 0:
             sets["real-crops"] = crops[:args.num_real]
-        results = {"backend": kind, "max_image_size": args.max_image_size,
+        results = {"backend": kind, "backbone": args.backbone, "max_image_size": args.max_image_size,
                    "batch_size": args.batch_size, "scales": list(scales),
                    "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU"}
         for tag, items in sets.items():

@@ -2,17 +2,21 @@
 
     python bench/train_step.py                       # ResNet101, 224x224, batch 8
     python bench/train_step.py --backbone=resnet50 --image_size=128 --batch_size=16
+    python bench/train_step.py --precision=mixed_float16     # loss-scaled, as training
 
 Each variant: build the model, ArcFace head and SGD inside the default strategy, trace the
 real training step (glam_tf.train.step.make_train_step) on one warm-up step, then time
 --steps steps on the "random" stand-in data (same batches for every variant). Prints the
 median seconds per step, images/s, and the ratio of each variant to the baseline.
 The variants are timed in turns (round robin, --rounds times) so that a change in machine
-load hits all of them alike.
+load hits all of them alike. The optimizer is training's (glam_tf.train.loop.make_optimizer:
+SGD, wrapped in a LossScaleOptimizer under mixed_float16). The last line is
+`JSON {...}` with every figure (bench/device_check.sh reads it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -31,7 +35,8 @@ flags.DEFINE_integer("batch_size", 8, "Images per step.")
 flags.DEFINE_integer("steps", 3, "Timed steps per round.")
 flags.DEFINE_integer("rounds", 3, "Round-robin rounds over the variants.")
 flags.DEFINE_integer("num_classes", 1000, "ArcFace classes.")
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"], "Keras dtype policy.")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                  "Keras dtype policy (mixed_float16 with dynamic loss scaling).")
 flags.DEFINE_bool("sync_batchnorm", True, "Synchronized BatchNorm, as training uses.")
 FLAGS = flags.FLAGS
 
@@ -42,7 +47,8 @@ def main(argv):
     import tensorflow as tf
 
     from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
-    from glam_tf.train.loop import dtype_policy
+    from glam_tf.config import TrainConfig
+    from glam_tf.train.loop import dtype_policy, make_optimizer
     from glam_tf.train.random_data import random_train_dataset
     from glam_tf.train.step import make_train_step, set_synchronized_batchnorm
 
@@ -57,7 +63,9 @@ def main(argv):
                 set_synchronized_batchnorm(model)
             head = ArcFace(FLAGS.num_classes, dtype="float32")
             head.build((None, 512))
-            optimizer = keras.optimizers.SGD(1e-3, momentum=0.9, weight_decay=1e-5)
+            optimizer = make_optimizer(TrainConfig(
+                train_dir="bench", precision=FLAGS.precision, optimizer="sgd",
+                learning_rate=1e-3, momentum=0.9, weight_decay=1e-5), 1e-3)
             optimizer.build(model.trainable_variables + head.trainable_variables)
             step = tf.Variable(0, dtype=tf.int64, trainable=False)
         iterator = iter(random_train_dataset(
@@ -82,9 +90,18 @@ def main(argv):
           f"{FLAGS.batch_size}, {FLAGS.precision}, {FLAGS.rounds}x{FLAGS.steps} steps each")
     print(f"| variant | s/step (median) | images/s | ratio to {FLAGS.variants[0]} |")
     print("|---|---|---|---|")
+    rows = {}
     for variant, ts in times.items():
         med = statistics.median(ts)
+        rows[variant] = {"s_per_step": round(med, 4),
+                         "images_per_s": round(FLAGS.batch_size / med, 2),
+                         "ratio": round(med / ref, 3)}
         print(f"| {variant} | {med:.3f} | {FLAGS.batch_size / med:.1f} | {med / ref:.2f} |")
+    print("JSON " + json.dumps({
+        "bench": "train_step", "backbone": FLAGS.backbone, "image_size": FLAGS.image_size,
+        "batch_size": FLAGS.batch_size, "precision": FLAGS.precision,
+        "reference": FLAGS.variants[0], "variants": rows,
+        "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU"}))
     sys.stdout.flush()
 
 

@@ -85,8 +85,17 @@ class TrainConfig:
     batchnorm_momentum: Optional[float] = setting(
         None, "Moving-average momentum of every batch-norm layer, in (0, 1); unset keeps "
         "Keras' 0.99. Short runs from random init want ~0.9.", kind="float")
-    precision: str = setting("float32", "Keras dtype policy for training (evaluation "
-                             "runs float32, the export --export_precision).", rule=one_of(PRECISIONS))
+    precision: str = setting("float32", "Keras dtype policy for training (evaluation runs "
+                             "float32, the export --export_precision); mixed_float16 trains "
+                             "with dynamic loss scaling, mixed_bfloat16 needs none.",
+                             rule=one_of(PRECISIONS))
+    loss_scale: float = setting(2.0 ** 15, "mixed_float16 only: initial dynamic loss scale; "
+                                "halved at every step whose gradients overflow (the step "
+                                "is skipped), doubled after --loss_scale_growth_steps good "
+                                "steps.", rule=_POSITIVE)
+    loss_scale_growth_steps: int = setting(2000, "mixed_float16 only: good steps between "
+                                           "two doublings of the loss scale.",
+                                           rule=integer(1))
     strategy: str = setting("auto", "auto: multi_worker when TF_CONFIG lists several "
                             "workers, mirrored over several local GPUs, else default (one "
                             "device).", rule=one_of(STRATEGIES))

@@ -45,6 +45,8 @@ class TrainResult:
         total_steps: steps of the whole run.
         stopped_by_signal: SIGTERM stopped the run (checkpoint saved, no export).
         losses, accuracies: step -> global-batch value, for the steps run in this call.
+        skipped_steps: steps of this call whose update was skipped because the scaled
+            float16 gradients overflowed (mixed_float16 only; the loss scale was halved).
         attention: the learned GeM p and fusion weights at the end.
         export_dir: SavedModel version folder, or None.
         evaluation: evaluator results of the trained model, or None.
@@ -58,6 +60,7 @@ class TrainResult:
     stopped_by_signal: bool = False
     losses: dict = dataclasses.field(default_factory=dict)
     accuracies: dict = dataclasses.field(default_factory=dict)
+    skipped_steps: list = dataclasses.field(default_factory=list)
     attention: dict = dataclasses.field(default_factory=dict)
     export_dir: Optional[str] = None
     evaluation: Optional[dict] = None
@@ -86,16 +89,38 @@ def make_schedule(config: TrainConfig, total_steps: int
 def make_optimizer(config: TrainConfig, schedule) -> keras.optimizers.Optimizer:
     """SGD (paper) or AdamW on `schedule`; weight decay is decoupled (w -= lr * wd * w).
 
+    Under --precision=mixed_float16 the optimizer is wrapped in Keras 3's
+    LossScaleOptimizer (dynamic scale from --loss_scale, doubled every
+    --loss_scale_growth_steps good steps, halved and the step skipped on inf/NaN
+    gradients); its scale is an optimizer variable, so checkpoints carry it. float16
+    keeps 5 exponent bits (smallest subnormal 6e-8): small gradients underflow without
+    the scale. mixed_bfloat16 needs no loss scaling: bfloat16 has float32's 8 exponent
+    bits (range down to ~1e-38), so its gradients do not underflow; it loses mantissa,
+    not range.
+
     Call inside strategy.scope() (Keras 3 optimizers bind the current strategy).
     """
     weight_decay = config.weight_decay or None
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum,
-                                    weight_decay=weight_decay)
-    if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=schedule,
-                                      weight_decay=config.weight_decay)
-    raise ValueError(f"--optimizer must be sgd or adamw; received {config.optimizer!r}.")
+        optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum,
+                                         weight_decay=weight_decay)
+    elif config.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate=schedule,
+                                           weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"--optimizer must be sgd or adamw; received {config.optimizer!r}.")
+    if config.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            optimizer, initial_scale=config.loss_scale,
+            dynamic_growth_steps=config.loss_scale_growth_steps)
+    return optimizer
+
+
+def loss_scale(optimizer: keras.optimizers.Optimizer) -> Optional[float]:
+    """The current dynamic loss scale of a LossScaleOptimizer; None for other optimizers."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return float(np.asarray(optimizer.dynamic_scale.numpy()))
+    return None
 
 
 @contextlib.contextmanager
@@ -193,6 +218,7 @@ def _loop(config: TrainConfig, run: _Run, strategy, worker, result: TrainResult,
     progress = reporting.Progress(total_steps=result.total_steps, start_step=result.final_step,
                                   global_batch_size=config.global_batch_size)
     current, total = result.final_step, result.total_steps
+    iterations = int(run.optimizer.iterations.numpy())  # lags `current` by skipped steps
     with writer.as_default():
         while current < total:
             loss, accuracy, votes = train_step(
@@ -209,14 +235,21 @@ def _loop(config: TrainConfig, run: _Run, strategy, worker, result: TrainResult,
             result.final_step = current
             result.losses[current] = loss_value
             result.accuracies[current] = float(accuracy.numpy())
+            scale = loss_scale(run.optimizer)
+            applied = int(run.optimizer.iterations.numpy())
+            if applied == iterations:  # a finite loss, overflowing scaled gradients
+                result.skipped_steps.append(current)
+                logging.warning("Step %d: the float16 gradients overflowed; update skipped, "
+                                "loss scale lowered to %g.", current, scale)
+            iterations = applied
             progress.update(current, loss_value, result.accuracies[current])
-            lr = float(run.schedule(current - 1))  # the rate this step used
+            lr = float(run.schedule(max(0, iterations - 1)))  # the last update's rate
             if current % config.log_every == 0 or current == total:
                 logging.info("%s", progress.line(lr))
             if current % config.summary_every == 0 or current == total:
                 reporting.write_scalars(current, loss_value, result.accuracies[current], lr,
                                         run.model, progress.images_per_second(),
-                                        data_stats=run.data_stats)
+                                        data_stats=run.data_stats, loss_scale=scale)
             stop = int(votes.numpy()) > 0
             if current % config.checkpoint_every == 0 or current == total or stop:
                 writer.flush()  # summaries up to the checkpoint survive a kill

@@ -107,12 +107,16 @@ def scalar_summary(name: str, value: float, step: int) -> None:
 
 
 def write_scalars(step: int, loss: float, accuracy: float, learning_rate: float,
-                  model: keras.Model, images_per_second: float, data_stats=None) -> None:
-    """TensorBoard scalars of one step: loss, accuracy, lr, images/s, GeM p, fusion, and
-    with `data_stats` (glam_tf.data.pipeline.DecodeStats) the records the input left out."""
+                  model: keras.Model, images_per_second: float, data_stats=None,
+                  loss_scale=None) -> None:
+    """TensorBoard scalars of one step: loss, accuracy, lr, images/s, GeM p, fusion, with
+    `data_stats` (glam_tf.data.pipeline.DecodeStats) the records the input left out, and
+    with `loss_scale` (mixed_float16) the dynamic loss scale."""
     scalar_summary("train/loss", loss, step)
     scalar_summary("train/accuracy", accuracy, step)
     scalar_summary("train/learning_rate", learning_rate, step)
+    if loss_scale is not None:
+        scalar_summary("train/loss_scale", loss_scale, step)
     if np.isfinite(images_per_second):
         scalar_summary("train/images_per_second", images_per_second, step)
     for name, value in attention_scalars(model).items():

@@ -3,6 +3,11 @@
 Each worker reads a plain (checkpointable) iterator of its share of the global batch;
 inside the step every local replica takes its contiguous slice of that batch, so the
 global batch of a step is the same whatever the number of replicas (TF_NOTES recipe (a)).
+
+Mixed precision: the logits and the loss are float32 under every policy (ArcFace computes
+in float32). With a `keras.optimizers.LossScaleOptimizer` (mixed_float16) the step
+differentiates the scaled loss, makes every replica agree on whether a gradient
+overflowed, and lets the optimizer unscale, apply or skip, and adjust its scale.
 """
 
 from __future__ import annotations
@@ -41,21 +46,50 @@ def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
     return len(layers)
 
 
+def _agree_on_overflow(grads: list) -> list:
+    """Makes the gradients of every replica non-finite if those of any replica are.
+
+    LossScaleOptimizer decides to apply or skip from the gradients BEFORE their all-reduce
+    (Keras' merge_call path reads the first local replica's): replicas that disagreed would
+    either apply an all-reduced inf or, across workers, wait forever on a collective that
+    the other side skipped. One scalar all-reduce settles it: if any replica's gradients
+    overflowed, a NaN is added to every replica's first gradient, so all of them skip.
+    """
+    present = [i for i, g in enumerate(grads) if g is not None]
+    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(grads[i]))
+                                     for i in present]))
+    overflowed = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+    first = present[0]
+    poison = tf.where(overflowed > 0.0, float("nan"), 0.0)
+    grads = list(grads)
+    grads[first] = grads[first] + tf.cast(poison, grads[first].dtype)
+    return grads
+
+
 def make_train_step(strategy: tf.distribute.Strategy, model: keras.Model, head,
                     optimizer: keras.optimizers.Optimizer, step: tf.Variable, *,
                     global_batch_size: int, local_replicas: int,
                     inject_nan_at_step: int = -1):
     """Returns `train_step(iterator, stop) -> (loss, accuracy, stop_votes)` (a tf.function).
 
-    One step: next worker batch -> per-replica slice -> descriptor -> ArcFace logits ->
-    softmax cross-entropy averaged over the GLOBAL batch (tf.nn.compute_average_loss)
-    -> gradients, all-reduced (summed) by apply_gradients -> step += 1.
+    One step: next worker batch -> per-replica slice -> descriptor -> ArcFace logits
+    (float32) -> softmax cross-entropy averaged over the GLOBAL batch
+    (tf.nn.compute_average_loss, float32) -> gradients, all-reduced (summed) by
+    apply_gradients -> step += 1.
+
+    With a LossScaleOptimizer (mixed_float16) the gradients are those of the loss times
+    the dynamic scale (float16 gradients below 6e-8 would otherwise flush to zero); the
+    optimizer divides them by the scale, and on any inf/NaN skips the update and halves
+    the scale (the step counter still advances; the optimizer's iterations do not). The
+    returned loss is the unscaled one, finite on a skipped step.
 
     Args:
         strategy: the distribution strategy the variables were created under.
         model: descriptor model, `(B, H, W, 3)` -> `(B, D)` unit rows.
         head: glam_tf.model.ArcFace (its `cosine`, `margin`, `scale`).
-        optimizer: built (slots created) inside strategy.scope().
+        optimizer: built (slots created) inside strategy.scope(); a
+            keras.optimizers.LossScaleOptimizer turns loss scaling on.
         step: int64 step counter, incremented once per step.
         global_batch_size: images per step over all replicas.
         local_replicas: replicas of this worker (its batch is split among them).
@@ -68,6 +102,7 @@ def make_train_step(strategy: tf.distribute.Strategy, model: keras.Model, head,
         replicas whose `stop` was set (so all workers stop at the same step).
     """
     variables = model.trainable_variables + head.trainable_variables
+    loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_fn(images, labels, stop):
         ctx = tf.distribute.get_replica_context()
@@ -85,11 +120,15 @@ def make_train_step(strategy: tf.distribute.Strategy, model: keras.Model, head,
             loss = tf.nn.compute_average_loss(per_example,
                                               global_batch_size=global_batch_size)
             if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                loss += tf.nn.scale_regularization_loss(
+                    tf.add_n([tf.cast(x, tf.float32) for x in model.losses]))
             if inject_nan_at_step > 0:
                 loss = tf.where(step + 1 == inject_nan_at_step,
                                 tf.constant(float("nan")), loss)
-        grads = tape.gradient(loss, variables)
+            objective = optimizer.scale_loss(loss) if loss_scaling else loss
+        grads = tape.gradient(objective, variables)
+        if loss_scaling:
+            grads = _agree_on_overflow(grads)
         optimizer.apply_gradients(zip(grads, variables))
         correct = tf.reduce_sum(tf.cast(
             tf.equal(tf.argmax(cosine, axis=-1, output_type=tf.int32),
