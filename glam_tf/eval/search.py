@@ -115,8 +115,9 @@ def _update_topk(run_idx, run_sc, scores, k, start, reaching=None):
 
     Only the entries scoring at least a row's current k-th best can enter its list: one
     comparison finds them (usually none after the first chunks), so a chunk costs a pass
-    over its scores instead of a partition or a sort. `reaching` {row: count of such
-    entries}, known from the rank counting's sorted rows, spares that pass where it is 0.
+    over its scores instead of a partition or a sort. `reaching` {row: an upper bound of
+    their number}, read from the rank counting's sorted rows (against an earlier, lower
+    k-th best), spares that pass where it is 0.
     """
     if not reaching:
         rows = np.flatnonzero((scores >= run_sc[:, -1:]).any(axis=1))
@@ -177,6 +178,29 @@ def _count_above(row, tracked_scores, tracked, a, b, kth=None):
     if kth is not None and (whole or kth >= low):
         reaching = n - int(np.searchsorted(candidates, kth, side="left"))
     return counts, reaching
+
+
+def _check_tracked_scores(scores, tracked, tracked_scores, rows, a, b):
+    """Pass B's products must equal pass A's where tracked images sit, bit for bit."""
+    for r in rows:
+        t = tracked[r]
+        inside = (t >= a) & (t < b)
+        if np.any(inside) and not np.array_equal(scores[r, t[inside] - a],
+                                                 tracked_scores[r][inside]):
+            raise RuntimeError("matrix product not reproducible between passes; ranks would "
+                               "be inexact")
+
+
+def _finish_chunk(pending, top, ranks, q0, rows, k):
+    """Adds a chunk's rank counts (from its threads) and merges it into the top-k `top`."""
+    scores, start, counting = pending
+    reaching = {}
+    for r, future in zip(rows, counting):
+        counts, n_reaching = future.result()
+        ranks[q0 + r] += counts
+        if n_reaching is not None:
+            reaching[r] = n_reaching
+    top[0], top[1] = _chunk_topk(top[0], top[1], scores, k, start, reaching)
 
 
 def exact_search(queries, database, *, k=100, tracked=None, valid=None,
@@ -246,41 +270,34 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
                 sel = (t >= a) & (t < b)
                 tscores[r][sel] = kept[r, t[sel] - a]
         # Pass B: count, per tracked image, the images ranked above it; keep the top-k.
-        run_idx = np.zeros((q1 - q0, 0), dtype=np.int64)
-        run_sc = np.zeros((q1 - q0, 0), dtype=np.float32)
-        for a in starts:
-            b = min(n, a + chunk)
-            if a == kept_start:
-                s, kept = kept, None
-            else:
-                s = _chunk_scores(qblock, database, a, b, valid)
-            rows = [r for r, t in enumerate(qtracked) if t.size]
-            for r in rows:
-                t = qtracked[r]
-                inside = (t >= a) & (t < b)
-                if np.any(inside) and not np.array_equal(s[r, t[inside] - a],
-                                                         tscores[r][inside]):
-                    raise RuntimeError("matrix product not reproducible between passes; "
-                                       "ranks would be inexact")
-            # Rows in threads: the sorts release the GIL, so every core takes part.
-            full = run_idx.shape[1] == k
-            counted = _row_pool().map(
-                lambda r, s=s, a=a, b=b: _count_above(s[r], tscores[r], qtracked[r], a, b,
-                                                      run_sc[r, -1] if full else None),
-                rows)
-            reaching = {}
-            for r, (counts, n_reaching) in zip(rows, counted):
-                ranks[q0 + r] += counts
-                if n_reaching is not None:
-                    reaching[r] = n_reaching
-            run_idx, run_sc = _chunk_topk(run_idx, run_sc, s, k, a, reaching)
-            step += 1
-            now = time.time()
-            if now - last_log >= log_every_s:
-                rate = step / (now - t0)
-                logging.info("search: %d/%d chunks (%.1f chunks/s, ETA %.0f s)", step,
-                             total_steps, rate, (total_steps - step) / rate)
-                last_log = now
+        # A chunk's rank counting (sorts, in threads: they release the GIL) runs while the
+        # next chunk's product is computed; its top-k update follows, in chunk order.
+        top = [np.zeros((q1 - q0, 0), dtype=np.int64), np.zeros((q1 - q0, 0), np.float32)]
+        rows = [r for r, t in enumerate(qtracked) if t.size]
+        pending = None
+        for a in starts + [None]:
+            if a is not None:
+                b = min(n, a + chunk)
+                if a == kept_start:
+                    s, kept = kept, None
+                else:
+                    s = _chunk_scores(qblock, database, a, b, valid)
+                _check_tracked_scores(s, qtracked, tscores, rows, a, b)
+                kth = top[1][:, -1].copy() if top[1].shape[1] == k else None
+                counting = [_row_pool().submit(
+                    _count_above, s[r], tscores[r], qtracked[r], a, b,
+                    None if kth is None else kth[r]) for r in rows]
+            if pending is not None:
+                _finish_chunk(pending, top, ranks, q0, rows, k)
+                step += 1
+                now = time.time()
+                if now - last_log >= log_every_s:
+                    rate = step / (now - t0)
+                    logging.info("search: %d/%d chunks (%.1f chunks/s, ETA %.0f s)", step,
+                                 total_steps, rate, (total_steps - step) / rate)
+                    last_log = now
+            pending = None if a is None else (s, a, counting)
+        run_idx, run_sc = top
         topk_idx[q0:q1], topk_sc[q0:q1] = run_idx, run_sc
     return SearchResult(topk_indices=topk_idx, topk_scores=topk_sc, tracked=tracked,
                         tracked_ranks=ranks, chunk_size=chunk, query_block=query_block)
