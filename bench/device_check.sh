@@ -38,7 +38,7 @@ if [[ $MODE == cpu ]]; then
   [[ -z $PY && -x "$REPO/.venv/bin/python" ]] && PY="$REPO/.venv/bin/python"
   [[ -z $PY ]] && PY=python3
   # Tiny sizes: the pipeline, not the numbers, is under test.
-  TRAIN_ARGS=(--backbone=resnet50 --image_size=64 --batch_size=2 --steps=1 --rounds=1
+  TRAIN_ARGS=(--backbone=resnet50 --image_size=64 --batch_size=2 --steps=2 --rounds=2
               --num_classes=10)
   EXPORT_ARGS=(--backbone=resnet50 --long_side=96 --precisions=float32,bfloat16 --reps=1
                --warmup=0)
