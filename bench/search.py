@@ -133,8 +133,8 @@ def main():
                    approx_recall_at_k=round(search.recall_at_k(idx, res.topk_indices, args.k), 4))
     print(f"exact search: {args.num_queries} queries x {args.num_db} x {args.dim}: "
           f"{seconds:.2f} s = {seconds / product_s:.2f}x the bare product queries @ db.T "
-          f"({product_s:.2f} s, same run); peak search allocations {peak / 2**20:.0f} MiB on top of "
-          f"{db.nbytes / 2**20:.0f} MiB of descriptors (total {out['peak_over_descriptors']}x "
+          f"({product_s:.2f} s, same run); peak search allocations {peak / 2**20:.0f} MiB "
+          f"on top of {db.nbytes / 2**20:.0f} MiB of descriptors (total {out['peak_over_descriptors']}x "
           f"the descriptor matrix); max RSS +{rss_after - rss_before:.0f} MiB")
     print(json.dumps(out))
 

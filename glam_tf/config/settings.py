@@ -244,20 +244,17 @@ def check(config, names=None) -> None:
             fail(names.get(f.name, f.name), rule.text, value, f.metadata["fix"])
 
 
-def define_flags(cls, flag_values=None, *, skip=()) -> None:
+def define_flags(cls, flag_values=None) -> None:
     """Defines one absl flag per setting of `cls` (and of its nested configs).
 
     Args:
         cls: a config class made of `setting` / `nested` fields.
         flag_values: absl FlagValues (default: the global FLAGS).
-        skip: flag names the program defines itself.
     """
     from absl import flags  # noqa: PLC0415 (absl only where flags are made)
 
     fv = flag_values if flag_values is not None else flags.FLAGS
     for name, f, default in _walk(cls):
-        if name in skip:
-            continue
         meta = f.metadata
         kind, help_text, rule = meta["kind"], meta["help"], meta["rule"]
         if kind == "bool":

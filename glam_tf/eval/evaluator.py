@@ -261,7 +261,8 @@ def evaluate_model(model, config, *, tag: str) -> dict:
 
     The model goes through its serving module (the functions the SavedModel exports) at
     config.scales (default: the paper's), fed images resized to config.max_image_size;
-    config.output_dir is replaced. `tag` names the model in the results (e.g. `<train_dir>@step_<n>`).
+    config.output_dir is replaced. `tag` names the model in the results (e.g.
+    `<train_dir>@step_<n>`).
     """
     shutil.rmtree(config.output_dir, ignore_errors=True)
     backend = models.from_keras_model(model, scales=config.scales,
