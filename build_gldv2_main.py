@@ -1,7 +1,14 @@
 """Converts Google Landmarks v2 (as downloaded) into sharded DELG-keyed TFRecords.
 
   python build_gldv2_main.py --gldv2_root=/data/gldv2 --output_dir=/data/gldv2_tfrecords \
-      --num_workers=16 --validation_fraction=0.0
+      --validation_fraction=0.0 [Beam flags]
+
+One Apache Beam pipeline (glam_tf.data.gldv2.convert_gldv2). Without Beam flags it runs on
+the DirectRunner with 2 worker processes on this machine (--direct_num_workers=8 for more);
+any other flag goes to Beam, e.g. --runner=DataflowRunner --project=P --region=R
+--temp_location=gs://B/tmp, --runner=FlinkRunner --flink_master=host:8081, or
+--runner=SparkRunner --spark_master_url=spark://host:7077 (README: "GLDv2 on a cluster").
+A flag that is neither this program's nor Beam's is an error.
 
 Reads <gldv2_root>/train_clean.csv (or train.csv) and <gldv2_root>/train/<a>/<b>/<c>/<id>.jpg.
 Re-running with the same flags resumes: finished shards are kept. Train with
@@ -11,6 +18,7 @@ id. A missing folder or file is one line on stderr (exit 2), not a traceback.
 
 from absl import app, flags, logging
 
+from glam_tf import beam_options
 from glam_tf.config import settings
 from glam_tf.data import gldv2
 
@@ -23,21 +31,18 @@ _NUM_VAL_SHARDS = flags.DEFINE_integer("num_validation_shards", 0,
                                        "Validation shards; 0 = ~10k images each.")
 _VAL_FRACTION = flags.DEFINE_float("validation_fraction", 0.0,
                                    "Per-class fraction held out as validation, in [0, 1).")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 8, "Processes writing shards.")
 _SEED = flags.DEFINE_integer("seed", 0, "Shard shuffle and validation split seed.")
 _FULL_DECODE = flags.DEFINE_bool("full_decode", True,
                                  "Decode every image to catch truncated files.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         summary = gldv2.convert_gldv2(
             _ROOT.value, _OUTPUT_DIR.value, csv_path=_CSV.value, image_dir=_IMAGE_DIR.value,
             num_shards=_NUM_SHARDS.value, num_validation_shards=_NUM_VAL_SHARDS.value,
-            validation_fraction=_VAL_FRACTION.value, num_workers=_NUM_WORKERS.value,
-            seed=_SEED.value, full_decode=_FULL_DECODE.value)
+            validation_fraction=_VAL_FRACTION.value, seed=_SEED.value,
+            full_decode=_FULL_DECODE.value, beam_args=argv[1:])
     except (ValueError, FileNotFoundError) as e:
         settings.exit_with_usage_error("build_gldv2_main", e)
     print(f"written: {summary.total_written} (train {summary.written['train']}, validation "
@@ -45,8 +50,9 @@ def main(argv):
           f"{len(summary.undecodable)}; classes: {summary.num_classes}")
     print(f"train files: {summary.train_pattern}")
     print(f"label map:   {summary.label_map_path}")
+    print(f"counters of this run: {summary.counters}")
     logging.info("done")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=beam_options.parse_flags_keep_beam_args)

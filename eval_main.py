@@ -3,8 +3,12 @@
   python eval_main.py --flagfile=configs/eval_roxford5k.flags --model=/models/glam
   python eval_main.py --flagfile=configs/eval_roxford5k.flags --train_dir=/runs/glam
 
-Over several hosts (the 1M distractors): run with --num_shards=N --shard_index=i on each
-(--stage=extract), then once with --stage=evaluate, which checks every shard is there.
+Extraction is one Apache Beam pipeline (glam_tf.eval.extract_beam): on this machine's
+DirectRunner with 2 worker processes by default (--direct_num_workers=N for more); any flag
+that is not EvalConfig's goes to Beam, so the 1M distractors run on a cluster with e.g.
+  --stage=extract --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp
+then --stage=evaluate. (--num_shards=N --shard_index=i on N hosts, each with
+--stage=extract, still works without a cluster.)
 Prints the paper-layout table; writes <output_dir>/results-<dataset>.json.
 The flags are EvalConfig's settings (glam_tf.config), defined from its fields.
 """
@@ -13,6 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
+from glam_tf import beam_options
 from glam_tf.config import EvalConfig, SettingError, settings
 
 settings.define_flags(EvalConfig)
@@ -20,20 +25,19 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         config = settings.from_flags(EvalConfig, FLAGS)
         # scoring extracted features needs no model
         config.validate(check_model=config.stage != "evaluate" or bool(
             config.model or config.train_dir))
-    except SettingError as e:
+        beam_options.check_args(argv[1:])
+    except (SettingError, ValueError) as e:
         settings.exit_with_usage_error("eval_main", e)
     from glam_tf.data.testsets import MissingDataError, UnsafePickleError  # noqa: PLC0415
     from glam_tf.eval import evaluator  # noqa: PLC0415
 
     try:
-        results = evaluator.run_evaluation(config)
+        results = evaluator.run_evaluation(config, beam_args=argv[1:])
     except (ValueError, FileNotFoundError, MissingDataError, UnsafePickleError,
             ImportError) as e:
         logging.error("%s", e)
@@ -46,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=beam_options.parse_flags_keep_beam_args)

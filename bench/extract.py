@@ -8,6 +8,13 @@ Image sets: "oxford-like" (landscape 1024x768 and portrait 768x1024 JPEGs, as mo
 Oxford/Paris; few buckets) and, when ../shared/data is present, the 55 real query crops
 (mixed sizes: buckets of one or two images).
 
+With a SavedModel back-end it then times the Beam pipeline (glam_tf.eval.extract_beam,
+DirectRunner, --beam_workers processes, each loading the SavedModel once) against the
+in-process batched extraction on --beam_images oxford-like images in 4 shards, in the same
+run; both include their start-up (the pipeline's worker processes and model loads; the
+in-process path's model is loaded before the clock starts, as eval_main loads it before
+extracting), and the descriptors are checked equal (goal: ratio >= 0.9).
+
   .venv/bin/python bench/extract.py --max_image_size=256 --batch_size=8
 """
 
@@ -36,7 +43,8 @@ def _backend(model, scales, max_image_size, tmp):
         from glam_tf.export import export_saved_model  # pylint: disable=import-outside-toplevel
         path = export_saved_model(model, os.path.join(tmp, "glam"), scales=scales,
                                   max_image_size=max_image_size)
-        return models.load_saved_model(path), "SavedModel (glam_tf.export, batched signature)"
+        return (models.load_saved_model(path), "SavedModel (glam_tf.export, batched signature)",
+                path)
     except ImportError as e:
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         def describe(images):
@@ -47,7 +55,8 @@ def _backend(model, scales, max_image_size, tmp):
 
         backend = models.DescriptorBackend(fn=lambda x: describe(x).numpy(), scales=scales,
                                            info={"kind": "tf.function"}, fingerprint="bench")
-        return backend, f"tf.function over build_descriptor_model (export unusable: {e})"
+        return (backend, f"tf.function over build_descriptor_model (export unusable: {e})",
+                None)
 
 
 def _oxford_like(folder, n, seed=0):
@@ -93,6 +102,9 @@ def main():
     p.add_argument("--variant", default="global+local")
     p.add_argument("--backbone", default="resnet50",
                    choices=("resnet50", "resnet101", "resnet152"))
+    p.add_argument("--beam_images", type=int, default=64,
+                   help="oxford-like images of the Beam-vs-in-process comparison (0: skip)")
+    p.add_argument("--beam_workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2,
                    help="best of this many runs (first runs pay per-shape warm-up)")
     args = p.parse_args()
@@ -100,7 +112,7 @@ def main():
     model = build_descriptor_model(ModelConfig(backbone=args.backbone, weights="none",
                                                variant=args.variant))
     with tempfile.TemporaryDirectory() as tmp:
-        backend, kind = _backend(model, scales, args.max_image_size, tmp)
+        backend, kind, saved_model = _backend(model, scales, args.max_image_size, tmp)
         sets = {"oxford-like": _oxford_like(os.path.join(tmp, "img"), args.num_images)}
         crops = _real_crops()
         if crops and args.num_real > 0:
@@ -127,7 +139,40 @@ def main():
             print(f"{tag}: {len(items)} images, {len(sizes)} sizes: batched "
                   f"{len(items) / batched:.2f} img/s, one at a time {len(items) / single:.2f} "
                   f"img/s, ratio {single / batched:.2f}x  [{kind}]", flush=True)
+        if saved_model and args.beam_images > 0:
+            results["beam"] = _beam_vs_in_process(args, backend, saved_model, scales, tmp)
         print(json.dumps(results))
+
+
+def _beam_vs_in_process(args, backend, saved_model, scales, tmp):
+    """images/s of the Beam pipeline and of the in-process path, same images and shards."""
+    from glam_tf.eval import extract_beam  # pylint: disable=import-outside-toplevel
+
+    items = _oxford_like(os.path.join(tmp, "beam_img"), args.beam_images, seed=1)
+    shard_size = -(-len(items) // 4)
+    t0 = time.perf_counter()
+    extract.extract_split(items, os.path.join(tmp, "local"), backend,
+                          max_image_size=args.max_image_size, batch_size=args.batch_size,
+                          shard_size=shard_size, log_every_s=1e9)
+    local_s = time.perf_counter() - t0
+    spec = extract_beam.BackendSpec(model=saved_model, scales=tuple(scales),
+                                    max_image_size=args.max_image_size)
+    t0 = time.perf_counter()
+    extract_beam.extract_splits(
+        [(items, os.path.join(tmp, "beam"), "bench")], backend, spec.build,
+        beam_args=[f"--direct_num_workers={args.beam_workers}"],
+        max_image_size=args.max_image_size, batch_size=args.batch_size, shard_size=shard_size)
+    beam_s = time.perf_counter() - t0
+    ids = [it.id for it in items]
+    a = extract.merge_shards(os.path.join(tmp, "local"), ids).descriptors
+    b = extract.merge_shards(os.path.join(tmp, "beam"), ids).descriptors
+    out = {"images": len(items), "shards": 4, "workers": args.beam_workers,
+           "in_process_images_per_s": round(len(items) / local_s, 2),
+           "beam_images_per_s": round(len(items) / beam_s, 2),
+           "ratio_beam_over_in_process": round(local_s / beam_s, 3),
+           "max_abs_descriptor_difference": float(abs(a - b).max())}
+    print(f"beam vs in-process: {out}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Tests of the GLDv2 reader and the TFRecord converter (layout, relabelling, resume, errors)."""
+"""Tests of the GLDv2 reader and the Beam TFRecord converter (layout, relabelling, byte
+identity with the pre-Beam converter, counters, resume, errors). The pipelines run on the
+DirectRunner with 2 worker processes (the default)."""
 
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from glam_tf.data import gldv2, records
+import gldv2_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,6 +69,19 @@ def _make_gldv2(root, shared_data=None):
         for landmark, ids in by_landmark.items():
             f.write(f"{landmark},{' '.join(ids)}\n")
     return files, landmarks, (truncated, garbage, missing)
+
+
+def _same_outputs(got_dir, reference_dir, shards_skipped=0):
+    """Asserts two output folders hold the same bytes (output dir spelled alike; Pillow's
+    message for an unidentified image names an object address, which differs per run)."""
+    norm = lambda b: re.sub(rb" at 0x[0-9a-f]+>", b" at 0x?>", b)  # noqa: E731
+    got = gldv2_reference.output_files(str(got_dir))
+    want = gldv2_reference.output_files(str(reference_dir))
+    want["summary.json"] = want["summary.json"].replace(
+        b'"shards_skipped": 0', b'"shards_skipped": %d' % shards_skipped)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert norm(got[name]) == norm(want[name]), name
 
 
 def _read_records(pattern):
@@ -129,10 +146,16 @@ def test_split_per_class():
 def test_convert_writes_delg_records_label_map_and_reports(tmp_path, shared_data):
     root, out = str(tmp_path / "gld"), str(tmp_path / "out")
     files, landmarks, (truncated, garbage, missing) = _make_gldv2(root, shared_data)
-    summary = gldv2.convert_gldv2(root, out, num_shards=2, validation_fraction=0.2, seed=3,
-                                  show_progress=False)
+    summary = gldv2.convert_gldv2(root, out, num_shards=2, validation_fraction=0.2, seed=3)
+    # Byte-identical to the pre-Beam converter on the same input.
+    gldv2_reference.convert_reference(root, str(tmp_path / "reference"), num_shards=2,
+                                      validation_fraction=0.2, seed=3)
+    _same_outputs(out, tmp_path / "reference")
     good = {i for i in files if i not in (truncated, garbage)}
     assert summary.total_written == len(good)
+    # Beam counters of the run equal the lists (1 missing, 2 undecodable injected).
+    assert summary.counters == {"images_written": len(good), "images_missing": 1,
+                                "images_undecodable": 2, "shards_written": 3}
     assert [m[0] for m in summary.missing] == [missing]
     assert sorted(u[0] for u in summary.undecodable) == sorted([truncated, garbage])
     # Labels: present landmarks in increasing id order -> 0..N-1.
@@ -168,42 +191,53 @@ def test_convert_writes_delg_records_label_map_and_reports(tmp_path, shared_data
         assert f.read().startswith(missing + "\t")
 
 
-def test_resume_skips_finished_shards_and_redoes_interrupted(tmp_path):
+def test_killed_conversion_resumes(tmp_path):
+    """A conversion killed mid-way (shard 1 not renamed, its temp file and task left, no
+    summary) resumes: finished shards are kept as they are, the rest is written, and the
+    outputs equal an uninterrupted conversion's."""
     root, out = str(tmp_path / "gld"), str(tmp_path / "out")
     _make_gldv2(root)
-    first = gldv2.convert_gldv2(root, out, num_shards=3, show_progress=False)
+    gldv2_reference.convert_reference(root, str(tmp_path / "reference"), num_shards=3)
+    first = gldv2.convert_gldv2(root, out, num_shards=3)
     shards = sorted(tf.io.gfile.glob(first.train_pattern))
     content = {s: open(s, "rb").read() for s in shards}
-    os.remove(shards[1])                       # interrupted before the rename
-    with open(shards[1] + ".tmp-12345", "wb") as f:
-        f.write(b"partial")                    # its leftover temp file
+    # What a kill leaves: a shard without its rename nor its report, a temp file, no summary.
+    os.remove(shards[1])
+    os.remove(os.path.join(out, gldv2.REPORT_DIR, os.path.basename(shards[1]) + ".json"))
+    with open(shards[1] + ".tmp-host-12345-abcd", "wb") as f:
+        f.write(b"partial")
+    os.remove(os.path.join(out, "summary.json"))
     kept_mtime = os.stat(shards[0]).st_mtime_ns
-    second = gldv2.convert_gldv2(root, out, num_shards=3, show_progress=False)
+    second = gldv2.convert_gldv2(root, out, num_shards=3)
     assert second.shards_skipped == 2
+    assert second.counters["shards_written"] == 1
     assert os.stat(shards[0]).st_mtime_ns == kept_mtime
     assert {s: open(s, "rb").read() for s in shards} == content   # same bytes as before
     assert second.to_json() == {**first.to_json(), "shards_skipped": 2}
+    os.remove(shards[1] + ".tmp-host-12345-abcd")
+    _same_outputs(out, tmp_path / "reference", shards_skipped=2)
     with pytest.raises(ValueError, match="holds shards of a different conversion.*train_shards"):
-        gldv2.convert_gldv2(root, out, num_shards=2, show_progress=False)
+        gldv2.convert_gldv2(root, out, num_shards=2)
 
 
-def test_cli_with_worker_processes_matches_in_process(tmp_path):
+def test_cli_equals_reference_and_passes_beam_flags(tmp_path):
     root = str(tmp_path / "gld")
     _make_gldv2(root)
-    serial = gldv2.convert_gldv2(root, str(tmp_path / "serial"), num_shards=3,
-                                 show_progress=False)
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "build_gldv2_main.py"), f"--gldv2_root={root}",
-         f"--output_dir={tmp_path / 'parallel'}", "--num_shards=3", "--num_workers=2"],
-        capture_output=True, text=True, timeout=240, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO})
+    gldv2_reference.convert_reference(root, str(tmp_path / "reference"), num_shards=3)
+    command = [sys.executable, os.path.join(REPO, "build_gldv2_main.py"),
+               f"--gldv2_root={root}", f"--output_dir={tmp_path / 'beam'}", "--num_shards=3"]
+    result = subprocess.run(command + ["--direct_num_workers=2"], capture_output=True,
+                            text=True, timeout=240, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "missing: 1; undecodable: 2; classes: 4" in result.stdout
-    for name in sorted(os.listdir(tmp_path / "serial")):
-        if name.endswith(".tfrecord") or name == "label_map.csv":
-            assert (tmp_path / "serial" / name).read_bytes() == \
-                (tmp_path / "parallel" / name).read_bytes(), name
-    assert serial.total_written == 13
+    assert "'images_missing': 1" in result.stdout
+    _same_outputs(tmp_path / "beam", tmp_path / "reference")
+    # A flag neither ours nor Beam's is one line, not a silently dropped typo.
+    result = subprocess.run(command + ["--num_shard=3"], capture_output=True, text=True,
+                            timeout=240, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 2
+    assert "unknown flag(s) ['--num_shard=3']" in result.stderr
 
 
 def test_progress_bar_shows_counts_rate_and_eta():

@@ -240,8 +240,7 @@ def test_synthetic_through_converter_and_pipeline(synth, tmp_path):
     from glam_tf.data import pipeline  # pylint: disable=g-import-not-at-top
 
     root, _ = synth
-    summary = gldv2.convert_gldv2(root, str(tmp_path / "tfr"), num_shards=2,
-                                  show_progress=False)
+    summary = gldv2.convert_gldv2(root, str(tmp_path / "tfr"), num_shards=2)
     assert summary.total_written == 128 and summary.num_classes == 16
     assert not summary.missing and not summary.undecodable
     config = DataConfig(summary.train_pattern, global_batch_size=8,

@@ -12,26 +12,35 @@ Output (in `output_dir`):
   summary.json, missing_images.txt, undecodable_images.txt
   conversion_plan.json                    what a resumed run must match
 
-Each shard is written to a temporary name and renamed when complete, after its report, so a
-re-run skips finished shards and redoes interrupted ones.
+The conversion is one Apache Beam pipeline (`convert_gldv2`): this process reads the csv,
+checks which files are there and plans the shards (labels, split, shuffle: cheap, and what
+makes the output deterministic); the pipeline then writes the shards in parallel (one
+element per shard: read, validate, encode, write), counts written, missing and undecodable
+images with Beam counters (namespace `glam_gldv2`) and writes the lists and summary.json. By
+default it runs on the DirectRunner's worker processes (glam_tf.beam_options); any runner's
+options pass through (`beam_args`). Each shard is written to a temporary name and renamed when
+complete, after its report, so a re-run skips finished shards and redoes interrupted ones. The
+output folder must be one every worker can write (a local disk for the DirectRunner, a
+shared file system for a cluster).
 """
 
-import concurrent.futures
 import csv
 import dataclasses
 import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import re
+import socket
+import uuid
 
+import apache_beam as beam
 import numpy as np
 from absl import logging
 
+from glam_tf import beam_options
 from glam_tf.config import contract
-from glam_tf.data import progress as progress_lib
 from glam_tf.files import atomic_write, write_json_atomic
 
 CSV_CLEAN = "train_clean.csv"
@@ -44,6 +53,9 @@ PLAN_NAME = "conversion_plan.json"
 MISSING_NAME = "missing_images.txt"
 UNDECODABLE_NAME = "undecodable_images.txt"
 REPORT_DIR = ".shard_reports"
+TASK_DIR = "tasks"  # under REPORT_DIR: each shard's entries, read by the worker writing it
+PLAN_MISSING_NAME = "plan_missing.json"  # under REPORT_DIR: files absent when planning
+COUNTERS = "glam_gldv2"  # Beam counter namespace: images_written/_missing/_undecodable
 IMAGES_PER_SHARD = 10000
 
 LAYOUT_HELP = (
@@ -78,6 +90,8 @@ class ConversionSummary:
       train_pattern / validation_pattern: globs for `DataConfig.file_pattern`.
       label_map_path: label -> landmark id csv.
       shards_skipped: finished shards a resumed run left as they were.
+      counters: this run's Beam counters (images_written, images_missing,
+        images_undecodable, shards_written); not in summary.json.
     """
 
     written: dict
@@ -88,6 +102,7 @@ class ConversionSummary:
     validation_pattern: str
     label_map_path: str
     shards_skipped: int = 0
+    counters: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total_written(self) -> int:
@@ -293,61 +308,108 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-# ---------------------------------------------------------------------------- workers
-
-_PROGRESS_COUNTER = None
-_PROGRESS_CALLBACK = None
+# ---------------------------------------------------------------------------- pipeline
 
 
-def _init_worker(counter, callback=None) -> None:
-    global _PROGRESS_COUNTER, _PROGRESS_CALLBACK
-    _PROGRESS_COUNTER = counter
-    _PROGRESS_CALLBACK = callback
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+class _WriteShard(beam.DoFn):
+    """Writes one shard (temporary name, report, rename); emits (split, report).
+
+    The element is the shard's file name; its entries are in `<output>/.shard_reports/tasks/`,
+    written by the planner, so the pipeline graph stays small for millions of images.
+    """
+
+    def __init__(self, output_dir: str, full_decode: bool):
+        super().__init__()
+        self._output_dir = output_dir
+        self._full_decode = full_decode
+        self._written = beam.metrics.Metrics.counter(COUNTERS, "images_written")
+        self._missing = beam.metrics.Metrics.counter(COUNTERS, "images_missing")
+        self._undecodable = beam.metrics.Metrics.counter(COUNTERS, "images_undecodable")
+        self._shards = beam.metrics.Metrics.counter(COUNTERS, "shards_written")
+
+    def setup(self):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def process(self, name):
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top  (worker processes)
+
+        from glam_tf.data import records  # pylint: disable=g-import-not-at-top
+
+        task_path = os.path.join(self._output_dir, REPORT_DIR, TASK_DIR, name + ".json")
+        with open(task_path, encoding="utf-8") as f:
+            task = json.load(f)
+        out_path = os.path.join(self._output_dir, name)
+        # Unique per host, process and attempt: a retried or speculative attempt of the same
+        # shard never writes into another's file; the rename makes one of them the shard.
+        tmp_path = f"{out_path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        report = {"shard": name, "written": 0, "missing": [], "undecodable": []}
+        try:
+            with tf.io.TFRecordWriter(tmp_path) as writer:
+                for image_id, label, path in task["entries"]:
+                    try:
+                        with open(path, "rb") as f:
+                            data = f.read()
+                    except FileNotFoundError:
+                        report["missing"].append([image_id, path])
+                        self._missing.inc()
+                        continue
+                    try:
+                        info = records.probe_image(data, full_decode=self._full_decode)
+                    except records.UndecodableImageError as e:
+                        report["undecodable"].append([image_id, path, str(e)])
+                        self._undecodable.inc()
+                        continue
+                    example = records.make_example(encoded=data, image_id=image_id,
+                                                   label=label, info=info)
+                    writer.write(example.SerializeToString(deterministic=True))
+                    report["written"] += 1
+                    self._written.inc()
+            write_json_atomic(_report_path(self._output_dir, name), report)
+            os.replace(tmp_path, out_path)
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+        os.remove(task_path)
+        self._shards.inc()
+        yield task["split"], report
 
 
-def _tick() -> None:
-    if _PROGRESS_COUNTER is not None:
-        with _PROGRESS_COUNTER.get_lock():
-            _PROGRESS_COUNTER.value += 1
-            value = _PROGRESS_COUNTER.value
-        if _PROGRESS_CALLBACK is not None and value % 100 == 0:
-            _PROGRESS_CALLBACK(value)
+def _report_path(output_dir: str, name: str) -> str:
+    return os.path.join(output_dir, REPORT_DIR, name + ".json")
 
 
-def _write_shard(task: dict) -> dict:
-    """Writes one shard (temp name, then rename) and its report; returns the report."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (spawned workers)
+def _finalize(_, *, output_dir: str, shards, num_classes: int, label_map_path: str,
+              skipped: int) -> dict:
+    """Gathers every shard's report (written now or before) into the lists and summary.json.
 
-    from glam_tf.data import records  # pylint: disable=g-import-not-at-top
-
-    out_path = task["path"]
-    tmp_path = f"{out_path}.tmp-{os.getpid()}"
-    report = {"shard": os.path.basename(out_path), "written": 0, "missing": [],
-              "undecodable": []}
-    with tf.io.TFRecordWriter(tmp_path) as writer:
-        for image_id, label, path in task["entries"]:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                report["missing"].append([image_id, path])
-                _tick()
-                continue
-            try:
-                info = records.probe_image(data, full_decode=task["full_decode"])
-            except records.UndecodableImageError as e:
-                report["undecodable"].append([image_id, path, str(e)])
-                _tick()
-                continue
-            example = records.make_example(encoded=data, image_id=image_id, label=label,
-                                           info=info)
-            writer.write(example.SerializeToString(deterministic=True))
-            report["written"] += 1
-            _tick()
-    write_json_atomic(task["report_path"], report)
-    os.replace(tmp_path, out_path)
-    return report
+    Runs once, after every shard (its input is the list of this run's reports).
+    """
+    with open(os.path.join(output_dir, REPORT_DIR, PLAN_MISSING_NAME), encoding="utf-8") as f:
+        plan_missing = [tuple(m) for m in json.load(f)]
+    beam.metrics.Metrics.counter(COUNTERS, "images_missing").inc(len(plan_missing))
+    written = {"train": 0, "validation": 0}
+    worker_missing, undecodable = [], []
+    for split, name in shards:
+        with open(_report_path(output_dir, name), encoding="utf-8") as f:
+            report = json.load(f)
+        written[split] += report["written"]
+        worker_missing.extend(tuple(m) for m in report["missing"])
+        undecodable.extend(tuple(u) for u in report["undecodable"])
+    all_missing = sorted(plan_missing + worker_missing)
+    undecodable.sort()
+    atomic_write(os.path.join(output_dir, MISSING_NAME), lambda f: f.write("".join(
+        f"{image_id}\t{path}\n" for image_id, path in all_missing).encode("utf-8")))
+    atomic_write(os.path.join(output_dir, UNDECODABLE_NAME), lambda f: f.write("".join(
+        f"{image_id}\t{path}\t{reason}\n" for image_id, path, reason in undecodable
+    ).encode("utf-8")))
+    summary = ConversionSummary(
+        written=written, missing=all_missing, undecodable=undecodable,
+        num_classes=num_classes,
+        train_pattern=os.path.join(output_dir, "train-*-of-*.tfrecord"),
+        validation_pattern=os.path.join(output_dir, "validation-*-of-*.tfrecord"),
+        label_map_path=label_map_path, shards_skipped=skipped)
+    write_json_atomic(os.path.join(output_dir, contract.CONVERTER_SUMMARY_FILE), summary.to_json())
+    return summary.to_json()
 
 
 # ---------------------------------------------------------------------------- driver
@@ -379,9 +441,9 @@ def _check_plan(plan_path: str, plan: dict) -> None:
 def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
                   image_dir: str | None = None, num_shards: int = 0,
                   num_validation_shards: int = 0, validation_fraction: float = 0.0,
-                  num_workers: int = 1, seed: int = 0, full_decode: bool = True,
-                  show_progress: bool = True) -> ConversionSummary:
-    """Converts GLDv2 as downloaded into sharded DELG-keyed TFRecords (resumable).
+                  seed: int = 0, full_decode: bool = True,
+                  beam_args=None) -> ConversionSummary:
+    """Converts GLDv2 as downloaded into sharded DELG-keyed TFRecords (Beam, resumable).
 
     Args:
       root: the GLDv2 folder (csv and `train/` inside, see module docstring).
@@ -390,26 +452,27 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
       image_dir: image root other than `<root>/train`.
       num_shards / num_validation_shards: shard counts; 0 = about 10,000 images per shard.
       validation_fraction: per-class fraction held out into `validation-*` shards, in [0, 1).
-      num_workers: processes writing shards (spawned; 1 = in this process).
       seed: shuffles images across shards and draws the validation split.
       full_decode: decode every pixel to catch truncated files (else read headers only).
-      show_progress: draw a progress bar (images, rate, ETA).
+      beam_args: Beam pipeline flags (runner and its options, glam_tf.beam_options); None =
+        the DirectRunner with 2 worker processes.
 
     Returns:
-      A `ConversionSummary` (also in summary.json). Missing and undecodable images are
-      skipped, counted and listed in missing_images.txt / undecodable_images.txt.
+      A `ConversionSummary` (also in summary.json, less the counters). Missing and
+      undecodable images are skipped, counted and listed in missing_images.txt /
+      undecodable_images.txt.
 
     Raises:
       FileNotFoundError: no csv or no image folder (the message shows the expected layout).
-      ValueError: bad csv, bad arguments, or an output dir holding a different conversion.
+      ValueError: bad csv, bad arguments, unknown Beam flags, or an output dir holding a
+        different conversion.
     """
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if num_shards < 0 or num_validation_shards < 0:
         raise ValueError("num_shards and num_validation_shards must be >= 0 (0 = automatic), "
                          f"got {num_shards} and {num_validation_shards}")
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    options = beam_options.pipeline_options(beam_args)
     csv_path = find_gldv2_csv(root, csv_path)
     image_dir = image_dir or train_image_dir(root)
     if not os.path.isdir(image_dir):
@@ -423,16 +486,10 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
 
     # Which files are there: relabel over present images only, so a partial download does
     # not create classes without a single example.
-    bar = progress_lib.ProgressBar(len(images), unit="files", description="checking files",
-                                   enabled=show_progress)
     present, missing = [], []
-    for i, im in enumerate(images):
+    for im in images:
         path = gldv2_image_path(image_dir, im.image_id)
         (present if os.path.isfile(path) else missing).append((im, path))
-        if i % 10000 == 0:
-            bar.update(i + 1)
-    bar.update(len(images))
-    bar.close()
     if not present:
         first = gldv2_image_path(image_dir, images[0].image_id) if images else "-"
         raise FileNotFoundError(
@@ -452,8 +509,8 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
     n_train = _plan_shards(len(train_idx), num_shards)
     n_val = _plan_shards(len(val_idx), num_validation_shards)
 
-    os.makedirs(output_dir, exist_ok=True)
-    os.makedirs(os.path.join(output_dir, REPORT_DIR), exist_ok=True)
+    task_dir = os.path.join(output_dir, REPORT_DIR, TASK_DIR)
+    os.makedirs(task_dir, exist_ok=True)
     label_digest = hashlib.sha1(
         json.dumps(sorted(label_map.items())).encode()).hexdigest()
     plan = {
@@ -466,90 +523,57 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
     _check_plan(os.path.join(output_dir, PLAN_NAME), plan)
     label_map_path = os.path.join(output_dir, LABEL_MAP_NAME)
     write_label_map(label_map_path, label_map, counts)
+    write_json_atomic(os.path.join(output_dir, REPORT_DIR, PLAN_MISSING_NAME),
+                      [[im.image_id, path] for im, path in missing])
 
-    tasks, skipped_reports = [], []
+    shards, todo = [], []
     for split, indices, n in (("train", train_idx, n_train), ("validation", val_idx, n_val)):
         for k, chunk in enumerate(np.array_split(indices, n) if n else []):
             name = shard_name(split, k, n)
-            path = os.path.join(output_dir, name)
-            report_path = os.path.join(output_dir, REPORT_DIR, name + ".json")
-            if os.path.exists(path) and os.path.exists(report_path):
-                with open(report_path, encoding="utf-8") as f:
-                    skipped_reports.append((split, json.load(f)))
+            shards.append((split, name))
+            if (os.path.exists(os.path.join(output_dir, name))
+                    and os.path.exists(_report_path(output_dir, name))):
                 continue
             entries = [(present[i][0].image_id, int(labels[i]), present[i][1]) for i in chunk]
-            tasks.append((split, {"path": path, "report_path": report_path,
-                                  "entries": entries, "full_decode": full_decode}))
-    if skipped_reports:
-        logging.info("resuming: %d finished shards kept, %d to write", len(skipped_reports),
-                     len(tasks))
+            write_json_atomic(os.path.join(task_dir, name + ".json"),
+                              {"split": split, "entries": entries})
+            todo.append(name)
+    skipped = len(shards) - len(todo)
+    if skipped:
+        logging.info("resuming: %d finished shards kept, %d to write", skipped, len(todo))
 
-    reports = list(skipped_reports) + _run_tasks(tasks, num_workers, show_progress)
-
-    written = {"train": 0, "validation": 0}
-    worker_missing, undecodable = [], []
-    for split, report in reports:
-        written[split] += report["written"]
-        worker_missing.extend(tuple(m) for m in report["missing"])
-        undecodable.extend(tuple(u) for u in report["undecodable"])
-    all_missing = sorted([(im.image_id, path) for im, path in missing] + worker_missing)
-    undecodable.sort()
-    with open(os.path.join(output_dir, MISSING_NAME), "w", encoding="utf-8") as f:
-        f.writelines(f"{image_id}\t{path}\n" for image_id, path in all_missing)
-    with open(os.path.join(output_dir, UNDECODABLE_NAME), "w", encoding="utf-8") as f:
-        f.writelines(f"{image_id}\t{path}\t{reason}\n" for image_id, path, reason in undecodable)
-    summary = ConversionSummary(
-        written=written, missing=all_missing, undecodable=undecodable,
-        num_classes=len(label_map),
-        train_pattern=os.path.join(output_dir, "train-*-of-*.tfrecord"),
-        validation_pattern=os.path.join(output_dir, "validation-*-of-*.tfrecord"),
-        label_map_path=label_map_path, shards_skipped=len(skipped_reports))
-    write_json_atomic(os.path.join(output_dir, contract.CONVERTER_SUMMARY_FILE), summary.to_json())
+    with beam.Pipeline(options=options) as p:
+        _ = (p
+             | "Shards" >> beam.Create(todo)
+             | "Spread" >> beam.Reshuffle()
+             | "WriteShard" >> beam.ParDo(_WriteShard(output_dir, full_decode))
+             | "AllWritten" >> beam.combiners.ToList()
+             | "Finalize" >> beam.Map(_finalize, output_dir=output_dir, shards=shards,
+                                      num_classes=len(label_map),
+                                      label_map_path=label_map_path, skipped=skipped))
+    result = p.result
+    summary = read_summary(output_dir)
+    summary.counters = beam_options.counters(result, COUNTERS)
     logging.info(
         "GLDv2 conversion done: %d written (train %d, validation %d), %d classes, %d missing, "
-        "%d undecodable (listed in %s and %s); %d shards kept from an earlier run",
-        summary.total_written, written["train"], written["validation"], summary.num_classes,
-        len(all_missing), len(undecodable), MISSING_NAME, UNDECODABLE_NAME,
-        len(skipped_reports))
+        "%d undecodable (listed in %s and %s); %d shards kept from an earlier run; "
+        "counters of this run: %s",
+        summary.total_written, summary.written["train"], summary.written["validation"],
+        summary.num_classes, len(summary.missing), len(summary.undecodable), MISSING_NAME,
+        UNDECODABLE_NAME, skipped, summary.counters)
     return summary
 
 
-def _run_tasks(tasks: list, num_workers: int, show_progress: bool) -> list:
-    """Runs shard tasks in this process or a spawned pool; returns [(split, report)]."""
-    total = sum(len(t["entries"]) for _, t in tasks)
-    bar = progress_lib.ProgressBar(total, unit="images", description="writing shards",
-                                   enabled=show_progress)
-    results = []
-    if not tasks:
-        bar.close()
-        return results
-    if num_workers == 1 or len(tasks) == 1:
-        counter = multiprocessing.Value("q", 0)
-        _init_worker(counter, bar.update)
-        try:
-            for split, task in tasks:
-                results.append((split, _write_shard(task)))
-                bar.update(counter.value)
-        finally:
-            _init_worker(None)
-    else:
-        ctx = multiprocessing.get_context("spawn")  # TF in the parent makes fork unsafe.
-        counter = ctx.Value("q", 0)
-        # ProcessPoolExecutor (not Pool): a worker that dies raises BrokenProcessPool here
-        # instead of hanging.
-        with concurrent.futures.ProcessPoolExecutor(
-                max_workers=min(num_workers, len(tasks)), mp_context=ctx,
-                initializer=_init_worker, initargs=(counter,)) as pool:
-            pending = [(split, pool.submit(_write_shard, task)) for split, task in tasks]
-            futures = [f for _, f in pending]
-            while True:
-                done, _ = concurrent.futures.wait(futures, timeout=0.5)
-                bar.update(counter.value)
-                if len(done) == len(futures):
-                    break
-                if any(f.exception() for f in done):
-                    break  # the result() below raises it
-            results = [(split, f.result()) for split, f in pending]
-    bar.update(total)
-    bar.close()
-    return results
+def read_summary(output_dir: str) -> ConversionSummary:
+    """The `ConversionSummary` of a finished conversion (summary.json and the two lists)."""
+    with open(os.path.join(output_dir, contract.CONVERTER_SUMMARY_FILE), encoding="utf-8") as f:
+        done = json.load(f)
+    with open(os.path.join(output_dir, MISSING_NAME), encoding="utf-8") as f:
+        missing = [tuple(line.rstrip("\n").split("\t", 1)) for line in f if line.strip()]
+    with open(os.path.join(output_dir, UNDECODABLE_NAME), encoding="utf-8") as f:
+        undecodable = [tuple(line.rstrip("\n").split("\t", 2)) for line in f if line.strip()]
+    return ConversionSummary(
+        written=done["written"], missing=missing, undecodable=undecodable,
+        num_classes=done["num_classes"], train_pattern=done["train_pattern"],
+        validation_pattern=done["validation_pattern"],
+        label_map_path=done["label_map_path"], shards_skipped=done["shards_skipped"])

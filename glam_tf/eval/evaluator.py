@@ -18,7 +18,7 @@ from absl import logging
 
 from glam_tf.config.eval import EvalConfig
 from glam_tf.data import testsets
-from glam_tf.eval import extract, metrics, models, report, search
+from glam_tf.eval import extract, extract_beam, metrics, models, report, search
 
 UNDECODABLE_POLICY = ("database images that cannot be decoded stay in the database and rank "
                       "last (after every decodable image, by index), so a positive among "
@@ -56,13 +56,20 @@ class Evaluator:
     Args:
         config: an EvalConfig.
         backend: optional glam_tf.eval.models.DescriptorBackend to use instead of loading
-            config.model / config.train_dir (tests, in-process modules).
+            config.model / config.train_dir (tests, in-process modules); extraction then
+            runs in this process, unless `backend_factory` is given too.
+        backend_factory: picklable callable building the back-end in a Beam worker. A model
+            loaded from config.model / config.train_dir is extracted by the Beam pipeline
+            (glam_tf.eval.extract_beam) with `BackendSpec(...).build` as its factory.
+        beam_args: Beam flags of that pipeline (None: DirectRunner, 2 worker processes).
     """
 
-    def __init__(self, *, config, backend=None):
+    def __init__(self, *, config, backend=None, backend_factory=None, beam_args=None):
         config.validate(check_model=backend is None and config.stage != "evaluate")
         self.config = config
         self._backend = backend
+        self._backend_factory = backend_factory
+        self._beam_args = beam_args
 
     def _splits(self, ts):
         cfg = self.config
@@ -103,13 +110,29 @@ class Evaluator:
             # recorded in every split's manifest: the evaluate stage needs no model
             settings = {"model": backend.info,
                         "scales": list(backend.scales) if backend.scales else None}
-            for split, out_dir, items in splits:
-                st = extract.extract_split(
+            factory = self._backend_factory
+            if factory is None and self._backend is None:
+                factory = extract_beam.BackendSpec(
+                    model=cfg.model, train_dir=cfg.train_dir, scales=cfg.scales,
+                    max_image_size=cfg.max_image_size).build
+            if factory is not None:  # one Beam pipeline over every split's shards
+                statuses, counters = extract_beam.extract_splits(
+                    [(items, out_dir, f"{cfg.label} {split}") for split, out_dir, items in splits],
+                    backend, factory, beam_args=self._beam_args,
+                    max_image_size=cfg.max_image_size, batch_size=cfg.batch_size,
+                    shard_size=cfg.shard_size, num_shards=cfg.num_shards,
+                    shard_index=cfg.shard_index, num_workers=cfg.num_workers,
+                    settings=settings)
+                logging.info("extraction pipeline counters: %s", counters)
+            else:  # an in-memory back-end (training's evaluation): in this process
+                statuses = [extract.extract_split(
                     items, out_dir, backend, max_image_size=cfg.max_image_size,
                     batch_size=cfg.batch_size, shard_size=cfg.shard_size,
                     num_shards=cfg.num_shards, shard_index=cfg.shard_index,
                     num_workers=cfg.num_workers, name=f"{cfg.label} {split}",
                     settings=settings, log_every_s=cfg.log_every_s)
+                    for split, out_dir, items in splits]
+            for (split, out_dir, items), st in zip(splits, statuses):
                 extraction[split] = {
                     "images_done_this_run": st.images_done, "seconds": round(st.seconds, 2),
                     "images_per_s": round(st.images_done / st.seconds, 2) if st.seconds else None,
@@ -242,14 +265,15 @@ class Evaluator:
                 "build_seconds": round(build_s, 3), "search_seconds": round(search_s, 3)}
 
 
-def run_evaluation(config=None, *, backend=None, print_table=True, **fields):
+def run_evaluation(config=None, *, backend=None, beam_args=None, print_table=True, **fields):
     """Evaluates `config` (an EvalConfig, or one made of `fields`); returns the results.
 
     Prints the paper-layout table (when print_table). `backend`: a DescriptorBackend to use
-    instead of loading config.model / config.train_dir.
+    instead of loading config.model / config.train_dir (extracted in this process); else
+    the extraction is a Beam pipeline run with `beam_args` (None: DirectRunner, 2 workers).
     """
     config = config if config is not None else EvalConfig(**fields)
-    results = Evaluator(config=config, backend=backend).evaluate()
+    results = Evaluator(config=config, backend=backend, beam_args=beam_args).evaluate()
     if results["status"] == "complete" and print_table:
         print(report.format_table(results), flush=True)
         print(f"results: {results['outputs']['json']}", flush=True)

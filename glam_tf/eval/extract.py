@@ -250,6 +250,41 @@ def _safe_size(item):
         return e
 
 
+def _extract_shard(items, shard_range, s, out_dir, backend, *, pool, max_image_size, batch_size,
+                   on_images, name):
+    """Describes items[a:b] (shard s) and writes its .npy, then its .json (atomic each)."""
+    a, b = shard_range
+    desc, record = _describe_shard(items[a:b], backend, max_image_size=max_image_size,
+                                   batch_size=batch_size, pool=pool, on_images=on_images)
+    record.update(shard=s, start=a, stop=b)
+    npy, js = _shard_paths(out_dir, s)
+    atomic_write(npy, lambda f: np.save(f, desc))
+    atomic_write(js, lambda f: f.write(json.dumps(record).encode()))
+    for u in record["undecodable"]:
+        logging.warning("%s: undecodable image %s (%s): excluded", name, u["path"], u["error"])
+    return record
+
+
+def _prepare_split(items, out_dir, backend, *, max_image_size, shard_size, num_shards,
+                   shard_index, settings):
+    """Checks/writes the manifest; returns (ranges, mine, done_before, todo)."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
+    ranges = shard_ranges(len(items), shard_size)
+    manifest = {"backend": backend.fingerprint, "max_image_size": int(max_image_size),
+                "min_side": backend.min_side(), "num_items": len(items),
+                "shard_size": int(shard_size), "items_sha1": _ids_digest(items),
+                "settings": settings or {}}
+    _check_manifest(out_dir, manifest)
+    mine = [s for s in range(len(ranges)) if s % num_shards == shard_index]
+    done_before = [s for s in finished_shards(out_dir, len(ranges)) if s in set(mine)]
+    todo = [s for s in mine if s not in set(done_before)]
+    for s in todo:  # leftovers of a killed run (only this host writes these shards)
+        for stale in glob.glob(os.path.join(out_dir, f"shard-{s:05d}.*.tmp-*")):
+            os.remove(stale)
+    return ranges, mine, done_before, todo
+
+
 def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_SIZE,
                   batch_size=8, shard_size=1000, num_shards=1, shard_index=0, num_workers=2,
                   settings=None, name="", log_every_s=30.0):
@@ -271,17 +306,9 @@ def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_S
     Returns:
         An `ExtractionStatus`.
     """
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
-    ranges = shard_ranges(len(items), shard_size)
-    manifest = {"backend": backend.fingerprint, "max_image_size": int(max_image_size),
-                "min_side": backend.min_side(), "num_items": len(items),
-                "shard_size": int(shard_size), "items_sha1": _ids_digest(items),
-                "settings": settings or {}}
-    _check_manifest(out_dir, manifest)
-    mine = [s for s in range(len(ranges)) if s % num_shards == shard_index]
-    done_before = [s for s in finished_shards(out_dir, len(ranges)) if s in set(mine)]
-    todo = [s for s in mine if s not in set(done_before)]
+    ranges, mine, done_before, todo = _prepare_split(
+        items, out_dir, backend, max_image_size=max_image_size, shard_size=shard_size,
+        num_shards=num_shards, shard_index=shard_index, settings=settings)
     total = sum(ranges[s][1] - ranges[s][0] for s in todo)
     if done_before:
         logging.info("%s: %d/%d of this host's shards already done in %s; resuming", name,
@@ -297,22 +324,11 @@ def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_S
         done_images += n
         bar.update(done_images)
 
-    for s in todo:  # leftovers of a killed run (only this host writes these shards)
-        for stale in glob.glob(os.path.join(out_dir, f"shard-{s:05d}.*.tmp-*")):
-            os.remove(stale)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for s in todo:
-            a, b = ranges[s]
-            desc, record = _describe_shard(items[a:b], backend, max_image_size=max_image_size,
-                                           batch_size=batch_size, pool=pool,
-                                           on_images=on_images)
-            record.update(shard=s, start=a, stop=b)
-            npy, js = _shard_paths(out_dir, s)
-            atomic_write(npy, lambda f, d=desc: np.save(f, d))
-            atomic_write(js, lambda f, r=record: f.write(json.dumps(r).encode()))
-            for u in record["undecodable"]:
-                logging.warning("%s: undecodable image %s (%s): excluded", name, u["path"],
-                                u["error"])
+            _extract_shard(items, ranges[s], s, out_dir, backend, pool=pool,
+                           max_image_size=max_image_size, batch_size=batch_size,
+                           on_images=on_images, name=name)
             done_now.append(s)
     if total:
         bar.close()

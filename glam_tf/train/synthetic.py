@@ -19,7 +19,8 @@ from glam_tf.config import SyntheticConfig, contract
 TFRECORD_SUBDIR = "tfrecord"
 
 
-def prepare_synthetic(config: SyntheticConfig, *, num_workers: int = 1) -> str:
+def prepare_synthetic(config: SyntheticConfig, *, num_workers: int = 1,
+                      beam_args=None) -> str:
     """Generates (if absent) and converts (if not done) the synthetic set; returns the glob.
 
     Args:
@@ -27,6 +28,7 @@ def prepare_synthetic(config: SyntheticConfig, *, num_workers: int = 1) -> str:
         num_workers: processes rendering the images (1: in this process; spawned workers
             re-import the main module, TensorFlow included, which costs more than they
             save on small sets).
+        beam_args: Beam flags of the conversion pipeline (None: the DirectRunner default).
 
     Returns:
         The TFRecord glob of the training split (`<root>/tfrecord/train-*-of-*.tfrecord`).
@@ -42,7 +44,7 @@ def prepare_synthetic(config: SyntheticConfig, *, num_workers: int = 1) -> str:
             logging.info("Synthetic TFRecords already in %s", output_dir)
             return done["train_pattern"]
     converted = gldv2.convert_gldv2(config.root, output_dir, num_shards=2,
-                                    seed=config.seed, show_progress=False)
+                                    seed=config.seed, beam_args=beam_args)
     logging.info("Converted %d synthetic training images of %d classes to %s",
                  converted.written["train"], converted.num_classes, output_dir)
     return converted.train_pattern
