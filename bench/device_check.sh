@@ -43,7 +43,7 @@ if [[ $MODE == cpu ]]; then
   EXPORT_ARGS=(--backbone=resnet50 --long_side=96 --precisions=float32,bfloat16 --reps=1
                --warmup=0)
   EXTRACT_ARGS=(--backbone=resnet50 --max_image_size=96 --batch_size=2 --num_images=4
-                --num_real=0 --repeats=1)
+                --num_real=0 --repeats=1 --beam_images=0)
   export CUDA_VISIBLE_DEVICES=""
 else
   BUDGET_S="${DEVICE_CHECK_BUDGET_S:-450}"
@@ -54,7 +54,7 @@ else
   EXPORT_ARGS=(--backbone=resnet101 --long_side=1024 --precisions=float32,bfloat16,float16
                --reps=5 --warmup=1)
   EXTRACT_ARGS=(--backbone=resnet101 --max_image_size=1024 --batch_size=8 --num_images=24
-                --num_real=0 --repeats=2)
+                --num_real=0 --repeats=2 --beam_images=0)
 fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
