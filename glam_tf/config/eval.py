@@ -6,8 +6,9 @@ import dataclasses
 import importlib.util
 
 from glam_tf.config import contract
-from glam_tf.config.settings import (NONEMPTY, SettingError, check, fail, integer, number,
-                                     numbers_list, one_of, setting)
+from glam_tf.config.refine import RefineConfig
+from glam_tf.config.settings import (NONEMPTY, SettingError, check, fail, integer, names_of,
+                                     nested, number, numbers_list, one_of, setting)
 from glam_tf.data.testsets import ORIGINAL, REVISITED
 
 DATASETS = REVISITED + ORIGINAL
@@ -60,6 +61,9 @@ class EvalConfig:
                                     rule=integer(0))
     log_every_s: float = setting(30.0, "Progress logging interval (seconds).",
                                  rule=number(0.0, low_open=True))
+    refine: RefineConfig = nested(RefineConfig, "Search-time refinements (alpha-QE, "
+                                  "alpha-DBA, re-ranking), each off by default; the results "
+                                  "give the metrics with and without them.")
 
     def validate(self, names=None, *, check_model: bool = True) -> None:
         """Raises SettingError naming the setting's flag, the rule and the value; cheap.
@@ -70,6 +74,7 @@ class EvalConfig:
         names = names or {}
         name = lambda field: names.get(field, field)  # noqa: E731
         check(self, names)
+        self.refine.validate({f: names.get(f, f) for f in names_of(RefineConfig)})
         if self.scales is not None and not _SCALES_RULE(self.scales):
             fail(name("scales"), _SCALES_RULE.text + " (or empty: the model's own)",
                  self.scales)
