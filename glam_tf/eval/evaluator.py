@@ -93,7 +93,7 @@ class Evaluator:
         if cfg.stage in ("all", "extract"):
             backend = self._backend or models.build_backend(
                 model=cfg.model, train_dir=cfg.train_dir, scales=cfg.scales,
-                max_image_size=cfg.max_image_size)
+                max_image_size=cfg.max_image_size, inference=cfg.inference)
             logging.info("model: %s", backend.info)
             export_size = backend.info.get("export", {}).get("max_image_size")
             if export_size and export_size != cfg.max_image_size:
@@ -302,7 +302,7 @@ def evaluate_model(model, config, *, tag: str) -> dict:
     backend = models.from_keras_model(model, scales=config.scales,
                                       max_image_size=config.max_image_size,
                                       info={"kind": "in-memory model", "model": tag},
-                                      fingerprint=f"model:{tag}")
+                                      fingerprint=f"model:{tag}", inference=config.inference)
     print(f"Evaluation of {tag} on {config.label}:", flush=True)
     return run_evaluation(config, backend=backend)
 

@@ -92,6 +92,8 @@ def database_augmentation(database, *, k=2, alpha=3.0, valid=None, out=None,
         valid: (N,) bool or None.
         out: (N, D) float32 array to write to (default: a new one); not `database`.
         block_rows: database rows searched at a time.
+        memory_budget_bytes: the search's temporaries (default 256 MiB: the self-search
+            has many queries, and a small budget makes thin, slow matrix products).
 
     Returns:
         `out`.
@@ -103,12 +105,13 @@ def database_augmentation(database, *, k=2, alpha=3.0, valid=None, out=None,
         raise ValueError("database_augmentation: `out` must not be `database` (the "
                          "neighbours are read from it while rows are written)")
     kk = min(int(k) + 1, n)
+    budget = memory_budget_bytes or (256 << 20)
     valid_arr = None if valid is None else np.asarray(valid, dtype=bool)
     for a in range(0, n, block_rows):
         b = min(n, a + block_rows)
         block = np.asarray(database[a:b], dtype=np.float32)
         res = search.exact_search(block, database, k=kk, valid=valid_arr,
-                                  memory_budget_bytes=memory_budget_bytes,
+                                  memory_budget_bytes=budget,
                                   log_every_s=log_every_s)
         idx, sc = res.topk_indices, res.topk_scores.copy()
         # itself excluded (usually first; a duplicate may precede it): drop it, else the last

@@ -95,3 +95,76 @@ class GeM(keras.layers.Layer):
         config = super().get_config()
         config.update({"p": self.p_init, "eps": self.eps, "trainable_p": self.trainable_p})
         return config
+
+
+def regional_gem(x, p=2.5, size=5, eps=1e-6):
+    """Regional GeM (SuperGlobal, Shao et al., ICCV 2023, eq. 3): each position of the
+    feature map becomes the mean of itself and the L^p pool of its size x size
+    neighbourhood.
+
+    y = x / 2 + (mean_{window} max(x, eps)^p)^(1/p) / 2, windows centred on each position
+    over the reflection-padded map (the authors' `0.5 * LPPool2d(pad(x / (size^2)^(1/p))) +
+    0.5 * x`): normalised by the window size, so a constant map (> eps) is unchanged.
+
+    Args:
+        x: feature map `(B, H, W, C)`, H and W >= size // 2 + 1 (reflection padding).
+        p: exponent of the pool (> 0).
+        size: odd window side.
+        eps: lower clamp before the power (the features may be negative).
+
+    Returns:
+        `(B, H, W, C)`.
+    """
+    half = size // 2
+    padded = ops.pad(ops.maximum(x, eps), [[0, 0], [half, half], [half, half], [0, 0]],
+                     mode="reflect")
+    mean_p = ops.average_pool(ops.power(padded, p), pool_size=size, strides=1,
+                              padding="valid")
+    return 0.5 * x + 0.5 * ops.power(mean_p, 1.0 / p)
+
+
+@keras.saving.register_keras_serializable(package="glam_tf")
+class RegionalGeM(keras.layers.Layer):
+    """Regional GeM on a feature map, a training-free inference option before GeM.
+
+    Args:
+        p: exponent of the regional L^p pool (the authors' 2.5).
+        size: odd window side (the authors' 5).
+        eps: clamp of the features before the power.
+
+    Call arguments:
+        inputs: `(B, H, W, C)` feature map, H, W >= size // 2 + 1.
+
+    Returns:
+        `(B, H, W, C)`, computed in float32.
+    """
+
+    def __init__(self, p=2.5, size=5, eps=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if not float(p) > 0:
+            raise ValueError(f"RegionalGeM: `p` must be > 0; received p={p!r}.")
+        if not (isinstance(size, int) and size >= 1 and size % 2 == 1):
+            raise ValueError(f"RegionalGeM: `size` must be an odd positive integer (a "
+                             f"centred window); received size={size!r}.")
+        if not float(eps) > 0:
+            raise ValueError(f"RegionalGeM: `eps` must be > 0; received eps={eps!r}.")
+        self.p = float(p)
+        self.size = size
+        self.eps = float(eps)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                f"RegionalGeM expects a (B, H, W, C) input; received shape {input_shape}.")
+
+    def call(self, inputs):
+        out = regional_gem(ops.cast(inputs, "float32"), self.p, self.size, self.eps)
+        return ops.cast(out, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"p": self.p, "size": self.size, "eps": self.eps})
+        return config
