@@ -18,7 +18,8 @@ from keras_helpers import run_layer_test, tiny_descriptor_model
 
 
 def ref_regional_gem(x, p=2.5, size=5, eps=1e-6):
-    """Loop over positions: mean of x and the power mean of its reflected size x size window."""
+    """Loop over positions: mean of x and the power mean of its reflected size x size window
+    (numpy's "reflect", which reflects again when the map is smaller than the window)."""
     x = np.asarray(x, np.float64)
     h = size // 2
     padded = np.pad(np.maximum(x, eps), ((0, 0), (h, h), (h, h), (0, 0)), mode="reflect")
@@ -48,7 +49,8 @@ def test_regional_gem_layer_basics():
 
 
 @pytest.mark.parametrize("shape,p,size", [((2, 6, 7, 3), 2.5, 5), ((1, 4, 9, 2), 3.0, 3),
-                                          ((1, 3, 3, 5), 2.5, 5)])
+                                          ((1, 3, 3, 5), 2.5, 5), ((1, 2, 1, 3), 2.5, 5),
+                                          ((1, 1, 4, 2), 2.5, 7)])
 def test_regional_gem_matches_numpy(shape, p, size):
     x = np.random.default_rng(1).uniform(-0.2, 3.0, shape).astype(np.float32)
     got = RegionalGeM(p=p, size=size)(x)
@@ -63,6 +65,14 @@ def test_regional_gem_keeps_a_constant_map_and_rejects_bad_arguments():
         RegionalGeM(size=4)
     with pytest.raises(ValueError, match="`p` must be > 0"):
         RegionalGeM(p=0)
+
+
+def test_regional_gem_unknown_spatial_size_in_a_graph():
+    fn = tf.function(lambda t: RegionalGeM()(t),
+                     input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    for shape in ((1, 1, 1, 3), (2, 2, 5, 3), (1, 7, 3, 3)):
+        x = np.random.default_rng(5).uniform(0, 2, shape).astype(np.float32)
+        np.testing.assert_allclose(fn(x).numpy(), ref_regional_gem(x), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ inference_model

@@ -97,6 +97,18 @@ class GeM(keras.layers.Layer):
         return config
 
 
+def _reflect_indices(n, half):
+    """Indices of a reflection padding by `half` of an axis of length n (any n >= 1).
+
+    As numpy's pad mode "reflect" (edge not repeated), reflecting again where `half` >= n
+    (so maps smaller than the window work: a 1-wide axis repeats its one entry).
+    """
+    i = ops.arange(-half, n + half)
+    period = ops.maximum(2 * (n - 1), 1)
+    r = ops.mod(i, period)
+    return ops.where(n > 1, ops.where(r >= n, period - r, r), ops.zeros_like(i))
+
+
 def regional_gem(x, p=2.5, size=5, eps=1e-6):
     """Regional GeM (SuperGlobal, Shao et al., ICCV 2023, eq. 3): each position of the
     feature map becomes the mean of itself and the L^p pool of its size x size
@@ -104,10 +116,12 @@ def regional_gem(x, p=2.5, size=5, eps=1e-6):
 
     y = x / 2 + (mean_{window} max(x, eps)^p)^(1/p) / 2, windows centred on each position
     over the reflection-padded map (the authors' `0.5 * LPPool2d(pad(x / (size^2)^(1/p))) +
-    0.5 * x`): normalised by the window size, so a constant map (> eps) is unchanged.
+    0.5 * x`): normalised by the window size, so a constant map (> eps) is unchanged. Maps
+    smaller than the window are reflected again (numpy's "reflect"), where the authors'
+    ReflectionPad2d would fail.
 
     Args:
-        x: feature map `(B, H, W, C)`, H and W >= size // 2 + 1 (reflection padding).
+        x: feature map `(B, H, W, C)`.
         p: exponent of the pool (> 0).
         size: odd window side.
         eps: lower clamp before the power (the features may be negative).
@@ -116,10 +130,11 @@ def regional_gem(x, p=2.5, size=5, eps=1e-6):
         `(B, H, W, C)`.
     """
     half = size // 2
-    padded = ops.pad(ops.maximum(x, eps), [[0, 0], [half, half], [half, half], [0, 0]],
-                     mode="reflect")
-    mean_p = ops.average_pool(ops.power(padded, p), pool_size=size, strides=1,
-                              padding="valid")
+    shape = ops.shape(x)
+    powered = ops.power(ops.maximum(x, eps), p)
+    padded = ops.take(powered, _reflect_indices(shape[1], half), axis=1)
+    padded = ops.take(padded, _reflect_indices(shape[2], half), axis=2)
+    mean_p = ops.average_pool(padded, pool_size=size, strides=1, padding="valid")
     return 0.5 * x + 0.5 * ops.power(mean_p, 1.0 / p)
 
 
@@ -133,7 +148,7 @@ class RegionalGeM(keras.layers.Layer):
         eps: clamp of the features before the power.
 
     Call arguments:
-        inputs: `(B, H, W, C)` feature map, H, W >= size // 2 + 1.
+        inputs: `(B, H, W, C)` feature map.
 
     Returns:
         `(B, H, W, C)`, computed in float32.
