@@ -24,7 +24,11 @@ What a retrieval service calls, and what the evaluator runs (RefineConfig says w
   exact.
 """
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
+import re
 import time
 
 import numpy as np
@@ -32,6 +36,51 @@ import numpy as np
 from glam_tf.eval import search
 
 _EPS = 1e-12
+
+
+@functools.cache
+def _openblas_threads():
+    """(get, set) of the loaded OpenBLAS's thread count (numpy's bundled one), or None."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", f.read())))
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_", ""):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype = ctypes.c_int
+                    put.argtypes = [ctypes.c_int]
+                    return get, put
+    return None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """OpenBLAS at one thread inside the block (restored after; a no-op without OpenBLAS).
+
+    The re-ranking's products are small (M x D): OpenBLAS's threads cost more than they
+    give, and on a busy machine their spinning made re-ranking 6x slower (bench/rerank.py);
+    the queries are spread over Python threads instead. Process-wide while it lasts.
+    """
+    threads = _openblas_threads()
+    if threads is None:
+        yield
+        return
+    get, put = threads
+    before = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(before)
 
 
 def l2_normalize(x, axis=-1):
@@ -216,7 +265,7 @@ class RerankedResult:
 
 
 def rerank_search_result(queries, database, result, *, m=400, k=9, beta=0.15,
-                         query_block=4):
+                         query_block=2):
     """Re-ranks the top m of every query of an exact `result` (SuperGlobal).
 
     Only the finite-scored prefix of a query's top m is re-ordered (invalid database
@@ -243,14 +292,19 @@ def rerank_search_result(queries, database, result, *, m=400, k=9, beta=0.15,
     full = np.flatnonzero(counts == m)
     groups = [(full, m)] + [(np.array([q]), int(counts[q])) for q in np.flatnonzero(counts < m)
                             if counts[q] >= 2]
-    for rows, mq in groups:
-        for s in range(0, rows.size, query_block):
-            qs = rows[s:s + query_block]
-            top = result.topk_indices[qs, :mq]
-            x = np.asarray(database)[top]
-            o, sc = superglobal_rerank(queries[qs], x, k=k, beta=beta)
-            order[qs, :mq] = o
-            new_scores[qs, :mq] = sc
+
+    def run(qs, mq):
+        top = result.topk_indices[qs, :mq]
+        o, sc = superglobal_rerank(queries[qs], np.asarray(database)[top], k=k, beta=beta)
+        order[qs, :mq] = o
+        new_scores[qs, :mq] = sc
+
+    jobs = [(rows[s:s + query_block], mq) for rows, mq in groups
+            for s in range(0, rows.size, query_block)]
+    with single_threaded_blas():   # one BLAS thread per query block, blocks in threads
+        pool = search._row_pool()  # pylint: disable=protected-access
+        for future in [pool.submit(run, qs, mq) for qs, mq in jobs]:
+            future.result()
     counts = np.where(counts >= 2, counts, 0)
     topk_indices = np.take_along_axis(result.topk_indices, order, axis=1)
     return (RerankedResult(base=result, order=order, counts=counts, topk_indices=topk_indices,
