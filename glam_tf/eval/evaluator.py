@@ -3,7 +3,9 @@
 `Evaluator(config=EvalConfig(...)).evaluate()` loads the test set, extracts query and
 database descriptors (batched, sharded, resumable; glam_tf.eval.extract), searches
 exactly (glam_tf.eval.search), scores per EVAL_PROTOCOL.md (glam_tf.eval.metrics) and
-writes a JSON record and top-10 pictures (glam_tf.eval.report). `run_evaluation` runs an
+writes a JSON record and top-10 pictures (glam_tf.eval.report). With search-time
+refinements (config.refine: alpha-DBA, alpha-QE, re-ranking; glam_tf.eval.refine) the
+metrics are those of the refined ranking, next to the plain ones (`refinement`). `run_evaluation` runs an
 EvalConfig, `evaluate_model` an in-memory model (what training calls); eval_main.py is the
 command line. EvalConfig lives in glam_tf.config.
 """
