@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from glam_tf.config import EvalConfig, ExportConfig, ModelConfig, SettingError
+from glam_tf.config import EvalConfig, ExportConfig, ModelConfig, SettingError, TrainConfig
 from glam_tf.eval import models
 from glam_tf.export import serving
 from glam_tf.model import RegionalGeM, inference_model
@@ -163,3 +163,21 @@ def test_options_recorded_in_export_json_and_eval_flags(tiny, tmp_path):
     image = np.random.default_rng(4).integers(0, 256, (1, 48, 64, 3), dtype=np.uint8)
     want = np.asarray(inference_model(tiny, gem_p=4.6)(image.astype(np.float32)))
     np.testing.assert_allclose(backend(image), want, atol=1e-5)
+
+
+def test_bfloat16_export_keeps_regional_gem_in_float32(tiny):
+    image = np.random.default_rng(6).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    f32 = serving.build_serving_module(tiny, scales=(1.0,), max_image_size=64,
+                                       regional_gem=True, inference_gem_p=4.6)
+    bf16 = serving.build_serving_module(tiny, scales=(1.0,), max_image_size=64,
+                                        regional_gem=True, inference_gem_p=4.6,
+                                        precision="bfloat16")
+    a = f32.global_descriptor(tf.constant(image))["global_descriptor"].numpy()
+    b = bf16.global_descriptor(tf.constant(image))["global_descriptor"].numpy()
+    assert float(np.dot(a, b)) > 0.99
+
+
+def test_training_evaluates_with_the_exports_inference_options():
+    cfg = TrainConfig(train_dir="t", export_settings=ExportConfig(regional_gem=True))
+    assert cfg.evaluation_at(5).inference.regional_gem
+    assert not TrainConfig(train_dir="t").evaluation_at(5).inference.regional_gem
