@@ -9,12 +9,13 @@ from glam_tf.config.data import DataConfig, SyntheticConfig
 from glam_tf.config.eval import DATASETS, STAGES, EvalConfig
 from glam_tf.config.export import EXPORT_PRECISIONS, ExportConfig
 from glam_tf.config.model import BACKBONES, VARIANTS, ModelConfig
+from glam_tf.config.refine import RefineConfig
 from glam_tf.config.settings import SettingError
 from glam_tf.config.train import DATA_SOURCES, OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig
 
 __all__ = [
     "BACKBONES", "DATASETS", "DATA_SOURCES", "DEFAULT_MAX_IMAGE_SIZE", "DEFAULT_SCALES",
     "DataConfig", "EXPORT_INFO_FILE", "EXPORT_PRECISIONS", "EvalConfig", "ExportConfig",
-    "MIN_IMAGE_SIZE", "ModelConfig", "OPTIMIZERS", "PRECISIONS", "STAGES", "STRATEGIES",
-    "SettingError", "SyntheticConfig", "TrainConfig", "VARIANTS",
+    "MIN_IMAGE_SIZE", "ModelConfig", "OPTIMIZERS", "PRECISIONS", "RefineConfig", "STAGES",
+    "STRATEGIES", "SettingError", "SyntheticConfig", "TrainConfig", "VARIANTS",
 ]

@@ -6,8 +6,10 @@ import dataclasses
 import importlib.util
 
 from glam_tf.config import contract
-from glam_tf.config.settings import (NONEMPTY, SettingError, check, fail, integer, number,
-                                     numbers_list, one_of, setting)
+from glam_tf.config.export import INFERENCE_OPTIONS, ExportConfig
+from glam_tf.config.refine import RefineConfig
+from glam_tf.config.settings import (NONEMPTY, SettingError, check, fail, integer, names_of,
+                                     nested, number, numbers_list, one_of, setting)
 from glam_tf.data.testsets import ORIGINAL, REVISITED
 
 DATASETS = REVISITED + ORIGINAL
@@ -60,6 +62,13 @@ class EvalConfig:
                                     rule=integer(0))
     log_every_s: float = setting(30.0, "Progress logging interval (seconds).",
                                  rule=number(0.0, low_open=True))
+    inference: ExportConfig = nested(ExportConfig, "Training-free inference options of the "
+                                     "model (GeM p, regional GeM, scale aggregation) for a "
+                                     "--train_dir; a SavedModel has its own, fixed at "
+                                     "export (glam_export.json).", only=INFERENCE_OPTIONS)
+    refine: RefineConfig = nested(RefineConfig, "Search-time refinements (alpha-QE, "
+                                  "alpha-DBA, re-ranking), each off by default; the results "
+                                  "give the metrics with and without them.")
 
     def validate(self, names=None, *, check_model: bool = True) -> None:
         """Raises SettingError naming the setting's flag, the rule and the value; cheap.
@@ -70,6 +79,17 @@ class EvalConfig:
         names = names or {}
         name = lambda field: names.get(field, field)  # noqa: E731
         check(self, names)
+        self.refine.validate({f: names.get(f, f) for f in names_of(RefineConfig)})
+        inference_names = {f: names.get(f, f) for f in INFERENCE_OPTIONS}
+        self.inference.validate(inference_names)
+        changed = [f for f in INFERENCE_OPTIONS
+                   if getattr(self.inference, f) != getattr(ExportConfig(), f)]
+        if changed and self.model:
+            fail(inference_names[changed[0]], "applies to a --train_dir (a SavedModel's "
+                 "inference options are fixed at export: see its glam_export.json)",
+                 getattr(self.inference, changed[0]),
+                 "Re-export with export_main.py --" + changed[0] + ", or evaluate the "
+                 "training directory.")
         if self.scales is not None and not _SCALES_RULE(self.scales):
             fail(name("scales"), _SCALES_RULE.text + " (or empty: the model's own)",
                  self.scales)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import dataclasses
 
 from glam_tf.config import contract
-from glam_tf.config.settings import (check, fail, integer, numbers_list, one_of, setting,
-                                     to_json)
+from glam_tf.config.settings import (check, fail, integer, number, numbers_list, one_of,
+                                     setting, to_json)
 
 # Compute precisions of the exported signatures (glam_tf.export.precision says what runs in
 # which precision and why).
 EXPORT_PRECISIONS = ("float32", "bfloat16", "float16")
+# How the fixed-scale signatures combine their per-scale unit descriptors.
+SCALE_AGGREGATIONS = ("mean", "max")
+# The inference-time options (training-free, SuperGlobal): what an evaluation of a training
+# directory may set too (EvalConfig nests these fields).
+INFERENCE_OPTIONS = ("inference_gem_p", "regional_gem", "scale_aggregation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,17 @@ class ExportConfig:
                              "the same.", rule=one_of(EXPORT_PRECISIONS),
                              fix="Use bfloat16 on a CPU with AVX512-BF16 or AMX, a TPU or a "
                              "recent GPU, float16 on a GPU, float32 elsewhere.")
+    inference_gem_p: float = setting(0.0, "GeM exponent at inference instead of the trained "
+                                     "one (SuperGlobal: ~4.6 beats a trained 3 for ArcFace "
+                                     "models); 0 = the trained p.", rule=number(0.0),
+                                     fix="Use 0 (the trained p) or a value >= 1.")
+    regional_gem: bool = setting(False, "Regional GeM before GeM: each position of the "
+                                 "attended feature map averaged with the L^2.5 pool of its "
+                                 "5x5 neighbourhood (reflection padding).")
+    scale_aggregation: str = setting("mean", "How the fixed-scale signatures combine the "
+                                     "per-scale unit descriptors before the final L2: mean "
+                                     "(the paper) or max (element-wise maximum, SuperGlobal).",
+                                     rule=one_of(SCALE_AGGREGATIONS))
     min_image_size: int = setting(contract.MIN_IMAGE_SIZE, "Smallest scaled side accepted "
                                   "(the backbone needs 32 px).", rule=integer(1), flag="")
 
@@ -63,6 +79,9 @@ class ExportConfig:
         names = names or {}
         name = lambda field: names.get(field, field)  # noqa: E731
         check(self, names)
+        if 0 < self.inference_gem_p < 1:
+            fail(name("inference_gem_p"), "must be 0 (the trained p) or >= 1 (1 = average "
+                 "pooling)", self.inference_gem_p)
         smallest = round(self.max_image_size * min(self.scales))
         if smallest < self.min_image_size:
             fail(name("max_image_size"), f"at the smallest scale {min(self.scales)} gives a "

@@ -212,9 +212,11 @@ class TrainConfig:
                  f"{max(num_replicas, b // num_replicas * num_replicas)}.")
 
     def evaluation_at(self, step: int) -> EvalConfig:
-        """The EvalConfig of the evaluation at `step`: outputs in <train_dir>/eval/step_N."""
+        """The EvalConfig of the evaluation at `step`: outputs in <train_dir>/eval/step_N;
+        the model evaluated with the export's inference options (what the export serves)."""
         return dataclasses.replace(self.evaluation,
-                                   output_dir=contract.eval_dir(self.train_dir, step))
+                                   output_dir=contract.eval_dir(self.train_dir, step),
+                                   inference=self.export_settings)
 
     def to_dict(self) -> dict:
         """JSON-able dict of the whole run (written next to the checkpoints)."""

@@ -3,7 +3,9 @@
 `Evaluator(config=EvalConfig(...)).evaluate()` loads the test set, extracts query and
 database descriptors (batched, sharded, resumable; glam_tf.eval.extract), searches
 exactly (glam_tf.eval.search), scores per EVAL_PROTOCOL.md (glam_tf.eval.metrics) and
-writes a JSON record and top-10 pictures (glam_tf.eval.report). `run_evaluation` runs an
+writes a JSON record and top-10 pictures (glam_tf.eval.report). With search-time
+refinements (config.refine: alpha-DBA, alpha-QE, re-ranking; glam_tf.eval.refine) the
+metrics are those of the refined ranking, next to the plain ones (`refinement`). `run_evaluation` runs an
 EvalConfig, `evaluate_model` an in-memory model (what training calls); eval_main.py is the
 command line. EvalConfig lives in glam_tf.config.
 """
@@ -18,7 +20,7 @@ from absl import logging
 
 from glam_tf.config.eval import EvalConfig
 from glam_tf.data import testsets
-from glam_tf.eval import extract, extract_beam, metrics, models, report, search
+from glam_tf.eval import extract, extract_beam, metrics, models, refine, report, search
 
 UNDECODABLE_POLICY = ("database images that cannot be decoded stay in the database and rank "
                       "last (after every decodable image, by index), so a positive among "
@@ -100,7 +102,7 @@ class Evaluator:
         if cfg.stage in ("all", "extract"):
             backend = self._backend or models.build_backend(
                 model=cfg.model, train_dir=cfg.train_dir, scales=cfg.scales,
-                max_image_size=cfg.max_image_size)
+                max_image_size=cfg.max_image_size, inference=cfg.inference)
             logging.info("model: %s", backend.info)
             export_size = backend.info.get("export", {}).get("max_image_size")
             if export_size and export_size != cfg.max_image_size:
@@ -182,16 +184,28 @@ class Evaluator:
                             ts.qimlist[q])
 
         tracked = [np.concatenate([g["easy"], g["hard"], g["junk"]]) for g in ts.gnd]
-        k = max(cfg.topk, 10, cfg.approx_k if cfg.approx_index else 0)
+        rcfg = cfg.refine
+        k = max(cfg.topk, 10, cfg.approx_k if cfg.approx_index else 0,
+                rcfg.rerank_m if rcfg.rerank else 0,
+                rcfg.qe_neighbors if rcfg.query_expansion else 0)
+        budget = (cfg.memory_budget_mb << 20) or None
         t0 = time.time()
         res = search.exact_search(
             merged_q.descriptors, db, k=k, tracked=tracked, valid=db_valid,
-            memory_budget_bytes=(cfg.memory_budget_mb << 20) or None,
-            log_every_s=cfg.log_every_s)
+            memory_budget_bytes=budget, log_every_s=cfg.log_every_s)
         search_s = time.time() - t0
         setups = metrics.SETUPS if ts.protocol == "revisited" else (metrics.ORIGINAL_SETUP,)
         scores = metrics.evaluate_setups(ts.gnd, res.rank_of, setups=setups,
                                          excluded_queries=bad_queries)
+        base_scores, refinement, exact = None, None, res
+        if rcfg.enabled:
+            res, seconds = refine.refine_and_search(
+                merged_q.descriptors, db, rcfg, tracked=tracked, valid=db_valid, k=k,
+                memory_budget_bytes=budget, log_every_s=cfg.log_every_s, base=res)
+            base_scores, scores = scores, metrics.evaluate_setups(
+                ts.gnd, res.rank_of, setups=setups, excluded_queries=bad_queries)
+            refinement = refinement_record(rcfg, seconds, len(ts.qimlist), ts.num_database,
+                                           base_scores)
 
         results = {
             "status": "complete",
@@ -216,23 +230,26 @@ class Evaluator:
                 "undecodable_database": int(np.count_nonzero(~db_valid)),
                 "enlarged_to_model_minimum": len(enlarged),
             },
-            "metrics": {s: {key: (_round(v) if key != "num_evaluated" else v)
-                            for key, v in r.items() if key != "ap"}
-                        for s, r in scores.items()},
+            "metrics": _metrics_record(scores),
             "undecodable": undecodable,
             "extraction": extraction,
-            "search": {"seconds": round(search_s, 3), "k": k, "chunk_size": res.chunk_size,
-                       "query_block": res.query_block},
+            "search": {"seconds": round(search_s, 3), "k": k,
+                       "chunk_size": exact.chunk_size, "query_block": exact.query_block},
         }
+        if refinement is not None:
+            results["refinement"] = refinement
         results["per_query"] = [
             {"query": name, "valid": q not in bad_queries,
              "ap": {s: (None if scores[s]["ap"][q] is None else round(scores[s]["ap"][q], 6))
                     for s in setups},
+             **({} if base_scores is None else {"ap_without_refinement": {
+                 s: (None if base_scores[s]["ap"][q] is None
+                     else round(base_scores[s]["ap"][q], 6)) for s in setups}}),
              "top": [[ts.database_id(int(i)), round(float(sc), 6)] for i, sc in
                      zip(res.topk_indices[q, :cfg.topk], res.topk_scores[q, :cfg.topk])]}
             for q, name in enumerate(ts.qimlist)]
         if cfg.approx_index:
-            results["approx_index"] = self._approximate(merged_q.descriptors, db, db_valid, res)
+            results["approx_index"] = self._approximate(merged_q.descriptors, db, db_valid, exact)
         label = cfg.label
         outputs = {"json": results_path(cfg)}
         if vis:
@@ -265,6 +282,26 @@ class Evaluator:
                 "build_seconds": round(build_s, 3), "search_seconds": round(search_s, 3)}
 
 
+def _metrics_record(scores):
+    return {s: {key: (_round(v) if key != "num_evaluated" else v)
+                for key, v in r.items() if key != "ap"} for s, r in scores.items()}
+
+
+def refinement_record(config, seconds, num_queries, num_database, base_scores):
+    """The results JSON's `refinement`: what ran, with its parameters, its time, and the
+    metrics without it (the results' `metrics` are with it)."""
+    per_query = {name: round(1000.0 * s / max(1, num_queries), 3)
+                 for name, s in seconds.items() if name != "database_augmentation"}
+    record = {"ran": list(config.enabled), "parameters": config.info(),
+              "seconds": {name: round(s, 4) for name, s in seconds.items()},
+              "ms_per_query": per_query,
+              "metrics_without": _metrics_record(base_scores)}
+    if "database_augmentation" in seconds:
+        record["dba_ms_per_database_image"] = round(
+            1000.0 * seconds["database_augmentation"] / max(1, num_database), 4)
+    return record
+
+
 def run_evaluation(config=None, *, backend=None, beam_args=None, print_table=True, **fields):
     """Evaluates `config` (an EvalConfig, or one made of `fields`); returns the results.
 
@@ -292,7 +329,7 @@ def evaluate_model(model, config, *, tag: str) -> dict:
     backend = models.from_keras_model(model, scales=config.scales,
                                       max_image_size=config.max_image_size,
                                       info={"kind": "in-memory model", "model": tag},
-                                      fingerprint=f"model:{tag}")
+                                      fingerprint=f"model:{tag}", inference=config.inference)
     print(f"Evaluation of {tag} on {config.label}:", flush=True)
     return run_evaluation(config, backend=backend)
 

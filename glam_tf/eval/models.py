@@ -91,9 +91,12 @@ def _normalize_rows(x, axis=-1):
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
-def delg_client_descriptor(per_scale):
-    """DELG client rule: (S, D) per-scale rows -> (D,): L2 each row, sum, L2."""
-    return _normalize_rows(np.sum(_normalize_rows(np.asarray(per_scale, np.float64)), axis=0))
+def delg_client_descriptor(per_scale, aggregation="mean"):
+    """DELG client rule: (S, D) per-scale rows -> (D,): L2 each row, sum, L2 (aggregation
+    "max": the element-wise maximum instead of the sum, as an export with
+    scale_aggregation=max does)."""
+    rows = _normalize_rows(np.asarray(per_scale, np.float64))
+    return _normalize_rows(rows.max(axis=0) if aggregation == "max" else np.sum(rows, axis=0))
 
 
 def same_scales(a, b, tol=1e-6):
@@ -161,6 +164,7 @@ def load_saved_model(path, *, scales=None):
                      "per call", version_dir,
                      list(export_scales) if export_scales else "(unknown)", list(scales))
     sig = loaded.signatures["serving_default"]
+    aggregation = export_info.get("scale_aggregation", "mean")
     scales_t = tf.constant(scales, tf.float32)
     ind_t = tf.range(len(scales), dtype=tf.int32)
 
@@ -169,11 +173,12 @@ def load_saved_model(path, *, scales=None):
         for image in images:  # the DELG signature takes one image
             out = sig(input_image=tf.constant(image, tf.uint8), input_scales=scales_t,
                       input_global_scales_ind=ind_t)["global_descriptors"].numpy()
-            rows.append(delg_client_descriptor(out))
+            rows.append(delg_client_descriptor(out, aggregation))
         return np.stack(rows).astype(np.float32)
 
     info.update(signature="serving_default", scales=list(scales), scales_source="client",
-                client_rule="L2 per scale, sum, L2")
+                client_rule="L2 per scale, max, L2" if aggregation == "max"
+                else "L2 per scale, sum, L2")
     return DescriptorBackend(fn=fn_delg, scales=scales, info=info, min_image_size=min_size,
                              fingerprint=f"savedmodel:{info['path']}:{stamp}:delg:{scales}")
 
@@ -195,26 +200,46 @@ def from_serving_module(module, *, info=None, fingerprint="module"):
                                                         MIN_IMAGE_SIZE)))
 
 
+def _inference_settings(inference) -> dict:
+    """{field: value} of the inference options (glam_tf.config.export.INFERENCE_OPTIONS)
+    set in `inference` (an ExportConfig or None) away from their defaults."""
+    from glam_tf.config.export import INFERENCE_OPTIONS, ExportConfig  # noqa: PLC0415
+
+    if inference is None:
+        return {}
+    default = ExportConfig()
+    return {f: getattr(inference, f) for f in INFERENCE_OPTIONS
+            if getattr(inference, f) != getattr(default, f)}
+
+
 def from_keras_model(model, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_SIZE, info=None,
-                     fingerprint="model"):
+                     fingerprint="model", inference=None):
     """A back-end over an in-memory Keras descriptor model, through its serving module
     (glam_tf.export.build_serving_module: the functions the SavedModel exports) at `scales`
     (None: DEFAULT_SCALES). The client resizes full images to `max_image_size`; the module
     is built for that size, so its limits (max_scaled_pixels) are checked against what the
-    client will send before any image is read."""
+    client will send before any image is read. `inference`: an ExportConfig whose inference
+    options (GeM p, regional GeM, scale aggregation) the module applies (None: none)."""
     from glam_tf import export  # pylint: disable=import-outside-toplevel
 
     scales = check_scales(DEFAULT_SCALES if scales is None else scales)
-    module = export.build_serving_module(model, scales=scales, max_image_size=max_image_size)
+    options = _inference_settings(inference)
+    module = export.build_serving_module(model, scales=scales, max_image_size=max_image_size,
+                                         **options)
+    if options:
+        info = dict(info or {"kind": "module"}, inference=options)
+        fingerprint += ":" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
     return from_serving_module(module, info=info, fingerprint=fingerprint)
 
 
-def load_checkpoint(train_dir, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_SIZE):
+def load_checkpoint(train_dir, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_SIZE,
+                    inference=None):
     """A back-end from a training directory: model_config.json + newest checkpoint.
 
     Rebuilds the descriptor model (weights "none"), restores `model` from the checkpoint
     (expect_partial: optimizer state etc. ignored; every model weight must be found) and
-    wraps it as `from_keras_model`; scales=None means DEFAULT_SCALES.
+    wraps it as `from_keras_model` (with the `inference` options); scales=None means
+    DEFAULT_SCALES.
     """
     from glam_tf import export  # pylint: disable=import-outside-toplevel
 
@@ -223,18 +248,25 @@ def load_checkpoint(train_dir, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_
     info = {"kind": "checkpoint", "path": os.path.abspath(prefix),
             "model_config": config.to_dict()}
     return from_keras_model(model, scales=scales, max_image_size=max_image_size, info=info,
-                            fingerprint=f"checkpoint:{os.path.abspath(prefix)}:{stamp}")
+                            fingerprint=f"checkpoint:{os.path.abspath(prefix)}:{stamp}",
+                            inference=inference)
 
 
 def build_backend(*, model=None, train_dir=None, scales=None,
-                  max_image_size=DEFAULT_MAX_IMAGE_SIZE):
+                  max_image_size=DEFAULT_MAX_IMAGE_SIZE, inference=None):
     """The back-end for a SavedModel path (`model`) or a training directory (`train_dir`).
 
     scales=None: the model's own (a SavedModel's export-time scales, else DEFAULT_SCALES).
+    inference: an ExportConfig whose inference options apply to a training directory (a
+    SavedModel's are fixed at export).
     """
     err = check_model_source(model, train_dir)
     if err:
         raise ValueError(err)
     if model:
+        if _inference_settings(inference):
+            raise ValueError(f"inference options {_inference_settings(inference)} apply to a "
+                             "training directory; a SavedModel's are fixed at export")
         return load_saved_model(model, scales=scales)
-    return load_checkpoint(train_dir, scales=scales, max_image_size=max_image_size)
+    return load_checkpoint(train_dir, scales=scales, max_image_size=max_image_size,
+                           inference=inference)

@@ -34,25 +34,54 @@ def dataset_label(dataset, distractors):
     return _SHORT.get(dataset, dataset) + ("+1M" if distractors else "")
 
 
+_REFINEMENT_TAGS = {"database_augmentation": "DBA", "query_expansion": "QE",
+                    "rerank": "rerank"}
+
+
+def refinement_label(refinement):
+    """e.g. `+DBA+QE+rerank` for the refinements that ran."""
+    return "".join("+" + _REFINEMENT_TAGS.get(r, r) for r in refinement["ran"])
+
+
 def format_table(results):
-    """The paper's layout: mAP and mP@10 for Medium and Hard (then Easy), or Oxf/Par mAP."""
+    """The paper's layout: mAP and mP@10 for Medium and Hard (then Easy), or Oxf/Par mAP.
+
+    With search-time refinements, one row without them and one with them (side by side),
+    then what ran with its parameters and time per query.
+    """
     label = dataset_label(results["dataset"], results["distractors"])
+    refinement = results.get("refinement")
+    rows = [(label, results["metrics"])]
+    if refinement:
+        rows = [(label, refinement["metrics_without"]),
+                (label + " " + refinement_label(refinement), results["metrics"])]
+    width = max(10, *(len(name) for name, _ in rows))
     m = results["metrics"]
     if results["protocol"] == "original":
-        header = f"| {'dataset':<10} | {'mAP':>6} |"
-        row = f"| {label:<10} | {_fmt(m[metrics.ORIGINAL_SETUP]['mAP'])} |"
-        lines = [header, "|" + "-" * 12 + "|" + "-" * 8 + "|", row]
+        header = f"| {'dataset':<{width}} | {'mAP':>6} |"
+        lines = [header, "|" + "-" * (width + 2) + "|" + "-" * 8 + "|"]
+        lines += [f"| {name:<{width}} | {_fmt(r[metrics.ORIGINAL_SETUP]['mAP'])} |"
+                  for name, r in rows]
     else:
         cols = [("medium", "mAP"), ("hard", "mAP"), ("medium", "mP@10"), ("hard", "mP@10"),
                 ("easy", "mAP"), ("easy", "mP@10")]
         names = [f"{s[0].upper()} {k}" for s, k in cols]
-        header = f"| {'dataset':<10} | " + " | ".join(f"{n:>8}" for n in names) + " |"
-        row = (f"| {label:<10} | "
-               + " | ".join(f"{_fmt(m[s][k]):>8}" for s, k in cols) + " |")
-        lines = [header, "|" + "-" * 12 + ("|" + "-" * 10) * len(cols) + "|", row]
+        header = f"| {'dataset':<{width}} | " + " | ".join(f"{n:>8}" for n in names) + " |"
+        lines = [header, "|" + "-" * (width + 2) + ("|" + "-" * 10) * len(cols) + "|"]
+        lines += [f"| {name:<{width}} | " + " | ".join(f"{_fmt(r[s][k]):>8}" for s, k in cols)
+                  + " |" for name, r in rows]
         lines.append("  mP@1/5/10 " + "; ".join(
             f"{s}: {_fmt(m[s]['mP@1']).strip()}/{_fmt(m[s]['mP@5']).strip()}/"
             f"{_fmt(m[s]['mP@10']).strip()}" for s in metrics.SETUPS))
+    if refinement:
+        params = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items())
+                           for name, p in refinement["parameters"].items())
+        times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in
+                          refinement["ms_per_query"].items())
+        lines.append(f"  refinements ({params}); per query: {times}"
+                     + (f"; DBA {refinement['seconds']['database_augmentation']:.2f} s "
+                        "for the database" if "database_augmentation" in refinement["seconds"]
+                        else ""))
     c = results["counts"]
     lines.append(f"  queries {c['queries_evaluated']}/{c['queries']} evaluated, database "
                  f"{c['database']} images ({c['distractors']} distractors), undecodable: "

@@ -38,14 +38,14 @@ import keras
 
 from glam_tf.config.export import EXPORT_PRECISIONS
 from glam_tf.model.head import EmbeddingHead
-from glam_tf.model.pooling import GeM
+from glam_tf.model.pooling import GeM, RegionalGeM
 
 # export precision -> Keras dtype policy of the low-precision layers
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 assert tuple(POLICIES) == EXPORT_PRECISIONS
 
 # Layers that keep the float32 policy in a low-precision clone (see the module docstring).
-FLOAT32_LAYERS = (GeM, EmbeddingHead, keras.layers.UnitNormalization, keras.layers.Softmax)
+FLOAT32_LAYERS = (GeM, RegionalGeM, EmbeddingHead, keras.layers.UnitNormalization, keras.layers.Softmax)
 
 
 def layer_policy(layer, precision: str) -> str:

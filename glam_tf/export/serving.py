@@ -19,6 +19,12 @@ SavedModel loads with plain `tf.saved_model.load` or TF Serving, without glam_tf
   `global_descriptor`. It is the signature TF Serving's REST API can feed with base64
   (`{"b64": ...}` works only for DT_STRING inputs).
 
+Training-free inference options (ExportConfig, recorded in glam_export.json): the model's
+GeM exponent (`inference_gem_p`) and a regional GeM before it (`regional_gem`), through
+glam_tf.model.inference_model; `scale_aggregation` max: the fixed-scale signatures take the
+element-wise maximum of the per-scale unit descriptors instead of their mean (then L2).
+`serving_default` returns the per-scale rows either way (the client combines them).
+
 The model computes in the export's `precision` (float32, bfloat16 or float16; see
 glam_tf.export.precision for what stays float32); every signature's inputs and float32 unit
 outputs are the same in every precision.
@@ -54,6 +60,7 @@ from absl import logging
 from glam_tf.config import ExportConfig, contract
 from glam_tf.export import image_header
 from glam_tf.export import precision as precision_lib
+from glam_tf.model.builder import inference_model
 
 SIGNATURE_NAMES = (
     "serving_default",
@@ -171,6 +178,8 @@ class GlamServingModule(tf.Module):
         self.precision = config.precision
         # bfloat16/float16: a clone computing in that precision (float32 variables, float32
         # softmaxes, GeM and head: glam_tf.export.precision); float32: the model itself.
+        model = inference_model(model, gem_p=config.inference_gem_p,
+                                regional_gem=config.regional_gem)
         model = precision_lib.with_precision(model, config.precision)
         side = max(config.min_image_size, 64)
         probe = model(tf.zeros([1, side, side, 3]), training=False)
@@ -252,7 +261,13 @@ class GlamServingModule(tf.Module):
         """(h, w, 3) at its target size -> (D,) mean of the unit descriptors at the scales, L2."""
         sizes = self._fixed_scale_sizes(tf.shape(image)[:2], what)
         descriptors = self._descriptors_at_sizes(image[tf.newaxis], sizes)[:, 0, :]
-        return tf.math.l2_normalize(tf.reduce_mean(descriptors, axis=0))
+        return tf.math.l2_normalize(self._aggregate_scales(descriptors))
+
+    def _aggregate_scales(self, descriptors: tf.Tensor) -> tf.Tensor:
+        """(S, ..., D) per-scale unit rows -> (..., D) mean or element-wise max (not L2)."""
+        if self.config.scale_aggregation == "max":
+            return tf.reduce_max(descriptors, axis=0)
+        return tf.reduce_mean(descriptors, axis=0)
 
     def _global_descriptor(self, image: tf.Tensor, what) -> tf.Tensor:
         """(H, W, 3) uint8 -> (D,) multi-scale unit descriptor (GLAM_SPEC "Inference")."""
@@ -272,7 +287,7 @@ class GlamServingModule(tf.Module):
              tf.shape(images), tf.cast(pixels, tf.int64)])
         with tf.control_dependencies([bounded]):
             descriptors = self._descriptors_at_sizes(images, sizes)
-        return tf.math.l2_normalize(tf.reduce_mean(descriptors, axis=0), axis=-1)
+        return tf.math.l2_normalize(self._aggregate_scales(descriptors), axis=-1)
 
     def _checked_encoded(self, data: tf.Tensor, name: tf.Tensor):
         """One encoded image -> (bytes to decode, format name), refused before decoding.

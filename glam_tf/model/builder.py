@@ -1,5 +1,6 @@
 """build_descriptor_model: image -> preprocessing -> backbone -> GLAM -> GeM -> head;
-all_layers: every layer of a built model, nested ones included."""
+inference_model: the same layers with training-free inference options (GeM p, regional
+GeM); all_layers: every layer of a built model, nested ones included."""
 
 import keras
 
@@ -7,7 +8,7 @@ from glam_tf.model.backbone import build_backbone
 from glam_tf.config.model import ModelConfig
 from glam_tf.model.glam import GlamModule
 from glam_tf.model.head import EmbeddingHead
-from glam_tf.model.pooling import GeM
+from glam_tf.model.pooling import GeM, RegionalGeM
 from glam_tf.model.preprocessing import CaffePreprocess
 
 
@@ -38,6 +39,46 @@ def build_descriptor_model(config: ModelConfig) -> keras.Model:
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)
     name = "glam_" + config.variant.replace("+", "_").replace("-", "_")
     return keras.Model(image, x, name=name)
+
+
+def inference_model(model: keras.Model, *, gem_p: float = 0.0,
+                    regional_gem: bool = False) -> keras.Model:
+    """`model` with training-free inference options (SuperGlobal, Shao et al., ICCV 2023).
+
+    The trained layers are reused (same weights): image -> "preprocess" -> "backbone" ->
+    "glam" (if any) -> ["regional_gem": RegionalGeM, when asked] -> "gem" (a fixed-p GeM
+    when `gem_p` is set, else the trained one) -> "head".
+
+    Args:
+        model: a build_descriptor_model model (layers named as there).
+        gem_p: GeM exponent at inference (>= 1); 0 keeps the trained p.
+        regional_gem: insert RegionalGeM (p 2.5, 5 x 5) before GeM.
+
+    Returns:
+        `model` itself when no option is set, else a new keras.Model named
+        `<name>_inference`.
+    """
+    if not gem_p and not regional_gem:
+        return model
+    names = [layer.name for layer in model.layers]
+    missing = [n for n in ("preprocess", "backbone", "gem", "head") if n not in names]
+    if missing:
+        raise ValueError(f"inference options (gem_p={gem_p}, regional_gem={regional_gem}) "
+                         f"need a build_descriptor_model model with layers preprocess, "
+                         f"backbone, gem, head; model {model.name!r} lacks {missing}. Leave "
+                         "them unset for other models.")
+    trained_gem = model.get_layer("gem")
+    image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
+    x = model.get_layer("preprocess")(image)
+    x = model.get_layer("backbone")(x)
+    if "glam" in names:
+        x = model.get_layer("glam")(x)
+    if regional_gem:
+        x = RegionalGeM(name="regional_gem")(x)
+    pool = (GeM(p=gem_p, eps=trained_gem.eps, trainable_p=False, name="gem") if gem_p
+            else trained_gem)
+    x = model.get_layer("head")(pool(x))
+    return keras.Model(image, x, name=model.name + "_inference")
 
 
 def all_layers(root: keras.layers.Layer) -> list:

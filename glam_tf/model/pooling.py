@@ -95,3 +95,91 @@ class GeM(keras.layers.Layer):
         config = super().get_config()
         config.update({"p": self.p_init, "eps": self.eps, "trainable_p": self.trainable_p})
         return config
+
+
+def _reflect_indices(n, half):
+    """Indices of a reflection padding by `half` of an axis of length n (any n >= 1).
+
+    As numpy's pad mode "reflect" (edge not repeated), reflecting again where `half` >= n
+    (so maps smaller than the window work: a 1-wide axis repeats its one entry).
+    """
+    i = ops.arange(-half, n + half)
+    period = ops.maximum(2 * (n - 1), 1)
+    r = ops.mod(i, period)
+    return ops.where(n > 1, ops.where(r >= n, period - r, r), ops.zeros_like(i))
+
+
+def regional_gem(x, p=2.5, size=5, eps=1e-6):
+    """Regional GeM (SuperGlobal, Shao et al., ICCV 2023, eq. 3): each position of the
+    feature map becomes the mean of itself and the L^p pool of its size x size
+    neighbourhood.
+
+    y = x / 2 + (mean_{window} max(x, eps)^p)^(1/p) / 2, windows centred on each position
+    over the reflection-padded map (the authors' `0.5 * LPPool2d(pad(x / (size^2)^(1/p))) +
+    0.5 * x`): normalised by the window size, so a constant map (> eps) is unchanged. Maps
+    smaller than the window are reflected again (numpy's "reflect"), where the authors'
+    ReflectionPad2d would fail.
+
+    Args:
+        x: feature map `(B, H, W, C)`.
+        p: exponent of the pool (> 0).
+        size: odd window side.
+        eps: lower clamp before the power (the features may be negative).
+
+    Returns:
+        `(B, H, W, C)`.
+    """
+    half = size // 2
+    shape = ops.shape(x)
+    powered = ops.power(ops.maximum(x, eps), p)
+    padded = ops.take(powered, _reflect_indices(shape[1], half), axis=1)
+    padded = ops.take(padded, _reflect_indices(shape[2], half), axis=2)
+    mean_p = ops.average_pool(padded, pool_size=size, strides=1, padding="valid")
+    return 0.5 * x + 0.5 * ops.power(mean_p, 1.0 / p)
+
+
+@keras.saving.register_keras_serializable(package="glam_tf")
+class RegionalGeM(keras.layers.Layer):
+    """Regional GeM on a feature map, a training-free inference option before GeM.
+
+    Args:
+        p: exponent of the regional L^p pool (the authors' 2.5).
+        size: odd window side (the authors' 5).
+        eps: clamp of the features before the power.
+
+    Call arguments:
+        inputs: `(B, H, W, C)` feature map.
+
+    Returns:
+        `(B, H, W, C)`, computed in float32.
+    """
+
+    def __init__(self, p=2.5, size=5, eps=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if not float(p) > 0:
+            raise ValueError(f"RegionalGeM: `p` must be > 0; received p={p!r}.")
+        if not (isinstance(size, int) and size >= 1 and size % 2 == 1):
+            raise ValueError(f"RegionalGeM: `size` must be an odd positive integer (a "
+                             f"centred window); received size={size!r}.")
+        if not float(eps) > 0:
+            raise ValueError(f"RegionalGeM: `eps` must be > 0; received eps={eps!r}.")
+        self.p = float(p)
+        self.size = size
+        self.eps = float(eps)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                f"RegionalGeM expects a (B, H, W, C) input; received shape {input_shape}.")
+
+    def call(self, inputs):
+        out = regional_gem(ops.cast(inputs, "float32"), self.p, self.size, self.eps)
+        return ops.cast(out, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"p": self.p, "size": self.size, "eps": self.eps})
+        return config
