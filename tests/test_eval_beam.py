@@ -52,3 +52,31 @@ def test_beam_extraction_equals_in_process(tmp_path, synth_and_model):
         np.testing.assert_allclose(b.descriptors, a.descriptors, atol=1e-6)
         np.testing.assert_array_equal(b.valid, a.valid)
         assert b.undecodable == a.undecodable
+
+
+def test_workers_build_the_model_with_the_inference_options(tmp_path, monkeypatch,
+                                                             synth_and_model):
+    """The pipeline's workers rebuild the back-end from a BackendSpec: it must carry the
+    evaluation's inference options (regional GeM etc.), or a --train_dir evaluation with
+    them would describe images without them."""
+    from glam_tf.config import EvalConfig, ExportConfig  # pylint: disable=import-outside-toplevel
+
+    data_root, model, _ = synth_and_model
+    (tmp_path / "model_config.json").write_text("{}")   # a training directory's layout
+    (tmp_path / "checkpoints").mkdir()
+    seen = {}
+
+    def fake_extract_splits(splits, backend, factory, **kwargs):
+        seen["spec"] = factory.__self__
+        raise RuntimeError("stop after the spec")
+
+    monkeypatch.setattr(evaluator.extract_beam, "extract_splits", fake_extract_splits)
+    saved_model_backend = models.build_backend(model=model, scales=SCALES)
+    monkeypatch.setattr(evaluator.models, "build_backend", lambda **kw: saved_model_backend)
+    config = EvalConfig(dataset="synth", data_root=data_root, output_dir=str(tmp_path / "o"),
+                        train_dir=str(tmp_path), max_image_size=64, scales=SCALES,
+                        inference=ExportConfig(regional_gem=True))
+    with pytest.raises(RuntimeError, match="stop after the spec"):
+        evaluator.Evaluator(config=config, backend_factory=None).evaluate()
+    assert seen["spec"].inference == config.inference
+    assert seen["spec"].train_dir == str(tmp_path) and seen["spec"].scales == SCALES

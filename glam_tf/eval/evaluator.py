@@ -116,7 +116,7 @@ class Evaluator:
             if factory is None and self._backend is None:
                 factory = extract_beam.BackendSpec(
                     model=cfg.model, train_dir=cfg.train_dir, scales=cfg.scales,
-                    max_image_size=cfg.max_image_size).build
+                    max_image_size=cfg.max_image_size, inference=cfg.inference).build
             if factory is not None:  # one Beam pipeline over every split's shards
                 statuses, counters = extract_beam.extract_splits(
                     [(items, out_dir, f"{cfg.label} {split}") for split, out_dir, items in splits],

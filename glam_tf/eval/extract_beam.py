@@ -39,12 +39,14 @@ class BackendSpec:
     train_dir: str = ""
     scales: tuple = None
     max_image_size: int = extract.DEFAULT_MAX_IMAGE_SIZE
+    inference: object = None   # the ExportConfig of a training directory's inference options
 
     def build(self):
         from glam_tf.eval import models  # pylint: disable=g-import-not-at-top
 
         return models.build_backend(model=self.model or None, train_dir=self.train_dir or None,
-                                    scales=self.scales, max_image_size=self.max_image_size)
+                                    scales=self.scales, max_image_size=self.max_image_size,
+                                    inference=self.inference)
 
 
 def _write_items(out_dir, items):
