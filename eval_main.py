@@ -4,7 +4,8 @@
   python eval_main.py --flagfile=configs/eval_roxford5k.flags --train_dir=/runs/glam
 
 Extraction is one Apache Beam pipeline (glam_tf.eval.extract_beam): on this machine's
-DirectRunner with 2 worker processes by default (--direct_num_workers=N for more); any flag
+DirectRunner by default: one in-memory worker (this process and its model) below 1000 images
+to describe, else 2 worker processes (--direct_num_workers=N chooses); any flag
 that is not EvalConfig's goes to Beam, so the 1M distractors run on a cluster with e.g.
   --stage=extract --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp
 then --stage=evaluate. (--num_shards=N --shard_index=i on N hosts, each with

@@ -8,13 +8,21 @@ Image sets: "oxford-like" (landscape 1024x768 and portrait 768x1024 JPEGs, as mo
 Oxford/Paris; few buckets) and, when ../shared/data is present, the 55 real query crops
 (mixed sizes: buckets of one or two images).
 
-With a SavedModel back-end it then times the Beam pipeline (glam_tf.eval.extract_beam,
-DirectRunner, --beam_workers processes, each loading the SavedModel once) against the
-in-process batched extraction on --beam_images oxford-like images in 4 shards, in the same
-run; both include their start-up (the pipeline's worker processes and model loads; the
-in-process path's model is loaded before the clock starts, as eval_main loads it before
-extracting), and the descriptors are checked equal (goal: ratio >= 0.9).
+With a SavedModel back-end it then times the Beam pipeline (glam_tf.eval.extract_beam) for
+each leg of --beam_workers: 0 = the extraction's default (below 1000 images the
+DirectRunner's one in-memory worker, reusing the driver's model; else 2 worker processes),
+N = N DirectRunner worker processes each loading the SavedModel (TensorFlow's default
+threads), Na = the same with TensorFlow limited to max(1, cores // N) threads per worker
+(GLAM_BEAM_TF_THREADS=auto); against the in-process batched extraction on --beam_images small images (--beam_image_px, 4:3 landscape
+and portrait, as the demo's) in --beam_shards shards, legs alternated in the same run, best
+of --beam_repeats. Both include their start-up (the in-process path's model is loaded before
+the clock starts, as eval_main loads it in the driver before the pipeline); the Beam legs
+also report their time in shards (Beam distribution shard_ms, over the workers) and the rest
+(worker processes, TensorFlow imports, model loads: start-up and overhead), and the
+descriptors are checked against the in-process ones (goal: ratio >= 0.9, issue 13).
 
+  .venv/bin/python bench/extract.py --num_images=8 --num_real=0 --repeats=1 --max_image_size=192 \
+      --beam_images=240 --beam_workers=0,2 --beam_repeats=2
   .venv/bin/python bench/extract.py --max_image_size=256 --batch_size=8
 """
 
@@ -59,13 +67,13 @@ def _backend(model, scales, max_image_size, tmp):
                 None)
 
 
-def _oxford_like(folder, n, seed=0):
+def _oxford_like(folder, n, seed=0, size=(1024, 768)):
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     items = []
     base = (rng.random((96, 128, 3)) * 255).astype(np.uint8)
     for i in range(n):
-        img = Image.fromarray(np.roll(base, 7 * i, axis=1)).resize((1024, 768), Image.BILINEAR)
+        img = Image.fromarray(np.roll(base, 7 * i, axis=1)).resize(size, Image.BILINEAR)
         if i % 3 == 2:
             img = img.transpose(Image.Transpose.ROTATE_90)
         path = os.path.join(folder, f"img{i:03d}.jpg")
@@ -102,9 +110,17 @@ def main():
     p.add_argument("--variant", default="global+local")
     p.add_argument("--backbone", default="resnet50",
                    choices=("resnet50", "resnet101", "resnet152"))
-    p.add_argument("--beam_images", type=int, default=64,
-                   help="oxford-like images of the Beam-vs-in-process comparison (0: skip)")
-    p.add_argument("--beam_workers", type=int, default=2)
+    p.add_argument("--beam_images", type=int, default=300,
+                   help="images of the Beam-vs-in-process comparison (0: skip)")
+    p.add_argument("--beam_image_px", type=int, default=192,
+                   help="their shorter side (landscape 4:3 and portrait, as oxford-like)")
+    p.add_argument("--beam_shards", type=int, default=4)
+    p.add_argument("--beam_workers", default="0,2",
+                   help="DirectRunner worker processes to time, comma-separated (0: the "
+                        "extraction's default for --beam_images; 2a: 2 processes "
+                        "with GLAM_BEAM_TF_THREADS=auto)")
+    p.add_argument("--beam_repeats", type=int, default=2,
+                   help="best of this many runs of each leg, legs alternated")
     p.add_argument("--repeats", type=int, default=2,
                    help="best of this many runs (first runs pay per-shape warm-up)")
     args = p.parse_args()
@@ -144,35 +160,80 @@ def main():
         print(json.dumps(results))
 
 
+def _beam_args(leg):
+    """0: the extraction's local default for this many images; N: N worker processes
+    (TensorFlow's default threads; "Na": GLAM_BEAM_TF_THREADS=auto, cores // N each)."""
+    workers = int(leg.rstrip("a"))
+    return [f"--direct_num_workers={workers}"] if workers else []
+
+
 def _beam_vs_in_process(args, backend, saved_model, scales, tmp):
-    """images/s of the Beam pipeline and of the in-process path, same images and shards."""
+    """Seconds of the in-process extraction and of the Beam pipeline (each worker count of
+    --beam_workers), same images and shards, legs alternated, best of --beam_repeats."""
+    from glam_tf import beam_options  # pylint: disable=import-outside-toplevel
     from glam_tf.eval import extract_beam  # pylint: disable=import-outside-toplevel
 
-    items = _oxford_like(os.path.join(tmp, "beam_img"), args.beam_images, seed=1)
-    shard_size = -(-len(items) // 4)
-    t0 = time.perf_counter()
-    extract.extract_split(items, os.path.join(tmp, "local"), backend,
-                          max_image_size=args.max_image_size, batch_size=args.batch_size,
-                          shard_size=shard_size, log_every_s=1e9)
-    local_s = time.perf_counter() - t0
+    px = args.beam_image_px
+    items = _oxford_like(os.path.join(tmp, "beam_img"), args.beam_images, seed=1,
+                         size=(px * 4 // 3, px))
+    shard_size = -(-len(items) // args.beam_shards)
     spec = extract_beam.BackendSpec(model=saved_model, scales=tuple(scales),
                                     max_image_size=args.max_image_size)
-    t0 = time.perf_counter()
-    extract_beam.extract_splits(
-        [(items, os.path.join(tmp, "beam"), "bench")], backend, spec.build,
-        beam_args=[f"--direct_num_workers={args.beam_workers}"],
-        max_image_size=args.max_image_size, batch_size=args.batch_size, shard_size=shard_size)
-    beam_s = time.perf_counter() - t0
+    # as eval_main: the driver loads the model with the factory before extracting (the
+    # in-memory worker reuses it; worker processes load their own)
+    backend = spec.build()
+    workers = args.beam_workers.split(",")
+    best, runs, tf_threads = {}, {}, {}
+    for r in range(args.beam_repeats):
+        out = os.path.join(tmp, f"local{r}")
+        t0 = time.perf_counter()
+        extract.extract_split(items, out, backend, max_image_size=args.max_image_size,
+                              batch_size=args.batch_size, shard_size=shard_size,
+                              log_every_s=1e9)
+        runs.setdefault("in_process", []).append(round(time.perf_counter() - t0, 1))
+        for w in workers:
+            out = os.path.join(tmp, f"beam{w}-{r}")
+            if w.endswith("a"):
+                os.environ[extract_beam.TF_THREADS_ENV] = "auto"
+            tf_threads[w] = extract_beam.local_tf_threads(beam_options.pipeline_options(
+                extract_beam.local_args(_beam_args(w), num_images=len(items))))
+            t0 = time.perf_counter()
+            _, metrics = extract_beam.extract_splits(
+                [(items, out, "bench")], backend, spec.build,
+                beam_args=_beam_args(w), max_image_size=args.max_image_size,
+                batch_size=args.batch_size, shard_size=shard_size)
+            total = time.perf_counter() - t0
+            os.environ.pop(extract_beam.TF_THREADS_ENV, None)
+            runs.setdefault(f"beam_{w}", []).append(round(total, 1))
+            print(f"run {r}: in process {runs['in_process'][-1]} s, Beam {_beam_args(w)} "
+                  f"{total:.1f} s ({metrics})", flush=True)
+            if total < best.get(w, (float("inf"),))[0]:
+                best[w] = (total, metrics, out)
     ids = [it.id for it in items]
-    a = extract.merge_shards(os.path.join(tmp, "local"), ids).descriptors
-    b = extract.merge_shards(os.path.join(tmp, "beam"), ids).descriptors
-    out = {"images": len(items), "shards": 4, "workers": args.beam_workers,
-           "in_process_images_per_s": round(len(items) / local_s, 2),
-           "beam_images_per_s": round(len(items) / beam_s, 2),
-           "ratio_beam_over_in_process": round(local_s / beam_s, 3),
-           "max_abs_descriptor_difference": float(abs(a - b).max())}
-    print(f"beam vs in-process: {out}", flush=True)
-    return out
+    ref = extract.merge_shards(os.path.join(tmp, "local0"), ids).descriptors
+    local_s = min(runs["in_process"])
+    res = {"images": len(items), "image_size": [px * 4 // 3, px], "shards": args.beam_shards,
+           "seconds_per_run": runs, "in_process_images_per_s": round(len(items) / local_s, 2)}
+    for w, (total, m, out) in best.items():
+        desc = extract.merge_shards(out, ids).descriptors
+        # the workers' time in shards (spread evenly) vs the rest: processes, TF imports,
+        # model loads, Beam's own work
+        busy = (m.get("shard_ms", {}).get("sum", 0) / 1000
+                / min(max(int(w.rstrip("a")), 1), args.beam_shards))
+        load = m.get("model_load_ms", {}).get("max")
+        res[f"beam_{w}"] = {
+            "images_per_s": round(len(items) / total, 2),
+            "ratio_over_in_process": round(local_s / total, 3),
+            "seconds": round(total, 1),
+            "start_up_and_overhead_s": round(total - busy, 1),
+            "model_load_s_per_worker": None if load is None else round(load / 1000, 1),
+            "describing_s": round(busy, 1),
+            "describing_images_per_s": round(len(items) / busy, 2) if busy else None,
+            "beam_args": _beam_args(w) or "(default)",
+            "tf_threads_per_worker": tf_threads[w] or "TensorFlow's default",
+            "max_abs_descriptor_difference": float(abs(desc - ref).max())}
+    print(f"beam vs in-process: {json.dumps(res)}", flush=True)
+    return res
 
 
 if __name__ == "__main__":

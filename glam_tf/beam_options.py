@@ -98,6 +98,17 @@ def pipeline_options(beam_args=None):
     return PipelineOptions(args)
 
 
+def is_direct(options) -> bool:
+    """Whether `PipelineOptions` run on the DirectRunner (Beam's default without --runner)."""
+    from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
+
+    runner = options.view_as(StandardOptions).runner
+    return runner is None or runner in _DIRECT
+
+
+_DIRECT = ("DirectRunner", "direct", "BundleBasedDirectRunner")
+
+
 def _is_direct(args) -> bool:
     runner = "DirectRunner"
     for i, a in enumerate(args):
@@ -105,7 +116,7 @@ def _is_direct(args) -> bool:
             runner = a.split("=", 1)[1]
         elif a == "--runner" and i + 1 < len(args):
             runner = args[i + 1]
-    return runner in ("DirectRunner", "direct", "BundleBasedDirectRunner")
+    return runner in _DIRECT
 
 
 def counters(result, namespace) -> dict:
@@ -117,4 +128,20 @@ def counters(result, namespace) -> dict:
         name = c.key.metric.name
         value = c.committed if c.committed is not None else c.attempted
         out[name] = out.get(name, 0) + int(value or 0)
+    return out
+
+
+def distributions(result, namespace) -> dict:
+    """{name: {count, sum, min, max}} of the Beam distributions of `namespace` in a result."""
+    from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=g-import-not-at-top
+
+    out = {}
+    for d in result.metrics().query(MetricsFilter().with_namespace(namespace))["distributions"]:
+        v = d.committed if d.committed is not None else d.attempted
+        if v is None or not v.count:
+            continue
+        o = out.setdefault(d.key.metric.name, {"count": 0, "sum": 0, "min": v.min, "max": v.max})
+        o["count"] += v.count
+        o["sum"] += v.sum
+        o["min"], o["max"] = min(o["min"], v.min), max(o["max"], v.max)
     return out

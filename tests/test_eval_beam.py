@@ -1,6 +1,7 @@
-"""Extraction as a Beam pipeline (glam_tf.eval.extract_beam, DirectRunner with 2 worker
-processes): the same descriptors (within float rounding), undecodable images and mAP as
-the in-process extraction, on the synthetic split with a tiny exported SavedModel."""
+"""Extraction as a Beam pipeline (glam_tf.eval.extract_beam, DirectRunner: the default
+in-memory worker and 2 worker processes): the same descriptors (within float rounding),
+undecodable images and mAP as the in-process extraction, on the synthetic split with a tiny
+exported SavedModel; the local defaults and TensorFlow thread limits."""
 
 import numpy as np
 import pytest
@@ -38,20 +39,45 @@ def test_beam_extraction_equals_in_process(tmp_path, synth_and_model):
     backend = models.build_backend(model=model, scales=SCALES)
     local = evaluator.run_evaluation(backend=backend, output_dir=str(tmp_path / "local"),
                                      model=model, print_table=False, **common)
-    beam = evaluator.run_evaluation(output_dir=str(tmp_path / "beam"), model=model,
-                                    print_table=False, **common)  # no backend: the pipeline
-    assert beam["status"] == local["status"] == "complete"
-    assert beam["metrics"] == local["metrics"]
-    assert beam["counts"] == local["counts"]
-    assert beam["counts"]["undecodable_database"] == 1
-    assert [u["id"] for u in beam["undecodable"]] == [ts.imlist[1]]
-    for split in ("synth-queries", "synth-database"):
-        ids = ts.qimlist if split.endswith("queries") else ts.imlist
-        a = extract.merge_shards(str(tmp_path / "local" / "features" / split), ids)
-        b = extract.merge_shards(str(tmp_path / "beam" / "features" / split), ids)
-        np.testing.assert_allclose(b.descriptors, a.descriptors, atol=1e-6)
-        np.testing.assert_array_equal(b.valid, a.valid)
-        assert b.undecodable == a.undecodable
+    for tag, beam_args in (("beam", None), ("beam2", ["--direct_num_workers=2"])):
+        beam = evaluator.run_evaluation(output_dir=str(tmp_path / tag), model=model,
+                                        print_table=False, beam_args=beam_args,
+                                        **common)  # no backend: the pipeline
+        assert beam["status"] == local["status"] == "complete"
+        assert beam["metrics"] == local["metrics"]
+        assert beam["counts"] == local["counts"]
+        assert beam["counts"]["undecodable_database"] == 1
+        assert [u["id"] for u in beam["undecodable"]] == [ts.imlist[1]]
+        for split in ("synth-queries", "synth-database"):
+            ids = ts.qimlist if split.endswith("queries") else ts.imlist
+            a = extract.merge_shards(str(tmp_path / "local" / "features" / split), ids)
+            b = extract.merge_shards(str(tmp_path / tag / "features" / split), ids)
+            np.testing.assert_allclose(b.descriptors, a.descriptors, atol=1e-6)
+            np.testing.assert_array_equal(b.valid, a.valid)
+            assert b.undecodable == a.undecodable
+
+
+def test_local_args_and_tf_threads(monkeypatch):
+    from glam_tf import beam_options  # pylint: disable=import-outside-toplevel
+    from glam_tf.eval import extract_beam  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.delenv(extract_beam.TF_THREADS_ENV, raising=False)
+    assert extract_beam.local_args(None, num_images=10) == list(extract_beam.LOCAL_IN_MEMORY)
+    many = extract_beam.LOCAL_PROCESSES_MIN_IMAGES
+    assert extract_beam.local_args(None, num_images=many) == []  # beam_options' 2 processes
+    assert extract_beam.local_args(["--direct_num_workers=4"], num_images=10) == [
+        "--direct_num_workers=4"]
+    threads = lambda args: extract_beam.local_tf_threads(  # noqa: E731
+        beam_options.pipeline_options(extract_beam.local_args(args)), cores=8)
+    assert threads(None) is None  # TensorFlow's own pools unless asked
+    assert threads(["--direct_num_workers=4"]) is None
+    monkeypatch.setenv(extract_beam.TF_THREADS_ENV, "auto")
+    assert threads(None) is None  # in memory: one TensorFlow runtime, all cores
+    assert threads(["--direct_num_workers=4"]) == 2
+    assert threads(["--direct_num_workers=16"]) == 1
+    assert threads(["--runner=FlinkRunner"]) is None
+    monkeypatch.setenv(extract_beam.TF_THREADS_ENV, "3")
+    assert threads(["--runner=FlinkRunner"]) == 3
 
 
 def test_workers_build_the_model_with_the_inference_options(tmp_path, monkeypatch,

@@ -63,7 +63,8 @@ class Evaluator:
         backend_factory: picklable callable building the back-end in a Beam worker. A model
             loaded from config.model / config.train_dir is extracted by the Beam pipeline
             (glam_tf.eval.extract_beam) with `BackendSpec(...).build` as its factory.
-        beam_args: Beam flags of that pipeline (None: DirectRunner, 2 worker processes).
+        beam_args: Beam flags of that pipeline (None: DirectRunner, one in-memory worker;
+            see glam_tf.eval.extract_beam.local_args).
     """
 
     def __init__(self, *, config, backend=None, backend_factory=None, beam_args=None):
@@ -100,9 +101,13 @@ class Evaluator:
                      ts.num_database)
         extraction = {}
         if cfg.stage in ("all", "extract"):
-            backend = self._backend or models.build_backend(
-                model=cfg.model, train_dir=cfg.train_dir, scales=cfg.scales,
-                max_image_size=cfg.max_image_size, inference=cfg.inference)
+            factory = self._backend_factory
+            if factory is None and self._backend is None:
+                factory = extract_beam.BackendSpec(
+                    model=cfg.model, train_dir=cfg.train_dir, scales=cfg.scales,
+                    max_image_size=cfg.max_image_size, inference=cfg.inference).build
+            # loaded once per process: the local pipeline's in-memory worker reuses it
+            backend = self._backend or factory()
             logging.info("model: %s", backend.info)
             export_size = backend.info.get("export", {}).get("max_image_size")
             if export_size and export_size != cfg.max_image_size:
@@ -112,11 +117,6 @@ class Evaluator:
             # recorded in every split's manifest: the evaluate stage needs no model
             settings = {"model": backend.info,
                         "scales": list(backend.scales) if backend.scales else None}
-            factory = self._backend_factory
-            if factory is None and self._backend is None:
-                factory = extract_beam.BackendSpec(
-                    model=cfg.model, train_dir=cfg.train_dir, scales=cfg.scales,
-                    max_image_size=cfg.max_image_size, inference=cfg.inference).build
             if factory is not None:  # one Beam pipeline over every split's shards
                 statuses, counters = extract_beam.extract_splits(
                     [(items, out_dir, f"{cfg.label} {split}") for split, out_dir, items in splits],
@@ -307,7 +307,7 @@ def run_evaluation(config=None, *, backend=None, beam_args=None, print_table=Tru
 
     Prints the paper-layout table (when print_table). `backend`: a DescriptorBackend to use
     instead of loading config.model / config.train_dir (extracted in this process); else
-    the extraction is a Beam pipeline run with `beam_args` (None: DirectRunner, 2 workers).
+    the extraction is a Beam pipeline run with `beam_args` (None: DirectRunner, one in-memory worker).
     """
     config = config if config is not None else EvalConfig(**fields)
     results = Evaluator(config=config, backend=backend, beam_args=beam_args).evaluate()
