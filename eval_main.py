@@ -2,6 +2,8 @@
 
   python eval_main.py --flagfile=configs/eval_roxford5k.flags --model=/models/glam
   python eval_main.py --flagfile=configs/eval_roxford5k.flags --train_dir=/runs/glam
+  python eval_main.py --flagfile=configs/eval_synth.flags --train_dir=runs/demo --scales=1 \
+      --visualize_attention      # + attention maps of the --visualize queries (checkpoint)
 
 Over several hosts (the 1M distractors): run with --num_shards=N --shard_index=i on each
 (--stage=extract), then once with --stage=evaluate, which checks every shard is there.
