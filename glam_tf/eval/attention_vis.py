@@ -27,7 +27,7 @@ from glam_tf.config.eval import ATTENTION_POSITIONS
 from glam_tf.eval import report
 
 MAPS = ("local", "global")
-MAP_LABELS = {"local": "local A_s", "global": "global G_s"}
+MAP_LABELS = {"local": "A_s^l", "global": "G_s"}
 TOP = 5        # results drawn per query (after the query itself)
 ALPHA = 0.5    # weight of the heatmap colour in the overlay
 # A perceptually ordered colour scale (dark blue -> teal -> yellow, after viridis),
@@ -154,7 +154,7 @@ def panels(image, maps: dict) -> dict:
 def map_label(name: str, attention) -> str:
     """Cell text of a map: its name and raw range (each map is drawn over its own range)."""
     m = np.asarray(attention)
-    return f"{MAP_LABELS[name]} {m.min():.2g}..{m.max():.2g}"
+    return f"{MAP_LABELS[name]} {m.min():.3g}..{m.max():.3g}"
 
 
 def grid_size(num_queries: int, num_maps: int, top: int = TOP) -> tuple:
