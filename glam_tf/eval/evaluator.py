@@ -270,7 +270,7 @@ class Evaluator:
                                                   cfg.max_image_size, min_side)
                     image = extract.load_image(item, size)
                 except extract.UndecodableImage:
-                    continue   # drawn as a missing cell
+                    continue   # left out of the row (its neighbours move up)
                 images.append({"label": label, "status": status, "image": image,
                                "maps": attention_vis.spatial_attention(
                                    model, image, position=cfg.attention_position)})
