@@ -2,6 +2,8 @@
 
   python eval_main.py --flagfile=configs/eval_roxford5k.flags --model=/models/glam
   python eval_main.py --flagfile=configs/eval_roxford5k.flags --train_dir=/runs/glam
+  python eval_main.py --flagfile=configs/eval_synth.flags --train_dir=runs/demo --scales=1 \
+      --visualize_attention      # + attention maps of the --visualize queries (checkpoint)
 
 Extraction is one Apache Beam pipeline (glam_tf.eval.extract_beam): on this machine's
 DirectRunner by default: one in-memory worker (this process and its model) below 1000 images

@@ -112,7 +112,7 @@ def test_synthetic_run_exports_and_evaluates_untrained_and_trained(tmp_path, cap
         train_steps=3, export=True,
         export_settings=ExportConfig(scales=(1.0,), max_image_size=64),
         evaluation=EvalConfig(dataset="synth", data_root=synth.root, max_image_size=64,
-                              scales=(1.0,)),
+                              scales=(1.0,), visualize=("0",), visualize_attention=True),
         eval_untrained=True)
     result = train(config, model_fn=tiny_descriptor_model)
     out = capsys.readouterr().out
@@ -133,5 +133,9 @@ def test_synthetic_run_exports_and_evaluates_untrained_and_trained(tmp_path, cap
     for res in (result.untrained_evaluation, result.evaluation):
         assert res["status"] == "complete" and res["counts"]["queries"] == 4
         assert 0.0 <= res["metrics"]["medium"]["mAP"] <= 100.0
+        # --eval_visualize_attention: the in-memory model's maps beside the top-10 picture.
+        assert os.path.isfile(res["outputs"]["attention_png"]), res["outputs"]
+        assert os.path.dirname(res["outputs"]["attention_png"]) == os.path.dirname(
+            res["outputs"]["png"])
     assert out.count("| synth") >= 2 or out.count("| Synth") >= 2, out
     assert "Untrained (step 0): mAP E" in out and "Trained (step 3): mAP E" in out

@@ -14,6 +14,10 @@ from glam_tf.data.testsets import ORIGINAL, REVISITED
 
 DATASETS = REVISITED + ORIGINAL
 STAGES = ("all", "extract", "evaluate")
+# Which global spatial attention is drawn: G_s is (HW, HW), a[m, n] = weight of position
+# m in the output at position n (softmax over m). "mean": the mean over n (how much each
+# position is attended on average); "center": the column of the centre position n.
+ATTENTION_POSITIONS = ("mean", "center")
 _SCALES_RULE = numbers_list()
 
 
@@ -53,6 +57,16 @@ class EvalConfig:
                         rule=integer(1))
     visualize: tuple = setting((), "Query indices or names to draw with their top 10.",
                                kind="strings")
+    visualize_attention: bool = setting(
+        False, "Also draw, for the --visualize queries and their top 5, the image with the "
+        "local spatial attention A_s^l and the global spatial attention G_s overlaid "
+        "(<output_dir>/vis-<dataset>/attention.png). Needs the Keras model: --train_dir or "
+        "training's in-memory model, not a SavedModel (its signatures return descriptors "
+        "only).")
+    attention_position: str = setting(
+        "mean", "Which global spatial attention --visualize_attention draws: mean (each "
+        "position's attention averaged over all output positions) or center (the "
+        "attention of the centre position).", rule=one_of(ATTENTION_POSITIONS))
     approx_index: str = setting("", "faiss index_factory string (e.g. HNSW32) to report "
                                 "approximate search recall@approx_k against exact search.")
     approx_params: str = setting("", "faiss search parameters, e.g. efSearch=128 or "
@@ -102,6 +116,23 @@ class EvalConfig:
         if self.approx_index and importlib.util.find_spec("faiss") is None:
             fail(name("approx_index"), "needs faiss, an optional extra", self.approx_index,
                  "pip install faiss-cpu==1.15.1, or leave it empty.")
+        if self.visualize_attention:
+            if not self.visualize:
+                fail(name("visualize_attention"), f"draws the --{name('visualize')} queries; "
+                     "none are chosen", self.visualize_attention,
+                     f"Add e.g. --{name('visualize')}=0,1,2.")
+            if self.model:
+                fail(name("visualize_attention"), f"needs the Keras model (a checkpoint), not "
+                     f"the SavedModel --model={self.model}: its signatures return "
+                     "descriptors only, not attention maps", self.visualize_attention,
+                     "Evaluate the training directory instead: --train_dir=<the run's "
+                     "folder> (its export/ sits beside checkpoints/), or leave "
+                     "--visualize_attention off.")
+            if self.stage != "all":
+                fail(name("visualize_attention"), f"runs with --stage=all, not --stage="
+                     f"{self.stage} (it needs the model and the search results at once)",
+                     self.visualize_attention,
+                     "Use --stage=all, or leave --visualize_attention off.")
         if check_model:
             err = contract.check_model_source(self.model, self.train_dir)
             if err:

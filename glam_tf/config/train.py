@@ -112,7 +112,8 @@ class TrainConfig:
                                            "request limits.", prefix="export_")
     evaluation: EvalConfig = nested(
         EvalConfig, "The evaluation at the end (and at step 0 with --eval_untrained).",
-        prefix="eval_", only=("dataset", "data_root", "max_image_size", "scales"),
+        prefix="eval_", only=("dataset", "data_root", "max_image_size", "scales", "visualize",
+                              "visualize_attention", "attention_position"),
         rename={"data_root": "root"}, default=EvalConfig(scales=contract.DEFAULT_SCALES))
     eval_untrained: bool = setting(False, "Also evaluate the untrained model at step 0 (same "
                                    "evaluation path; only when the run starts at step 0).")

@@ -3,11 +3,12 @@
 `Evaluator(config=EvalConfig(...)).evaluate()` loads the test set, extracts query and
 database descriptors (batched, sharded, resumable; glam_tf.eval.extract), searches
 exactly (glam_tf.eval.search), scores per EVAL_PROTOCOL.md (glam_tf.eval.metrics) and
-writes a JSON record and top-10 pictures (glam_tf.eval.report). With search-time
-refinements (config.refine: alpha-DBA, alpha-QE, re-ranking; glam_tf.eval.refine) the
-metrics are those of the refined ranking, next to the plain ones (`refinement`). `run_evaluation` runs an
-EvalConfig, `evaluate_model` an in-memory model (what training calls); eval_main.py is the
-command line. EvalConfig lives in glam_tf.config.
+writes a JSON record and top-10 pictures (glam_tf.eval.report), with
+--visualize_attention their spatial attention maps too (glam_tf.eval.attention_vis). With
+search-time refinements (config.refine: alpha-DBA, alpha-QE, re-ranking; glam_tf.eval.refine)
+the metrics are those of the refined ranking, next to the plain ones (`refinement`).
+`run_evaluation` runs an EvalConfig, `evaluate_model` an in-memory model (what training
+calls); eval_main.py is the command line. EvalConfig lives in glam_tf.config.
 """
 
 import json
@@ -20,7 +21,8 @@ from absl import logging
 
 from glam_tf.config.eval import EvalConfig
 from glam_tf.data import testsets
-from glam_tf.eval import extract, extract_beam, metrics, models, refine, report, search
+from glam_tf.eval import (attention_vis, extract, extract_beam, metrics, models, refine,
+                          report, search)
 
 UNDECODABLE_POLICY = ("database images that cannot be decoded stay in the database and rank "
                       "last (after every decodable image, by index), so a positive among "
@@ -73,6 +75,19 @@ class Evaluator:
         self._backend = backend
         self._backend_factory = backend_factory
         self._beam_args = beam_args
+        self._attention = None   # (keras model, map names) with --visualize_attention
+        self._backend_min_side = 1
+
+    def _attention_source(self, backend):
+        """(Keras model, maps it has) for --visualize_attention, checked before extraction."""
+        if not self.config.visualize_attention:
+            return None
+        if backend.keras_model is None:
+            raise ValueError(
+                f"--visualize_attention needs the Keras model; the {backend.info.get('kind')} "
+                "back-end has none (a SavedModel's signatures return descriptors only). "
+                "Evaluate the training directory with --train_dir instead.")
+        return backend.keras_model, attention_vis.check_model(backend.keras_model)
 
     def _splits(self, ts):
         cfg = self.config
@@ -109,6 +124,8 @@ class Evaluator:
             # loaded once per process: the local pipeline's in-memory worker reuses it
             backend = self._backend or factory()
             logging.info("model: %s", backend.info)
+            self._attention = self._attention_source(backend)
+            self._backend_min_side = backend.min_side()
             export_size = backend.info.get("export", {}).get("max_image_size")
             if export_size and export_size != cfg.max_image_size:
                 logging.info("full images are resized to max_image_size=%d before the model; "
@@ -267,10 +284,42 @@ class Evaluator:
                 entries, os.path.join(cfg.output_dir, f"vis-{label}"),
                 title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: top 10")
             outputs.update(png=png, html=page)
+            if self._attention is not None:
+                outputs["attention_png"] = self._draw_attention(ts, entries, vis)
         results["outputs"] = outputs
         results["seconds_total"] = round(time.time() - t_start, 2)
         report.write_json(results, outputs["json"])
         return results
+
+    def _draw_attention(self, ts, entries, vis):
+        """attention.png beside top10.png: each query and its top results as the model saw
+        them (client resize at max_image_size, first scale 1), with their spatial maps."""
+        cfg = self.config
+        model, map_names = self._attention
+        min_side = self._backend_min_side
+        rows = []
+        for q, entry in zip(vis, entries):
+            items = [(extract.ImageItem(entry["query"], entry["query_path"],
+                                        None if entry["box"] is None else tuple(entry["box"])),
+                      entry["query"], "query")]
+            items += [(extract.ImageItem(r["id"], r["path"]), f"#{k + 1} {r['score']:.3f}",
+                       r["status"]) for k, r in enumerate(entry["results"][:attention_vis.TOP])]
+            images = []
+            for item, label, status in items:
+                try:
+                    size, _ = extract.target_size(*extract.read_size(item.path), item.box,
+                                                  cfg.max_image_size, min_side)
+                    image = extract.load_image(item, size)
+                except extract.UndecodableImage:
+                    continue   # left out of the row (its neighbours move up)
+                images.append({"label": label, "status": status, "image": image,
+                               "maps": attention_vis.spatial_attention(
+                                   model, image, position=cfg.attention_position)})
+            rows.append({"query": ts.qimlist[q], "images": images})
+        path = attention_vis.write_attention_visualization(
+            rows, os.path.join(cfg.output_dir, f"vis-{cfg.label}"), map_names=map_names)
+        logging.info("attention maps of %d queries: %s", len(rows), path)
+        return path
 
     def _approximate(self, queries, db, valid, exact):
         cfg = self.config

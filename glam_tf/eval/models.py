@@ -46,6 +46,8 @@ class DescriptorBackend:
         info: JSON-able description for the report (kind, path, signature, ...).
         fingerprint: identifies model + settings, so cached features are not mixed up.
         min_image_size: smallest side the model accepts at any scale.
+        keras_model: the Keras descriptor model behind `fn` when there is one (checkpoint
+            or in-memory model; None for a SavedModel): what attention maps are read from.
     """
 
     fn: object
@@ -53,6 +55,7 @@ class DescriptorBackend:
     info: dict
     fingerprint: str
     min_image_size: int = MIN_IMAGE_SIZE
+    keras_model: object = None
 
     def min_side(self):
         """Smallest client-side image side such that every scale keeps >= min_image_size."""
@@ -229,7 +232,9 @@ def from_keras_model(model, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_SIZ
     if options:
         info = dict(info or {"kind": "module"}, inference=options)
         fingerprint += ":" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
-    return from_serving_module(module, info=info, fingerprint=fingerprint)
+    backend = from_serving_module(module, info=info, fingerprint=fingerprint)
+    backend.keras_model = model
+    return backend
 
 
 def load_checkpoint(train_dir, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_SIZE,

@@ -21,8 +21,9 @@ _SHORT = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf5k", "paris6k
           "synth": "Synth"}
 COLORS = {"positive": (0, 170, 0), "junk": (235, 195, 0), "negative": (215, 0, 0),
           "invalid": (128, 128, 128), "query": (30, 90, 220)}
-_THUMB = 128
+THUMB = 128     # side of the square a picture's image is contained in
 _BORDER = 6
+_LABEL_H = 14   # text line under each cell
 
 
 def _fmt(v):
@@ -128,13 +129,25 @@ def result_status(gnd_query, index, valid=None):
     return "negative"
 
 
-def _thumb(image, color):
-    image = ImageOps.contain(image, (_THUMB, _THUMB), Image.BILINEAR)
-    canvas = Image.new("RGB", (_THUMB + 2 * _BORDER, _THUMB + 2 * _BORDER), (255, 255, 255))
-    frame = Image.new("RGB", (image.width + 2 * _BORDER, image.height + 2 * _BORDER), color)
-    frame.paste(image, (_BORDER, _BORDER))
-    canvas.paste(frame, ((canvas.width - frame.width) // 2, (canvas.height - frame.height) // 2))
+def cell_size():
+    """(width, height) of one picture cell: the framed square and a text line under it."""
+    side = THUMB + 2 * _BORDER
+    return side, side + _LABEL_H
+
+
+def frame(image, color):
+    """`image` (at most THUMB square, not resized) in a `color` frame, centred on a white
+    square of cell_size()[0]."""
+    side = cell_size()[0]
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    framed = Image.new("RGB", (image.width + 2 * _BORDER, image.height + 2 * _BORDER), color)
+    framed.paste(image, (_BORDER, _BORDER))
+    canvas.paste(framed, ((side - framed.width) // 2, (side - framed.height) // 2))
     return canvas
+
+
+def _thumb(image, color):
+    return frame(ImageOps.contain(image, (THUMB, THUMB), Image.BILINEAR), color)
 
 
 def _open_rgb(path, box=None):
@@ -143,7 +156,7 @@ def _open_rgb(path, box=None):
             im = im.convert("RGB")
             return im.crop(extract.pil_box(box, *im.size)) if box is not None else im
     except (OSError, SyntaxError, ValueError, extract.UndecodableImage):
-        return Image.new("RGB", (_THUMB, _THUMB), COLORS["invalid"])
+        return Image.new("RGB", (THUMB, THUMB), COLORS["invalid"])
 
 
 def write_visualization(entries, out_dir, *, title, num=10):
@@ -159,7 +172,7 @@ def write_visualization(entries, out_dir, *, title, num=10):
     """
     thumbs_dir = os.path.join(out_dir, "thumbs")
     os.makedirs(thumbs_dir, exist_ok=True)
-    cell_w, cell_h = _THUMB + 2 * _BORDER, _THUMB + 2 * _BORDER + 14
+    cell_w, cell_h = cell_size()
     grid = Image.new("RGB", (cell_w * (num + 1), cell_h * max(1, len(entries))), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     rows_html = []

@@ -1,0 +1,198 @@
+"""Attention maps people can look at: GLAM's spatial attention overlaid on the images.
+
+`spatial_attention(model, image)` runs the descriptor model's own layers ("preprocess",
+"backbone", "glam") on one image and returns the 2-D spatial maps the GLAM module itself
+returns with `return_attention=True`:
+
+- "local": A_s^l (eq. 2's local spatial attention), `(h, w)` over conv5's grid.
+- "global": from G_s `(hw, hw)` (eq. 6), a[m, n] = weight of position m in the output at
+  position n (softmax over m): with position "mean" the mean over n (how much each
+  position is attended, on average), with "center" the column of the centre position n.
+
+`heatmap_values` is what is drawn before colouring: the map scaled to [0, 1] over its own
+minimum and maximum (a constant map is all zeros) and resized bilinearly to the picture;
+`overlay` blends its `colorize`d version with the image. `write_attention_visualization`
+draws one row block per query: the query and its top results as images, then one row per
+map, as a PNG grid beside the top-10 picture (glam_tf.eval.report).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from glam_tf.config.eval import ATTENTION_POSITIONS
+from glam_tf.eval import report
+
+MAPS = ("local", "global")
+MAP_LABELS = {"local": "A_s^l", "global": "G_s"}
+TOP = 5        # results drawn per query (after the query itself)
+ALPHA = 0.5    # weight of the heatmap colour in the overlay
+# A perceptually ordered colour scale (dark blue -> teal -> yellow, after viridis),
+# interpolated linearly between these anchors into a 256-entry table.
+_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98],
+                     [253, 231, 37]], dtype=np.float64)
+_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHORS)),
+                           _ANCHORS[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
+
+
+class NoAttentionError(ValueError):
+    """The model has no spatial attention to draw (baseline or channel-only variant)."""
+
+
+def _glam_layer(model):
+    names = {layer.name for layer in model.layers}
+    if "glam" not in names:
+        raise NoAttentionError(
+            f"Model {model.name!r} has no GLAM module (variant 'baseline'): there is no "
+            "attention map to draw. Leave --visualize_attention off for this model.")
+    glam = model.get_layer("glam")
+    if glam.local_spatial is None and glam.global_spatial is None:
+        raise NoAttentionError(
+            f"Model {model.name!r} (variant {glam.variant!r}) has channel attention only: "
+            "there is no spatial map to draw. Leave --visualize_attention off.")
+    return glam
+
+
+def check_model(model) -> tuple:
+    """The maps `model` can show (subset of MAPS); NoAttentionError if none."""
+    glam = _glam_layer(model)
+    return tuple(m for m, layer in (("local", glam.local_spatial),
+                                    ("global", glam.global_spatial)) if layer is not None)
+
+
+def global_map(a, height: int, width: int, position: str = "mean") -> np.ndarray:
+    """One (h, w) map from G_s a `(hw, hw)`, a[m, n], softmax over m.
+
+    position "mean": mean over the output positions n; "center": column n of the centre
+    cell (row h // 2, column w // 2). Both sum to 1 over the h * w positions m.
+    """
+    if position not in ATTENTION_POSITIONS:
+        raise ValueError(f"position must be one of {ATTENTION_POSITIONS}; received "
+                         f"{position!r}.")
+    a = np.asarray(a, dtype=np.float64)
+    column = a.mean(axis=1) if position == "mean" else a[:, (height // 2) * width + width // 2]
+    return column.reshape(height, width)
+
+
+def spatial_attention(model, image, *, position: str = "mean") -> dict:
+    """{"local": (h, w), "global": (h, w)} (those the variant has) for one image.
+
+    Args:
+        model: a descriptor model of build_descriptor_model's layout (layers
+            "preprocess", "backbone", "glam").
+        image: uint8 or float `(H, W, 3)` RGB in [0, 255], as the serving signatures take it.
+        position: how the (hw, hw) global map becomes one map (`global_map`).
+
+    Returns:
+        float64 maps over conv5's grid, straight from the GLAM layer's
+        `return_attention=True` outputs ("local_spatial" (1, h, w, 1), "global_spatial"
+        (1, hw, hw)).
+    """
+    import keras  # pylint: disable=import-outside-toplevel
+
+    glam = _glam_layer(model)
+    x = keras.ops.convert_to_tensor(np.asarray(image, np.float32)[None])
+    x = model.get_layer("preprocess")(x)
+    f = model.get_layer("backbone")(x, training=False)
+    _, maps = glam(f, return_attention=True)
+    h, w = int(f.shape[1]), int(f.shape[2])
+    out = {}
+    if "local_spatial" in maps:
+        out["local"] = np.asarray(keras.ops.convert_to_numpy(maps["local_spatial"]),
+                                  np.float64)[0, :, :, 0]
+    if "global_spatial" in maps:
+        a = np.asarray(keras.ops.convert_to_numpy(maps["global_spatial"]))[0]
+        out["global"] = global_map(a, h, w, position)
+    return out
+
+
+def heatmap_values(attention, size) -> np.ndarray:
+    """What is drawn for a map: float32 `(H, W)` in [0, 1] for a picture of `size` (W, H).
+
+    The map is scaled to [0, 1] over its own range (a constant map gives zeros), then
+    resized bilinearly (Pillow, float mode) and clipped to [0, 1].
+    """
+    m = np.asarray(attention, dtype=np.float64)
+    low, high = float(m.min()), float(m.max())
+    scaled = (m - low) / (high - low) if high > low else np.zeros_like(m)
+    resized = Image.fromarray(scaled.astype(np.float32), mode="F").resize(
+        tuple(size), Image.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def colorize(values) -> np.ndarray:
+    """uint8 `(H, W, 3)` colours of values in [0, 1] (256-entry table, nearest entry)."""
+    index = np.clip(np.rint(np.asarray(values, np.float64) * 255), 0, 255).astype(np.int64)
+    return _LUT[index]
+
+
+def overlay(image, values, alpha: float = ALPHA) -> np.ndarray:
+    """uint8 `(H, W, 3)`: (1 - alpha) * image + alpha * colorize(values), rounded."""
+    blend = (1.0 - alpha) * np.asarray(image, np.float64) + alpha * colorize(values)
+    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+
+def thumbnail(image) -> Image.Image:
+    """The image as drawn: contained in report's thumbnail square (aspect ratio kept)."""
+    return ImageOps.contain(Image.fromarray(np.asarray(image, np.uint8)),
+                            (report.THUMB, report.THUMB), Image.BILINEAR)
+
+
+def panels(image, maps: dict) -> dict:
+    """{"image": thumb, "local": overlay, "global": overlay} as uint8 arrays."""
+    thumb = thumbnail(image)
+    out = {"image": np.asarray(thumb)}
+    for name in MAPS:
+        if name in maps:
+            out[name] = overlay(out["image"], heatmap_values(maps[name], thumb.size))
+    return out
+
+
+def map_label(name: str, attention) -> str:
+    """Cell text of a map: its name and raw range (each map is drawn over its own range)."""
+    m = np.asarray(attention)
+    return f"{MAP_LABELS[name]} {m.min():.3g}..{m.max():.3g}"
+
+
+def grid_size(num_queries: int, num_maps: int, top: int = TOP) -> tuple:
+    """(width, height) of the PNG: (1 + top) cells across, (1 + num_maps) per query."""
+    cell_w, cell_h = report.cell_size()
+    return cell_w * (top + 1), cell_h * (1 + num_maps) * max(1, num_queries)
+
+
+def cell_origin(query_row: int, panel_row: int, column: int, num_maps: int) -> tuple:
+    """(x, y) of the top-left corner of a cell's frame."""
+    cell_w, cell_h = report.cell_size()
+    return column * cell_w, (query_row * (1 + num_maps) + panel_row) * cell_h
+
+
+def write_attention_visualization(entries, out_dir, *, map_names, top: int = TOP) -> str:
+    """Writes `<out_dir>/attention.png`; returns its path.
+
+    Args:
+        entries: per query a dict with `query` (name) and `images`: the query first, then
+            its top results, each a dict with `label`, `status` (report.COLORS), `image`
+            (uint8 (H, W, 3), what the model saw) and `maps` (`spatial_attention`).
+        map_names: the maps drawn (rows under each query's images), from MAPS.
+        top: results per query.
+    """
+    cell_w, cell_h = report.cell_size()
+    grid = Image.new("RGB", grid_size(len(entries), len(map_names), top), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, entry in enumerate(entries):
+        for c, item in enumerate(entry["images"][:top + 1]):
+            drawn = panels(item["image"], item["maps"])
+            color = report.COLORS["query" if c == 0 else item["status"]]
+            for p, name in enumerate(("image",) + tuple(map_names)):
+                x, y = cell_origin(r, p, c, len(map_names))
+                grid.paste(report.frame(Image.fromarray(drawn[name]), color), (x, y))
+                text = (item["label"] if name == "image"
+                        else map_label(name, item["maps"][name]))
+                draw.text((x + 2, y + cell_w), text[:22], fill=color)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "attention.png")
+    grid.save(path)
+    return path

@@ -1,0 +1,133 @@
+"""--visualize_attention: GLAM's spatial attention maps drawn over the images.
+
+The maps are the GLAM layer's own (`attention()` of its local and global spatial
+sublayers, called here on the backbone output), reduced as documented (G_s: mean over the
+output positions, or the centre's column); what is drawn before colouring is the map over
+its own range, bilinearly resized; the PNG holds exactly those overlays in a grid of the
+documented size, beside top10.png. A SavedModel, a baseline model and a missing
+--visualize are refused with a message.
+"""
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from glam_tf.config import EvalConfig, SettingError
+from glam_tf.data import testsets
+from glam_tf.eval import attention_vis, evaluator, extract, models, report
+from glam_tf.model import ModelConfig
+from helpers import MAX_SIZE, fake_backend, write_tiny_revisited
+from keras_helpers import tiny_descriptor_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(3)
+    return tiny_descriptor_model(ModelConfig(variant="global+local", reduced_channels=4,
+                                             embedding_dim=8))
+
+
+def _image(seed, shape=(48, 64, 3)):
+    return (np.random.default_rng(seed).random(shape) * 255).astype(np.uint8)
+
+
+def _layer_maps(model, image):
+    """Reference: the GLAM sublayers' own attention() on the backbone output."""
+    f = model.get_layer("backbone")(model.get_layer("preprocess")(
+        keras.ops.convert_to_tensor(image[None].astype(np.float32))), training=False)
+    glam = model.get_layer("glam")
+    local = keras.ops.convert_to_numpy(glam.local_spatial.attention(f))[0, :, :, 0]
+    a = keras.ops.convert_to_numpy(glam.global_spatial.attention(f))[0]
+    return local, a, (int(f.shape[1]), int(f.shape[2]))
+
+
+def test_maps_are_the_layers_attention(model):
+    image = _image(0)
+    local, a, (h, w) = _layer_maps(model, image)
+    assert (h, w) == (12, 16)
+    np.testing.assert_allclose(a.sum(axis=0), 1.0, rtol=1e-5)     # softmax over m
+    maps = attention_vis.spatial_attention(model, image)
+    np.testing.assert_allclose(maps["local"], local, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(maps["global"], a.mean(axis=1).reshape(h, w), rtol=1e-5,
+                               atol=1e-9)
+    assert abs(maps["global"].sum() - 1.0) < 1e-5
+    center = attention_vis.spatial_attention(model, image, position="center")
+    np.testing.assert_allclose(center["global"], a[:, 6 * w + 8].reshape(h, w),
+                               rtol=1e-5, atol=1e-9)
+    assert not np.allclose(center["global"], maps["global"])
+
+
+def test_heatmap_values_are_the_map_over_its_range():
+    m = np.array([[0.2, 0.4, 0.3], [0.6, 0.2, 0.5]])
+    same = attention_vis.heatmap_values(m, (3, 2))          # (W, H): no resampling
+    np.testing.assert_allclose(same, (m - 0.2) / 0.4, atol=1e-6)
+    big = attention_vis.heatmap_values(m, (9, 6))
+    assert big.shape == (6, 9) and big.min() >= 0.0 and big.max() <= 1.0
+    # Bilinear upsampling by 3 keeps each cell's value at its centre pixel.
+    np.testing.assert_allclose(big[1::3, 1::3], (m - 0.2) / 0.4, atol=1e-5)
+    assert not attention_vis.heatmap_values(np.full((2, 2), 0.7), (4, 4)).any()
+    colours = attention_vis.colorize(np.array([0.0, 1.0]))
+    np.testing.assert_array_equal(colours, [[68, 1, 84], [253, 231, 37]])
+    blend = attention_vis.overlay(np.zeros((1, 2, 3), np.uint8), np.array([[0.0, 1.0]]))
+    np.testing.assert_array_equal(blend, [[[34, 0, 42], [126, 116, 18]]])
+
+
+def test_png_grid_beside_top10_holds_the_overlays(tmp_path, model):
+    write_tiny_revisited(tmp_path / "data", distractors=False)
+    backend = models.from_keras_model(model, scales=(1.0,), max_image_size=MAX_SIZE)
+    assert backend.keras_model is model
+    config = EvalConfig(dataset="roxford5k", data_root=str(tmp_path / "data"),
+                        output_dir=str(tmp_path / "out"), max_image_size=MAX_SIZE,
+                        scales=(1.0,), visualize=("q0", "1"), visualize_attention=True)
+    results = evaluator.run_evaluation(config, backend=backend, print_table=False)
+    png = results["outputs"]["attention_png"]
+    assert png == str(tmp_path / "out" / "vis-roxford5k" / "attention.png")
+    assert (tmp_path / "out" / "vis-roxford5k" / "top10.png").is_file()
+    with Image.open(png) as im:
+        grid = np.asarray(im.convert("RGB"))
+    assert (grid.shape[1], grid.shape[0]) == attention_vis.grid_size(2, 2)
+    cell_w, cell_h = report.cell_size()
+    assert grid.shape == (2 * 3 * cell_h, 6 * cell_w, 3)
+
+    # Query q0 (a crop, at the evaluation's client resize): image, local and global rows.
+    ts = testsets.load_testset(str(tmp_path / "data"), "roxford5k")
+    item = extract.ImageItem("q0", ts.query_path("q0"), tuple(ts.gnd[0]["bbx"]))
+    size, _ = extract.target_size(*extract.read_size(item.path), item.box, MAX_SIZE,
+                                  backend.min_side())
+    image = extract.load_image(item, size)
+    local, a, (h, w) = _layer_maps(model, image)
+    maps = {"local": local, "global": a.mean(axis=1).reshape(h, w)}
+    thumb = attention_vis.thumbnail(image)
+    for row, name in enumerate(("image", "local", "global")):
+        drawn = (np.asarray(thumb) if name == "image" else attention_vis.overlay(
+            np.asarray(thumb), attention_vis.heatmap_values(maps[name], thumb.size)))
+        expected = np.asarray(report.frame(Image.fromarray(drawn), report.COLORS["query"]))
+        x, y = attention_vis.cell_origin(0, row, 0, 2)
+        cell = grid[y:y + cell_w, x:x + cell_w].astype(int)
+        # Maps recomputed here may differ from the drawn ones in float rounding only.
+        assert np.abs(cell - expected).max() <= 1, (name, np.abs(cell - expected).max())
+
+
+def test_refusals(tmp_path, model):
+    with pytest.raises(SettingError, match="--visualize_attention draws the --visualize"):
+        EvalConfig(dataset="roxford5k", data_root="d", output_dir="o", train_dir="t",
+                   visualize_attention=True).validate(check_model=False)
+    with pytest.raises(SettingError, match="not the SavedModel.*--train_dir"):
+        EvalConfig(dataset="roxford5k", data_root="d", output_dir="o", model="m",
+                   visualize=("0",), visualize_attention=True).validate(check_model=False)
+    write_tiny_revisited(tmp_path / "data", distractors=False)
+    config = EvalConfig(dataset="roxford5k", data_root=str(tmp_path / "data"),
+                        output_dir=str(tmp_path / "out"), max_image_size=MAX_SIZE,
+                        visualize=("0",), visualize_attention=True)
+    with pytest.raises(ValueError, match="needs the Keras model; the fake back-end"):
+        evaluator.run_evaluation(config, backend=fake_backend())
+    baseline = tiny_descriptor_model(ModelConfig(variant="baseline", embedding_dim=8))
+    with pytest.raises(attention_vis.NoAttentionError, match="no GLAM module"):
+        attention_vis.check_model(baseline)
+    channel = tiny_descriptor_model(ModelConfig(variant="global-channel", embedding_dim=8))
+    with pytest.raises(attention_vis.NoAttentionError, match="channel attention only"):
+        attention_vis.check_model(channel)
+    local = tiny_descriptor_model(ModelConfig(variant="local", reduced_channels=4,
+                                              embedding_dim=8))
+    assert attention_vis.check_model(local) == ("local",)
