@@ -7,16 +7,20 @@ import socket
 import uuid
 
 
-def atomic_write(path: str, write) -> None:
-    """Calls `write(f)` on a temporary binary file, syncs it and renames it to `path`: a
-    reader (or a crash) never sees half a file.
-
-    The temporary file `{path}.tmp-{host}-{pid}-{random}` is unique across hosts and
-    processes, so two hosts writing the same path on a shared disk never write into one
-    temporary file (the last rename wins, whole). It is removed when `write` fails.
-    """
+def temporary_path(path: str) -> str:
+    """`{path}.tmp-{host}-{pid}-{random}`: unique across hosts, processes and attempts, so
+    two writers of the same path on a shared disk never write into one temporary file (the
+    last rename wins, whole)."""
     host = socket.gethostname().replace(os.sep, "_") or "host"
-    tmp = f"{path}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex}"
+    return f"{path}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def atomic_write(path: str, write) -> None:
+    """Calls `write(f)` on a temporary binary file (`temporary_path`), syncs it and renames
+    it to `path`: a reader (or a crash) never sees half a file. The temporary file is
+    removed when `write` fails.
+    """
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -32,8 +32,6 @@ import json
 import math
 import os
 import re
-import socket
-import uuid
 
 import apache_beam as beam
 import numpy as np
@@ -41,7 +39,7 @@ from absl import logging
 
 from glam_tf import beam_options
 from glam_tf.config import contract
-from glam_tf.files import atomic_write, write_json_atomic
+from glam_tf.files import atomic_write, temporary_path, write_json_atomic
 
 CSV_CLEAN = "train_clean.csv"
 CSV_FULL = "train.csv"
@@ -341,7 +339,7 @@ class _WriteShard(beam.DoFn):
         out_path = os.path.join(self._output_dir, name)
         # Unique per host, process and attempt: a retried or speculative attempt of the same
         # shard never writes into another's file; the rename makes one of them the shard.
-        tmp_path = f"{out_path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp_path = temporary_path(out_path)
         report = {"shard": name, "written": 0, "missing": [], "undecodable": []}
         try:
             with tf.io.TFRecordWriter(tmp_path) as writer:
