@@ -18,6 +18,7 @@ import tempfile
 import keras
 import numpy as np
 
+from glam_tf.config import DataConfig, TrainConfig
 from glam_tf.model import EmbeddingHead, GeM, GlamModule, ModelConfig, all_layers
 from helpers import TESTS_DIR
 
@@ -188,6 +189,22 @@ def tiny_descriptor_model(config: ModelConfig) -> keras.Model:
     x = GeM(p=config.gem_p, eps=config.gem_eps, name="gem")(x)
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)
     return keras.Model(image, x, name="tiny_" + config.variant.replace("+", "_"))
+
+
+# The model config of the training tests: small enough for tiny_descriptor_model's shapes.
+TINY_MODEL = ModelConfig(backbone="resnet50", weights="none", reduced_channels=8,
+                         embedding_dim=16)
+
+
+def tiny_train_config(train_dir, **changes) -> TrainConfig:
+    """A seconds-long training run on the random stand-in data (6 classes, 32x48 images,
+    batch 8, 6 SGD steps), with `changes` replacing fields."""
+    base = dict(train_dir=str(train_dir), model=TINY_MODEL, data_source="random",
+                num_classes=6, random_image_size=(32, 48),
+                data=DataConfig(file_pattern="", global_batch_size=8), optimizer="sgd",
+                learning_rate=0.05, train_steps=6, checkpoint_every=3, log_every=2,
+                summary_every=1, export=False)
+    return TrainConfig(**{**base, **changes})
 
 
 # `python -c DRIVER --flag=...` from the repository root: train_main with the stand-in

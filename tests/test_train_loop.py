@@ -13,23 +13,14 @@ import pytest
 import keras
 import tensorflow as tf
 
-from glam_tf.config import DataConfig, EvalConfig, ExportConfig, SyntheticConfig, TrainConfig
+from glam_tf.config import DataConfig, EvalConfig, ExportConfig, SyntheticConfig
 from glam_tf.model import ModelConfig, all_layers
 from glam_tf.train import NonFiniteLossError, train
 from glam_tf.train.reporting import read_scalars
-from keras_helpers import tiny_descriptor_model
+from keras_helpers import TINY_MODEL, tiny_descriptor_model, tiny_train_config
 
-MODEL = ModelConfig(backbone="resnet50", weights="none", reduced_channels=8, embedding_dim=16)
-
-
-def _config(train_dir, **kw):
-    base = dict(train_dir=str(train_dir), model=MODEL, data_source="random", num_classes=6,
-                random_image_size=(32, 48),
-                data=DataConfig(file_pattern="", global_batch_size=8),
-                optimizer="sgd", learning_rate=0.05, train_steps=6, checkpoint_every=3,
-                log_every=2, summary_every=1, export=False)
-    base.update(kw)
-    return TrainConfig(**base)
+MODEL = TINY_MODEL
+_config = tiny_train_config
 
 
 def _checkpoint_values(prefix):

@@ -32,17 +32,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from glam_tf.config import DataConfig, TrainConfig
-from glam_tf.model import ArcFace, ModelConfig
+from glam_tf.model import ArcFace
 from glam_tf.train import NonFiniteLossError, train
 from glam_tf.train.loop import dtype_policy, loss_scale, make_optimizer
 from glam_tf.train.reporting import read_scalars
 from glam_tf.train.step import make_train_step
 from helpers import TESTS_DIR
-from keras_helpers import tiny_descriptor_model
+from keras_helpers import TINY_MODEL, tiny_descriptor_model, tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MODEL = ModelConfig(backbone="resnet50", weights="none", reduced_channels=8, embedding_dim=16)
+MODEL = TINY_MODEL
 FLOAT16_ROUNDOFF = 2.0 ** -11
 ARCFACE_SCALE = 30.0
 GRAD_RTOL = 2 * ARCFACE_SCALE * FLOAT16_ROUNDOFF        # ~2.9e-2, whole gradient
@@ -55,13 +54,7 @@ OVERFLOW_SCALE = 2.0 ** 40
 
 
 def _config(train_dir="unused", **kw):
-    base = dict(train_dir=str(train_dir), model=MODEL, data_source="random", num_classes=6,
-                random_image_size=(32, 48),
-                data=DataConfig(file_pattern="", global_batch_size=8),
-                optimizer="sgd", learning_rate=0.05, train_steps=6, checkpoint_every=2,
-                log_every=1, summary_every=1, export=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(train_dir, **{"checkpoint_every": 2, "log_every": 1, **kw})
 
 
 def _gradients_of_first_steps(precision, initial_weights, steps=3, lr=1e-3):
