@@ -30,24 +30,29 @@ from glam_tf.export import serving  # noqa: E402
 from glam_tf.model import BACKBONES, VARIANTS, ModelConfig, build_descriptor_model  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("backbone", "resnet101", BACKBONES, "Backbone of the exported model.")
-flags.DEFINE_enum("variant", "global+local", VARIANTS, "GLAM variant.")
-flags.DEFINE_integer("image_size", 1024, "Longer side of the test image (px); also the "
-                     "export's max_image_size.")
-flags.DEFINE_float("aspect", 0.75, "Shorter / longer side of the test image.")
-flags.DEFINE_integer("batch_size", 4, "Images per batched_global_descriptors call.")
-flags.DEFINE_integer("reps", 3, "Timed rounds (median reported).")
-flags.DEFINE_integer("warmup", 0, "Untimed rounds after the first calls.")
 
 
-def _time_call(fn):
+def define_flags():
+    """This program's flags (defined when it runs, so bench/export_precision.py can import
+    the timing helpers below without them)."""
+    flags.DEFINE_enum("backbone", "resnet101", BACKBONES, "Backbone of the exported model.")
+    flags.DEFINE_enum("variant", "global+local", VARIANTS, "GLAM variant.")
+    flags.DEFINE_integer("image_size", 1024, "Longer side of the test image (px); also the "
+                         "export's max_image_size.")
+    flags.DEFINE_float("aspect", 0.75, "Shorter / longer side of the test image.")
+    flags.DEFINE_integer("batch_size", 4, "Images per batched_global_descriptors call.")
+    flags.DEFINE_integer("reps", 3, "Timed rounds (median reported).")
+    flags.DEFINE_integer("warmup", 0, "Untimed rounds after the first calls.")
+
+
+def time_call(fn):
     """(wall s, process CPU s) of one fn() call."""
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _interleaved(cases, reps, warmup):
+def interleaved(cases, reps, warmup):
     """{name: (first-call wall s, median wall s, median CPU s)}.
 
     Each case is called once (first call, graph optimisation), `warmup` untimed rounds
@@ -57,7 +62,7 @@ def _interleaved(cases, reps, warmup):
     first = {}
     for name, fn in cases.items():
         logging.info("First call: %s", name)
-        first[name] = _time_call(fn)[0]
+        first[name] = time_call(fn)[0]
     for _ in range(warmup):
         for fn in cases.values():
             fn()
@@ -65,7 +70,7 @@ def _interleaved(cases, reps, warmup):
     for rep in range(reps):
         logging.info("Timed round %d / %d", rep + 1, reps)
         for name, fn in cases.items():
-            samples[name].append(_time_call(fn))
+            samples[name].append(time_call(fn))
     return {name: (first[name], float(np.median([s[0] for s in samples[name]])),
                    float(np.median([s[1] for s in samples[name]])))
             for name in cases}
@@ -121,7 +126,7 @@ def main(argv):
             f"global_descriptor x {b}, one at a time": lambda: [
                 sig["global_descriptor"](input_image=im) for im in batch],
         }
-        results = _interleaved(cases, FLAGS.reps, FLAGS.warmup)
+        results = interleaved(cases, FLAGS.reps, FLAGS.warmup)
 
     print(f"\n{config.backbone} / {config.variant}, image {short_side}x{long_side}, scales "
           f"{contract.DEFAULT_SCALES}, CPU threads: {os.cpu_count()}, TF {tf.__version__}, "
@@ -142,4 +147,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

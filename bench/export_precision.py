@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -45,6 +44,8 @@ from absl import app, flags, logging  # noqa: E402
 from glam_tf.config import EXPORT_PRECISIONS, EvalConfig  # noqa: E402
 from glam_tf.export import build_serving_module, restore_descriptor_model  # noqa: E402
 from glam_tf.model import BACKBONES, VARIANTS, ModelConfig, build_descriptor_model  # noqa: E402
+
+import export_latency  # noqa: E402  (this folder: the interleaved timing of the benches)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("backbone", "resnet101", BACKBONES, "Backbone of the latency model.")
@@ -62,31 +63,6 @@ flags.DEFINE_string("photos_dir", os.path.join(REPO, "..", "shared", "data"),
                     "Real photos for the cosine to float32 (searched recursively).")
 flags.DEFINE_string("synth_root", "data/synth_demo", "Folder holding the synthetic test "
                     "split synth/ (the demo writes it).")
-
-
-def _time_call(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def _interleaved(cases, reps, warmup):
-    """{name: (first-call wall s, median wall s, median CPU s)}, rounds interleaved."""
-    first = {}
-    for name, fn in cases.items():
-        logging.info("First call: %s", name)
-        first[name] = _time_call(fn)[0]
-    for _ in range(warmup):
-        for fn in cases.values():
-            fn()
-    samples = {name: [] for name in cases}
-    for rep in range(reps):
-        logging.info("Timed round %d / %d", rep + 1, reps)
-        for name, fn in cases.items():
-            samples[name].append(_time_call(fn))
-    return {name: (first[name], float(np.median([s[0] for s in samples[name]])),
-                   float(np.median([s[1] for s in samples[name]])))
-            for name in cases}
 
 
 def _cosine(a, b):
@@ -122,7 +98,7 @@ def latency(precisions):
             outputs[p] = modules[p].global_descriptor(image)["global_descriptor"].numpy()
         return fn
 
-    results = _interleaved({p: case(p) for p in precisions}, FLAGS.reps, FLAGS.warmup)
+    results = export_latency.interleaved({p: case(p) for p in precisions}, FLAGS.reps, FLAGS.warmup)
     ref_wall, ref_cpu = results["float32"][1], results["float32"][2]
     rows = {p: {"first_s": round(first, 3), "median_s": round(wall, 3),
                 "cpu_s": round(cpu, 3), "speedup": round(ref_wall / wall, 3),
