@@ -164,8 +164,10 @@ def tiny_descriptor_model(config: ModelConfig) -> keras.Model:
     norm is exercised. GLAM, GeM and the head are the real glam_tf.model layers.
 
     Args:
-        config: only variant, reduced_channels, kernel_size, dilations, gem_p, gem_eps,
-            embedding_dim and dropout are used (backbone and weights are ignored).
+        config: the GLAM settings (variant, reduced_channels capped at 8, kernel_size,
+            dilations, zero_init_attention, fusion_identity_weight, fusion_lr_multiplier,
+            global_spatial_logit_scale), gem_p, gem_eps, embedding_dim and dropout are used
+            (backbone, weights and zero_init_residual are ignored).
 
     Returns:
         keras.Model `(B, H, W, 3)` -> `(B, embedding_dim)` unit rows.
@@ -185,7 +187,11 @@ def tiny_descriptor_model(config: ModelConfig) -> keras.Model:
     if config.variant != "baseline":
         x = GlamModule(config.variant, reduced_channels=min(config.reduced_channels, 8),
                        kernel_size=config.kernel_size, dilations=tuple(config.dilations),
-                       zero_init_attention=config.zero_init_attention, name="glam")(x)
+                       zero_init_attention=config.zero_init_attention,
+                       fusion_identity_weight=config.fusion_identity_weight,
+                       fusion_lr_multiplier=config.fusion_lr_multiplier,
+                       global_spatial_logit_scale=config.global_spatial_logit_scale,
+                       name="glam")(x)
     x = GeM(p=config.gem_p, eps=config.gem_eps, name="gem")(x)
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)
     return keras.Model(image, x, name="tiny_" + config.variant.replace("+", "_"))

@@ -99,10 +99,14 @@ def ref_global_channel(layer, f, transposed=False):
     return a, f * g                         # eq. 5, no residual
 
 
-def ref_global_spatial(layer, f, target=None, transposed=False):
-    """a[b, m, n] softmax over keys m; G_s = conv1x1(sum_m a[m, n] V_m); eq. 6 output."""
+def ref_global_spatial(layer, f, target=None, transposed=False, logit_scale=None):
+    """a[b, m, n] softmax over keys m of s K_m . Q_n (s = 1, or 1/sqrt(c') for logit
+    scale "sqrt"; default: the layer's own); G_s = conv1x1(sum_m a[m, n] V_m); eq. 6
+    output."""
     b_, h, w, _ = f.shape
     cp = layer.reduced_channels
+    logit_scale = layer.logit_scale if logit_scale is None else logit_scale
+    s = 1.0 / np.sqrt(cp) if logit_scale == "sqrt" else 1.0
     q = np_conv2d(f, *kb(layer.conv_query)).reshape(b_, h * w, cp)
     k = np_conv2d(f, *kb(layer.conv_key)).reshape(b_, h * w, cp)
     v = np_conv2d(f, *kb(layer.conv_value)).reshape(b_, h * w, cp)
@@ -113,6 +117,7 @@ def ref_global_spatial(layer, f, target=None, transposed=False):
             logits = np.array([k[b, m] @ q[b, n] for m in range(h * w)])
             if transposed:  # wrong: the key position fixed, softmax over queries
                 logits = np.array([k[b, n] @ q[b, m] for m in range(h * w)])
+            logits = s * logits
             e = np.exp(logits - logits.max())
             a[b, :, n] = e / e.sum()
             o[b, n] = sum(a[b, m, n] * v[b, m] for m in range(h * w))
@@ -139,7 +144,8 @@ def ref_glam(module, f):
         if module.global_spatial is not None:
             x = ref_global_spatial(module.global_spatial, f, target=x)[1]  # G_s from F
         branches.append(x)
-    beta = np.asarray(module.fusion_beta, np.float64)
+    # The weight holds beta' = beta / fusion_lr_multiplier.
+    beta = module.fusion_lr_multiplier * np.asarray(module.fusion_beta, np.float64)
     wts = np.exp(beta) / np.exp(beta).sum()
     return sum(wi * x for wi, x in zip(wts, branches)) + wts[-1] * f
 
@@ -179,10 +185,14 @@ def assert_close(actual, expected, tol=TOL):
     (LocalSpatialAttention, {"reduced_channels": CP, "dilations": (1, 2, 3)}),
     (GlobalChannelAttention, {"kernel_size": 3}),
     (GlobalSpatialAttention, {"reduced_channels": CP}),
+    (GlobalSpatialAttention, {"reduced_channels": CP, "logit_scale": "sqrt"}),
     *[(GlamModule, {"variant": v, "reduced_channels": CP, "kernel_size": 3})
       for v in MODULE_VARIANTS],
     (GlamModule, {"variant": "global+local", "reduced_channels": CP,
                   "zero_init_attention": True}),
+    (GlamModule, {"variant": "global+local", "reduced_channels": CP,
+                  "fusion_identity_weight": 0.8, "fusion_lr_multiplier": 10.0,
+                  "global_spatial_logit_scale": "sqrt"}),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else "-".join(map(str, v.values())))
 def test_layer_basics(feats, layer_cls, kwargs):
     """Shapes, config and .keras round trips (same outputs), float32 and mixed_bfloat16."""
@@ -338,6 +348,106 @@ def test_global_spatial_has_no_1_over_sqrt_c_scaling(feats):
     assert np.max(np.abs(a - ref_scaled)) > 1e-2
 
 
+def test_global_spatial_sqrt_logit_scale_matches_numpy(feats):
+    """logit_scale "sqrt": a = softmax(K.Q / sqrt(c')) over keys, in attention(), in the
+    return_attention path and in the output; it differs from the unscaled map."""
+    layer = GlobalSpatialAttention(reduced_channels=CP, logit_scale="sqrt", name="gs")
+    layer.build(feats.shape)
+    randomize_biases(layer)
+    a_ref, out_ref = ref_global_spatial(layer, feats)
+    out, a = layer(feats, return_attention=True)
+    assert_close(a, a_ref)
+    assert_close(layer.attention(feats), a_ref)
+    assert_close(out, out_ref)
+    assert_close(layer(feats), out_ref)
+    a_plain, out_plain = ref_global_spatial(layer, feats, logit_scale="none")
+    assert np.max(np.abs(np.asarray(a) - a_plain)) > 1e-2
+    assert np.max(np.abs(np.asarray(out) - out_plain)) > 1e-2
+    # The unscaled layer with the same weights gives the unscaled map.
+    plain = GlobalSpatialAttention(reduced_channels=CP)
+    plain.build(feats.shape)
+    plain.set_weights(layer.get_weights())
+    assert_close(plain.attention(feats), a_plain)
+
+
+@pytest.mark.parametrize("variant,w0,m,expected", [
+    ("global+local", 0.8, 1.0, [0.1, 0.1, 0.8]),
+    ("global+local", 0.8, 10.0, [0.1, 0.1, 0.8]),
+    ("local", 0.8, 100.0, [0.2, 0.8]),
+    ("global-channel", 0.5, 1.0, [0.5, 0.5]),
+    ("global+local", 0.0, 10.0, [1 / 3, 1 / 3, 1 / 3]),
+])
+def test_fusion_identity_weight_and_lr_multiplier_set_the_initial_fusion(feats, variant, w0,
+                                                                        m, expected):
+    """softmax(beta) at init gives F the requested weight and the branches equal shares;
+    the weight stores beta' = beta / m (beta_F = log(w0) - log((1 - w0) / n)); the output
+    is the NumPy fusion with beta = m * beta'."""
+    module = GlamModule(variant, reduced_channels=CP, fusion_identity_weight=w0,
+                        fusion_lr_multiplier=m)
+    module.build(feats.shape)
+    n = module.num_branches
+    beta = np.zeros(n + 1)
+    if w0:
+        beta[-1] = np.log(w0) - np.log((1 - w0) / n)
+    np.testing.assert_allclose(np.exp(beta) / np.exp(beta).sum(), expected, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(module.fusion_beta), beta / m, rtol=1e-6,
+                               atol=1e-7)
+    weights = module.fusion_weights()
+    assert keras.backend.standardize_dtype(weights.dtype) == "float32"
+    np.testing.assert_allclose(np.asarray(weights), expected, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(module.fusion_logits()), beta, atol=1e-5)
+    assert_close(module(feats), ref_glam(module, feats))
+    module.fusion_beta.assign(np.linspace(-0.3, 0.2, n + 1).astype("float32"))
+    assert_close(module(feats), ref_glam(module, feats))
+
+
+def test_fusion_lr_multiplier_speeds_up_beta_under_adam(feats):
+    """One Adam step moves beta' by ~lr (sign of the gradient), so beta = m beta' moves
+    by ~m lr: the moves at m = 10 are 10x those at m = 1 (same weights, same gradient
+    direction)."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    lr = 1e-2
+    target = np.random.default_rng(7).normal(size=feats.shape).astype("float32")
+    moves = {}
+    for m in (1.0, 10.0):
+        keras.utils.set_random_seed(0)  # same sublayer weights for both
+        module = GlamModule("global+local", reduced_channels=CP, fusion_identity_weight=0.8,
+                            fusion_lr_multiplier=m)
+        module.build(feats.shape)
+        before = np.asarray(module.fusion_logits(), np.float64)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(module(feats) * target)
+        grad = tape.gradient(loss, module.fusion_beta)
+        assert np.min(np.abs(np.asarray(grad))) > 0.1  # Adam's eps (~3e-6 at step 1) negligible
+        keras.optimizers.Adam(learning_rate=lr).apply_gradients([(grad, module.fusion_beta)])
+        moves[m] = np.asarray(module.fusion_logits(), np.float64) - before
+    np.testing.assert_allclose(np.abs(moves[1.0]), lr, rtol=1e-3)
+    np.testing.assert_allclose(moves[10.0] / moves[1.0], 10.0, rtol=1e-3)
+
+
+def test_glam_module_config_keeps_the_new_args_and_reads_old_configs(feats):
+    module = GlamModule("global+local", reduced_channels=CP, fusion_identity_weight=0.7,
+                        fusion_lr_multiplier=20.0, global_spatial_logit_scale="sqrt")
+    config = module.get_config()
+    clone = GlamModule.from_config(config)
+    assert (clone.fusion_identity_weight, clone.fusion_lr_multiplier,
+            clone.global_spatial_logit_scale) == (0.7, 20.0, "sqrt")
+    assert clone.global_spatial.logit_scale == "sqrt"
+    # A config saved before these settings existed loads with today's defaults.
+    for key in ("fusion_identity_weight", "fusion_lr_multiplier",
+                "global_spatial_logit_scale"):
+        del config[key]
+    old = GlamModule.from_config(config)
+    assert (old.fusion_identity_weight, old.fusion_lr_multiplier,
+            old.global_spatial_logit_scale) == (0.0, 1.0, "none")
+    gs_config = old.global_spatial.get_config()
+    del gs_config["logit_scale"]
+    assert GlobalSpatialAttention.from_config(gs_config).logit_scale == "none"
+    old.build(feats.shape)
+    np.testing.assert_allclose(np.asarray(old.fusion_weights()), 1 / 3, atol=1e-7)
+
+
 @pytest.mark.parametrize("variant", MODULE_VARIANTS)
 def test_glam_module_variant_matches_numpy(feats, variant):
     module = GlamModule(variant, reduced_channels=CP, kernel_size=3, name="glam")
@@ -470,6 +580,13 @@ def test_glam_param_count_matches_closed_form(cp, spec_millions):
     (LocalSpatialAttention, {"dilations": ()}, "dilations"),
     (LocalSpatialAttention, {"dilations": (1, 1)}, "dilations"),
     (GlobalSpatialAttention, {"reduced_channels": 2.5}, "reduced_channels"),
+    (GlobalSpatialAttention, {"logit_scale": "rsqrt"}, "logit_scale"),
+    (GlamModule, {"fusion_identity_weight": 1.0}, "fusion_identity_weight"),
+    (GlamModule, {"fusion_identity_weight": -0.1}, "fusion_identity_weight"),
+    (GlamModule, {"fusion_lr_multiplier": 0.0}, "fusion_lr_multiplier"),
+    (GlamModule, {"fusion_lr_multiplier": float("inf")}, "fusion_lr_multiplier"),
+    (GlamModule, {"variant": "local", "global_spatial_logit_scale": "x"},
+     "global_spatial_logit_scale"),
     (GlamModule, {"variant": "baseline"}, "no GLAM module"),
     (GlamModule, {"variant": "glam"}, "variant"),
 ])

@@ -18,6 +18,7 @@ from glam_tf.model import (
     imagenet_weights_file,
 )
 from glam_tf.model import backbone as backbone_lib
+from glam_tf.model import builder
 
 
 def test_default_config_is_the_spec():
@@ -26,6 +27,10 @@ def test_default_config_is_the_spec():
     assert (cfg.backbone, cfg.weights, cfg.variant) == ("resnet101", "imagenet", "global+local")
     assert (cfg.reduced_channels, cfg.kernel_size, cfg.dilations) == (256, 3, (1, 2, 3))
     assert (cfg.gem_p, cfg.gem_eps, cfg.embedding_dim, cfg.dropout) == (3.0, 1e-6, 512, 0.0)
+    # Not in the paper; the defaults are the spec's module (beta = 0 learned at the
+    # network's rate, unscaled global spatial logits).
+    assert (cfg.fusion_identity_weight, cfg.fusion_lr_multiplier,
+            cfg.global_spatial_logit_scale) == (0.0, 1.0, "none")
     assert VARIANTS == ("baseline", "local-channel", "local-spatial", "local",
                         "global-channel", "global-spatial", "global", "global+local")
     assert BACKBONES == ("resnet50", "resnet101", "resnet152")
@@ -33,7 +38,9 @@ def test_default_config_is_the_spec():
 
 def test_config_json_round_trip():
     cfg = ModelConfig(backbone="resnet50", weights="none", variant="local",
-                      reduced_channels=64, dilations=(1, 3, 5), dropout=0.2)
+                      reduced_channels=64, dilations=(1, 3, 5), dropout=0.2,
+                      fusion_identity_weight=0.8, fusion_lr_multiplier=10.0,
+                      global_spatial_logit_scale="sqrt")
     text = json.dumps(cfg.to_dict())
     back = ModelConfig.from_dict(json.loads(text))
     assert back == cfg and isinstance(back.dilations, tuple)
@@ -57,6 +64,12 @@ def test_config_json_round_trip():
     ("embedding_dim", True, "positive integer"),
     ("dropout", 1.0, r"\[0, 1\)"),
     ("zero_init_attention", 1, "must be a bool"),
+    ("fusion_identity_weight", 1.0, r"must be a number in \[0, 1\)"),
+    ("fusion_identity_weight", -0.1, r"must be a number in \[0, 1\)"),
+    ("fusion_identity_weight", float("nan"), r"\[0, 1\)"),
+    ("fusion_lr_multiplier", 0.0, "must be a finite number > 0"),
+    ("fusion_lr_multiplier", float("inf"), "finite number > 0"),
+    ("global_spatial_logit_scale", "rsqrt", "must be one of none, sqrt"),
     ("zero_init_residual", 1, "must be a bool"),
     ("zero_init_residual", True, "random initialisation only"),  # weights "imagenet"
 ])
@@ -74,6 +87,29 @@ def test_build_descriptor_model_validates_first():
         build_descriptor_model(ModelConfig(weights="none", variant="GLAM"))
     with pytest.raises(TypeError, match="ModelConfig"):
         build_descriptor_model({"variant": "global"})
+
+
+def test_build_descriptor_model_passes_the_glam_settings(monkeypatch):
+    """The fusion and logit-scale settings reach the "glam" layer (a two-layer stand-in
+    backbone: the ResNet itself is tested below)."""
+    def tiny_backbone(*args, **kwargs):
+        return keras.Sequential([keras.Input((None, None, 3)),
+                                 keras.layers.Conv2D(8, 3, strides=4, padding="same")],
+                                name="backbone")
+
+    monkeypatch.setattr(builder, "build_backbone", tiny_backbone)
+    model = build_descriptor_model(ModelConfig(
+        weights="none", reduced_channels=4, embedding_dim=8, fusion_identity_weight=0.8,
+        fusion_lr_multiplier=10.0, global_spatial_logit_scale="sqrt"))
+    glam = model.get_layer("glam")
+    assert (glam.fusion_identity_weight, glam.fusion_lr_multiplier,
+            glam.global_spatial_logit_scale) == (0.8, 10.0, "sqrt")
+    assert glam.global_spatial.logit_scale == "sqrt"
+    np.testing.assert_allclose(np.asarray(glam.fusion_weights()), [0.1, 0.1, 0.8], atol=1e-6)
+    default = build_descriptor_model(ModelConfig(weights="none", reduced_channels=4,
+                                                 embedding_dim=8)).get_layer("glam")
+    assert (default.fusion_identity_weight, default.fusion_lr_multiplier,
+            default.global_spatial.logit_scale) == (0.0, 1.0, "none")
 
 
 @pytest.fixture

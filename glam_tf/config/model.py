@@ -23,6 +23,8 @@ VARIANTS = (
 )
 BACKBONES = ("resnet50", "resnet101", "resnet152")
 WEIGHTS_KEYWORDS = ("imagenet", "none")
+# Scaling of the global spatial attention logits K_m . Q_n before their softmax.
+LOGIT_SCALES = ("none", "sqrt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,12 @@ class ModelConfig:
     it. zero_init_residual (Goyal et al. 2017, "Accurate, large minibatch SGD";
     torchvision's `zero_init_residual`): in the demo GLAM's loss is 3.48 at step 100 with
     it, 3.96 without (ln 50 = 3.91: still on the plateau).
+
+    fusion_identity_weight, fusion_lr_multiplier, global_spatial_logit_scale: the paper
+    fixes none of them; the defaults (equal fusion weights, beta learned at the network's
+    rate, unscaled logits) are the spec's module. In the demo the fusion weights end
+    within 0.007 of their initialisation after 320 AdamW steps at 1e-3, and G_s is
+    one-hot (unscaled dot products over c' = 256 channels).
     """
 
     backbone: str = setting("resnet101", "keras.applications ResNet backbone (conv5 output, "
@@ -70,6 +78,22 @@ class ModelConfig:
     zero_init_attention: bool = setting(
         False, "Start the output convs of local and global spatial attention at zero (eqs. "
         "2 and 6 start as identity); for training from random init.")
+    fusion_identity_weight: float = setting(
+        0.0, "Initial fusion weight w of F itself (the branches share the rest equally), "
+        "so the module starts close to the identity and learns the branches in; 0: equal "
+        "weights (beta = 0, the spec).", rule=number(0.0, 1.0, high_open=True),
+        fix="Use 0 (equal weights) or a weight below 1, e.g. 0.8.")
+    fusion_lr_multiplier: float = setting(
+        1.0, "The fusion logits beta move this many times faster than other weights "
+        "(beta = m * stored beta'; under Adam/AdamW a step moves beta' by ~lr), since "
+        "at the network's rate they barely leave their initialisation.",
+        rule=number(0.0, low_open=True), fix="The default 1.0 learns beta like any "
+        "other weight; e.g. 10 or 100 moves it faster.")
+    global_spatial_logit_scale: str = setting(
+        "none", "Global spatial attention logits K.Q: 'none' (the spec) or 'sqrt' "
+        "(divided by sqrt(c') as in transformers, so the softmax over positions is "
+        "less likely to saturate to one-hot).", rule=one_of(LOGIT_SCALES),
+        fix="Use --global_spatial_logit_scale=none or =sqrt.")
     zero_init_residual: bool = setting(
         False, "Start every bottleneck block of the backbone as its shortcut (last "
         "BatchNorm gamma 0); with --weights=none only.")

@@ -13,6 +13,8 @@ import warnings
 import keras
 from keras import ops
 
+from glam_tf.config.model import LOGIT_SCALES
+
 
 def _check_feature_shape(layer, input_shape):
     if len(input_shape) != 4 or input_shape[-1] is None:
@@ -309,9 +311,9 @@ class GlobalSpatialAttention(keras.layers.Layer):
     """Global spatial (non-local) attention, spec "Global spatial attention", eq. 6.
 
     Q, K, V = conv1x1(F) (C -> c'), flattened to (HW, c'); a[m, n] =
-    exp(K_m . Q_n) / sum_m' exp(K_m' . Q_n) (softmax over key positions m for each query
-    n; no 1/sqrt(c') scaling); O_n = sum_m a[m, n] V_m; G_s = conv1x1(O) (c' -> C);
-    output = target * G_s + target.
+    exp(s K_m . Q_n) / sum_m' exp(s K_m' . Q_n) (softmax over key positions m for each
+    query n; s = 1 as in the spec, or 1/sqrt(c') with logit_scale "sqrt");
+    O_n = sum_m a[m, n] V_m; G_s = conv1x1(O) (c' -> C); output = target * G_s + target.
 
     The key conv has no bias: a bias b adds b . Q_n to every logit of column n, which the
     softmax over m cancels, so it could never receive a gradient.
@@ -323,6 +325,9 @@ class GlobalSpatialAttention(keras.layers.Layer):
         reduced_channels: c' (spec: 256).
         zero_init_output: start `conv_out` at zero, so G_s = 0 and the block starts as its
             residual identity, as non-local blocks do (Wang et al., CVPR 2018).
+        logit_scale: "none" (the spec: a = softmax(K.Q)) or "sqrt" (a = softmax(K.Q /
+            sqrt(c')), as transformers scale dot products, so the softmax over HW
+            positions saturates less; ModelConfig.global_spatial_logit_scale).
 
     Call arguments:
         inputs: F, `(B, H, W, C)`, from which G_s is computed.
@@ -334,11 +339,16 @@ class GlobalSpatialAttention(keras.layers.Layer):
         positions flattened row-major (m = y * W + x).
     """
 
-    def __init__(self, reduced_channels=256, zero_init_output=False, **kwargs):
+    def __init__(self, reduced_channels=256, zero_init_output=False, logit_scale="none",
+                 **kwargs):
         super().__init__(**kwargs)
         _check_positive_int("GlobalSpatialAttention", "reduced_channels", reduced_channels)
+        if logit_scale not in LOGIT_SCALES:
+            raise ValueError(f"GlobalSpatialAttention: `logit_scale` must be one of "
+                             f"{LOGIT_SCALES}; received logit_scale={logit_scale!r}.")
         self.reduced_channels = reduced_channels
         self.zero_init_output = bool(zero_init_output)
+        self.logit_scale = logit_scale
 
     def build(self, inputs_shape, target_shape=None):
         channels = _check_feature_shape(self, inputs_shape)
@@ -365,6 +375,8 @@ class GlobalSpatialAttention(keras.layers.Layer):
         # and bfloat16 would round them to a fraction of a unit.
         logits = ops.einsum("bmc,bnc->bmn", ops.cast(k, "float32"),
                             ops.cast(q, "float32"))  # [b, m, n] = K_m . Q_n
+        if self.logit_scale == "sqrt":
+            logits = logits * (1.0 / math.sqrt(self.reduced_channels))
         with warnings.catch_warnings():
             # A 1x1 feature map (input <= 32 px) has one key: softmax = 1 is right there.
             warnings.filterwarnings("ignore", message="You are using a softmax over axis")
@@ -399,5 +411,6 @@ class GlobalSpatialAttention(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"reduced_channels": self.reduced_channels,
-                       "zero_init_output": self.zero_init_output})
+                       "zero_init_output": self.zero_init_output,
+                       "logit_scale": self.logit_scale})
         return config

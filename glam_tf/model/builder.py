@@ -34,7 +34,11 @@ def build_descriptor_model(config: ModelConfig) -> keras.Model:
     if config.variant != "baseline":
         x = GlamModule(config.variant, reduced_channels=config.reduced_channels,
                        kernel_size=config.kernel_size, dilations=tuple(config.dilations),
-                       zero_init_attention=config.zero_init_attention, name="glam")(x)
+                       zero_init_attention=config.zero_init_attention,
+                       fusion_identity_weight=config.fusion_identity_weight,
+                       fusion_lr_multiplier=config.fusion_lr_multiplier,
+                       global_spatial_logit_scale=config.global_spatial_logit_scale,
+                       name="glam")(x)
     x = GeM(p=config.gem_p, eps=config.gem_eps, name="gem")(x)
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)
     name = "glam_" + config.variant.replace("+", "_").replace("-", "_")

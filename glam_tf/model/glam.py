@@ -4,7 +4,10 @@ Spec sections "Fusion" and "Ablation variants": every variant of the paper's Tab
 (except "baseline", which has no module) is one value of `variant`.
 """
 
+import math
+
 import keras
+import numpy as np
 from keras import ops
 
 from glam_tf.model.attention import (
@@ -13,7 +16,7 @@ from glam_tf.model.attention import (
     LocalChannelAttention,
     LocalSpatialAttention,
 )
-from glam_tf.config.model import VARIANTS
+from glam_tf.config.model import LOGIT_SCALES, VARIANTS
 
 MODULE_VARIANTS = tuple(v for v in VARIANTS if v != "baseline")
 
@@ -29,6 +32,11 @@ _PARTS = {
 }
 
 
+def _is_real(value):
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(
+        value, bool)
+
+
 @keras.saving.register_keras_serializable(package="glam_tf")
 class GlamModule(keras.layers.Layer):
     """Global-local attention module on a backbone feature map F (Song et al., WACV 2022).
@@ -39,11 +47,19 @@ class GlamModule(keras.layers.Layer):
     part to F (e.g. "local-spatial": F^l = F * A_s^l + F); without a spatial part the
     branch is its channel output (e.g. "global-channel": F^g = F_c^g).
     Fusion: F^gl = sum_b w_b F^b + w F over the branches present (local first, then
-    global) and F, (w_b..., w) = softmax(beta), beta initialised to zeros (equal weights,
-    1 / (n_branches + 1)).
+    global) and F, (w_b..., w) = softmax(beta). beta starts at zeros (equal weights,
+    1 / (n_branches + 1)), or with `fusion_identity_weight` w0 in (0, 1) at
+    beta_F = log(w0) - log((1 - w0) / n_branches), branch entries 0, so that w = w0 and
+    the branches share 1 - w0 equally (`fusion_beta_init`).
+
+    beta is reparametrised as beta = m * beta' with m = `fusion_lr_multiplier`: the
+    weight holds beta' (initialised to beta_init / m). A step of Adam/AdamW moves beta'
+    by ~lr whatever its gradient's scale, so beta moves ~m times faster than at m = 1,
+    and decoupled weight decay shrinks beta at the same relative rate as beta'.
 
     Sublayers: `{name}_local_channel`, `{name}_local_spatial`, `{name}_global_channel`,
-    `{name}_global_spatial` (those the variant uses); weight `{name}/fusion_beta`.
+    `{name}_global_spatial` (those the variant uses); weight `{name}/fusion_beta`, which
+    holds beta' (beta itself is `fusion_logits()`).
 
     Args:
         variant: one of MODULE_VARIANTS.
@@ -52,6 +68,11 @@ class GlamModule(keras.layers.Layer):
         dilations: local spatial dilation rates (spec: (1, 2, 3)).
         zero_init_attention: start the output convs of both spatial blocks at zero
             (ModelConfig.zero_init_attention).
+        fusion_identity_weight: initial fusion weight of F in [0, 1); 0 means equal
+            weights (beta = 0, the spec) (ModelConfig.fusion_identity_weight).
+        fusion_lr_multiplier: m > 0 of beta = m * beta' (ModelConfig.fusion_lr_multiplier).
+        global_spatial_logit_scale: "none" or "sqrt", the global spatial block's
+            `logit_scale` (ModelConfig.global_spatial_logit_scale).
 
     Call arguments:
         inputs: F, `(B, H, W, C)`.
@@ -65,7 +86,8 @@ class GlamModule(keras.layers.Layer):
     """
 
     def __init__(self, variant="global+local", reduced_channels=256, kernel_size=3,
-                 dilations=(1, 2, 3), zero_init_attention=False, **kwargs):
+                 dilations=(1, 2, 3), zero_init_attention=False, fusion_identity_weight=0.0,
+                 fusion_lr_multiplier=1.0, global_spatial_logit_scale="none", **kwargs):
         super().__init__(**kwargs)
         if variant not in MODULE_VARIANTS:
             hint = (" Variant 'baseline' has no GLAM module: build_descriptor_model "
@@ -76,7 +98,24 @@ class GlamModule(keras.layers.Layer):
         self.reduced_channels = reduced_channels
         self.kernel_size = kernel_size
         self.dilations = tuple(dilations)
+        if not _is_real(fusion_identity_weight) or not 0.0 <= fusion_identity_weight < 1.0:
+            raise ValueError("GlamModule: `fusion_identity_weight` must be a number in "
+                             "[0, 1) (0: equal weights); received fusion_identity_weight="
+                             f"{fusion_identity_weight!r}.")
+        if (not _is_real(fusion_lr_multiplier) or not math.isfinite(fusion_lr_multiplier)
+                or fusion_lr_multiplier <= 0):
+            raise ValueError("GlamModule: `fusion_lr_multiplier` must be a finite number "
+                             "> 0 (1: beta learns like any weight); received "
+                             f"fusion_lr_multiplier={fusion_lr_multiplier!r}.")
+        if global_spatial_logit_scale not in LOGIT_SCALES:
+            # Checked here too: variants without global spatial attention ignore it.
+            raise ValueError(f"GlamModule: `global_spatial_logit_scale` must be one of "
+                             f"{LOGIT_SCALES}; received global_spatial_logit_scale="
+                             f"{global_spatial_logit_scale!r}.")
         self.zero_init_attention = bool(zero_init_attention)
+        self.fusion_identity_weight = float(fusion_identity_weight)
+        self.fusion_lr_multiplier = float(fusion_lr_multiplier)
+        self.global_spatial_logit_scale = global_spatial_logit_scale
         lc, ls, gc, gs = _PARTS[variant]
         self.has_local = lc or ls
         self.has_global = gc or gs
@@ -93,7 +132,8 @@ class GlamModule(keras.layers.Layer):
             kernel_size, name=f"{name}_global_channel", **kw) if gc else None)
         self.global_spatial = (GlobalSpatialAttention(
             reduced_channels, zero_init_output=self.zero_init_attention,
-            name=f"{name}_global_spatial", **kw) if gs else None)
+            logit_scale=global_spatial_logit_scale, name=f"{name}_global_spatial", **kw)
+            if gs else None)
 
     @property
     def num_branches(self):
@@ -110,14 +150,31 @@ class GlamModule(keras.layers.Layer):
                 layer.build(input_shape)
         # Not autocast: under a mixed policy beta is read in float32 (bfloat16 would round
         # it to 3 significant digits) and the softmax of three scalars costs nothing.
+        stored = self.fusion_beta_init() / self.fusion_lr_multiplier
         self.fusion_beta = self.add_weight(
-            name="fusion_beta", shape=(self.num_branches + 1,), initializer="zeros",
+            name="fusion_beta", shape=(self.num_branches + 1,),
+            initializer=lambda shape, dtype=None: ops.convert_to_tensor(stored, dtype),
             autocast=False)
+
+    def fusion_beta_init(self):
+        """Initial beta (not beta'), float32 NumPy `(n_branches + 1,)`: zeros, or with
+        `fusion_identity_weight` w0 > 0, log(w0) - log((1 - w0) / n_branches) for F (last)
+        and 0 for the branches, so that softmax(beta) = ((1 - w0) / n, ..., w0)."""
+        beta = np.zeros((self.num_branches + 1,), np.float32)
+        w0 = self.fusion_identity_weight
+        if w0 > 0.0:
+            beta[-1] = math.log(w0) - math.log((1.0 - w0) / self.num_branches)
+        return beta
+
+    def fusion_logits(self):
+        """beta = fusion_lr_multiplier * beta' (the stored `fusion_beta`), float32
+        `(n_branches + 1,)`."""
+        return self.fusion_lr_multiplier * ops.cast(self.fusion_beta, "float32")
 
     def fusion_weights(self):
         """softmax(beta) in float32: `(n_branches + 1,)`, branches first (local, global), F
         last."""
-        return ops.softmax(ops.cast(self.fusion_beta, "float32"))
+        return ops.softmax(self.fusion_logits())
 
     def call(self, inputs, return_attention=False):
         f = inputs
@@ -167,5 +224,8 @@ class GlamModule(keras.layers.Layer):
         config = super().get_config()
         config.update({"variant": self.variant, "reduced_channels": self.reduced_channels,
                        "kernel_size": self.kernel_size, "dilations": list(self.dilations),
-                       "zero_init_attention": self.zero_init_attention})
+                       "zero_init_attention": self.zero_init_attention,
+                       "fusion_identity_weight": self.fusion_identity_weight,
+                       "fusion_lr_multiplier": self.fusion_lr_multiplier,
+                       "global_spatial_logit_scale": self.global_spatial_logit_scale})
         return config
