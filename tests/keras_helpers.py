@@ -166,7 +166,7 @@ def tiny_descriptor_model(config: ModelConfig) -> keras.Model:
     Args:
         config: the GLAM settings (variant, reduced_channels capped at 8, kernel_size,
             dilations, zero_init_attention, fusion_identity_weight, fusion_lr_multiplier,
-            global_spatial_logit_scale), gem_p, gem_eps, embedding_dim and dropout are used
+            global_spatial_logit_scale, local_spatial_activation), gem_p, gem_eps, embedding_dim and dropout are used
             (backbone, weights and zero_init_residual are ignored).
 
     Returns:
@@ -191,6 +191,7 @@ def tiny_descriptor_model(config: ModelConfig) -> keras.Model:
                        fusion_identity_weight=config.fusion_identity_weight,
                        fusion_lr_multiplier=config.fusion_lr_multiplier,
                        global_spatial_logit_scale=config.global_spatial_logit_scale,
+                       local_spatial_activation=config.local_spatial_activation,
                        name="glam")(x)
     x = GeM(p=config.gem_p, eps=config.gem_eps, name="gem")(x)
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)

@@ -192,7 +192,8 @@ def assert_close(actual, expected, tol=TOL):
                   "zero_init_attention": True}),
     (GlamModule, {"variant": "global+local", "reduced_channels": CP,
                   "fusion_identity_weight": 0.8, "fusion_lr_multiplier": 10.0,
-                  "global_spatial_logit_scale": "sqrt"}),
+                  "global_spatial_logit_scale": "sqrt", "local_spatial_activation": "sigmoid"}),
+    (LocalSpatialAttention, {"reduced_channels": CP, "activation": "sigmoid"}),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else "-".join(map(str, v.values())))
 def test_layer_basics(feats, layer_cls, kwargs):
     """Shapes, config and .keras round trips (same outputs), float32 and mixed_bfloat16."""
@@ -229,6 +230,24 @@ def test_local_spatial_attention_matches_numpy(feats):
     assert float(np.min(a)) < 0 < float(np.max(a))
     assert [c.name for c in layer.dilated_convs] == ["ls_conv_d1", "ls_conv_d2", "ls_conv_d3"]
     assert [c.dilation_rate for c in layer.dilated_convs] == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_local_spatial_sigmoid_activation_bounds_the_map(feats):
+    """activation "sigmoid": A = sigmoid(the spec's map), so each position of the target is
+    kept at 1x to 2x (never sign-flipped); the same weights give the spec's map without."""
+    layer = LocalSpatialAttention(reduced_channels=CP, activation="sigmoid", name="ls")
+    layer.build(feats.shape)
+    randomize_biases(layer)
+    out, a = layer(feats, return_attention=True)
+    linear = ref_local_spatial_map(layer, feats)
+    assert float(np.min(linear)) < 0 < float(np.max(linear))
+    assert_close(a, sigmoid(linear))
+    assert_close(out, feats * sigmoid(linear) + feats)
+    assert 0.0 < float(np.min(a)) and float(np.max(a)) < 1.0
+    assert LocalSpatialAttention.from_config(layer.get_config()).activation == "sigmoid"
+    with pytest.raises(ValueError, match=r"`activation` must be one of \('none', 'sigmoid'\); "
+                                         r"received activation='relu'"):
+        LocalSpatialAttention(reduced_channels=CP, activation="relu")
 
 
 def test_local_spatial_dilations_are_not_interchangeable(feats):
@@ -428,19 +447,26 @@ def test_fusion_lr_multiplier_speeds_up_beta_under_adam(feats):
 
 def test_glam_module_config_keeps_the_new_args_and_reads_old_configs(feats):
     module = GlamModule("global+local", reduced_channels=CP, fusion_identity_weight=0.7,
-                        fusion_lr_multiplier=20.0, global_spatial_logit_scale="sqrt")
+                        fusion_lr_multiplier=20.0, global_spatial_logit_scale="sqrt",
+                        local_spatial_activation="sigmoid")
     config = module.get_config()
     clone = GlamModule.from_config(config)
     assert (clone.fusion_identity_weight, clone.fusion_lr_multiplier,
-            clone.global_spatial_logit_scale) == (0.7, 20.0, "sqrt")
+            clone.global_spatial_logit_scale,
+            clone.local_spatial_activation) == (0.7, 20.0, "sqrt", "sigmoid")
     assert clone.global_spatial.logit_scale == "sqrt"
+    assert clone.local_spatial.activation == "sigmoid"
     # A config saved before these settings existed loads with today's defaults.
     for key in ("fusion_identity_weight", "fusion_lr_multiplier",
-                "global_spatial_logit_scale"):
+                "global_spatial_logit_scale", "local_spatial_activation"):
         del config[key]
     old = GlamModule.from_config(config)
     assert (old.fusion_identity_weight, old.fusion_lr_multiplier,
-            old.global_spatial_logit_scale) == (0.0, 1.0, "none")
+            old.global_spatial_logit_scale,
+            old.local_spatial_activation) == (0.0, 1.0, "none", "none")
+    ls_config = old.local_spatial.get_config()
+    del ls_config["activation"]
+    assert LocalSpatialAttention.from_config(ls_config).activation == "none"
     gs_config = old.global_spatial.get_config()
     del gs_config["logit_scale"]
     assert GlobalSpatialAttention.from_config(gs_config).logit_scale == "none"

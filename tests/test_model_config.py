@@ -30,7 +30,8 @@ def test_default_config_is_the_spec():
     # Not in the paper; the defaults are the spec's module (beta = 0 learned at the
     # network's rate, unscaled global spatial logits).
     assert (cfg.fusion_identity_weight, cfg.fusion_lr_multiplier,
-            cfg.global_spatial_logit_scale) == (0.0, 1.0, "none")
+            cfg.global_spatial_logit_scale, cfg.local_spatial_activation) == (
+                0.0, 1.0, "none", "none")
     assert VARIANTS == ("baseline", "local-channel", "local-spatial", "local",
                         "global-channel", "global-spatial", "global", "global+local")
     assert BACKBONES == ("resnet50", "resnet101", "resnet152")
@@ -40,7 +41,7 @@ def test_config_json_round_trip():
     cfg = ModelConfig(backbone="resnet50", weights="none", variant="local",
                       reduced_channels=64, dilations=(1, 3, 5), dropout=0.2,
                       fusion_identity_weight=0.8, fusion_lr_multiplier=10.0,
-                      global_spatial_logit_scale="sqrt")
+                      global_spatial_logit_scale="sqrt", local_spatial_activation="sigmoid")
     text = json.dumps(cfg.to_dict())
     back = ModelConfig.from_dict(json.loads(text))
     assert back == cfg and isinstance(back.dilations, tuple)
@@ -70,6 +71,7 @@ def test_config_json_round_trip():
     ("fusion_lr_multiplier", 0.0, "must be a finite number > 0"),
     ("fusion_lr_multiplier", float("inf"), "finite number > 0"),
     ("global_spatial_logit_scale", "rsqrt", "must be one of none, sqrt"),
+    ("local_spatial_activation", "relu", "must be one of none, sigmoid"),
     ("zero_init_residual", 1, "must be a bool"),
     ("zero_init_residual", True, "random initialisation only"),  # weights "imagenet"
 ])
@@ -100,11 +102,13 @@ def test_build_descriptor_model_passes_the_glam_settings(monkeypatch):
     monkeypatch.setattr(builder, "build_backbone", tiny_backbone)
     model = build_descriptor_model(ModelConfig(
         weights="none", reduced_channels=4, embedding_dim=8, fusion_identity_weight=0.8,
-        fusion_lr_multiplier=10.0, global_spatial_logit_scale="sqrt"))
+        fusion_lr_multiplier=10.0, global_spatial_logit_scale="sqrt",
+        local_spatial_activation="sigmoid"))
     glam = model.get_layer("glam")
     assert (glam.fusion_identity_weight, glam.fusion_lr_multiplier,
             glam.global_spatial_logit_scale) == (0.8, 10.0, "sqrt")
     assert glam.global_spatial.logit_scale == "sqrt"
+    assert glam.local_spatial.activation == "sigmoid"
     np.testing.assert_allclose(np.asarray(glam.fusion_weights()), [0.1, 0.1, 0.8], atol=1e-6)
     default = build_descriptor_model(ModelConfig(weights="none", reduced_channels=4,
                                                  embedding_dim=8)).get_layer("glam")

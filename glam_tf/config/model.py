@@ -25,6 +25,7 @@ BACKBONES = ("resnet50", "resnet101", "resnet152")
 WEIGHTS_KEYWORDS = ("imagenet", "none")
 # Scaling of the global spatial attention logits K_m . Q_n before their softmax.
 LOGIT_SCALES = ("none", "sqrt")
+LOCAL_ACTIVATIONS = ("none", "sigmoid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +39,10 @@ class ModelConfig:
     torchvision's `zero_init_residual`): in the demo GLAM's loss is 3.48 at step 100 with
     it, 3.96 without (ln 50 = 3.91: still on the plateau).
 
-    fusion_identity_weight, fusion_lr_multiplier, global_spatial_logit_scale: the paper
-    fixes none of them; the defaults (equal fusion weights, beta learned at the network's
-    rate, unscaled logits) are the spec's module. In the demo the fusion weights end
+    fusion_identity_weight, fusion_lr_multiplier, global_spatial_logit_scale,
+    local_spatial_activation: the paper fixes none of the first three and puts no
+    activation on A_s^l; the defaults (equal fusion weights, beta learned at the network's
+    rate, unscaled logits, no activation) are the spec's module. In the demo the fusion weights end
     within 0.007 of their initialisation after 320 AdamW steps at 1e-3, and G_s is
     one-hot (unscaled dot products over c' = 256 channels).
     """
@@ -94,6 +96,11 @@ class ModelConfig:
         "(divided by sqrt(c') as in transformers, so the softmax over positions is "
         "less likely to saturate to one-hot).", rule=one_of(LOGIT_SCALES),
         fix="Use --global_spatial_logit_scale=none or =sqrt.")
+    local_spatial_activation: str = setting(
+        "none", "Activation of the local spatial map A_s^l: 'none' (the spec: unbounded, "
+        "F^l = F_c^l (1 + A)) or 'sigmoid' (A in (0, 1): a position is kept at 1x to 2x, "
+        "never sign-flipped or scaled by hundreds).", rule=one_of(LOCAL_ACTIVATIONS),
+        fix="Use --local_spatial_activation=none or =sigmoid.")
     zero_init_residual: bool = setting(
         False, "Start every bottleneck block of the backbone as its shortcut (last "
         "BatchNorm gamma 0); with --weights=none only.")

@@ -13,7 +13,7 @@ import warnings
 import keras
 from keras import ops
 
-from glam_tf.config.model import LOGIT_SCALES
+from glam_tf.config.model import LOCAL_ACTIVATIONS, LOGIT_SCALES
 
 
 def _check_feature_shape(layer, input_shape):
@@ -121,8 +121,8 @@ class LocalSpatialAttention(keras.layers.Layer):
 
     F' = conv1x1(F) (C -> c'); branches: 3x3 convs of F' with each dilation (c' -> c')
     and a 1x1 conv of F' (c' -> c'); concatenated (order: dilations ascending as given,
-    then the 1x1 branch) -> conv1x1 to 1 channel = A, `(B, H, W, 1)`, no activation.
-    Output: target * A + target.
+    then the 1x1 branch) -> conv1x1 to 1 channel = A, `(B, H, W, 1)`, no activation
+    (the spec; `activation="sigmoid"` bounds A to (0, 1)). Output: target * A + target.
 
     Sublayers: `{name}_conv_reduce`, `{name}_conv_d{d}` per dilation, `{name}_conv_1x1`,
     `{name}_conv_out`.
@@ -133,6 +133,7 @@ class LocalSpatialAttention(keras.layers.Layer):
         zero_init_output: start `conv_out` at zero, so A = 0 and the block starts as its
             residual identity (the paper does not say how it initialises; see
             ModelConfig.zero_init_attention).
+        activation: "none" (the spec) or "sigmoid" (ModelConfig.local_spatial_activation).
 
     Call arguments:
         inputs: F, `(B, H, W, C)`, from which A is computed.
@@ -144,9 +145,12 @@ class LocalSpatialAttention(keras.layers.Layer):
     """
 
     def __init__(self, reduced_channels=256, dilations=(1, 2, 3), zero_init_output=False,
-                 **kwargs):
+                 activation="none", **kwargs):
         super().__init__(**kwargs)
         _check_positive_int("LocalSpatialAttention", "reduced_channels", reduced_channels)
+        if activation not in LOCAL_ACTIVATIONS:
+            raise ValueError(f"LocalSpatialAttention: `activation` must be one of "
+                             f"{LOCAL_ACTIVATIONS}; received activation={activation!r}.")
         dilations = tuple(dilations)
         if not dilations or not all(isinstance(d, int) and d >= 1 for d in dilations):
             raise ValueError(
@@ -159,6 +163,7 @@ class LocalSpatialAttention(keras.layers.Layer):
         self.reduced_channels = reduced_channels
         self.dilations = dilations
         self.zero_init_output = bool(zero_init_output)
+        self.activation = activation
 
     def build(self, inputs_shape, target_shape=None):
         channels = _check_feature_shape(self, inputs_shape)
@@ -188,7 +193,8 @@ class LocalSpatialAttention(keras.layers.Layer):
         """A_s^l: `(B, H, W, C)` -> `(B, H, W, 1)`."""
         fp = self.conv_reduce(inputs)
         branches = [conv(fp) for conv in self.dilated_convs] + [self.conv_1x1(fp)]
-        return self.conv_out(ops.concatenate(branches, axis=-1))
+        a = self.conv_out(ops.concatenate(branches, axis=-1))
+        return ops.sigmoid(a) if self.activation == "sigmoid" else a
 
     def call(self, inputs, target=None, return_attention=False):
         a = self.attention(inputs)
@@ -209,7 +215,8 @@ class LocalSpatialAttention(keras.layers.Layer):
         config = super().get_config()
         config.update({"reduced_channels": self.reduced_channels,
                        "dilations": list(self.dilations),
-                       "zero_init_output": self.zero_init_output})
+                       "zero_init_output": self.zero_init_output,
+                       "activation": self.activation})
         return config
 
 

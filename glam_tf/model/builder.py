@@ -38,6 +38,7 @@ def build_descriptor_model(config: ModelConfig) -> keras.Model:
                        fusion_identity_weight=config.fusion_identity_weight,
                        fusion_lr_multiplier=config.fusion_lr_multiplier,
                        global_spatial_logit_scale=config.global_spatial_logit_scale,
+                       local_spatial_activation=config.local_spatial_activation,
                        name="glam")(x)
     x = GeM(p=config.gem_p, eps=config.gem_eps, name="gem")(x)
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)

@@ -16,7 +16,7 @@ from glam_tf.model.attention import (
     LocalChannelAttention,
     LocalSpatialAttention,
 )
-from glam_tf.config.model import LOGIT_SCALES, VARIANTS
+from glam_tf.config.model import LOCAL_ACTIVATIONS, LOGIT_SCALES, VARIANTS
 
 MODULE_VARIANTS = tuple(v for v in VARIANTS if v != "baseline")
 
@@ -73,6 +73,8 @@ class GlamModule(keras.layers.Layer):
         fusion_lr_multiplier: m > 0 of beta = m * beta' (ModelConfig.fusion_lr_multiplier).
         global_spatial_logit_scale: "none" or "sqrt", the global spatial block's
             `logit_scale` (ModelConfig.global_spatial_logit_scale).
+        local_spatial_activation: "none" or "sigmoid", the local spatial block's
+            `activation` (ModelConfig.local_spatial_activation).
 
     Call arguments:
         inputs: F, `(B, H, W, C)`.
@@ -87,7 +89,8 @@ class GlamModule(keras.layers.Layer):
 
     def __init__(self, variant="global+local", reduced_channels=256, kernel_size=3,
                  dilations=(1, 2, 3), zero_init_attention=False, fusion_identity_weight=0.0,
-                 fusion_lr_multiplier=1.0, global_spatial_logit_scale="none", **kwargs):
+                 fusion_lr_multiplier=1.0, global_spatial_logit_scale="none",
+                 local_spatial_activation="none", **kwargs):
         super().__init__(**kwargs)
         if variant not in MODULE_VARIANTS:
             hint = (" Variant 'baseline' has no GLAM module: build_descriptor_model "
@@ -112,7 +115,12 @@ class GlamModule(keras.layers.Layer):
             raise ValueError(f"GlamModule: `global_spatial_logit_scale` must be one of "
                              f"{LOGIT_SCALES}; received global_spatial_logit_scale="
                              f"{global_spatial_logit_scale!r}.")
+        if local_spatial_activation not in LOCAL_ACTIVATIONS:
+            raise ValueError(f"GlamModule: `local_spatial_activation` must be one of "
+                             f"{LOCAL_ACTIVATIONS}; received local_spatial_activation="
+                             f"{local_spatial_activation!r}.")
         self.zero_init_attention = bool(zero_init_attention)
+        self.local_spatial_activation = local_spatial_activation
         self.fusion_identity_weight = float(fusion_identity_weight)
         self.fusion_lr_multiplier = float(fusion_lr_multiplier)
         self.global_spatial_logit_scale = global_spatial_logit_scale
@@ -127,7 +135,8 @@ class GlamModule(keras.layers.Layer):
             kernel_size, name=f"{name}_local_channel", **kw) if lc else None)
         self.local_spatial = (LocalSpatialAttention(
             reduced_channels, self.dilations, zero_init_output=self.zero_init_attention,
-            name=f"{name}_local_spatial", **kw) if ls else None)
+            activation=local_spatial_activation, name=f"{name}_local_spatial", **kw)
+            if ls else None)
         self.global_channel = (GlobalChannelAttention(
             kernel_size, name=f"{name}_global_channel", **kw) if gc else None)
         self.global_spatial = (GlobalSpatialAttention(
@@ -227,5 +236,6 @@ class GlamModule(keras.layers.Layer):
                        "zero_init_attention": self.zero_init_attention,
                        "fusion_identity_weight": self.fusion_identity_weight,
                        "fusion_lr_multiplier": self.fusion_lr_multiplier,
-                       "global_spatial_logit_scale": self.global_spatial_logit_scale})
+                       "global_spatial_logit_scale": self.global_spatial_logit_scale,
+                       "local_spatial_activation": self.local_spatial_activation})
         return config
