@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from glam_tf.config import DataConfig, SettingError, SyntheticConfig
-from glam_tf.data import gldv2, synthetic
+from glam_tf.data import gldv2, synthetic, testsets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_train_landmarks=16, images_per_landmark=8, num_test_landmarks=3,
@@ -275,3 +275,96 @@ def test_make_synthetic_main(tmp_path):
                              cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
         assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
         assert "Traceback" not in bad.stderr
+
+
+def test_validation_split_is_held_out_and_leaves_the_test_split_unchanged(synth, tmp_path):
+    """num_val_landmarks adds synth_val (landmarks of its own, distractors of its own) and
+    changes no byte of the training photos or the test split."""
+    root, summary = synth
+    with_val = str(tmp_path / "val")
+    val_summary = synthetic.generate_synthetic_landmarks(_small(with_val, num_val_landmarks=2),
+                                                         show_progress=False)
+    before, after = _digests(root), _digests(with_val)
+    assert {k: v for k, v in after.items() if not k.startswith("synth_val")
+            and k != synthetic.MANIFEST_NAME} == {
+        k: v for k, v in before.items() if k != synthetic.MANIFEST_NAME}
+    assert summary.val_gnd_path == "" and summary.val_queries == 0
+    assert val_summary.val_queries == 2 * 2
+    val = testsets.load_revisited(with_val, synthetic.VAL_DATASET_NAME)
+    assert len(val.qimlist) == 4 and len(val.imlist) == 2 * (3 + 2 + 2) + 3 * 2
+    with open(os.path.join(with_val, synthetic.MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    train = set(manifest["train"].values())
+    test = {m["landmark"] for m in manifest["test"].values()}
+    val_landmarks = {m["landmark"] for m in manifest["val"].values()}
+    assert len(val_landmarks) == 2 + 3
+    assert not val_landmarks & (train | test)
+    # The validation ground truth points at the validation landmark's own photos.
+    for query, gnd in zip(val.qimlist, val.gnd):
+        owner = manifest["val"][query]["landmark"]
+        for i in np.concatenate([gnd["easy"], gnd["hard"]]):
+            assert manifest["val"][val.imlist[i]]["landmark"] == owner
+
+
+def test_frame_scale_and_neighbours_put_the_landmark_small_among_shared_buildings(tmp_path):
+    """frame_scale 2 shrinks the landmark to about half the photo's width (a quarter of the
+    area); the neighbours beside it come from a pool shared by every landmark."""
+    from glam_tf.data.synthetic import photo as photo_lib, scene as scene_lib, writer
+    scene = scene_lib.render_scene(5, 0, 144)
+    base = scene_lib.draw_palette(scene_lib.seeded_rng(5, 4, 0))
+
+    def box_area(frame_scale, neighbours=()):
+        areas = []
+        for k in range(12):
+            p = photo_lib.render_photo(scene, scene_lib.seeded_rng(5, 2, 0, k), "train", 96,
+                                       base_palette=base, palette_variation=0.0,
+                                       frame_scale=frame_scale, neighbours=neighbours)
+            x0, y0, x1, y1 = p.bbox
+            areas.append((x1 - x0) * (y1 - y0) / (p.width * p.height))
+        return float(np.mean(areas))
+
+    default, wide = box_area(1.0), box_area(2.0)
+    assert 0.15 < wide / default < 0.4, (default, wide)
+    # The world: neighbours stand beside the landmark, never on it, on their own palettes.
+    task = {"seed": 5, "landmark": 0, "neighbours": 2, "clutter_pool": 3, "canvas": 144}
+    neighbours = writer._neighbours(task, 0)
+    assert [n.side for n in neighbours] == [-1, -1, 1, 1]
+    index, material, (bx0, _, bx1, _) = photo_lib._compose_world(scene, neighbours, 2.0)
+    palette = index // photo_lib._TABLE_SIZE
+    landmark = np.isin(material, scene_lib.BUILDING_MATERIALS)
+    assert landmark.sum() == np.isin(scene.material, scene_lib.BUILDING_MATERIALS).sum()
+    assert (palette[landmark] == 0).all()
+    for k, n in enumerate(neighbours, start=1):
+        where = np.nonzero(palette == k)[1]
+        assert where.size, k
+        assert (where < bx0).all() if n.side < 0 else (where >= bx1).all()
+    assert not landmark[palette > 0].any()
+    # Shared pool: photos of different landmarks draw the same clutter buildings.
+    ids = lambda lm: {id(n.scene) for k in range(6)  # noqa: E731
+                      for n in writer._neighbours({**task, "landmark": lm}, k)}
+    assert len(ids(0) | ids(1)) <= 3 and ids(0) & ids(1)
+
+
+def test_street_settings_through_the_generator(synth, tmp_path):
+    """frame_scale / neighbours / occlusion_scale reach every photo; bad values are named."""
+    root, _ = synth
+    street = str(tmp_path / "street")
+    synthetic.generate_synthetic_landmarks(
+        _small(street, frame_scale=2.0, neighbours=1, clutter_pool=2, occlusion_scale=2.0),
+        show_progress=False)
+    with open(os.path.join(street, synthetic.MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    assert manifest["params"]["frame_scale"] == 2.0 and manifest["params"]["neighbours"] == 1
+    with open(os.path.join(root, synthetic.MANIFEST_NAME)) as f:
+        plain = json.load(f)
+    occluded = lambda m: np.mean([v["occluded"] for v in m["test"].values()  # noqa: E731
+                                  if v["level"] in ("easy", "hard")])
+    assert occluded(manifest) > 1.3 * occluded(plain)
+    for field, value, message in (
+            ("frame_scale", 0.5, r"--frame_scale must be a number in \[1, 4\]"),
+            ("neighbours", 4, r"--neighbours must be an integer in \[0, 3\]"),
+            ("clutter_pool", 0, r"--clutter_pool must be a positive integer"),
+            ("num_val_landmarks", -1, r"--num_val_landmarks must be an integer >= 0")):
+        with pytest.raises(SettingError, match=message):
+            synthetic.generate_synthetic_landmarks(_small(str(tmp_path / "bad"),
+                                                          **{field: value}))

@@ -21,8 +21,8 @@ def _run(args, timeout=120):
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--dataset=holidays"], "--dataset must be one of roxford5k, rparis6k, synth, oxford5k, "
-                             "paris6k; received --dataset='holidays'"),
+    (["--dataset=holidays"], "--dataset must be one of roxford5k, rparis6k, synth, synth_val, "
+                             "oxford5k, paris6k; received --dataset='holidays'"),
     (["--dataset=roxford5k", "--model=/no/such/model"],
      "model: model directory '/no/such/model' does not exist"),
     (["--dataset=roxford5k", "--model={fake}", "--scales=0.7,abc"],

@@ -29,7 +29,7 @@ import numpy as np
 
 from glam_tf.files import atomic_write
 
-REVISITED = ("roxford5k", "rparis6k", "synth")
+REVISITED = ("roxford5k", "rparis6k", "synth", "synth_val")
 ORIGINAL = ("oxford5k", "paris6k")
 DISTRACTORS = "revisitop1m"
 
@@ -40,6 +40,9 @@ _SOURCES = {
                 "paris_1-v1.tgz + paris_2-v1.tgz, ground truth: gnd_rparis6k.pkl)",
     "synth": "glam_tf.data.synthetic.generate_synthetic_landmarks(root, ...) (writes "
              "<root>/synth/jpg and <root>/synth/gnd_synth.pkl)",
+    "synth_val": "glam_tf.data.synthetic.generate_synthetic_landmarks(root, ...) with "
+                 "num_val_landmarks > 0 (writes <root>/synth_val/jpg and "
+                 "<root>/synth_val/gnd_synth_val.pkl)",
     DISTRACTORS: "http://cmp.felk.cvut.cz/revisitop/ (revisitop1m.txt and the "
                  "revisitop1m.{1..100}.tar.gz image archives)",
     "oxford5k": "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/ (oxbuild_images-v1.tgz "

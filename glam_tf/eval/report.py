@@ -18,7 +18,7 @@ from glam_tf.eval import extract, metrics
 from glam_tf.files import atomic_write
 
 _SHORT = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf5k", "paris6k": "Par6k",
-          "synth": "Synth"}
+          "synth": "Synth", "synth_val": "SynthVal"}
 COLORS = {"positive": (0, 170, 0), "junk": (235, 195, 0), "negative": (215, 0, 0),
           "invalid": (128, 128, 128), "query": (30, 90, 220)}
 THUMB = 128     # side of the square a picture's image is contained in

@@ -11,16 +11,22 @@ colour is NOT part of the landmark: every photo draws a fresh palette, so mean c
 nothing about identity; only structure does (`palette_variation` < 1 keeps some of each
 building's own colours). A photo applies a homography (viewpoint, rotation, scale,
 crop), illumination (gain, colour cast, gradient shadow, gamma), occluders (trees, poles,
-vehicles, signs), blur, noise and JPEG compression.
+vehicles, signs), blur, noise and JPEG compression. Street scenes (`frame_scale` > 1,
+`neighbours` > 0) photograph the landmark smaller, between buildings drawn per photo from a
+pool shared by every landmark, so the photo holds more than the landmark, as real ones do.
 
 Output under `root`:
   train_clean.csv, train/<a>/<b>/<c>/<id>.jpg      GLDv2 layout (16-hex ids, sparse landmark ids)
   synth/jpg/<name>.jpg, synth/gnd_synth.pkl         revisited layout, dataset name "synth"
+  synth_val/jpg/<name>.jpg, synth_val/gnd_synth_val.pkl
+                                                    the same for the validation split
+                                                    (num_val_landmarks > 0)
   synthetic_manifest.json                           parameters, landmark of every image
   .synthetic_complete.json                          marker, written last
 
 Test landmarks (queries and their database photos) and distractor landmarks are disjoint from
-the training landmarks. Queries are separate photos (not in the database) with a box around
+the training landmarks; so are the validation split's (drawn like the training ones, held out
+of training, to choose settings on without looking at the test split). Queries are separate photos (not in the database) with a box around
 the building; database photos of the query's landmark are easy, hard or junk by how strong the
 change is (mild viewpoint/occlusion -> easy; strong -> hard; extreme or mostly occluded -> junk).
 
@@ -31,11 +37,12 @@ a difficulty level), `writer` (the dataset on disk, in gldv2's and testsets' lay
 from glam_tf.data.synthetic.photo import Photo, render_photo
 from glam_tf.data.synthetic.scene import LandmarkScene, render_scene
 from glam_tf.data.synthetic.writer import (DATASET_NAME, MANIFEST_NAME, MARKER_NAME,
-                                           SyntheticSummary, generate_if_absent,
-                                           generate_synthetic_landmarks, image_id)
+                                           VAL_DATASET_NAME, SyntheticSummary,
+                                           generate_if_absent, generate_synthetic_landmarks,
+                                           image_id)
 
 __all__ = [
     "DATASET_NAME", "LandmarkScene", "MANIFEST_NAME", "MARKER_NAME", "Photo",
-    "SyntheticSummary", "generate_if_absent", "generate_synthetic_landmarks", "image_id",
-    "render_photo", "render_scene",
+    "SyntheticSummary", "VAL_DATASET_NAME", "generate_if_absent",
+    "generate_synthetic_landmarks", "image_id", "render_photo", "render_scene",
 ]

@@ -10,10 +10,12 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from glam_tf.data.synthetic.scene import (BUILDING_MATERIALS, NUM_MATERIALS, SHADE_LEVELS,
-                                          SHADE_RANGE, SKY, LandmarkScene, draw_palette)
+from glam_tf.data.synthetic.scene import (BUILDING_MATERIALS, GROUND, NUM_MATERIALS,
+                                          SHADE_LEVELS, SHADE_RANGE, SKY, LandmarkScene,
+                                          draw_palette, shade_level)
 
 _IS_BUILDING = np.isin(np.arange(256), BUILDING_MATERIALS)
+_TABLE_SIZE = NUM_MATERIALS * SHADE_LEVELS
 
 # Photo shapes: (width, height) relative to the longer side, and their frequency. h/w spans
 # all five default aspect groups of the training pipeline.
@@ -41,6 +43,103 @@ _LEVEL_PARAMS = {
     "hard": (0.1, 0.3, 9.0, (0.75, 1.8), 0.15, (0.15, 0.35), 1.0),
     "junk": (0.14, 0.4, 12.0, (0.7, 2.2), 0.2, (0.6, 0.8), 1.2),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbour:
+    """A clutter building placed beside the landmark in one photo.
+
+    Attributes:
+      scene: its structure (`render_scene` of a clutter id, never a landmark's).
+      base_palette: its own colours, (NUM_MATERIALS, 3).
+      side: -1 left of the landmark, +1 right; several on one side stand in order outwards.
+      scale: its size relative to its own canvas drawing.
+      gap: the street between it and the building before it, in canvas widths.
+    """
+
+    scene: LandmarkScene
+    base_palette: np.ndarray
+    side: int
+    scale: float
+    gap: float
+
+
+def _ground_row(scene: LandmarkScene) -> int:
+    """Canvas row where the ground starts (column 0 is only sky and ground)."""
+    return int(np.argmax(scene.material[:, 0] == GROUND))
+
+
+def _compose_world(scene: LandmarkScene, neighbours, frame_scale: float):
+    """The landmark's canvas inside a wider street scene.
+
+    Returns (index, material, bbox): `index` the colour-table index per world pixel with
+    the palette number (0 the landmark, sky and ground; k the k-th neighbour) in its high
+    part, `material` the landmark's building materials (sky elsewhere, neighbours
+    included, so masks and boxes are the landmark's), `bbox` the landmark's box in world
+    pixels.
+    """
+    s = scene.material.shape[0]
+    side_px = int(round(s * (frame_scale + 1.0)))
+    # The landmark's ground line sits at 80 % of the world's height, centred horizontally.
+    ox = (side_px - s) // 2
+    oy = int(round(0.8 * side_px)) - _ground_row(scene)
+    ground_row = oy + _ground_row(scene)
+    index = np.empty((side_px, side_px), np.intp)
+    # Sky brightening downwards to the horizon, as on a landmark's own canvas; even ground.
+    index[:ground_row] = SKY * SHADE_LEVELS + shade_level(
+        np.linspace(0.75, 1.05, ground_row))[:, None]
+    index[ground_row:] = GROUND * SHADE_LEVELS + shade_level(0.85)
+    material = np.full((side_px, side_px), SKY, np.uint8)
+    # The world is at least twice the canvas, so the canvas lies inside it; only the
+    # building is pasted (the canvas' own sky and ground would frame it: a cue).
+    keep = _IS_BUILDING[scene.material]
+    index[oy:oy + s, ox:ox + s][keep] = scene.index[keep]
+    material[oy:oy + s, ox:ox + s][keep] = scene.material[keep]
+    bx0, by0, bx1, by1 = scene.bbox
+    edges = {-1: ox + bx0, 1: ox + bx1}
+    for k, nb in enumerate(neighbours, start=1):
+        n = nb.scene
+        nx0, ny0, nx1, _ = (int(round(c)) for c in n.bbox)
+        rows, cols = slice(max(ny0, 0), _ground_row(n)), slice(max(nx0, 0), max(nx1, nx0 + 1))
+        tile_mat, tile_idx = n.material[rows, cols], n.index[rows, cols]
+        th, tw = tile_mat.shape
+        nh, nw = max(1, int(round(th * nb.scale))), max(1, int(round(tw * nb.scale)))
+        ri = np.minimum((np.arange(nh) / nb.scale).astype(np.intp), th - 1)
+        ci = np.minimum((np.arange(nw) / nb.scale).astype(np.intp), tw - 1)
+        tile_mat, tile_idx = tile_mat[ri][:, ci], tile_idx[ri][:, ci]
+        gap = int(round(nb.gap * s))
+        left = int(edges[nb.side] + gap) if nb.side > 0 else int(edges[nb.side] - gap - nw)
+        edges[nb.side] = left + nw if nb.side > 0 else left
+        top = ground_row - nh
+        wy0, wx0 = max(top, 0), max(left, 0)
+        wy1, wx1 = min(top + nh, side_px), min(left + nw, side_px)
+        if wy1 <= wy0 or wx1 <= wx0:
+            continue
+        sub_mat = tile_mat[wy0 - top:wy1 - top, wx0 - left:wx1 - left]
+        sub_idx = tile_idx[wy0 - top:wy1 - top, wx0 - left:wx1 - left]
+        # Only its building, and never over the landmark.
+        paste = _IS_BUILDING[sub_mat] & ~_IS_BUILDING[material[wy0:wy1, wx0:wx1]]
+        index[wy0:wy1, wx0:wx1][paste] = k * _TABLE_SIZE + sub_idx[paste]
+    bbox = (ox + bx0, oy + by0, ox + bx1, oy + by1)
+    return index, material, bbox
+
+
+def _colour_table(pal: np.ndarray) -> np.ndarray:
+    """(NUM_MATERIALS * SHADE_LEVELS,) uint32 RGBX colours: palette x shade levels."""
+    lo, hi = SHADE_RANGE
+    levels = np.linspace(lo, hi, SHADE_LEVELS, dtype=np.float32)
+    table = np.zeros((_TABLE_SIZE, 4), np.uint8)
+    table[:, :3] = np.clip(pal[:, None, :] * levels[None, :, None], 0, 255).reshape(-1, 3)
+    return table.view(np.uint32)[:, 0]
+
+
+def _vary(pal: np.ndarray, base_palette, palette_variation: float) -> np.ndarray:
+    """The building colours moved from `base_palette` towards the fresh `pal` (in place)."""
+    if base_palette is not None and palette_variation < 1.0:
+        building = list(BUILDING_MATERIALS)  # sky and ground stay fresh: no background cue
+        pal[building] = base_palette[building] + palette_variation * (
+            pal[building] - base_palette[building])
+    return pal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,38 +203,41 @@ def _occlude(img: Image.Image, building: np.ndarray, target: float, rng) -> floa
 
 def render_photo(scene: LandmarkScene, rng: np.random.Generator, level: str,
                  long_side: int, *, base_palette: np.ndarray | None = None,
-                 palette_variation: float = 1.0) -> Photo:
+                 palette_variation: float = 1.0, frame_scale: float = 1.0,
+                 neighbours=(), occlusion_scale: float = 1.0) -> Photo:
     """Photographs `scene` at difficulty `level` (see `_LEVEL_PARAMS`); returns a `Photo`.
 
     The building's colours are `base_palette + palette_variation * (fresh - base_palette)`
     with a fresh random palette per photo (sky and ground always take the fresh one):
     variation 1 (or no base) repaints every photo, 0 keeps the landmark's own colours
-    (illumination still changes them).
+    (illumination still changes them). `frame_scale` > 1 widens the view around the
+    building by that factor, in a street scene with the `neighbours` (`Neighbour`s, their
+    colours varied the same way); `occlusion_scale` multiplies the occluded fraction aimed
+    at. Defaults (1, none, 1) draw exactly the photo of the default framing.
     """
     corner, yaw, rot_deg, zoom_range, offset, occ_range, light = _LEVEL_PARAMS[level]
-    s = scene.material.shape[0]
     sw, sh = _SHAPES[rng.choice(len(_SHAPES), p=_SHAPE_P)]
     side = int(round(long_side * rng.uniform(0.7, 1.0)))
     w, h = max(16, int(round(side * sw))), max(16, int(round(side * sh)))
 
-    # Canvas colours: a (materials * shade levels, 3) colour table, one gather.
-    pal = draw_palette(rng)
-    if base_palette is not None and palette_variation < 1.0:
-        building = list(BUILDING_MATERIALS)  # sky and ground stay fresh: no background cue
-        pal[building] = base_palette[building] + palette_variation * (
-            pal[building] - base_palette[building])
-    lo, hi = SHADE_RANGE
-    levels = np.linspace(lo, hi, SHADE_LEVELS, dtype=np.float32)
-    table = np.zeros((NUM_MATERIALS * SHADE_LEVELS, 4), np.uint8)
-    table[:, :3] = np.clip(pal[:, None, :] * levels[None, :, None], 0, 255).reshape(-1, 3)
-    packed = np.take(table.view(np.uint32)[:, 0], scene.index)  # RGBX packed in uint32
-    canvas = Image.fromarray(packed.view(np.uint8).reshape(s, s, 4), "RGBA").convert("RGB")
+    # Canvas colours: a (materials * shade levels, 3) colour table per palette, one gather.
+    pal = _vary(draw_palette(rng), base_palette, palette_variation)
+    if frame_scale == 1.0 and not neighbours:
+        index, material, (x0, y0, x1, y1) = scene.index, scene.material, scene.bbox
+        table = _colour_table(pal)
+    else:
+        index, material, (x0, y0, x1, y1) = _compose_world(scene, neighbours, frame_scale)
+        table = np.concatenate([_colour_table(pal)] + [
+            _colour_table(_vary(draw_palette(rng), nb.base_palette, palette_variation))
+            for nb in neighbours])
+    packed = np.take(table, index)  # RGBX packed in uint32
+    canvas = Image.fromarray(packed.view(np.uint8).reshape(*index.shape, 4),
+                             "RGBA").convert("RGB")
     sky_low = pal[SKY] * 0.8
 
     # Camera: a view rectangle around the building, then viewpoint distortion.
-    x0, y0, x1, y1 = scene.bbox
     bw, bh = x1 - x0, y1 - y0
-    zoom = rng.uniform(*zoom_range)
+    zoom = rng.uniform(*zoom_range) * frame_scale
     vw = zoom * max(bw, bh * w / h)
     vh = vw * h / w
     cx = (x0 + x1) / 2 + rng.uniform(-offset, offset) * bw
@@ -151,12 +253,13 @@ def render_photo(scene: LandmarkScene, rng: np.random.Generator, level: str,
     fill = tuple(int(c) for c in sky_low)
     photo = canvas.transform((w, h), Image.PERSPECTIVE, tuple(coeffs), Image.BILINEAR,
                              fillcolor=fill)
-    matmap = Image.fromarray(scene.material).transform(
+    matmap = Image.fromarray(material).transform(
         (w, h), Image.PERSPECTIVE, tuple(coeffs), Image.NEAREST, fillcolor=SKY)
     building = _IS_BUILDING[np.asarray(matmap)]
 
     # Occlusion.
-    occluded = _occlude(photo, building, rng.uniform(*occ_range), rng)
+    occluded = _occlude(photo, building, min(0.9, rng.uniform(*occ_range) * occlusion_scale),
+                        rng)
 
     # Illumination: gain, colour cast and gamma as per-channel lookup tables; a gradient
     # shadow; sensor noise.

@@ -40,6 +40,13 @@ def seeded_rng(seed: int, *keys) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, *[int(k) for k in keys]])
 
 
+def shade_level(shade):
+    """Quantised shade level(s), intp in [0, SHADE_LEVELS): the low part of a colour index."""
+    lo, hi = SHADE_RANGE
+    return np.clip(np.round((np.asarray(shade) - lo) / (hi - lo) * (SHADE_LEVELS - 1)),
+                   0, SHADE_LEVELS - 1).astype(np.intp)
+
+
 def _cell_hash(i, j, salt):
     """Deterministic pseudo-random value in [0, 1) per integer cell (i, j), vectorised."""
     v = np.sin(i * 12.9898 + j * 78.233 + salt * 37.719) * 43758.5453
@@ -255,9 +262,7 @@ def render_scene(seed: int, landmark: int, canvas: int) -> LandmarkScene:
     weather = 0.92 + 0.08 * _smooth_noise(rng, s, 12)
     shade = (shade * np.where(np.isin(mat, BUILDING_MATERIALS), weather, 1.0)).astype(np.float32)
     bbox_px = tuple(float(np.clip(c * s, 0, s)) for c in bbox)
-    lo, hi = SHADE_RANGE
-    level = np.clip(np.round((shade - lo) / (hi - lo) * (SHADE_LEVELS - 1)), 0, SHADE_LEVELS - 1)
-    index = mat.astype(np.intp) * SHADE_LEVELS + level.astype(np.intp)
+    index = mat.astype(np.intp) * SHADE_LEVELS + shade_level(shade)
     return LandmarkScene(material=mat, shade=shade, bbox=bbox_px, index=index)
 
 
