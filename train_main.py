@@ -11,6 +11,7 @@ The flags are TrainConfig's settings (glam_tf.config), defined from its fields.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 from absl import app, flags
@@ -53,10 +54,15 @@ def main(argv, model_fn=None):
 
     print(f"Learned pooling and fusion at step {result.final_step}: "
           f"{format_attention(result.attention)}", flush=True)
+    # Mean loss over the last tenth of the steps run: one batch's loss is noisy.
+    losses = [result.losses[k] for k in sorted(result.losses)]
+    tail_loss = statistics.fmean(losses[-max(1, len(losses) // 10):]) if losses else None
     summary = {
         "start_step": result.start_step, "final_step": result.final_step,
         "total_steps": result.total_steps, "stopped_by_signal": result.stopped_by_signal,
         "final_loss": result.losses.get(result.final_step),
+        "tail_loss": tail_loss,
+        "num_classes": result.num_classes,
         "attention": result.attention, "export_dir": result.export_dir,
         "wall_time_s": round(result.wall_time_s, 1),
     }

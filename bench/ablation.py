@@ -2,6 +2,8 @@
 
     python bench/ablation.py --work_dir=runs/ablation                 # 4 variants x 3 seeds
     python bench/ablation.py --work_dir=/tmp/abl --quick              # CI: tiny sizes, ~1 min
+    python bench/ablation.py --work_dir=runs/street_val --flagfile=configs/street.flags \
+        --split=val                                                   # choose settings
 
 Every run is `train_main.py --flagfile=configs/demo.flags` in its own process and its own
 train_dir (<work_dir>/<variant>/seed_<seed>), with --variant and --seed replaced, no
@@ -13,12 +15,19 @@ bytes for every seed (its manifest's hash is checked after every run). --seed se
 model initialisation (keras.utils.set_random_seed), the file and record shuffles of the
 input pipeline and its augmentation (stateless RNG keyed by seed and stream position).
 
+--split=val evaluates on the validation split (synth_val: training-like landmarks held out
+of training; the flagfile sets --synthetic_num_val_landmarks, as configs/street.flags does),
+where settings are chosen; --split=test (default) on the test split, for the table of the
+chosen setting. A work_dir holds one split's runs.
+
 A run whose record (<train_dir>/ablation_run.json) exists is not run again: rerunning the
 command after an interruption continues with the missing runs (a run cut in the middle
 resumes from its checkpoint). Prints, then writes to <work_dir>/ablation.md and
 ablation.json, one row per variant: Easy/Medium/Hard mAP as mean ± std (sample std over
-seeds), the fusion weights softmax(beta) and GeM p reached (means), and the wall time.
-The rows are `| variant | seeds | E | M | H | fusion | gem p | wall |` Markdown lines.
+seeds), the fusion weights softmax(beta) and GeM p reached (means), the seeds whose run
+never left the loss plateau (mean loss of the last tenth of the steps within 0.25 nats of
+ln(classes); left out of the means, which `seeds` counts), and the wall time. The rows are
+`| variant | seeds | E | M | H | fusion | gem p | plateaued | wall |` Markdown lines.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -36,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("baseline", "local", "global", "global+local")
 SUBSETS = ("easy", "medium", "hard")
 RUN_RECORD = "ablation_run.json"
+PLATEAU_NATS = 0.25
 
 # --quick: a synthetic set and a run small enough for CI (each run ~10-20 s on 2 CPUs,
 # mostly building and tracing ResNet50); the numbers mean nothing, the table's shape does.
@@ -45,7 +56,7 @@ QUICK_FLAGS = (
     "--synthetic_num_distractor_landmarks=1", "--synthetic_image_size=48",
     "--size_scale=0.0625", "--global_batch_size=4", "--train_steps=2", "--warmup_steps=0",
     "--checkpoint_every=2", "--log_every=1", "--summary_every=1", "--reduced_channels=8",
-    "--eval_max_image_size=48",
+    "--eval_max_image_size=48", "--synthetic_num_val_landmarks=1",
 )
 
 
@@ -57,6 +68,10 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated --seed values.")
     parser.add_argument("--flagfile", default=os.path.join(ROOT, "configs", "demo.flags"),
                         help="The recipe every run starts from.")
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="Evaluate on the synthetic test split (synth) or the validation "
+                        "split (synth_val: held-out training-like landmarks; the flagfile must "
+                        "set --synthetic_num_val_landmarks). Choose settings on val.")
     parser.add_argument("--quick", action="store_true",
                         help="Tiny data and 2 steps per run (CI): checks the machinery.")
     parser.add_argument("--extra_flag", action="append", default=[],
@@ -81,6 +96,11 @@ def run_dir(work_dir: str, variant: str, seed: int) -> str:
     return os.path.join(work_dir, variant.replace("+", "_"), f"seed_{seed}")
 
 
+def eval_dataset(split: str) -> str:
+    """The revisited dataset name of a split of the synthetic set."""
+    return {"test": "synth", "val": "synth_val"}[split]
+
+
 def data_root(work_dir: str) -> str:
     return os.path.join(work_dir, "data", "synth_demo")
 
@@ -99,6 +119,7 @@ def train_command(args, variant: str, seed: int) -> list:
              f"--train_dir={run_dir(args.work_dir, variant, seed)}",
              f"--synthetic_root={root}", f"--eval_root={root}",
              f"--variant={variant}", f"--seed={seed}",
+             f"--eval_dataset={eval_dataset(args.split)}",
              "--eval_untrained=false", "--export=false", "--eval_visualize=",
              "--eval_visualize_attention=false"]
             + (list(QUICK_FLAGS) if args.quick else []) + list(args.extra_flag))
@@ -111,8 +132,8 @@ def _train_result(stdout: str) -> dict:
     raise RuntimeError("train_main printed no TRAIN_RESULT line.")
 
 
-def _results(train_dir: str, step: int) -> dict:
-    path = os.path.join(train_dir, "eval", f"step_{step}", "results-synth.json")
+def _results(train_dir: str, step: int, dataset: str) -> dict:
+    path = os.path.join(train_dir, "eval", f"step_{step}", f"results-{dataset}.json")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -123,7 +144,11 @@ def run_one(args, variant: str, seed: int) -> dict:
     record_path = os.path.join(train_dir, RUN_RECORD)
     if os.path.isfile(record_path):
         with open(record_path, encoding="utf-8") as f:
-            return json.load(f)
+            record = json.load(f)
+        if record.get("split", "test") != args.split:
+            raise RuntimeError(f"{record_path} was evaluated on the {record.get('split', 'test')}"
+                               f" split, not {args.split}: use another --work_dir per split.")
+        return record
     os.makedirs(train_dir, exist_ok=True)
     command = train_command(args, variant, seed)
     start = time.monotonic()
@@ -136,10 +161,11 @@ def run_one(args, variant: str, seed: int) -> dict:
         raise RuntimeError(f"{variant} seed {seed}: train_main exited {proc.returncode}; "
                            f"see {os.path.join(train_dir, 'train_main.log')}.")
     summary = _train_result(proc.stdout)
-    metrics = _results(train_dir, summary["final_step"])["metrics"]
+    metrics = _results(train_dir, summary["final_step"], eval_dataset(args.split))["metrics"]
     record = {
-        "variant": variant, "seed": seed, "train_dir": train_dir,
+        "variant": variant, "seed": seed, "train_dir": train_dir, "split": args.split,
         "final_step": summary["final_step"], "final_loss": summary["final_loss"],
+        "tail_loss": summary["tail_loss"], "num_classes": summary["num_classes"],
         "mAP": {s: metrics[s]["mAP"] for s in SUBSETS},
         "attention": summary["attention"], "wall_s": round(wall, 1),
         "data_manifest": manifest_hash(args.work_dir), "command": command,
@@ -156,16 +182,29 @@ def _mean_std(values) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+def plateaued(record: dict) -> bool:
+    """The run never left the loss plateau: its mean loss over the last tenth of the steps
+    is within PLATEAU_NATS of ln(classes), the loss of uniform predictions (ArcFace without
+    margin). Such a run's descriptors say nothing about the variant, only that its training
+    did not start; the table counts them apart instead of averaging them in."""
+    if not record.get("num_classes") or record.get("tail_loss") is None:
+        return False
+    return record["tail_loss"] > math.log(record["num_classes"]) - PLATEAU_NATS
+
+
 def summarize(records: list) -> dict:
-    """{variant: row dict} over the records of each variant (seeds pooled)."""
+    """{variant: row dict} over the records of each variant (seeds pooled); mAP and the
+    learned weights over the runs that trained, the plateaued seeds listed apart."""
     rows = {}
     for variant in dict.fromkeys(r["variant"] for r in records):
         runs = [r for r in records if r["variant"] == variant]
-        keys = sorted({k for r in runs for k in r["attention"]})
+        trained = [r for r in runs if not plateaued(r)] or runs
+        keys = sorted({k for r in trained for k in r["attention"]})
         rows[variant] = {
-            "seeds": [r["seed"] for r in runs],
-            "mAP": {s: [r["mAP"][s] for r in runs] for s in SUBSETS},
-            "attention": {k: statistics.fmean(r["attention"][k] for r in runs
+            "seeds": [r["seed"] for r in trained],
+            "plateaued_seeds": [r["seed"] for r in runs if plateaued(r)],
+            "mAP": {s: [r["mAP"][s] for r in trained] for s in SUBSETS},
+            "attention": {k: statistics.fmean(r["attention"][k] for r in trained
                                               if k in r["attention"]) for k in keys},
             "wall_s": [r["wall_s"] for r in runs],
         }
@@ -174,15 +213,17 @@ def summarize(records: list) -> dict:
 
 def format_table(rows: dict) -> str:
     lines = ["| variant | seeds | Easy | Medium | Hard | fusion weights (mean) | GeM p | "
-             "wall per run |", "|---|---|---|---|---|---|---|---|"]
+             "plateaued | wall per run |", "|---|---|---|---|---|---|---|---|---|"]
     for variant, row in rows.items():
         fusion = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in row["attention"].items()
                            if k.startswith("fusion/")) or "—"
         p = row["attention"].get("gem_p")
+        stuck = row["plateaued_seeds"]
         lines.append(
             f"| {variant} | {len(row['seeds'])} | "
             + " | ".join(_mean_std(row["mAP"][s]) for s in SUBSETS)
             + f" | {fusion} | {'—' if p is None else f'{p:.3f}'} | "
+            + (f"seed {','.join(map(str, stuck))}" if stuck else "—") + " | "
             f"{statistics.fmean(row['wall_s']):.0f} s |")
     return "\n".join(lines)
 

@@ -48,6 +48,8 @@ class TrainResult:
         skipped_steps: steps of this call whose update was skipped because the scaled
             float16 gradients overflowed (mixed_float16 only; the loss scale was halved).
         attention: the learned GeM p and fusion weights at the end.
+        num_classes: classes of the ArcFace head (its loss at uniform predictions is
+            ln(num_classes): a run still there has not trained).
         export_dir: SavedModel version folder, or None.
         evaluation: evaluator results of the trained model, or None.
         untrained_evaluation: evaluator results at step 0, or None.
@@ -62,6 +64,7 @@ class TrainResult:
     accuracies: dict = dataclasses.field(default_factory=dict)
     skipped_steps: list = dataclasses.field(default_factory=list)
     attention: dict = dataclasses.field(default_factory=dict)
+    num_classes: int = 0
     export_dir: Optional[str] = None
     evaluation: Optional[dict] = None
     untrained_evaluation: Optional[dict] = None
@@ -310,7 +313,7 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
         if source.decode_stats is not None:  # this start's shard check, not the checkpoint's
             source.decode_stats.record_damage(source.shard_reports)
         result = TrainResult(start_step=start_step, final_step=start_step,
-                             total_steps=total_steps)
+                             total_steps=total_steps, num_classes=source.num_classes)
         if worker.is_chief:
             write_json_atomic(contract.model_config_path(config.train_dir),
                               config.model.to_dict())
