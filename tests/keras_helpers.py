@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -19,7 +20,8 @@ import keras
 import numpy as np
 
 from glam_tf.config import DataConfig, TrainConfig
-from glam_tf.model import EmbeddingHead, GeM, GlamModule, ModelConfig, all_layers
+from glam_tf.model import EmbeddingHead, GeM, ModelConfig, all_layers
+from glam_tf.model.builder import glam_module
 from helpers import TESTS_DIR
 
 
@@ -185,14 +187,8 @@ def tiny_descriptor_model(config: ModelConfig) -> keras.Model:
     ], name="backbone")
     x = backbone(x)
     if config.variant != "baseline":
-        x = GlamModule(config.variant, reduced_channels=min(config.reduced_channels, 8),
-                       kernel_size=config.kernel_size, dilations=tuple(config.dilations),
-                       zero_init_attention=config.zero_init_attention,
-                       fusion_identity_weight=config.fusion_identity_weight,
-                       fusion_lr_multiplier=config.fusion_lr_multiplier,
-                       global_spatial_logit_scale=config.global_spatial_logit_scale,
-                       local_spatial_activation=config.local_spatial_activation,
-                       name="glam")(x)
+        x = glam_module(dataclasses.replace(
+            config, reduced_channels=min(config.reduced_channels, 8)))(x)
     x = GeM(p=config.gem_p, eps=config.gem_eps, name="gem")(x)
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)
     return keras.Model(image, x, name="tiny_" + config.variant.replace("+", "_"))

@@ -32,18 +32,23 @@ def build_descriptor_model(config: ModelConfig) -> keras.Model:
     x = build_backbone(config.backbone, config.weights, model_name="backbone",
                        zero_init_residual=config.zero_init_residual)(x)
     if config.variant != "baseline":
-        x = GlamModule(config.variant, reduced_channels=config.reduced_channels,
-                       kernel_size=config.kernel_size, dilations=tuple(config.dilations),
-                       zero_init_attention=config.zero_init_attention,
-                       fusion_identity_weight=config.fusion_identity_weight,
-                       fusion_lr_multiplier=config.fusion_lr_multiplier,
-                       global_spatial_logit_scale=config.global_spatial_logit_scale,
-                       local_spatial_activation=config.local_spatial_activation,
-                       name="glam")(x)
+        x = glam_module(config)(x)
     x = GeM(p=config.gem_p, eps=config.gem_eps, name="gem")(x)
     x = EmbeddingHead(config.embedding_dim, dropout=config.dropout, name="head")(x)
     name = "glam_" + config.variant.replace("+", "_").replace("-", "_")
     return keras.Model(image, x, name=name)
+
+
+def glam_module(config: ModelConfig) -> GlamModule:
+    """The GLAM layer ("glam") of a model config whose variant is not "baseline"."""
+    return GlamModule(config.variant, reduced_channels=config.reduced_channels,
+                      kernel_size=config.kernel_size, dilations=tuple(config.dilations),
+                      zero_init_attention=config.zero_init_attention,
+                      fusion_identity_weight=config.fusion_identity_weight,
+                      fusion_lr_multiplier=config.fusion_lr_multiplier,
+                      global_spatial_logit_scale=config.global_spatial_logit_scale,
+                      local_spatial_activation=config.local_spatial_activation,
+                      name="glam")
 
 
 def inference_model(model: keras.Model, *, gem_p: float = 0.0,
