@@ -202,6 +202,10 @@ class TrainConfig:
         if not generated_here and not os.path.isdir(ev.data_root):
             fail(names["data_root"], "is not a folder", ev.data_root,
                  "It must hold the evaluation set (e.g. <eval_root>/roxford5k/).")
+        if generated_here and ev.dataset == "synth_val" and not self.synthetic.num_val_landmarks:
+            fail(names["dataset"], "needs a validation split in the synthetic set it generates",
+                 ev.dataset, "Set --synthetic_num_val_landmarks (e.g. 20), or evaluate on "
+                 "--eval_dataset=synth.")
 
     def validate_for_replicas(self, num_replicas: int, num_workers: int = 1) -> None:
         """The global batch must split evenly over workers and replicas."""

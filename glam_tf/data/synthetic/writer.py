@@ -38,11 +38,15 @@ def image_id(seed: int, landmark: int, k: int) -> str:
     return hashlib.sha1(f"glam-synth/{seed}/{landmark}/{k}".encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=64)
 def _building(seed: int, building: int, canvas: int):
     """(scene, base palette) of landmark or clutter building number `building`."""
     return (render_scene(seed, building, canvas),
             draw_palette(seeded_rng(seed, 4, building)))
+
+
+# Clutter buildings recur in every task: kept, a pool of the default size whole (a scene
+# is 13 bytes per canvas pixel: 31 MB at 1024-px photos).
+_clutter_building = functools.lru_cache(maxsize=16)(_building)
 
 
 def _neighbours(task: dict, k: int) -> list:
@@ -51,9 +55,9 @@ def _neighbours(task: dict, k: int) -> list:
     out = []
     for side in (-1, 1):
         for _ in range(task["neighbours"]):
-            scene, palette = _building(task["seed"],
-                                       _CLUTTER_BASE + int(rng.integers(task["clutter_pool"])),
-                                       task["canvas"])
+            scene, palette = _clutter_building(
+                task["seed"], _CLUTTER_BASE + int(rng.integers(task["clutter_pool"])),
+                task["canvas"])
             out.append(Neighbour(scene=scene, base_palette=palette, side=side,
                                  scale=float(rng.uniform(0.75, 1.2)),
                                  gap=float(rng.uniform(0.0, 0.08))))
