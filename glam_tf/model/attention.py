@@ -30,6 +30,12 @@ def _check_positive_int(layer_cls, name, value):
                          f"{name}={value!r}.")
 
 
+def _check_choice(layer_cls, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{layer_cls}: `{name}` must be one of {choices}; received "
+                         f"{name}={value!r}.")
+
+
 def _check_kernel_size(layer_cls, value):
     _check_positive_int(layer_cls, "kernel_size", value)
     if value % 2 == 0:
@@ -148,9 +154,7 @@ class LocalSpatialAttention(keras.layers.Layer):
                  activation="none", **kwargs):
         super().__init__(**kwargs)
         _check_positive_int("LocalSpatialAttention", "reduced_channels", reduced_channels)
-        if activation not in LOCAL_ACTIVATIONS:
-            raise ValueError(f"LocalSpatialAttention: `activation` must be one of "
-                             f"{LOCAL_ACTIVATIONS}; received activation={activation!r}.")
+        _check_choice("LocalSpatialAttention", "activation", activation, LOCAL_ACTIVATIONS)
         dilations = tuple(dilations)
         if not dilations or not all(isinstance(d, int) and d >= 1 for d in dilations):
             raise ValueError(
@@ -350,9 +354,7 @@ class GlobalSpatialAttention(keras.layers.Layer):
                  **kwargs):
         super().__init__(**kwargs)
         _check_positive_int("GlobalSpatialAttention", "reduced_channels", reduced_channels)
-        if logit_scale not in LOGIT_SCALES:
-            raise ValueError(f"GlobalSpatialAttention: `logit_scale` must be one of "
-                             f"{LOGIT_SCALES}; received logit_scale={logit_scale!r}.")
+        _check_choice("GlobalSpatialAttention", "logit_scale", logit_scale, LOGIT_SCALES)
         self.reduced_channels = reduced_channels
         self.zero_init_output = bool(zero_init_output)
         self.logit_scale = logit_scale

@@ -11,12 +11,14 @@ import numpy as np
 from keras import ops
 
 from glam_tf.model.attention import (
+    _check_choice,
     GlobalChannelAttention,
     GlobalSpatialAttention,
     LocalChannelAttention,
     LocalSpatialAttention,
 )
 from glam_tf.config.model import LOCAL_ACTIVATIONS, LOGIT_SCALES, VARIANTS
+from glam_tf.config.settings import is_real
 
 MODULE_VARIANTS = tuple(v for v in VARIANTS if v != "baseline")
 
@@ -30,11 +32,6 @@ _PARTS = {
     "global": (False, False, True, True),
     "global+local": (True, True, True, True),
 }
-
-
-def _is_real(value):
-    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(
-        value, bool)
 
 
 @keras.saving.register_keras_serializable(package="glam_tf")
@@ -101,24 +98,20 @@ class GlamModule(keras.layers.Layer):
         self.reduced_channels = reduced_channels
         self.kernel_size = kernel_size
         self.dilations = tuple(dilations)
-        if not _is_real(fusion_identity_weight) or not 0.0 <= fusion_identity_weight < 1.0:
+        if not is_real(fusion_identity_weight) or not 0.0 <= fusion_identity_weight < 1.0:
             raise ValueError("GlamModule: `fusion_identity_weight` must be a number in "
                              "[0, 1) (0: equal weights); received fusion_identity_weight="
                              f"{fusion_identity_weight!r}.")
-        if (not _is_real(fusion_lr_multiplier) or not math.isfinite(fusion_lr_multiplier)
+        if (not is_real(fusion_lr_multiplier) or not math.isfinite(fusion_lr_multiplier)
                 or fusion_lr_multiplier <= 0):
             raise ValueError("GlamModule: `fusion_lr_multiplier` must be a finite number "
                              "> 0 (1: beta learns like any weight); received "
                              f"fusion_lr_multiplier={fusion_lr_multiplier!r}.")
-        if global_spatial_logit_scale not in LOGIT_SCALES:
-            # Checked here too: variants without global spatial attention ignore it.
-            raise ValueError(f"GlamModule: `global_spatial_logit_scale` must be one of "
-                             f"{LOGIT_SCALES}; received global_spatial_logit_scale="
-                             f"{global_spatial_logit_scale!r}.")
-        if local_spatial_activation not in LOCAL_ACTIVATIONS:
-            raise ValueError(f"GlamModule: `local_spatial_activation` must be one of "
-                             f"{LOCAL_ACTIVATIONS}; received local_spatial_activation="
-                             f"{local_spatial_activation!r}.")
+        # Checked here too: variants without a spatial block would ignore a bad value.
+        _check_choice("GlamModule", "global_spatial_logit_scale", global_spatial_logit_scale,
+                      LOGIT_SCALES)
+        _check_choice("GlamModule", "local_spatial_activation", local_spatial_activation,
+                      LOCAL_ACTIVATIONS)
         self.zero_init_attention = bool(zero_init_attention)
         self.local_spatial_activation = local_spatial_activation
         self.fusion_identity_weight = float(fusion_identity_weight)
