@@ -47,6 +47,8 @@ VARIANTS = ("baseline", "local", "global", "global+local")
 SUBSETS = ("easy", "medium", "hard")
 RUN_RECORD = "ablation_run.json"
 PLATEAU_NATS = 0.25
+# --split -> the revisited dataset name of that split of the synthetic set.
+SPLIT_DATASETS = {"test": "synth", "val": "synth_val"}
 
 # --quick: a synthetic set and a run small enough for CI (each run ~10-20 s on 2 CPUs,
 # mostly building and tracing ResNet50); the numbers mean nothing, the table's shape does.
@@ -68,7 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated --seed values.")
     parser.add_argument("--flagfile", default=os.path.join(ROOT, "configs", "demo.flags"),
                         help="The recipe every run starts from.")
-    parser.add_argument("--split", default="test", choices=("test", "val"),
+    parser.add_argument("--split", default="test", choices=tuple(SPLIT_DATASETS),
                         help="Evaluate on the synthetic test split (synth) or the validation "
                         "split (synth_val: held-out training-like landmarks; the flagfile must "
                         "set --synthetic_num_val_landmarks). Choose settings on val.")
@@ -96,11 +98,6 @@ def run_dir(work_dir: str, variant: str, seed: int) -> str:
     return os.path.join(work_dir, variant.replace("+", "_"), f"seed_{seed}")
 
 
-def eval_dataset(split: str) -> str:
-    """The revisited dataset name of a split of the synthetic set."""
-    return {"test": "synth", "val": "synth_val"}[split]
-
-
 def data_root(work_dir: str) -> str:
     return os.path.join(work_dir, "data", "synth_demo")
 
@@ -119,7 +116,7 @@ def train_command(args, variant: str, seed: int) -> list:
              f"--train_dir={run_dir(args.work_dir, variant, seed)}",
              f"--synthetic_root={root}", f"--eval_root={root}",
              f"--variant={variant}", f"--seed={seed}",
-             f"--eval_dataset={eval_dataset(args.split)}",
+             f"--eval_dataset={SPLIT_DATASETS[args.split]}",
              "--eval_untrained=false", "--export=false", "--eval_visualize=",
              "--eval_visualize_attention=false"]
             + (list(QUICK_FLAGS) if args.quick else []) + list(args.extra_flag))
@@ -161,7 +158,7 @@ def run_one(args, variant: str, seed: int) -> dict:
         raise RuntimeError(f"{variant} seed {seed}: train_main exited {proc.returncode}; "
                            f"see {os.path.join(train_dir, 'train_main.log')}.")
     summary = _train_result(proc.stdout)
-    metrics = _results(train_dir, summary["final_step"], eval_dataset(args.split))["metrics"]
+    metrics = _results(train_dir, summary["final_step"], SPLIT_DATASETS[args.split])["metrics"]
     record = {
         "variant": variant, "seed": seed, "train_dir": train_dir, "split": args.split,
         "final_step": summary["final_step"], "final_loss": summary["final_loss"],

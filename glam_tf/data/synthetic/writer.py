@@ -213,18 +213,16 @@ def generate_synthetic_landmarks(config: SyntheticConfig, *, num_workers: int = 
     # Test landmarks follow the training ones, its distractors follow those, then the
     # validation landmarks and theirs: disjoint by index (and the test split's bytes do not
     # depend on whether a validation split is asked for).
-    splits = [(DATASET_NAME, num_train_landmarks)]
+    splits = [(DATASET_NAME, num_train_landmarks, num_test_landmarks)]
     if config.num_val_landmarks:
         splits.append((VAL_DATASET_NAME, num_train_landmarks + num_test_landmarks
-                       + num_distractor_landmarks))
-    split_landmarks = {}
-    for split, first in splits:
-        count = num_test_landmarks if split == DATASET_NAME else config.num_val_landmarks
-        split_landmarks[split] = _split_tasks(config, split, first, count, tasks)
+                       + num_distractor_landmarks, config.num_val_landmarks))
+    split_landmarks = {split: _split_tasks(config, split, first, count, tasks)
+                       for split, first, count in splits}
 
     for task in tasks:
         task.update(seed=seed, canvas=canvas, long_side=image_size,
-                    palette_variation=float(palette_variation),
+                    palette_variation=palette_variation,
                     frame_scale=float(config.frame_scale), neighbours=config.neighbours,
                     clutter_pool=config.clutter_pool,
                     occlusion_scale=float(config.occlusion_scale))
