@@ -23,6 +23,10 @@ from absl import logging
 # Per (query, database) pair: the chunk's scores, pass A's kept product, the first chunk's
 # partition indices and the candidate mask (24 bytes: the bound of the budget).
 _BYTES_PER_SCORE = 24
+# Rank counting: sort the entries reaching the lowest tracked score when at most
+# 1/_SORT_FRACTION of a row does, else count the row into at most _MAX_BINS bins.
+_SORT_FRACTION = 32
+_MAX_BINS = 1 << 16
 
 
 @dataclasses.dataclass
@@ -116,7 +120,7 @@ def _update_topk(run_idx, run_sc, scores, k, start, reaching=None):
     Only the entries scoring at least a row's current k-th best can enter its list: one
     comparison finds them (usually none after the first chunks), so a chunk costs a pass
     over its scores instead of a partition or a sort. `reaching` {row: an upper bound of
-    their number}, read from the rank counting's sorted rows (against an earlier, lower
+    their number}, read from the rank counting (against an earlier, lower
     k-th best), spares that pass where it is 0.
     """
     if not reaching:
@@ -152,31 +156,93 @@ def _chunk_topk(run_idx, run_sc, scores, k, start, reaching=None):
     return run_idx, run_sc
 
 
+def _bins(values, lo, scale, num_bins):
+    """Monotone bin numbers of float32 `values`: 0 below `lo` (and -inf), then
+    `num_bins - 3` equal bins from `lo`, clipped to `num_bins - 1`. Every step (subtract,
+    multiply, add, clip, truncate) is non-decreasing in the value, so a value in a higher bin
+    is strictly higher: only entries sharing a tracked score's bin need comparing to it."""
+    x = np.subtract(values, lo, dtype=np.float32)
+    x *= scale
+    x += np.float32(1)
+    np.clip(x, np.float32(0), np.float32(num_bins - 1), out=x)
+    with np.errstate(invalid="ignore"):  # NaN: refused by the caller's bincount
+        return x.astype(np.intp)
+
+
+def _count_finite(row, tscores, tracked, a, b, kth):
+    """Per finite tracked score, the chunk's entries ranked before it; see `_count_above`.
+
+    When few entries reach the lowest tracked score (tracked images near the top, as real
+    positives mostly are), those are sorted; otherwise the entries are counted into bins
+    (linear time, whatever the scores) and only those sharing a tracked score's bin are
+    sorted. Either way `cand` holds, sorted, every entry equal to a tracked score, and
+    `base` counts, per tracked score, the entries above it that are not in `cand`.
+    """
+    low = tscores.min()
+    reach = row >= low
+    n_reach = np.count_nonzero(reach)
+    reaching = None
+    if n_reach * _SORT_FRACTION <= row.size:
+        cand = np.sort(row[reach])
+        base = 0
+        if kth is not None and kth >= low:
+            reaching = cand.size - int(np.searchsorted(cand, kth, side="left"))
+    else:
+        num_bins = int(min(_MAX_BINS, max(64, row.size // 4)))
+        width = float(tscores.max()) - float(low)
+        if not width > 0:  # one distinct tracked score: any bin width is exact
+            width = max(abs(float(low)), 1e-6) * 1e-3
+        lo, scale = np.float32(low), np.float32((num_bins - 3) / width)
+        idx = _bins(row, lo, scale, num_bins)
+        try:
+            hist = np.bincount(idx, minlength=num_bins)
+        except ValueError as e:  # only NaN casts to a negative bin
+            raise ValueError(f"search: NaN scores against database rows [{a}, {b}): a query "
+                             "or database descriptor holds NaN") from e
+        if kth is not None:  # entries >= kth lie in kth's bin or above: an upper bound
+            reaching = int(hist[_bins(np.float32([kth]), lo, scale, num_bins)[0]:].sum())
+        tbins = _bins(tscores, lo, scale, num_bins)
+        shared = np.zeros(num_bins, dtype=bool)
+        shared[tbins] = True
+        cand = np.sort(row[np.flatnonzero(np.take(shared, idx, mode="clip"))])
+        del idx
+        hist[tbins] = 0
+        cum = np.cumsum(hist)
+        base = cum[-1] - cum[tbins]
+    left = np.searchsorted(cand, tscores, side="left")
+    right = np.searchsorted(cand, tscores, side="right")
+    n = cand.size
+    counts = base + np.where(tracked >= b, n - left, n - right)  # before the chunk: ties too
+    inside = (tracked >= a) & (tracked < b)
+    for m in np.flatnonzero(inside & (right - left > 1)):
+        counts[m] += np.count_nonzero(row[: tracked[m] - a] == tscores[m])
+    return counts, reaching
+
+
 def _count_above(row, tracked_scores, tracked, a, b, kth=None):
     """Per tracked image, the images of chunk [a, b) ranked before it (one query's row).
 
-    rank(i) = |{j : s_j > s_i}| + |{j < i : s_j = s_i}|. Only entries >= the lowest tracked
-    score can count, so those alone are sorted (a small part of the row unless a tracked
-    image scores low); the sorted copy is searched for every tracked score.
+    rank(i) = |{j : s_j > s_i}| + |{j < i : s_j = s_i}|, counted without sorting the row
+    (`_count_finite`). Invalid tracked images (score -inf) are preceded by every finite
+    entry and by the invalid ones of lower index.
 
     Returns:
-        (counts per tracked image, the number of entries >= `kth` when the sorted copy
-        holds them all, else None).
+        (counts per tracked image, an upper bound of the number of entries >= `kth`, or
+        None when unknown).
     """
-    low = tracked_scores.min()
-    reach = row >= low
-    whole = np.count_nonzero(reach) > row.size // 4
-    candidates = np.sort(row if whole else row[reach])
-    left = np.searchsorted(candidates, tracked_scores, side="left")
-    right = np.searchsorted(candidates, tracked_scores, side="right")
-    n = candidates.size
-    counts = np.where(tracked >= b, n - left, n - right)  # before the chunk: ties count too
-    inside = (tracked >= a) & (tracked < b)
-    for m in np.flatnonzero(inside & (right - left > 1)):
-        counts[m] += np.count_nonzero(row[: tracked[m] - a] == tracked_scores[m])
+    counts = np.zeros(tracked.size, dtype=np.int64)
+    finite = tracked_scores > -np.inf
     reaching = None
-    if kth is not None and (whole or kth >= low):
-        reaching = n - int(np.searchsorted(candidates, kth, side="left"))
+    if finite.any():
+        counts[finite], reaching = _count_finite(row, tracked_scores[finite],
+                                                 tracked[finite], a, b, kth)
+    if not finite.all():
+        lost = row == -np.inf
+        n_finite = np.count_nonzero(row > -np.inf)
+        for m in np.flatnonzero(~finite):
+            i = tracked[m]
+            counts[m] = n_finite + (np.count_nonzero(lost) if i >= b else
+                                    0 if i < a else np.count_nonzero(lost[: i - a]))
     return counts, reaching
 
 
@@ -270,7 +336,7 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
                 sel = (t >= a) & (t < b)
                 tscores[r][sel] = kept[r, t[sel] - a]
         # Pass B: count, per tracked image, the images ranked above it; keep the top-k.
-        # A chunk's rank counting (sorts, in threads: they release the GIL) runs while the
+        # A chunk's rank counting (in threads: NumPy releases the GIL) runs while the
         # next chunk's product is computed; its top-k update follows, in chunk order.
         top = [np.zeros((q1 - q0, 0), dtype=np.int64), np.zeros((q1 - q0, 0), np.float32)]
         rows = [r for r, t in enumerate(qtracked) if t.size]
