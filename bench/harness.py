@@ -7,7 +7,7 @@ then `rounds` timed rounds call every leg once, the order rotated each round (AB
 ...), keeping wall and process CPU time of every call. `ratio` pairs the legs round by
 round, so the spread of the per-round ratios shows how much the load moved them.
 `header` is the line each bench prints first: CPU model, family/model, instruction-set
-level (glam_tf.cpu), cores and load average.
+level (glam_tf.cpu), cores, load average and niceness; `python bench/harness.py` prints it.
 """
 
 import dataclasses
@@ -129,3 +129,7 @@ def header():
     m = machine()
     return (f"machine: {cpu.cpu_info().describe()}, {m['cores']} cores, load average "
             f"{' / '.join(f'{x:.2f}' for x in m['load_average'])} (1/5/15 min), nice {m['nice']}")
+
+
+if __name__ == "__main__":
+    print(header())  # `python bench/harness.py`: the machine line the benches print

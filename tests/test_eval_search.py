@@ -250,3 +250,39 @@ def test_nan_scores_have_a_clear_error():
     q = np.ones((1, 4), np.float32)
     with pytest.raises(ValueError, match="NaN scores against database rows"):
         search.exact_search(q, db, k=3, tracked=[np.arange(0, 300, 3)])
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_tracked_rows_multiplied_alone_or_from_the_chunks_give_the_same_ranks(differ,
+                                                                             monkeypatch):
+    # Long chunks with tracked images in every one: pass A multiplies the tracked rows
+    # alone; when that product differs from the chunk products (forced here), the block is
+    # redone from the chunk products. Either way the result is the sorting reference's.
+    rng = np.random.default_rng(31)
+    n, nq = 3 * search._GATHER_ROWS + 100, 4
+    q, db = _unit(rng, nq, 8), _unit(rng, n, 8)
+    tracked = [rng.choice(n, 60, replace=False) for _ in range(nq)]
+    gathered = search._gathered_tracked_scores
+    calls = []
+
+    def spy(*args):
+        out = gathered(*args)
+        calls.append(len(out))
+        if differ:
+            out[1][7] = np.nextafter(out[1][7], np.float32(2))
+        return out
+
+    from_chunks = search._chunk_tracked_scores
+    redone = []
+    monkeypatch.setattr(search, "_gathered_tracked_scores", spy)
+    monkeypatch.setattr(search, "_chunk_tracked_scores",
+                        lambda *a: redone.append(1) or from_chunks(*a))
+    res = search.exact_search(q, db, k=10, tracked=tracked, chunk_size=search._GATHER_ROWS)
+    assert calls == [nq] and len(redone) == differ
+    monkeypatch.setattr(search, "_chunk_tracked_scores", from_chunks)
+    monkeypatch.setattr(search, "_count_above", _sorting_count_above)
+    monkeypatch.setattr(search, "_GATHER_ROWS", n + 1)  # the reference: chunk products only
+    ref = search.exact_search(q, db, k=10, tracked=tracked, chunk_size=4096)
+    for i in range(nq):
+        np.testing.assert_array_equal(res.tracked_ranks[i], ref.tracked_ranks[i])
+    np.testing.assert_array_equal(res.topk_indices, ref.topk_indices)

@@ -27,6 +27,9 @@ _BYTES_PER_SCORE = 24
 # 1/_SORT_FRACTION of a row does, else count the row into at most _MAX_BINS bins.
 _SORT_FRACTION = 32
 _MAX_BINS = 1 << 16
+# Pass A multiplies the tracked rows alone, this many at a time (at least), when chunks are
+# at least this long and tracked images lie in several chunks.
+_GATHER_ROWS = 4096
 
 
 @dataclasses.dataclass
@@ -156,17 +159,17 @@ def _chunk_topk(run_idx, run_sc, scores, k, start, reaching=None):
     return run_idx, run_sc
 
 
-def _bins(values, lo, scale, num_bins):
-    """Monotone bin numbers of float32 `values`: 0 below `lo` (and -inf), then
-    `num_bins - 3` equal bins from `lo`, clipped to `num_bins - 1`. Every step (subtract,
-    multiply, add, clip, truncate) is non-decreasing in the value, so a value in a higher bin
-    is strictly higher: only entries sharing a tracked score's bin need comparing to it."""
-    x = np.subtract(values, lo, dtype=np.float32)
-    x *= scale
-    x += np.float32(1)
-    np.clip(x, np.float32(0), np.float32(num_bins - 1), out=x)
-    with np.errstate(invalid="ignore"):  # NaN: refused by the caller's bincount
-        return x.astype(np.intp)
+def _bins(values, scale, offset, num_bins):
+    """Monotone bin numbers (intp) of float32 `values`: value * scale + offset, clipped to
+    [0, num_bins - 1] and truncated. Every step is non-decreasing in the value (scale > 0),
+    so a value in a higher bin is strictly higher: only the entries sharing a tracked
+    score's bin need comparing to it. NaN casts to a negative bin."""
+    x = np.multiply(values, scale, dtype=np.float32)
+    x += offset
+    out = np.empty(x.shape, dtype=np.intp)
+    with np.errstate(invalid="ignore"):
+        np.clip(x, np.float32(0), np.float32(num_bins - 1), out=out, casting="unsafe")
+    return out
 
 
 def _count_finite(row, tscores, tracked, a, b, kth):
@@ -192,16 +195,18 @@ def _count_finite(row, tscores, tracked, a, b, kth):
         width = float(tscores.max()) - float(low)
         if not width > 0:  # one distinct tracked score: any bin width is exact
             width = max(abs(float(low)), 1e-6) * 1e-3
-        lo, scale = np.float32(low), np.float32((num_bins - 3) / width)
-        idx = _bins(row, lo, scale, num_bins)
+        # [low, highest tracked score] over bins 1 .. num_bins - 2; below: 0, above: the last
+        scale = np.float32((num_bins - 3) / width)
+        offset = np.float32(1.5) - np.float32(low) * scale  # low: mid-bin 1, not an edge
+        idx = _bins(row, scale, offset, num_bins)
         try:
             hist = np.bincount(idx, minlength=num_bins)
         except ValueError as e:  # only NaN casts to a negative bin
             raise ValueError(f"search: NaN scores against database rows [{a}, {b}): a query "
                              "or database descriptor holds NaN") from e
         if kth is not None:  # entries >= kth lie in kth's bin or above: an upper bound
-            reaching = int(hist[_bins(np.float32([kth]), lo, scale, num_bins)[0]:].sum())
-        tbins = _bins(tscores, lo, scale, num_bins)
+            reaching = int(hist[_bins(np.float32([kth]), scale, offset, num_bins)[0]:].sum())
+        tbins = _bins(tscores, scale, offset, num_bins)
         shared = np.zeros(num_bins, dtype=bool)
         shared[tbins] = True
         cand = np.sort(row[np.flatnonzero(np.take(shared, idx, mode="clip"))])
@@ -246,6 +251,10 @@ def _count_above(row, tracked_scores, tracked, a, b, kth=None):
     return counts, reaching
 
 
+class _ScoresDiffer(RuntimeError):
+    """Pass B's product of a tracked image differs from pass A's score of it."""
+
+
 def _check_tracked_scores(scores, tracked, tracked_scores, rows, a, b):
     """Pass B's products must equal pass A's where tracked images sit, bit for bit."""
     for r in rows:
@@ -253,20 +262,114 @@ def _check_tracked_scores(scores, tracked, tracked_scores, rows, a, b):
         inside = (t >= a) & (t < b)
         if np.any(inside) and not np.array_equal(scores[r, t[inside] - a],
                                                  tracked_scores[r][inside]):
-            raise RuntimeError("matrix product not reproducible between passes; ranks would "
-                               "be inexact")
+            raise _ScoresDiffer("matrix product not reproducible between passes; ranks "
+                                "would be inexact")
 
 
-def _finish_chunk(pending, top, ranks, q0, rows, k):
+def _chunk_tracked_scores(qblock, qtracked, database, valid, chunk, n):
+    """Pass A from the chunk products themselves (bit-exact by construction): the tracked
+    images' scores, and the last product computed (start, scores) for pass B to reuse."""
+    tscores = [np.zeros(t.size, dtype=np.float32) for t in qtracked]
+    all_tracked = np.unique(np.concatenate(qtracked)) if qtracked else np.zeros(0, int)
+    kept_start, kept = -1, None
+    for ci in np.unique(all_tracked // chunk):
+        a, b = int(ci) * chunk, min(n, (int(ci) + 1) * chunk)
+        kept_start, kept = a, _chunk_scores(qblock, database, a, b, valid)
+        for r, t in enumerate(qtracked):
+            sel = (t >= a) & (t < b)
+            tscores[r][sel] = kept[r, t[sel] - a]
+    return tscores, (kept_start, kept)
+
+
+def _gathered_tracked_scores(qblock, qtracked, database, valid):
+    """Pass A from a product of the tracked rows alone, in pieces of _GATHER_ROWS rows
+    (padded so as not to take BLAS's small-matrix path): ~1/50 of a whole pass when
+    tracked images lie in every chunk. BLAS gives these the chunk products' bits in
+    practice, not by contract: pass B checks every one (_ScoresDiffer otherwise)."""
+    all_tracked = np.unique(np.concatenate(qtracked))
+    scores = np.empty((qblock.shape[0], all_tracked.size), dtype=np.float32)
+    for p in range(0, all_tracked.size, _GATHER_ROWS):
+        rows = all_tracked[p:p + _GATHER_ROWS]
+        padded = np.resize(rows, max(rows.size, _GATHER_ROWS))
+        scores[:, p:p + rows.size] = (qblock @ database[padded].T)[:, :rows.size]
+    if valid is not None:
+        scores[:, ~valid[all_tracked]] = -np.inf
+    return [scores[r, np.searchsorted(all_tracked, t)] for r, t in enumerate(qtracked)]
+
+
+def _finish_chunk(pending, top, ranks, rows, k):
     """Adds a chunk's rank counts (from its threads) and merges it into the top-k `top`."""
     scores, start, counting = pending
     reaching = {}
     for r, future in zip(rows, counting):
         counts, n_reaching = future.result()
-        ranks[q0 + r] += counts
+        ranks[r] += counts
         if n_reaching is not None:
             reaching[r] = n_reaching
     top[0], top[1] = _chunk_topk(top[0], top[1], scores, k, start, reaching)
+
+
+class _Progress:
+    """Logs chunks done, rate and ETA every `every_s` seconds."""
+
+    def __init__(self, total, every_s):
+        self.total, self.every_s, self.done = total, every_s, 0
+        self.t0 = self.last = time.time()
+
+    def tick(self):
+        self.done += 1
+        now = time.time()
+        if now - self.last >= self.every_s:
+            rate = self.done / (now - self.t0)
+            logging.info("search: %d/%d chunks (%.1f chunks/s, ETA %.0f s)", self.done,
+                         self.total, rate, max(0, self.total - self.done) / rate)
+            self.last = now
+
+
+def _search_block(qblock, qtracked, database, valid, starts, chunk, n, k, progress, pass_a):
+    """Pass B of one query block: per tracked image the images ranked above it, and the
+    top-k. A chunk's rank counting (in threads: NumPy releases the GIL) runs while the
+    next chunk's product is computed; its top-k update follows, in chunk order.
+
+    Args:
+        pass_a: (tracked scores per query, (start, scores) of a chunk product to reuse or
+            (-1, None)).
+
+    Returns:
+        (ranks per query, [top-k indices, top-k scores]).
+
+    Raises:
+        _ScoresDiffer: a chunk product of a tracked image differs from its pass A score.
+    """
+    tscores, (kept_start, kept) = pass_a
+    nb = qblock.shape[0]
+    ranks = [np.zeros(t.size, dtype=np.int64) for t in qtracked]
+    top = [np.zeros((nb, 0), dtype=np.int64), np.zeros((nb, 0), np.float32)]
+    rows = [r for r, t in enumerate(qtracked) if t.size]
+    pending = counting = None
+    try:
+        for a in starts + [None]:
+            counting = None
+            if a is not None:
+                b = min(n, a + chunk)
+                if a == kept_start:
+                    scores, kept = kept, None
+                else:
+                    scores = _chunk_scores(qblock, database, a, b, valid)
+                _check_tracked_scores(scores, qtracked, tscores, rows, a, b)
+                kth = top[1][:, -1].copy() if top[1].shape[1] == k else None
+                counting = [_row_pool().submit(
+                    _count_above, scores[r], tscores[r], qtracked[r], a, b,
+                    None if kth is None else kth[r]) for r in rows]
+            if pending is not None:
+                _finish_chunk(pending, top, ranks, rows, k)
+                progress.tick()
+            pending = None if a is None else (scores, a, counting)
+    except _ScoresDiffer:
+        for future in (pending[2] if pending else []) + (counting or []):
+            future.cancel() or future.exception()  # let the threads finish before a retry
+        raise
+    return ranks, top
 
 
 def exact_search(queries, database, *, k=100, tracked=None, valid=None,
@@ -316,55 +419,32 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
 
     topk_idx = np.zeros((nq, k), dtype=np.int64)
     topk_sc = np.zeros((nq, k), dtype=np.float32)
-    ranks = [np.zeros(t.size, dtype=np.int64) for t in tracked]
-    t0 = last_log = time.time()
-    total_steps, step = len(starts) * -(-nq // query_block), 0
+    ranks = [None] * nq
+    progress = _Progress(len(starts) * -(-nq // query_block), log_every_s)
     for q0 in range(0, nq, query_block):
         q1 = min(nq, q0 + query_block)
         qblock = queries[q0:q1]
         qtracked = tracked[q0:q1]
-        # Pass A: scores of the tracked images, read from the same chunk products that
-        # pass B counts over (so a tracked score compares bit-exactly with its rivals). The
-        # last product is kept for pass B (tracked images usually sit in one chunk).
-        tscores = [np.zeros(t.size, dtype=np.float32) for t in qtracked]
-        all_tracked = np.unique(np.concatenate(qtracked)) if qtracked else np.zeros(0, int)
-        kept_start, kept = -1, None
-        for ci in np.unique(all_tracked // chunk):
-            a, b = int(ci) * chunk, min(n, (int(ci) + 1) * chunk)
-            kept_start, kept = a, _chunk_scores(qblock, database, a, b, valid)
-            for r, t in enumerate(qtracked):
-                sel = (t >= a) & (t < b)
-                tscores[r][sel] = kept[r, t[sel] - a]
-        # Pass B: count, per tracked image, the images ranked above it; keep the top-k.
-        # A chunk's rank counting (in threads: NumPy releases the GIL) runs while the
-        # next chunk's product is computed; its top-k update follows, in chunk order.
-        top = [np.zeros((q1 - q0, 0), dtype=np.int64), np.zeros((q1 - q0, 0), np.float32)]
-        rows = [r for r, t in enumerate(qtracked) if t.size]
-        pending = None
-        for a in starts + [None]:
-            if a is not None:
-                b = min(n, a + chunk)
-                if a == kept_start:
-                    s, kept = kept, None
-                else:
-                    s = _chunk_scores(qblock, database, a, b, valid)
-                _check_tracked_scores(s, qtracked, tscores, rows, a, b)
-                kth = top[1][:, -1].copy() if top[1].shape[1] == k else None
-                counting = [_row_pool().submit(
-                    _count_above, s[r], tscores[r], qtracked[r], a, b,
-                    None if kth is None else kth[r]) for r in rows]
-            if pending is not None:
-                _finish_chunk(pending, top, ranks, q0, rows, k)
-                step += 1
-                now = time.time()
-                if now - last_log >= log_every_s:
-                    rate = step / (now - t0)
-                    logging.info("search: %d/%d chunks (%.1f chunks/s, ETA %.0f s)", step,
-                                 total_steps, rate, (total_steps - step) / rate)
-                    last_log = now
-            pending = None if a is None else (s, a, counting)
-        run_idx, run_sc = top
-        topk_idx[q0:q1], topk_sc[q0:q1] = run_idx, run_sc
+        # Pass A: the tracked images' scores, bit-exactly those pass B counts over: from a
+        # product of the tracked rows alone where they lie in several (long) chunks, checked
+        # in pass B; else (or if one differs) from the chunk products holding them.
+        holding = np.unique(np.concatenate(qtracked) // chunk) if qtracked else ()
+        block_ranks = None
+        if chunk >= _GATHER_ROWS and len(holding) > 1:
+            try:
+                block_ranks, top = _search_block(
+                    qblock, qtracked, database, valid, starts, chunk, n, k, progress,
+                    (_gathered_tracked_scores(qblock, qtracked, database, valid), (-1, None)))
+            except _ScoresDiffer:
+                progress.total += len(starts)
+                logging.info("search: the tracked rows' own product differs from the chunk "
+                             "products here; scoring them from the chunk products")
+        if block_ranks is None:
+            block_ranks, top = _search_block(
+                qblock, qtracked, database, valid, starts, chunk, n, k, progress,
+                _chunk_tracked_scores(qblock, qtracked, database, valid, chunk, n))
+        ranks[q0:q1] = block_ranks
+        topk_idx[q0:q1], topk_sc[q0:q1] = top
     return SearchResult(topk_indices=topk_idx, topk_scores=topk_sc, tracked=tracked,
                         tracked_ranks=ranks, chunk_size=chunk, query_block=query_block)
 
