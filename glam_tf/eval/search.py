@@ -342,6 +342,7 @@ def _search_block(qblock, qtracked, database, valid, starts, chunk, n, k, progre
         _ScoresDiffer: a chunk product of a tracked image differs from its pass A score.
     """
     tscores, (kept_start, kept) = pass_a
+    del pass_a  # the kept product is dropped once used
     nb = qblock.shape[0]
     ranks = [np.zeros(t.size, dtype=np.int64) for t in qtracked]
     top = [np.zeros((nb, 0), dtype=np.int64), np.zeros((nb, 0), np.float32)]
