@@ -286,3 +286,105 @@ def test_the_checks_catch_drift(programs):
         ["python", "x.py", "--a", "--b"], ["echo", "d && e"], ["f"]]
     assert heading_slugs("# The demo (`configs/demo.flags`)\n```sh\n# not a heading\n```\n") \
         == {"the-demo-configsdemoflags"}
+
+
+# Flags that decide which features an evaluation extracts: two commands writing the same
+# features folder must agree on them, or the second is refused.
+FEATURE_FLAGS = ("model", "train_dir", "scales", "max_image_size", "inference_gem_p",
+                 "regional_gem", "scale_aggregation")
+
+
+def _flag_values(args) -> dict:
+    """{name: value} of the `--flag` arguments, a flagfile's first (later ones override)."""
+    values = {}
+    for arg in args:
+        if arg.startswith("--flagfile=") and (REPO_ROOT / arg.split("=", 1)[1]).is_file():
+            values.update(_flag_values(_flagfile_flags(REPO_ROOT / arg.split("=", 1)[1])))
+        elif arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            values[name] = value or "true"
+    return values
+
+
+def feature_folders(commands) -> dict:
+    """{(output_dir, features of): {feature flag values: [command, ...]}} of eval_main runs."""
+    out = {}
+    for command in commands:
+        found = program_of(command)
+        if not found or found[0] != "eval_main.py":
+            continue
+        values = _flag_values(found[1])
+        folders = [values.get("dataset")] + (["revisitop1m"] if values.get("distractors") else [])
+        key = tuple((name, values.get(name)) for name in FEATURE_FLAGS)
+        for folder in folders:
+            out.setdefault((values.get("output_dir"), folder), {}).setdefault(key, []).append(
+                " ".join(command))
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_name)
+def test_evaluations_a_page_gives_do_not_collide(page):
+    """Commands given in sequence write other models' features to other folders."""
+    commands = [c for lang, _, body in fenced_blocks(page.read_text())
+                if lang in SHELL_LANGS for c in shell_commands(body)]
+    clashes = {folder: runs for folder, runs in feature_folders(commands).items()
+               if len(runs) > 1}
+    assert not clashes, f"{page_name(page)}: evaluations sharing a features folder: {clashes}"
+
+
+def _demo_config(*overrides):
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    from glam_tf.config import TrainConfig, settings  # pylint: disable=import-outside-toplevel
+
+    fv = flags.FlagValues()
+    settings.define_flags(TrainConfig, fv)
+    fv(["train_main", f"--flagfile={REPO_ROOT / 'configs' / 'demo.flags'}", *overrides])
+    return settings.from_flags(TrainConfig, fv)
+
+
+def test_the_demo_ends_with_its_outputs_and_commands_that_work(programs):
+    from glam_tf.train.what_next import what_next  # pylint: disable=import-outside-toplevel
+
+    config = _demo_config()
+    step_dir = "runs/demo/eval/step_320"
+    text = what_next(config, export_dir="runs/demo/export/1", outputs={
+        "json": f"{step_dir}/results-synth.json", "png": f"{step_dir}/vis-synth/top10.png",
+        "html": f"{step_dir}/vis-synth/top10.html",
+        "attention_png": f"{step_dir}/vis-synth/attention.png"})
+    assert text.splitlines()[:5] == [
+        "Outputs:",
+        f"  picture  {step_dir}/vis-synth/top10.png  (each query and its top 10; legend "
+        "under the picture)",
+        f"  picture  {step_dir}/vis-synth/attention.png  (local and global spatial attention "
+        "over the query and its top 5)",
+        "  export   runs/demo/export/1  (SavedModel; TF Serving base path runs/demo/export)",
+        f"  results  {step_dir}/results-synth.json"]
+    commands = [line.strip() for line in text.splitlines() if line.startswith("  python ")]
+    assert commands == [
+        "python eval_main.py --dataset=synth --data_root=data/synth_demo --max_image_size=192 "
+        "--model=runs/demo/export --output_dir=runs/demo/eval_export",
+        "python eval_main.py --dataset=synth --data_root=data/synth_demo --max_image_size=192 "
+        "--train_dir=runs/demo --scales=1 --visualize=0,5,40 --visualize_attention "
+        "--output_dir=runs/demo/eval_attention",
+        "python export_main.py --train_dir=runs/demo --export_dir=runs/demo/export_384 "
+        "--max_image_size=384 --scales=1"]
+    # every command passes only flags its program defines, and the two evaluations write
+    # their own folders, not the run's own evaluation's (<train_dir>/eval/step_<n>)
+    tokens = [shlex.split(c) for c in commands]
+    assert [p for c in tokens for p in check_command(c, programs)] == []
+    folders = feature_folders(tokens)
+    assert len(folders) == 2 and all(len(runs) == 1 for runs in folders.values())
+    assert not any(out.startswith("runs/demo/eval/") for out, _ in folders)
+
+
+def test_what_next_offers_only_what_the_run_has():
+    from glam_tf.train.what_next import what_next  # pylint: disable=import-outside-toplevel
+
+    baseline = what_next(_demo_config("--variant=baseline"), export_dir="runs/demo/export/1",
+                         outputs={"json": "runs/demo/eval/step_320/results-synth.json"})
+    assert "--visualize_attention" not in baseline and "picture" not in baseline
+    assert "export_main.py" in baseline and "--model=runs/demo/export" in baseline
+    no_export = what_next(_demo_config("--noexport", "--eval_dataset="), export_dir=None,
+                          outputs=None)
+    assert no_export == ""
