@@ -302,7 +302,7 @@ class Evaluator:
         for q, entry in zip(vis, entries):
             items = [(extract.ImageItem(entry["query"], entry["query_path"],
                                         None if entry["box"] is None else tuple(entry["box"])),
-                      f"query {entry['query']}", "query")]
+                      entry["query"], "query")]
             items += [(extract.ImageItem(r["id"], r["path"]),
                        report.result_label(k + 1, r["score"]), r["status"])
                       for k, r in enumerate(entry["results"][:attention_vis.TOP])]
@@ -322,7 +322,8 @@ class Evaluator:
             rows, os.path.join(cfg.output_dir, f"vis-{cfg.label}"), map_names=map_names,
             position=cfg.attention_position,
             title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: GLAM's spatial "
-                  f"attention over {len(rows)} queries and their top {attention_vis.TOP} "
+                  f"attention over {len(rows)} quer{'y' if len(rows) == 1 else 'ies'} and "
+                  f"{'its' if len(rows) == 1 else 'their'} top {attention_vis.TOP} "
                   f"(images at {cfg.max_image_size} px, scale 1)")
         logging.info("attention maps of %d queries: %s", len(rows), path)
         return path

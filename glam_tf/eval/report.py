@@ -29,7 +29,7 @@ LEGEND = (("query", "query"), ("positive", "same landmark (positive)"),
           ("invalid", "undecodable image"))
 THUMB = 128     # side of the square a picture's image is contained in
 _BORDER = 6
-_LABEL_H = 14   # text line under each cell
+_LABEL_H = 18   # text line under each cell (and a little air before the next row)
 TITLE_H = 24    # the title line above a picture's grid
 LEGEND_H = 26   # the legend line under it
 _TEXT = (0, 0, 0)
@@ -241,7 +241,7 @@ def write_visualization(entries, out_dir, *, title, num=10):
         y = TITLE_H + r * cell_h
         q = _thumb(_open_rgb(e["query_path"], e.get("box")), COLORS["query"])
         grid.paste(q, (0, y))
-        draw.text((2, y + cell_w), fit(draw, f"query {e['query']}", cell_w - 4), fill=_TEXT,
+        draw.text((2, y + cell_w), fit(draw, e["query"], cell_w - 4), fill=_TEXT,
                   font=font())
         q_file = f"q{r:03d}_query.jpg"
         q.save(os.path.join(thumbs_dir, q_file), quality=90)
