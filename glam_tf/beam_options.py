@@ -157,7 +157,7 @@ def pipeline_options(beam_args=None):
             raise ValueError(
                 "--num_workers is Beam's worker count on Dataflow; the DirectRunner's worker "
                 "processes are set with --direct_num_workers=N")
-        # DirectRunner's worker processes unpickle our DoFns by module name: let them import
+        # The local worker processes unpickle our DoFns by module name: let them import
         # glam_tf from wherever the program was started.
         path = os.environ.get("PYTHONPATH", "")
         if REPO_ROOT not in path.split(os.pathsep):
