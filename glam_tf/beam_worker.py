@@ -8,9 +8,7 @@ default one, installed by the first import-time warning of Beam's GCP modules) a
 sent to the runner, which logs it again as `Worker: severity: ... message: "..."`. A
 worker started here shares the program's stderr, so it keeps one path: its own stderr,
 in absl's line format with the worker's process id, and nothing sent to the runner.
-TensorFlow's C++ start-up notices (oneDNN, no CUDA driver: INFO level), which the program
-has printed already and a worker would print twice more, are left out unless
-TF_CPP_MIN_LOG_LEVEL is set. Failures still reach the program: the harness reports a failed bundle (with its
+Failures still reach the program: the harness reports a failed bundle (with its
 traceback) to the runner, which raises it.
 """
 
@@ -42,7 +40,6 @@ def configure_logging(stream=None) -> logging.Handler:
 def main(argv=None) -> None:
     configure_logging()
     os.environ.pop(RELAY_ENV, None)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     from apache_beam.runners.worker import sdk_worker_main  # pylint: disable=g-import-not-at-top
 
     sdk_worker_main.main(argv if argv is not None else sys.argv)
