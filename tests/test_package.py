@@ -59,7 +59,7 @@ def test_pyproject_pins_are_requirements_pins():
     assert set(requirements) <= named, f"in requirements.txt only: {set(requirements) - named}"
 
 
-def test_commands_and_modules_are_the_five_programs():
+def test_commands_and_modules_are_the_five_programs(monkeypatch):
     config = _pyproject()
     programs = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith("_main.py"))
     assert sorted(config["tool"]["setuptools"]["py-modules"]) == programs
@@ -71,12 +71,8 @@ def test_commands_and_modules_are_the_five_programs():
         assert module == "glam_tf.cli"
         # each command's function runs its own program
         calls = []
-        original = cli.run_program
-        cli.run_program = calls.append
-        try:
-            getattr(cli, function)()
-        finally:
-            cli.run_program = original
+        monkeypatch.setattr(cli, "run_program", calls.append)
+        getattr(cli, function)()
         assert calls == [cli.PROGRAMS[command]], command
 
 
