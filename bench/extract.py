@@ -200,11 +200,12 @@ def _beam_vs_in_process(args, backend, saved_model, scales, tmp):
                                       batch_size=args.batch_size,
                                       max_image_size=args.max_image_size,
                                       shard_size=shard_size)}
-    last, tf_threads = {}, {}
+    last, tf_threads, calls = {}, {}, {}
 
     def beam_leg(w):
         def run():
-            out = os.path.join(tmp, f"beam{w}-{len(last.get(w, ()))}")
+            calls[w] = calls.get(w, 0) + 1  # a fresh folder per call: Beam resumes a done one
+            out = os.path.join(tmp, f"beam{w}-{calls[w]}")
             if w.endswith("a"):
                 os.environ[extract_beam.TF_THREADS_ENV] = "auto"
             try:
