@@ -22,10 +22,13 @@ import sys
 
 from absl import flags
 
+from glam_tf import files
+
+
 # The embedded default: DirectRunner's multi-process mode on the local cores.
 LOCAL_DEFAULTS = ("--runner=DirectRunner", "--direct_num_workers=2",
                   "--direct_running_mode=multi_processing")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = files.dirname(files.dirname(files.absolute(__file__)))
 
 
 def parse_flags_keep_beam_args(argv):
@@ -68,21 +71,30 @@ def check_args(beam_args) -> None:
             "--helpfull for this program's)")
 
 
-def pipeline_options(beam_args=None):
+def pipeline_options(beam_args=None, paths=None):
     """`PipelineOptions` from extra argv, on top of the local DirectRunner defaults.
 
     Args:
       beam_args: Beam flags (`["--runner=FlinkRunner", "--flink_master=..."]`), or None.
         Without `--runner`, the DirectRunner defaults apply (a later
         `--direct_num_workers` overrides theirs).
+      paths: {flag name: path} the pipeline's workers read or write. A path on a file system
+        that lives inside this process (`ram://`) makes the default runner the in-memory
+        DirectRunner (one worker: this process); with worker processes or a cluster runner
+        asked for, it is refused.
 
     Raises:
-      ValueError: a flag that is no Beam option (named, with how to list them).
+      ValueError: a flag that is no Beam option (named, with how to list them), or a
+        process-local path with a runner whose workers cannot see it.
     """
     from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
 
     args = [str(a) for a in (beam_args or ())]
     check_args(args)
+    in_process = {flag: path for flag, path in (paths or {}).items()
+                  if path and files.scheme(path) in PROCESS_LOCAL_SCHEMES}
+    if in_process:
+        args = _in_process_args(args, in_process)
     if not any(a == "--runner" or a.startswith("--runner=") for a in args):
         args = list(LOCAL_DEFAULTS) + args
     if _is_direct(args):
@@ -96,6 +108,27 @@ def pipeline_options(beam_args=None):
         if REPO_ROOT not in path.split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, path) if p)
     return PipelineOptions(args)
+
+
+PROCESS_LOCAL_SCHEMES = ("ram",)  # file systems only this process sees
+
+
+def _in_process_args(args, in_process) -> list:
+    """`args` made to run the pipeline inside this process (see `pipeline_options`)."""
+    flag, path = next(iter(in_process.items()))
+    mode = None
+    for a in args:
+        if a.startswith("--direct_running_mode="):
+            mode = a.split("=", 1)[1]
+    if not _is_direct(args) or mode not in (None, "in_memory"):
+        raise ValueError(
+            f"--{flag}={path} is on a file system that lives in this process only, which the "
+            "workers of this Beam runner cannot see; run in this process "
+            "(--direct_running_mode=in_memory) or put the data on a shared file system")
+    if mode is None:
+        args = args + ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+    return [a for a in args if not a.startswith("--direct_num_workers=")] + [
+        "--direct_num_workers=1"]
 
 
 def is_direct(options) -> bool:

@@ -18,11 +18,11 @@ map, as a PNG grid beside the top-10 picture (glam_tf.eval.report).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from glam_tf import files
 from glam_tf.config.eval import ATTENTION_POSITIONS
 from glam_tf.eval import report
 
@@ -192,7 +192,7 @@ def write_attention_visualization(entries, out_dir, *, map_names, top: int = TOP
                 text = (item["label"] if name == "image"
                         else map_label(name, item["maps"][name]))
                 draw.text((x + 2, y + cell_w), text[:22], fill=color)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "attention.png")
-    grid.save(path)
+    files.makedirs(out_dir)
+    path = files.join(out_dir, "attention.png")
+    report.save_image(grid, path, "PNG")
     return path
