@@ -60,6 +60,7 @@ from absl import logging
 from glam_tf.config import ExportConfig, contract
 from glam_tf.export import image_header
 from glam_tf.export import precision as precision_lib
+from glam_tf.export import warmup
 from glam_tf.model.builder import inference_model
 
 SIGNATURE_NAMES = (
@@ -485,7 +486,8 @@ def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None,
         extra_info: JSON-able dict stored with the export settings in
             `assets.extra/glam_export.json` (e.g. the ModelConfig, the checkpoint path).
         config / **settings: the export-time settings (glam_tf.config.ExportConfig, fields
-            replaced by name), all recorded in glam_export.json.
+            replaced by name), all recorded in glam_export.json. With warmup_requests
+            (default) the TF Serving warm-up file is written too (glam_tf.export.warmup).
 
     Returns:
         The version folder path.
@@ -511,6 +513,8 @@ def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None,
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, contract.EXPORT_INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
+        if module.config.warmup_requests:
+            warmup.write_warmup_requests(tmp, module.config)
         os.rename(tmp, final)
     finally:
         if os.path.exists(tmp):
