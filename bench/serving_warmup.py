@@ -6,9 +6,11 @@ rounds of two fresh serving_check processes each: one loads the export and answe
 global_descriptor request on a real photo (the first request pays for the session's first
 run of the signature), the other replays the warm-up file after loading (as TF Serving does
 before a version takes traffic) and then answers the same request. The two legs alternate
-their order from round to round, so drifting load from other processes falls on both.
-Reported: per leg the median first-request time (and the warm-up replay's time), and the
-ratio cold / warm per round: median, min and max.
+their order from round to round, so drifting load from other processes falls on both. Each
+process then answers the same request a second time (the steady-state cost, what warm-up
+can at best bring the first request down to). Reported: per leg the median first-request
+time (and the warm-up replay's time), the second requests' median, and the ratio cold /
+warm per round: median, min and max.
 
   python bench/serving_warmup.py                                  # resnet50, 512 px
   python bench/serving_warmup.py --backbone=resnet101 --image_size=1024 --rounds=5
@@ -63,14 +65,16 @@ def machine() -> str:
             f"load average {' '.join(load)}")
 
 
-def first_request_ms(binary, export, image_file, warm):
-    """(first request ms, warm-up replay ms or None) of a fresh serving_check process."""
-    session = loader.run(binary, export, [("global_descriptor", {"input_image": image_file})],
-                         warmup=warm)
-    (answer,) = session.answers
-    if answer.error:
-        raise RuntimeError(answer.error)
-    return answer.ms, session.warmup[1] if warm else None
+def leg(binary, export, image, warm):
+    """A fresh serving_check process answering the same request twice:
+    (first request ms, second request ms, warm-up replay ms or None)."""
+    request = ("global_descriptor", {"input_image": image})
+    session = loader.run(binary, export, [request, request], warmup=warm)
+    for answer in session.answers:
+        if answer.error:
+            raise RuntimeError(answer.error)
+    first, second = session.answers
+    return first.ms, second.ms, session.warmup[1] if warm else None
 
 
 def main(argv):
@@ -85,19 +89,19 @@ def main(argv):
         model = build_descriptor_model(ModelConfig(backbone=FLAGS.backbone, weights="none"))
         export = serving.export_saved_model(model, os.path.join(tmp, "export"),
                                             max_image_size=FLAGS.image_size)
-        cold, warm, replay, ratios = [], [], [], []
+        cold, warm, steady, replay, ratios = [], [], [], [], []
         for r in range(FLAGS.rounds):
-            legs = (False, True) if r % 2 == 0 else (True, False)
-            got = {}
-            for leg in legs:
-                got[leg] = first_request_ms(binary, export, image, leg)
+            order = (False, True) if r % 2 == 0 else (True, False)
+            got = {warm_leg: leg(binary, export, image, warm_leg) for warm_leg in order}
             cold.append(got[False][0])
             warm.append(got[True][0])
-            replay.append(got[True][1])
+            steady += [got[False][1], got[True][1]]
+            replay.append(got[True][2])
             ratios.append(cold[-1] / warm[-1])
-            logging.info("round %d/%d (%s first): cold %.0f ms, warm %.0f ms (replay %.0f ms)",
-                         r + 1, FLAGS.rounds, "cold" if not legs[0] else "warm", cold[-1],
-                         warm[-1], replay[-1])
+            logging.info("round %d/%d (%s first): first request cold %.0f ms, after replay "
+                         "%.0f ms (replay %.0f ms); second requests %.0f, %.0f ms", r + 1,
+                         FLAGS.rounds, "warm" if order[0] else "cold", cold[-1], warm[-1],
+                         replay[-1], got[False][1], got[True][1])
     print(f"machine: {machine()}")
     print(f"TF {tf.__version__}, {FLAGS.backbone} (weights none), max_image_size "
           f"{FLAGS.image_size}, photo {pathlib.Path(FLAGS.photo).name} {image.shape[1]}x"
@@ -105,6 +109,8 @@ def main(argv):
     print(f"first global_descriptor request, no warm-up:   median {statistics.median(cold):8.0f} ms")
     print(f"first global_descriptor request, after replay: median {statistics.median(warm):8.0f} ms"
           f" (replay of 4 requests: median {statistics.median(replay):.0f} ms)")
+    print(f"second request of the same process (both legs):  median "
+          f"{statistics.median(steady):8.0f} ms, min {min(steady):.0f}, max {max(steady):.0f}")
     print(f"ratio cold / warm: median {statistics.median(ratios):.1f}x, min {min(ratios):.1f}x, "
           f"max {max(ratios):.1f}x over {len(ratios)} rounds")
 

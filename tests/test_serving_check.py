@@ -20,12 +20,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 from google.protobuf import text_format
 from PIL import Image
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+import export_main
 from conftest import REPO_ROOT, SHARED_DATA
+from glam_tf.config import ExportConfig, TrainConfig, settings
 from glam_tf.export import requests, serving, warmup
 from glam_tf.model import ModelConfig
 from helpers import huge_png
@@ -48,12 +51,20 @@ def binary():
     return loader.build()
 
 
-@pytest.fixture(scope="module")
-def photos():
+def _read_photos():
+    """name -> JPEG bytes of PHOTOS, or None without ../shared/data."""
     folder = SHARED_DATA / "oxford_query_crops"
     if not folder.is_dir():
-        pytest.skip(f"{folder} not present")
+        return None
     return {name: (folder / name).read_bytes() for name in PHOTOS}
+
+
+@pytest.fixture(scope="module")
+def photos():
+    found = _read_photos()
+    if found is None:
+        pytest.skip(f"{SHARED_DATA / 'oxford_query_crops'} not present")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +132,47 @@ def _max_difference(answer, expected):
     return worst
 
 
-# ---- every signature, both precisions --------------------------------------------------------
+# ---- every signature, both precisions, and refusals: one C session per precision -----------
+EXPECTED_REFUSALS = (
+    "assertion failed: [global_descriptor_from_bytes: image_bytes[0] is a 16383 x 16383 PNG "
+    "image (268402689 pixels), over the export setting max_decoded_pixels=134217728; downsize "
+    "it before sending.]",
+    "assertion failed: [input_global_scales_ind must select at least one scale (a descriptor "
+    "per selected scale is returned; none selected gives no descriptor); received []]",
+)
+
+
+def _refusal_requests():
+    """A normal request, the two hostile ones (EXPECTED_REFUSALS), the normal one again (on
+    the export's warm-up image: these run without ../shared/data too)."""
+    image = warmup.warmup_image(MAX_SIZE)
+    normal = ("global_descriptor", {"input_image": image})
+    return [normal,
+            ("global_descriptor_from_bytes", {"image_bytes": [huge_png(16383, 16383)]}),
+            ("serving_default", {"input_image": image, "input_scales": np.float32(SCALES),
+                                 "input_global_scales_ind": np.zeros([0], np.int32)}),
+            normal]
+
+
+@pytest.fixture(scope="module")
+def sessions(binary, exports):
+    """precision -> (requests, serving_check's answers, the Python-loaded model): the refusal
+    requests, then every signature on the photos (when present), all in one C session."""
+    out, photos = {}, _read_photos()
+    for precision in PRECISIONS:
+        cases = _refusal_requests() + (_photo_requests(photos) if photos else [])
+        out[precision] = (cases, loader.run(binary, exports[precision], cases).answers,
+                          tf.saved_model.load(exports[precision]))
+    return out
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_every_signature_matches_python(binary, exports, photos, precision):
-    cases = _photo_requests(photos)
-    session = loader.run(binary, exports[precision], cases)
-    loaded = tf.saved_model.load(exports[precision])
-    assert [a.signature for a in session.answers] == [c[0] for c in cases]
+def test_every_signature_matches_python(sessions, photos, precision):
+    cases, answers, loaded = sessions[precision]
+    cases, answers = cases[4:], answers[4:]
+    assert [a.signature for a in answers] == [c[0] for c in cases]
     assert {c[0] for c in cases} == set(serving.SIGNATURE_NAMES)
-    for (signature, inputs), answer in zip(cases, session.answers):
+    for (signature, inputs), answer in zip(cases, answers, strict=True):
         expected, error = _python_answer(loaded, signature, inputs)
         assert error is None, error
         difference = _max_difference(answer, expected)
@@ -138,35 +181,19 @@ def test_every_signature_matches_python(binary, exports, photos, precision):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_refusals_match_python_and_the_session_keeps_serving(binary, exports, photos,
-                                                             precision):
-    image = _decoded(photos["ashmolean_3.jpg"])
-    normal = ("global_descriptor", {"input_image": image})
-    hostile = [
-        ("global_descriptor_from_bytes", {"image_bytes": [huge_png(16383, 16383)]}),
-        ("serving_default", {"input_image": image, "input_scales": np.float32(SCALES),
-                             "input_global_scales_ind": np.zeros([0], np.int32)}),
-    ]
-    session = loader.run(binary, exports[precision], [normal, *hostile, normal])
-    loaded = tf.saved_model.load(exports[precision])
-    expected_messages = [
-        "assertion failed: [global_descriptor_from_bytes: image_bytes[0] is a 16383 x 16383 "
-        "PNG image (268402689 pixels), over the export setting max_decoded_pixels=134217728; "
-        "downsize it before sending.]",
-        "assertion failed: [input_global_scales_ind must select at least one scale (a "
-        "descriptor per selected scale is returned; none selected gives no descriptor); "
-        "received []]",
-    ]
-    for (signature, inputs), answer, message in zip(hostile, session.answers[1:3],
-                                                    expected_messages):
+def test_refusals_match_python_and_the_session_keeps_serving(sessions, precision):
+    cases, answers, loaded = sessions[precision]
+    for (signature, inputs), answer, message in zip(cases[1:3], answers[1:3],
+                                                    EXPECTED_REFUSALS, strict=True):
         assert answer.outputs == {} and answer.error is not None
         _, python_error = _python_answer(loaded, signature, inputs)
         assert python_error is not None
         assert _refusal(answer.error) == _refusal(python_error) == message
-    before, after = session.answers[0], session.answers[3]
+        print(f"{precision} {signature}: refused: {_refusal(answer.error)}")
+    before, after = answers[0], answers[3]
     np.testing.assert_array_equal(after.outputs["global_descriptor"],
                                   before.outputs["global_descriptor"])
-    expected, _ = _python_answer(loaded, *normal)
+    expected, _ = _python_answer(loaded, *cases[3])
     assert _max_difference(after, expected) <= TOL
 
 
@@ -197,6 +224,19 @@ def test_warmup_file_has_one_request_per_signature_at_the_export_size(exports):
     info = json.loads((pathlib.Path(exports["bfloat16"]) / "assets.extra" /
                        "glam_export.json").read_text())
     assert info["warmup_requests"] is False
+
+
+def test_export_main_and_train_main_turn_the_warmup_file_off(tmp_path):
+    fv = flags.FlagValues()
+    export_main.define_flags(fv)
+    fv(["export_main", f"--train_dir={tmp_path}", f"--export_dir={tmp_path / 'e'}",
+        "--nowarmup_requests"])
+    assert export_main.parse_flags(fv)["config"].warmup_requests is False
+    assert ExportConfig().warmup_requests is True
+    train_fv = flags.FlagValues()
+    settings.define_flags(TrainConfig, train_fv)
+    train_fv(["train_main", "--noexport_warmup_requests"])
+    assert settings.from_flags(TrainConfig, train_fv).export_settings.warmup_requests is False
 
 
 def test_c_loader_replays_the_warmup_and_answers_it_as_python(binary, exports):
