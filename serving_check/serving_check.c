@@ -415,7 +415,7 @@ static int read_tfrecord_requests(const char *path, Request **out) {
     memcpy(&len, data + pos, 8);
     memcpy(&crc, data + pos + 8, 4);
     if (crc != masked_crc(data + pos, 8)) die("%s: TFRecord length checksum mismatch", path);
-    if (len > size - pos - 16) die("%s: truncated TFRecord", path);
+    if (size - pos < 16 || len > size - pos - 16) die("%s: truncated TFRecord", path);
     memcpy(&crc, data + pos + 12 + len, 4);
     if (crc != masked_crc(data + pos + 12, len)) die("%s: TFRecord data checksum mismatch", path);
     Buf log = {data + pos + 12, data + pos + 12 + len};

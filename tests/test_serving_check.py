@@ -15,6 +15,7 @@ import io
 import json
 import pathlib
 import re
+import subprocess
 
 import keras
 import numpy as np
@@ -392,3 +393,25 @@ def test_readme_models_config_parses_and_names_a_version_policy():
     assert list(model.model_version_policy.specific.versions) == [1, 2]
     assert dict(model.version_labels) == {"stable": 1, "canary": 2}
     assert "--model_config_file=/models/models.config" in readme
+
+
+def test_bad_arguments_fail_before_loading_and_name_the_file(binary, exports, tmp_path):
+    damaged = tmp_path / "damaged.tfrecord"
+    requests.write_prediction_logs(damaged, [requests.predict_request(
+        requests.signature_defs(exports["float32"]), "global_descriptor",
+        {"input_image": np.zeros((40, 40, 3), np.uint8)})])
+    data = bytearray(damaged.read_bytes())
+    data[-20] ^= 1
+    damaged.write_bytes(bytes(data))
+    missing = tmp_path / "missing.npy"
+    for kwargs, message in [
+            (dict(prediction_logs=[damaged]), f"{damaged}: TFRecord data checksum mismatch"),
+            (dict(requests=[("global_descriptor", {"input_image": np.zeros(3, bool)})]),
+             "unsupported .npy dtype")]:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            loader.run(binary, exports["float32"], **kwargs)
+    proc = subprocess.run(
+        [str(binary), exports["float32"], str(tmp_path), "--run", "global_descriptor",
+         f"input_image={missing}"], capture_output=True, text=True)
+    assert proc.returncode == 1 and f"cannot read {missing}" in proc.stderr
+    assert "load" not in proc.stdout
