@@ -227,6 +227,21 @@ def test_warmup_file_has_one_request_per_signature_at_the_export_size(exports):
     assert info["warmup_requests"] is False
 
 
+def test_warmup_inputs_stay_within_the_export_limits():
+    image = warmup.warmup_inputs(ExportConfig(max_image_size=1024))["global_descriptor"][
+        "input_image"]
+    assert image.shape == (768, 1024, 3) and image.dtype == np.uint8 and image.std() > 20
+    # 3:4 of 64 px at scale 0.5 would be 24 px: the image grows to 64 (32 px at 0.5).
+    tight = ExportConfig(max_image_size=64, scales=(0.5, 1.0), max_decoded_pixels=4000)
+    inputs = warmup.warmup_inputs(tight)
+    assert inputs["global_descriptor"]["input_image"].shape == (64, 64, 3)
+    # 64 x 64 = 4096 px is over max_decoded_pixels: no from_bytes request (it would fail,
+    # and TF Serving does not load a version whose warm-up fails).
+    assert set(inputs) == set(serving.SIGNATURE_NAMES) - {"global_descriptor_from_bytes"}
+    assert "global_descriptor_from_bytes" in warmup.warmup_inputs(
+        ExportConfig(max_image_size=64, scales=(0.5, 1.0)))
+
+
 def test_export_main_and_train_main_turn_the_warmup_file_off(tmp_path):
     fv = flags.FlagValues()
     export_main.define_flags(fv)
