@@ -4,7 +4,8 @@ serving_check answers a SavedModel's signatures through TensorFlow's C loader
 (TF_LoadSessionFromSavedModel, tag "serve"), as TF Serving does, without Python in the
 serving process. The binary is compiled once per (source, TensorFlow install, compiler) and
 cached under build/serving_check/<hash>/ (tests/test_serving_check.py and
-bench/serving_warmup.py share it).
+bench/serving_warmup.py share it); `python -m serving_check.loader` builds it and prints
+its path.
 """
 
 from __future__ import annotations
@@ -151,3 +152,7 @@ def run(binary: os.PathLike, export_dir: os.PathLike, requests=(), *, prediction
                 error = error_file.read_text() if error_file.exists() else None
                 answers.append(Answer(words[2], outputs, error, float(words[4])))
         return Session(load_ms, warmup_result, answers)
+
+
+if __name__ == "__main__":
+    print(build())

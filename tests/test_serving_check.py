@@ -397,10 +397,10 @@ def test_rest_bodies_and_grpc_request_give_the_same_descriptors(binary, exports,
         assert _max_difference(answer, want) <= TOL
 
 
-def test_readme_models_config_parses_and_names_a_version_policy():
-    readme = (REPO_ROOT / "README.md").read_text()
+def test_the_guides_models_config_parses_and_names_a_version_policy():
+    readme = (REPO_ROOT / "docs" / "serving.md").read_text()
     block = re.search(r"```\n(model_config_list \{.*?)```", readme, re.DOTALL)
-    assert block, "README.md has no models.config example"
+    assert block, "docs/serving.md has no models.config example"
     config = text_format.Parse(block.group(1), model_server_config_pb2.ModelServerConfig())
     (model,) = config.model_config_list.config
     assert (model.name, model.base_path, model.model_platform) == ("glam", "/models/glam",
