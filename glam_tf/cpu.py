@@ -9,7 +9,7 @@ import dataclasses
 import os
 import platform
 
-import tensorflow as tf
+from glam_tf import files
 
 CPUINFO = "/proc/cpuinfo"
 
@@ -74,16 +74,9 @@ def parse_cpuinfo(text):
 def cpu_info(path=CPUINFO):
     """This machine's `CpuInfo`; without /proc/cpuinfo (not Linux) the platform's processor
     name and no flags (instruction-set level "unknown")."""
-    if not tf.io.gfile.exists(path):
+    if not files.exists(path):
         return CpuInfo(model_name=platform.processor())
-    lines = []
-    with tf.io.gfile.GFile(path, "r") as f:
-        # line by line: /proc files report size 0, so a whole read() returns nothing
-        for line in iter(f.readline, ""):
-            if not line.strip():
-                break
-            lines.append(line)
-    return parse_cpuinfo("".join(lines))
+    return parse_cpuinfo(files.read_local_text(path))  # /proc files report size 0
 
 
 def load_average():

@@ -71,7 +71,7 @@ def test_isa_level_from_fake_flag_sets(flags, level, native):
     assert info.describe() == f"AMD EPYC 9B14 (family 25 model 17), {level}"
 
 
-def test_cpu_info_reads_a_file_line_by_line_and_degrades_without_one(tmp_path):
+def test_cpu_info_reads_the_file_and_degrades_without_one(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(CPUINFO.format(flags="avx2 avx512f"))
     assert cpu.cpu_info(str(path)).isa_level == "AVX-512"
