@@ -18,9 +18,10 @@ id. A missing folder or file is one line on stderr (exit 2), not a traceback.
 
 from absl import app, flags, logging
 
-from glam_tf import beam_options
+from glam_tf import beam_options, refusal
 from glam_tf.config import settings
 from glam_tf.data import gldv2
+from glam_tf.files import ensure_writable_dir
 
 _ROOT = flags.DEFINE_string("gldv2_root", None, "GLDv2 folder (csv + train/).", required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the TFRecords go.", required=True)
@@ -38,11 +39,14 @@ _FULL_DECODE = flags.DEFINE_bool("full_decode", True,
 
 def main(argv):
     try:
-        summary = gldv2.convert_gldv2(
-            _ROOT.value, _OUTPUT_DIR.value, csv_path=_CSV.value, image_dir=_IMAGE_DIR.value,
-            num_shards=_NUM_SHARDS.value, num_validation_shards=_NUM_VAL_SHARDS.value,
-            validation_fraction=_VAL_FRACTION.value, seed=_SEED.value,
-            full_decode=_FULL_DECODE.value, beam_args=argv[1:])
+        with refusal.refusals("build_gldv2_main", verbose=flags.FLAGS.verbosity >= 1):
+            ensure_writable_dir(_OUTPUT_DIR.value, "--output_dir")  # before any image is read
+            summary = gldv2.convert_gldv2(
+                _ROOT.value, _OUTPUT_DIR.value, csv_path=_CSV.value,
+                image_dir=_IMAGE_DIR.value, num_shards=_NUM_SHARDS.value,
+                num_validation_shards=_NUM_VAL_SHARDS.value,
+                validation_fraction=_VAL_FRACTION.value, seed=_SEED.value,
+                full_decode=_FULL_DECODE.value, beam_args=argv[1:])
     except (ValueError, FileNotFoundError) as e:
         settings.exit_with_usage_error("build_gldv2_main", e)
     print(f"written: {summary.total_written} (train {summary.written['train']}, validation "

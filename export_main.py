@@ -15,7 +15,9 @@ import os
 
 from absl import app, flags, logging
 
+from glam_tf import refusal
 from glam_tf.config import ExportConfig, SettingError, contract, settings
+from glam_tf.files import ensure_writable_dir
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -37,6 +39,7 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
 
     Raises:
         SettingError naming the flag, the rule and the value received.
+        glam_tf.refusal.Refused: --export_dir cannot be written.
     """
     fv = flag_values
     for name in ("train_dir", "export_dir"):
@@ -48,6 +51,7 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         raise SettingError(f"--export_dir={fv.export_dir!r} exists and is not a directory.")
     config = settings.from_flags(ExportConfig, fv)
     config.validate()
+    ensure_writable_dir(fv.export_dir, "--export_dir")  # refuses before the model is built
     try:
         version = contract.resolve_version(fv.export_dir, fv.version)
     except (ValueError, FileExistsError) as e:
@@ -70,7 +74,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
     try:
-        print(run_export())
+        with refusal.refusals("export_main", verbose=flags.FLAGS.verbosity >= 1):
+            print(run_export())
     except (SettingError, FileNotFoundError, ValueError) as e:  # bad flag, or a train_dir
         settings.exit_with_usage_error("export_main", e)  # without its files
 

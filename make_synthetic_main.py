@@ -12,6 +12,7 @@ import shutil
 
 from absl import app, flags
 
+from glam_tf import refusal
 from glam_tf.config import SettingError, SyntheticConfig, settings
 
 settings.define_flags(SyntheticConfig)
@@ -27,9 +28,10 @@ def main(argv):
     try:
         config = settings.from_flags(SyntheticConfig)
         config.validate()
-        if _FORCE.value:
-            shutil.rmtree(config.root, ignore_errors=True)
-        summary = synthetic.generate_if_absent(config, num_workers=_NUM_WORKERS.value)
+        with refusal.refusals("make_synthetic_main", verbose=flags.FLAGS.verbosity >= 1):
+            if _FORCE.value:
+                shutil.rmtree(config.root, ignore_errors=True)
+            summary = synthetic.generate_if_absent(config, num_workers=_NUM_WORKERS.value)
     except (SettingError, ValueError) as e:  # a flag out of range, or a set made there with
         settings.exit_with_usage_error("make_synthetic_main", e)  # other flags
     print(f"{summary.train_images} training photos of {summary.train_landmarks} landmarks: "

@@ -22,7 +22,7 @@ from absl import logging
 
 from glam_tf.config import contract
 from glam_tf.config.train import TrainConfig
-from glam_tf.files import write_json_atomic
+from glam_tf.files import ensure_writable_dir, write_json_atomic
 from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
 from glam_tf.train import checkpointing, data as train_data, reporting
 from glam_tf.train.distribute import make_strategy, strategy_name, worker_info
@@ -303,7 +303,7 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
     logging.info("%s: %d replica(s), %d worker(s); this is worker %d%s.",
                  strategy_name(strategy), worker.num_replicas, worker.num_workers,
                  worker.worker_index, " (chief)" if worker.is_chief else "")
-    os.makedirs(config.train_dir, exist_ok=True)
+    ensure_writable_dir(config.train_dir, "--train_dir")  # refuses before heavy work
 
     # From here until the loop ends, SIGTERM only sets a flag: the loop checkpoints and
     # returns at the next step (a signal during set-up stops after the first step).
