@@ -141,6 +141,29 @@ def test_full_disk_during_training_with_the_traceback_behind_verbosity(tmp_path)
     assert not list((run / "checkpoints").glob("ckpt-*"))
 
 
+def test_full_disk_during_export(tmp_path):
+    # The SavedModel write at the end of training runs out of space half-way: no version
+    # folder appears, and the temporary folder is removed (the checkpoints are kept).
+    patch = ("import tensorflow as tf\n"
+             "from keras_helpers import tiny_descriptor_model\n"
+             "def full(obj, export_dir, *args, **kwargs):\n"
+             "    os.makedirs(export_dir)\n"
+             "    path = os.path.join(export_dir, 'saved_model.pb')\n"
+             "    with open(path, 'wb') as f:\n"
+             "        f.write(b'half')\n"
+             "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)\n"
+             "tf.saved_model.save = full\n"
+             "main = program.main\n"
+             "program.main = lambda argv: main(argv, model_fn=tiny_descriptor_model)")
+    run = tmp_path / "run"
+    args = [a for a in TINY_TRAIN if a != "--export=false"] + ["--train_steps=1"]
+    res, lines = _run("train_main", [f"--train_dir={run}", *args], patch)
+    line = _assert_refused(res, lines, "train_main", str(run / "export" / ".tmp-1-"))
+    assert "saved_model.pb: no space left on the device; free space there" in line
+    assert not list((run / "export").iterdir())
+    assert (run / "checkpoints" / "ckpt-1.index").exists()
+
+
 def test_full_disk_while_generating_the_synthetic_set(tmp_path):
     # The 4th file written runs out of space half-way: atomic_write removes its temporary
     # file, so no file is left incomplete under a final name.
