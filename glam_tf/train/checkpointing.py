@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import threading
 import time
@@ -32,53 +31,15 @@ from google.protobuf import text_format
 from tensorflow.python.checkpoint import checkpoint_management
 
 from glam_tf.config import contract
+from glam_tf.export.checkpoint import CHECKPOINT_NAME, checkpoint_files, verify_checkpoint
 from glam_tf.train.distribute import WorkerInfo
 
-CHECKPOINT_NAME = "ckpt"
 STATE_FILE = "checkpoint"
-_FILE = re.compile(rf"^{CHECKPOINT_NAME}-(\d+)\.(index|data-\d+-of-\d+)$")
 
 
 def checkpoint_dir(train_dir: str, worker: WorkerInfo) -> str:
     """Where this worker keeps its checkpoints (glam_tf.config.contract's layout)."""
     return contract.checkpoints_dir(train_dir, 0 if worker.is_chief else worker.worker_index)
-
-
-def checkpoint_files(directory: str) -> dict:
-    """step -> names of the `ckpt-<step>.index` / `.data-*` files in `directory`."""
-    files = {}
-    if tf.io.gfile.isdir(directory):
-        for name in sorted(tf.io.gfile.listdir(directory)):
-            match = _FILE.match(name)
-            if match:
-                files.setdefault(int(match.group(1)), []).append(name)
-    return files
-
-
-def verify_checkpoint(prefix: str) -> Optional[str]:
-    """Why the checkpoint `prefix` cannot be restored, or None when it can.
-
-    Reads the index and every tensor back in one RestoreV2 (the iterator's variant state
-    included), which checks each tensor's length and CRC32C against the index: a truncated
-    or empty data file, a missing or truncated index, or changed bytes all fail here, before
-    anything is restored into the live objects.
-
-    Raises:
-        tf.errors.PermissionDeniedError: the files cannot be read (not damage: fix access).
-    """
-    try:
-        dtypes = tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
-        names = sorted(dtypes)
-        tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=names,
-                             shape_and_slices=[""] * len(names),
-                             dtypes=[dtypes[n] for n in names])
-    except tf.errors.PermissionDeniedError:
-        raise
-    except (tf.errors.OpError, IndexError, ValueError) as e:
-        text = e.message if isinstance(e, tf.errors.OpError) else str(e)
-        text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", text)
-        return f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else '-'}"
-    return None
 
 
 def _read_state(directory: str):
