@@ -11,14 +11,10 @@ parse them into their own FlagValues and other *_main modules with a --train_dir
 imported in the same process.
 """
 
-import os
-
 from absl import app, flags, logging
 
-from glam_tf import refusal
+from glam_tf import files, refusal
 from glam_tf.config import ExportConfig, SettingError, contract, settings
-from glam_tf.files import ensure_writable_dir
-
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this program's flags in flag_values."""
@@ -33,7 +29,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          flag_values=flag_values)
     settings.define_flags(ExportConfig, flag_values)
 
-
 def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     """Checks every flag (no TF work yet); returns export_from_checkpoint's arguments.
 
@@ -45,20 +40,20 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     for name in ("train_dir", "export_dir"):
         if not fv[name].value:
             raise SettingError(f"--{name} is required.")
-    if not os.path.isdir(fv.train_dir):
+        settings.reachable(name, fv[name].value)
+    if not files.isdir(fv.train_dir):
         raise SettingError(f"--train_dir={fv.train_dir!r} is not a directory.")
-    if os.path.exists(fv.export_dir) and not os.path.isdir(fv.export_dir):
+    if files.exists(fv.export_dir) and not files.isdir(fv.export_dir):
         raise SettingError(f"--export_dir={fv.export_dir!r} exists and is not a directory.")
     config = settings.from_flags(ExportConfig, fv)
     config.validate()
-    ensure_writable_dir(fv.export_dir, "--export_dir")  # refuses before the model is built
+    files.ensure_writable_dir(fv.export_dir, "--export_dir")  # refuses before the model is built
     try:
         version = contract.resolve_version(fv.export_dir, fv.version)
     except (ValueError, FileExistsError) as e:
         raise SettingError(f"--version: {e}") from None
     return dict(train_dir=fv.train_dir, export_dir=fv.export_dir, version=version,
                 config=config)
-
 
 def run_export(flag_values: flags.FlagValues = flags.FLAGS) -> str:
     """Validates the flags, exports, returns the version folder path."""
@@ -69,7 +64,6 @@ def run_export(flag_values: flags.FlagValues = flags.FLAGS) -> str:
     logging.info("SavedModel written to %s", path)
     return path
 
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
@@ -78,7 +72,6 @@ def main(argv):
             print(run_export())
     except (SettingError, FileNotFoundError, ValueError) as e:  # bad flag, or a train_dir
         settings.exit_with_usage_error("export_main", e)  # without its files
-
 
 if __name__ == "__main__":
     define_flags()

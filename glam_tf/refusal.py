@@ -42,6 +42,8 @@ _ERRNO = {
     errno.ENOTDIR: ("a part of the path is a file, not a directory",
                     "give a directory path (or move the file away)"),
     errno.ENOENT: ("does not exist", "check the path"),
+    errno.EIO: ("input/output error", "check the device (and its free space), then rerun "
+                                      "the same command"),
 }
 # tf.errors class name -> advice, for the file-system errors TensorFlow's C++ raises
 # (their message names the path; POSIX errno ENOSPC/EDQUOT become RESOURCE_EXHAUSTED).
@@ -100,7 +102,10 @@ def _describe_one(error: BaseException) -> Optional[str]:
     if isinstance(error, Refused):
         return str(error)
     if isinstance(error, OSError) and error.errno in _ERRNO:
-        problem, advice = _ERRNO[error.errno]
+        code = error.errno
+        if code == errno.EIO and "no space left on device" in str(error.strerror).lower():
+            code = errno.ENOSPC  # glam_tf.files relays TensorFlow's RESOURCE_EXHAUSTED so
+        problem, advice = _ERRNO[code]
         path = error.filename if error.filename is not None else "(path not given)"
         return f"{path}: {problem}; {advice}"
     if _tf_error(error) and type(error).__name__ in _TF_ADVICE:

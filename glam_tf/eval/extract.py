@@ -25,20 +25,19 @@ AP's denominator), and invalid queries are left out of the mean with a warning.
 import collections
 import concurrent.futures
 import dataclasses
-import glob
 import hashlib
 import io
 import json
-import os
 import time
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
+from glam_tf import files
 from glam_tf.config.contract import DEFAULT_MAX_IMAGE_SIZE
+from glam_tf.data import records
 from glam_tf.data.progress import ProgressBar
-from glam_tf.files import atomic_write
 
 MANIFEST = "manifest.json"
 
@@ -88,20 +87,20 @@ def target_size(width, height, box, max_image_size, min_side=1):
 def read_size(path):
     """(width, height) from the image header; UndecodableImage when it cannot be read."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(files.read_bytes(path))) as im:
             return im.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UndecodableImage(f"{type(e).__name__}: {e}") from e
+        raise UndecodableImage(records.image_error_text(e)) from e
 
 
 def load_image(item, size):
     """Decodes, crops and bilinear-resizes `item` to `size` (H, W): uint8 (H, W, 3) RGB."""
     try:
-        with Image.open(item.path) as im:
+        with Image.open(io.BytesIO(files.read_bytes(item.path))) as im:
             im.load()
             rgb = im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UndecodableImage(f"{type(e).__name__}: {e}") from e
+        raise UndecodableImage(records.image_error_text(e)) from e
     if item.box is not None:
         rgb = rgb.crop(pil_box(item.box, *rgb.size))
     h, w = size
@@ -152,7 +151,7 @@ def shard_ranges(num_items, shard_size):
 
 
 def _shard_paths(out_dir, shard):
-    base = os.path.join(out_dir, f"shard-{shard:05d}")
+    base = files.join(out_dir, f"shard-{shard:05d}")
     return base + ".npy", base + ".json"
 
 
@@ -165,11 +164,11 @@ def _ids_digest(items):
 
 def read_manifest(out_dir):
     """The settings a split's features were extracted with; FileNotFoundError if none."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
+    path = files.join(out_dir, MANIFEST)
+    if not files.isfile(path):
         raise FileNotFoundError(f"{out_dir}: no features extracted yet ({MANIFEST} missing); "
                                 "run the extract stage first")
-    with open(path) as f:
+    with files.open_file(path) as f:
         return json.load(f)
 
 
@@ -195,9 +194,9 @@ def _check_manifest(out_dir, manifest):
     compatible earlier run are reused (and extended), those of another model are refused
     in one line that says what differs and what to do."""
     manifest = json.loads(json.dumps(manifest))  # compare as stored (tuples become lists)
-    path = os.path.join(out_dir, MANIFEST)
-    if os.path.isfile(path):
-        with open(path) as f:
+    path = files.join(out_dir, MANIFEST)
+    if files.isfile(path):
+        with files.open_file(path) as f:
             old = json.load(f)
         diff = _differences(old, manifest)
         if diff:
@@ -207,13 +206,13 @@ def _check_manifest(out_dir, manifest):
                              f"({shown}{more}): pass another --output_dir, or delete "
                              f"{out_dir} to extract again")
         return
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    files.makedirs(out_dir)
+    files.atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 def finished_shards(out_dir, num_shards_total):
     """Indices of shards whose JSON marker exists (written last, atomically)."""
-    return [s for s in range(num_shards_total) if os.path.isfile(_shard_paths(out_dir, s)[1])]
+    return [s for s in range(num_shards_total) if files.isfile(_shard_paths(out_dir, s)[1])]
 
 
 def made_by(manifest):
@@ -226,8 +225,7 @@ def _sha256(data):
 
 
 def _read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
+    return files.read_bytes(path)
 
 
 def shard_problem(out_dir, s, shard_range, ids, expected_made_by, sums=None):
@@ -248,8 +246,8 @@ def shard_problem(out_dir, s, shard_range, ids, expected_made_by, sums=None):
         another shard's, or changed).
     """
     npy, js = _shard_paths(out_dir, s)
-    if not os.path.isfile(js):
-        return f"{os.path.basename(npy)} has no .json beside it" if os.path.isfile(npy) else None
+    if not files.isfile(js):
+        return f"{files.basename(npy)} has no .json beside it" if files.isfile(npy) else None
     try:
         record = json.loads(_read_bytes(js))
     except (OSError, ValueError) as e:
@@ -265,8 +263,8 @@ def shard_problem(out_dir, s, shard_range, ids, expected_made_by, sums=None):
     if record.get("made_by") != json.loads(json.dumps(expected_made_by)):
         return (f"it was made by {record.get('made_by')!r}, this run is "
                 f"{expected_made_by!r}")
-    if not os.path.isfile(npy):
-        return f"{os.path.basename(npy)} is missing"
+    if not files.isfile(npy):
+        return f"{files.basename(npy)} is missing"
     data = _read_bytes(npy)
     digest = _sha256(data)
     if digest != record["npy_sha256"]:
@@ -278,7 +276,7 @@ def shard_problem(out_dir, s, shard_range, ids, expected_made_by, sums=None):
         what = ("it holds only zeros" if zeroed else
                 f"it holds shard {other}'s data" if other is not None and other != s else
                 "its values changed")
-        return (f"the sha256 of {os.path.basename(npy)} is {digest[:12]}..., its .json "
+        return (f"the sha256 of {files.basename(npy)} is {digest[:12]}..., its .json "
                 f"records {record['npy_sha256'][:12]}... ({what})")
     return None
 
@@ -371,8 +369,8 @@ def _extract_shard(items, shard_range, s, out_dir, backend, *, pool, max_image_s
     record.update(shard=s, start=a, stop=b, npy_sha256=_sha256(data),
                   made_by=made_by_settings)
     npy, js = _shard_paths(out_dir, s)
-    atomic_write(npy, lambda f: f.write(data))
-    atomic_write(js, lambda f: f.write(json.dumps(record).encode()))
+    files.atomic_write(npy, lambda f: f.write(data))
+    files.atomic_write(js, lambda f: f.write(json.dumps(record).encode()))
     for u in record["undecodable"]:
         logging.warning("%s: undecodable image %s (%s): excluded", name, u["path"], u["error"])
     return record
@@ -409,8 +407,8 @@ def _prepare_split(items, out_dir, backend, *, max_image_size, shard_size, num_s
                    if s in set(mine) and s not in redo]
     todo = [s for s in mine if s not in set(done_before)]
     for s in todo:  # leftovers of a killed run (only this host writes these shards)
-        for stale in glob.glob(os.path.join(out_dir, f"shard-{s:05d}.*.tmp-*")):
-            os.remove(stale)
+        for stale in files.glob(files.join(out_dir, f"shard-{s:05d}.*.tmp-*")):
+            files.remove(stale)
     return ranges, mine, done_before, todo, redo, expected
 
 
@@ -462,7 +460,7 @@ def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_S
     if total:
         bar.close()
     missing = [s for s in range(len(ranges))
-               if not os.path.isfile(_shard_paths(out_dir, s)[1])]
+               if not files.isfile(_shard_paths(out_dir, s)[1])]
     return ExtractionStatus(out_dir=out_dir, num_items=len(items), num_shards_total=len(ranges),
                             mine=mine, done_before=done_before, done_now=done_now,
                             missing=missing, images_done=done_images,
@@ -500,7 +498,7 @@ def merge_shards(out_dir, ids, *, num_hosts=None, out=None):
         raise ValueError(f"{out_dir}: features of {manifest['num_items']} items, expected "
                          f"{len(ids)}")
     ranges = shard_ranges(len(ids), manifest["shard_size"])
-    missing = [s for s in range(len(ranges)) if not os.path.isfile(_shard_paths(out_dir, s)[1])]
+    missing = [s for s in range(len(ranges)) if not files.isfile(_shard_paths(out_dir, s)[1])]
     if missing:
         hosts = (f"; with --num_shards={num_hosts} they belong to --shard_index "
                  f"{sorted({s % num_hosts for s in missing})}" if num_hosts else "")
@@ -517,9 +515,10 @@ def merge_shards(out_dir, ids, *, num_hosts=None, out=None):
         if why is not None:
             raise ValueError(f"{js}: shard {s} cannot be used: {why}; run the extract stage "
                              "again to describe it again")
-        with open(js) as f:
+        with files.open_file(js) as f:
             record = json.load(f)
-        desc = np.load(npy, allow_pickle=False)
+        with files.open_file(npy, "rb") as f:
+            desc = np.load(f, allow_pickle=False)
         if desc.shape[0] != b - a:
             raise ValueError(f"{npy}: {desc.shape[0]} rows, expected {b - a}")
         if desc.shape[1]:

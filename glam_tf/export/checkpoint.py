@@ -11,6 +11,7 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
+from glam_tf import files
 from glam_tf.config import contract
 from glam_tf.export import serving
 from glam_tf.model import ModelConfig, build_descriptor_model
@@ -29,15 +30,15 @@ def read_model_config(train_dir) -> ModelConfig:
         ValueError: the file is not JSON or not a valid ModelConfig (names the file).
     """
     train_dir = os.fspath(train_dir)
-    if not os.path.isdir(train_dir):
+    if not files.isdir(train_dir):
         raise FileNotFoundError(f"train_dir {train_dir!r} does not exist or is not a "
                                 "directory; pass the directory training wrote to.")
     path = contract.model_config_path(train_dir)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(f"{path} is missing: training writes it (ModelConfig.to_dict) "
                                 "next to checkpoints/; is train_dir the right directory?")
     try:
-        with open(path) as f:
+        with files.open_file(path) as f:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
@@ -53,8 +54,8 @@ def read_model_config(train_dir) -> ModelConfig:
 def checkpoint_files(directory: str) -> dict:
     """step -> names of the `ckpt-<step>.index` / `.data-*` files in `directory`."""
     files = {}
-    if tf.io.gfile.isdir(directory):
-        for name in sorted(tf.io.gfile.listdir(directory)):
+    if files.isdir(directory):
+        for name in files.listdir(directory):
             match = _FILE.match(name)
             if match:
                 files.setdefault(int(match.group(1)), []).append(name)
@@ -95,12 +96,12 @@ def latest_checkpoint(train_dir) -> str:
     logged and skipped (left in place: the next training run moves it aside).
     """
     ckpt_dir = contract.checkpoints_dir(os.fspath(train_dir))
-    if not os.path.isdir(ckpt_dir):
+    if not files.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} does not exist: training writes its "
                                 "tf.train.Checkpoint files there.")
     damaged = []
     for step in sorted(checkpoint_files(ckpt_dir), reverse=True):
-        prefix = os.path.join(ckpt_dir, f"{CHECKPOINT_NAME}-{step}")
+        prefix = files.join(ckpt_dir, f"{CHECKPOINT_NAME}-{step}")
         why = verify_checkpoint(prefix)
         if why is None:
             return prefix
@@ -167,4 +168,4 @@ def export_from_checkpoint(train_dir, export_dir, config=None, *, version=None,
     return serving.export_saved_model(
         model, export_dir, config, version=version,
         extra_info={"model_config": model_config.to_dict(),
-                    "checkpoint": os.path.abspath(prefix)})
+                    "checkpoint": files.absolute(prefix)})

@@ -6,6 +6,15 @@ worker checkpoints its own plain data iterator (a distributed iterator is not
 checkpointable, tensorflow/tensorflow#56372), so every worker keeps its own files.
 Checkpoints are numbered by step (`ckpt-<step>`).
 
+Publishing: `tf.train.CheckpointManager.save` writes the checkpoint's files (through a
+`ckpt-<step>_temp/` folder that TensorFlow merges into `ckpt-<step>.index` and `.data-*`),
+then the `checkpoint` state file, whole (a temporary `checkpoint.tmp<hex>` renamed over it; on
+an object store one object). The manager goes by that state file, so it counts a checkpoint
+only once it is listed there, written last; resume, export and evaluation decide from the files
+(below). `remove_unfinished_checkpoints` deletes the temporaries a killed save left; checkpoint
+files themselves are never deleted there (one newer than the state file lists may be whole:
+resume decides from the files).
+
 Resume trusts the files, not the `checkpoint` state file: `recover` lists the `ckpt-<step>`
 files, reads every tensor of the newest one back (each has a checksum in the index), moves a
 damaged one aside (renamed `<file>.damaged-<UTC time>`, never deleted) and tries the next
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import threading
 import time
@@ -30,6 +40,7 @@ from absl import logging
 from google.protobuf import text_format
 from tensorflow.python.checkpoint import checkpoint_management
 
+from glam_tf import files
 from glam_tf.config import contract
 from glam_tf.export.checkpoint import CHECKPOINT_NAME, checkpoint_files, verify_checkpoint
 from glam_tf.train.distribute import WorkerInfo
@@ -44,7 +55,7 @@ def checkpoint_dir(train_dir: str, worker: WorkerInfo) -> str:
 
 def _read_state(directory: str):
     """The parsed state file, or None when it is missing or cannot be parsed."""
-    if not tf.io.gfile.exists(os.path.join(directory, STATE_FILE)):
+    if not files.exists(files.join(directory, STATE_FILE)):
         return None
     try:
         return tf.train.get_checkpoint_state(directory)
@@ -54,15 +65,15 @@ def _read_state(directory: str):
 
 def _state_problem(directory: str, steps: list) -> Optional[str]:
     """What is wrong with the state file when the intact checkpoints are `steps`; None: ok."""
-    path = os.path.join(directory, STATE_FILE)
-    if not tf.io.gfile.exists(path):
+    path = files.join(directory, STATE_FILE)
+    if not files.exists(path):
         return "is missing" if steps else None
     state = _read_state(directory)
     if state is None or not state.model_checkpoint_path:
         return "cannot be parsed"
-    listed = [os.path.basename(p) for p in state.all_model_checkpoint_paths]
+    listed = [files.basename(p) for p in state.all_model_checkpoint_paths]
     expected = [f"{CHECKPOINT_NAME}-{s}" for s in steps]
-    newest = os.path.basename(state.model_checkpoint_path)
+    newest = files.basename(state.model_checkpoint_path)
     if not steps or newest != expected[-1] or set(listed) - set(expected):
         return (f"names {newest} as newest and lists {listed}, but the intact checkpoints "
                 f"are {expected}")
@@ -90,19 +101,19 @@ def _move_aside(directory: str, names: list, stamp: str) -> list:
     moved = []
     for name in names:
         target = f"{name}.damaged-{stamp}"
-        tf.io.gfile.rename(os.path.join(directory, name), os.path.join(directory, target))
+        files.rename(files.join(directory, name), files.join(directory, target))
         moved.append(target)
     return moved
 
 
 def _rewrite_state(directory: str, steps: list, problem: str, stamp: str) -> None:
     """Rewrites the state file to list `steps` (see `recover`)."""
-    path = os.path.join(directory, STATE_FILE)
+    path = files.join(directory, STATE_FILE)
     names = [f"{CHECKPOINT_NAME}-{s}" for s in steps]
     old = _read_state(directory)
     kept = "kept in rotation"
     if old is not None:  # keep the timestamps of the entries that are still there
-        times = dict(zip((os.path.basename(p) for p in old.all_model_checkpoint_paths),
+        times = dict(zip((files.basename(p) for p in old.all_model_checkpoint_paths),
                          old.all_model_checkpoint_timestamps))
         timestamps = [times.get(n, time.time()) for n in names]
         preserved = old.last_preserved_timestamp
@@ -117,7 +128,7 @@ def _rewrite_state(directory: str, steps: list, problem: str, stamp: str) -> Non
             directory, names[-1], names, save_relative_paths=True,
             all_model_checkpoint_timestamps=timestamps, last_preserved_timestamp=preserved)
     else:
-        tf.io.gfile.rename(path, os.path.join(directory, f"{STATE_FILE}.damaged-{stamp}"))
+        files.rename(path, files.join(directory, f"{STATE_FILE}.damaged-{stamp}"))
 
 
 def recover(directory: str) -> Recovery:
@@ -137,7 +148,7 @@ def recover(directory: str) -> Recovery:
     damaged, verified = {}, set()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for step in sorted(files, reverse=True):
-        prefix = os.path.join(directory, f"{CHECKPOINT_NAME}-{step}")
+        prefix = files.join(directory, f"{CHECKPOINT_NAME}-{step}")
         why = verify_checkpoint(prefix)
         if why is None:
             verified.add(step)
@@ -152,6 +163,30 @@ def recover(directory: str) -> Recovery:
         _rewrite_state(directory, steps, problem, stamp)
     return Recovery(steps=steps, verified=verified, damaged=damaged,
                     state_rewritten=bool(problem))
+
+
+def remove_unfinished_checkpoints(manager: tf.train.CheckpointManager) -> list:
+    """Deletes the temporaries a killed save left in `manager.directory` (TensorFlow's
+    `ckpt-<step>_temp/` and `checkpoint.tmp<hex>`); returns the deleted paths. Checkpoint
+    files (`ckpt-<step>.index`, `.data-*`) are never deleted here. Call it before training,
+    when this worker alone writes the folder.
+    """
+    directory = manager.directory
+    if not files.isdir(directory):
+        return []
+    removed = []
+    for name in files.listdir(directory):
+        name = name.rstrip("/")
+        if name.startswith("checkpoint.tmp") or re.fullmatch(rf"{CHECKPOINT_NAME}-\d+_temp", name):
+            path = files.join(directory, name)
+            if files.isdir(path):
+                files.rmtree(path)
+            else:
+                files.remove(path)
+            removed.append(path)
+    for path in removed:
+        logging.warning("Removed %s, left by a checkpoint save that was killed.", path)
+    return removed
 
 
 def _gather_per_worker(strategy: tf.distribute.Strategy, worker: WorkerInfo,
@@ -200,7 +235,7 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
             f"checkpoints are at steps {newest_per_worker.tolist()} and this worker "
             f"({manager.directory}) has no checkpoint at step {target} (it has {steps}). "
             "Delete the worker_checkpoints and checkpoints folders to start over.")
-    path = os.path.join(manager.directory, f"{CHECKPOINT_NAME}-{target}")
+    path = files.join(manager.directory, f"{CHECKPOINT_NAME}-{target}")
     if target not in recovery.verified:
         why = verify_checkpoint(path)
         if why is not None:
