@@ -167,8 +167,8 @@ def test_full_disk_during_export(tmp_path):
 def test_full_disk_while_generating_the_synthetic_set(tmp_path):
     # The 4th file written runs out of space half-way: atomic_write removes its temporary
     # file, so no file is left incomplete under a final name.
-    patch = ("from glam_tf.data.synthetic import writer\n"
-             "real, count = writer.atomic_write, [0]\n"
+    patch = ("from glam_tf import files\n"
+             "real, count = files.atomic_write, [0]\n"
              "def full(path, write):\n"
              "    count[0] += 1\n"
              "    if count[0] < 4:\n"
@@ -177,7 +177,7 @@ def test_full_disk_while_generating_the_synthetic_set(tmp_path):
              "        f.write(b'half a file')\n"
              "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)\n"
              "    real(path, half)\n"
-             "writer.atomic_write = full")
+             "files.atomic_write = full")
     root = tmp_path / "synthetic"
     res, lines = _run("make_synthetic_main", [f"--root={root}", "--num_train_landmarks=2",
                                               "--num_test_landmarks=1",
@@ -211,8 +211,8 @@ def test_full_disk_while_extracting_descriptors(tmp_path):
     write_tiny_revisited(tmp_path / "data", distractors=False)
     export_saved_model(tiny_keras_model(), str(tmp_path / "glam"), version=1, scales=SCALES,
                        max_image_size=MAX_SIZE)
-    patch = ("from glam_tf.eval import extract\n"
-             "real = extract.atomic_write\n"
+    patch = ("from glam_tf import files\n"
+             "real = files.atomic_write\n"
              "def full(path, write):\n"
              "    if 'shard-' not in path:\n"
              "        return real(path, write)\n"
@@ -220,7 +220,7 @@ def test_full_disk_while_extracting_descriptors(tmp_path):
              "        f.write(b'half a shard')\n"
              "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)\n"
              "    real(path, half)\n"
-             "extract.atomic_write = full")
+             "files.atomic_write = full")
     out = tmp_path / "out"
     res, lines = _run("eval_main", ["--dataset=roxford5k", f"--data_root={tmp_path / 'data'}",
                                     f"--model={tmp_path / 'glam'}", f"--output_dir={out}",

@@ -53,13 +53,13 @@ def read_model_config(train_dir) -> ModelConfig:
 
 def checkpoint_files(directory: str) -> dict:
     """step -> names of the `ckpt-<step>.index` / `.data-*` files in `directory`."""
-    files = {}
+    found = {}
     if files.isdir(directory):
         for name in files.listdir(directory):
             match = _FILE.match(name)
             if match:
-                files.setdefault(int(match.group(1)), []).append(name)
-    return files
+                found.setdefault(int(match.group(1)), []).append(name)
+    return found
 
 
 def verify_checkpoint(prefix: str) -> Optional[str]:

@@ -144,20 +144,20 @@ def recover(directory: str) -> Recovery:
     their timestamps (and their place in the keep_checkpoints rotation); checkpoints found
     without one get none, which the manager reads as "preserved" and never deletes.
     """
-    files = checkpoint_files(directory)
+    found = checkpoint_files(directory)
     damaged, verified = {}, set()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for step in sorted(files, reverse=True):
+    for step in sorted(found, reverse=True):
         prefix = files.join(directory, f"{CHECKPOINT_NAME}-{step}")
         why = verify_checkpoint(prefix)
         if why is None:
             verified.add(step)
             break
-        moved = _move_aside(directory, files[step], stamp)
+        moved = _move_aside(directory, found[step], stamp)
         damaged[step] = (why, moved)
         logging.warning("Checkpoint %s is damaged (%s): moved aside as %s; trying the "
                         "previous one.", prefix, why, ", ".join(moved))
-    steps = sorted(s for s in files if s not in damaged)
+    steps = sorted(s for s in found if s not in damaged)
     problem = _state_problem(directory, steps)
     if problem:
         _rewrite_state(directory, steps, problem, stamp)
