@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -240,6 +241,8 @@ def test_limits_are_recorded(export_path):
     assert info["max_decoded_pixels"] == ExportConfig().max_decoded_pixels == 2**27
     assert info["max_image_bytes"] == ExportConfig().max_image_bytes == 64 * 2**20
     assert info["max_batch_pixels"] == ExportConfig().max_batch_pixels == 2**25
+    assert info["max_images_per_request"] == ExportConfig().max_images_per_request == 8
+    assert info["max_scales_per_request"] == ExportConfig().max_scales_per_request == 16
 
 
 HUGE = {"PNG": lambda: huge_png(30000, 30000), "WebP": lambda: huge_webp(16383, 16383),
@@ -458,3 +461,123 @@ def test_session_loader_runs_from_bytes(sig, export_path, tmp_path):
                                from_bytes(sig, good), atol=1e-6)
     assert outputs["bad"].returncode != 0
     assert "image_bytes[1] could not be decoded as PNG" in outputs["bad"].stderr
+
+
+# ---- the cost model: counts checked before anything sized by them ------------------------
+_COST_CLIENT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    def status_kb(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1])
+
+    def cost_mb(call):
+        # Writing 5 to clear_refs resets the peak resident memory (VmHWM) to the current RSS,
+        # so the peak afterwards is this call's own. (ru_maxrss is reset too, but also keeps
+        # the peak seen when any thread exited: not a per-call figure.)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status_kb("VmRSS:")
+        try:
+            call()
+            error = None
+        except tf.errors.InvalidArgumentError as e:
+            error = e.message
+        return (status_kb("VmHWM:") - before) / 1024, error
+
+    sigs = tf.saved_model.load(sys.argv[1]).signatures
+    png = open(sys.argv[2], "rb").read()
+    bomb = open(sys.argv[3], "rb").read()
+    image = tf.constant(np.full((64, 64, 3), 90, np.uint8))
+    def delg(scales, indices):
+        scales, indices = tf.constant(scales, tf.float32), tf.constant(indices, tf.int32)
+        return lambda: sigs["serving_default"](input_image=image, input_scales=scales,
+                                               input_global_scales_ind=indices)
+    def from_bytes(images):
+        images = tf.constant(images)
+        return lambda: sigs["global_descriptor_from_bytes"](image_bytes=images)
+    def batched(images):
+        images = tf.constant(images)
+        return lambda: sigs["batched_global_descriptors"](input_images=images)
+    cases = {
+        "delg normal": delg([1.0, 0.7071], [0, 1]),
+        "delg 50000 scales and indices": delg(np.ones(50000), np.arange(50000)),
+        "delg 20000 out-of-range indices": delg([1.0, 0.5], np.full(20000, 7)),
+        "delg 16 out-of-range indices": delg(np.ones(16), np.arange(16) + 100),
+        "bytes normal": from_bytes([png]),
+        "bytes 1000 images": from_bytes([png] * 1000),
+        "bytes bomb": from_bytes([bomb]),
+        "batched normal": batched(np.zeros((2, 64, 64, 3), np.uint8)),
+        "batched over max_batch_pixels": batched(np.zeros((5, 2048, 2048, 3), np.uint8)),
+    }
+    for name in ("delg normal", "bytes normal", "batched normal"):   # trace and warm
+        cases[name]()
+    out = {}
+    for name, call in cases.items():
+        out[name] = cost_mb(call)
+    print(json.dumps(out))
+""")
+
+
+def test_each_refusal_costs_less_than_a_normal_request(export_path, tmp_path):
+    """Per request, in its own process: the peak RSS increase of the call alone."""
+    (tmp_path / "good.png").write_bytes(encode(random_image(48, 64), "PNG"))
+    (tmp_path / "bomb.png").write_bytes(huge_png(30000, 30000))
+    (tmp_path / "client.py").write_text(_COST_CLIENT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    proc = subprocess.run([sys.executable, "client.py", os.path.abspath(export_path),
+                           "good.png", "bomb.png"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(out, indent=1))
+    expected = {
+        "delg 50000 scales and indices": r"at most 16 entries each \(the export setting "
+                                         r"max_scales_per_request",
+        "delg 20000 out-of-range indices": "max_scales_per_request",
+        "delg 16 out-of-range indices": "input_global_scales_ind must index input_scales",
+        "bytes 1000 images": r"at most 8 images \(the export setting max_images_per_request\)",
+        "bytes bomb": "max_decoded_pixels=134217728",
+        "batched over max_batch_pixels": "max_batch_pixels",
+    }
+    for name, (mb, error) in out.items():
+        if name in expected:
+            assert error is not None and re.search(expected[name], error), (name, error)
+            assert mb < 4, (name, mb, out)
+        else:
+            assert error is None, (name, error)
+
+
+def test_request_counts_and_work_are_bounded(model):
+    module = serving.build_serving_module(model, max_image_size=MAX_SIZE, max_scaled_pixels=10000,
+                                          max_batch_pixels=20000, max_scales_per_request=3,
+                                          max_images_per_request=2)
+    image = tf.constant(random_image(64, 64))
+    delg = lambda scales, indices: module.serving_default(  # noqa: E731
+        image, tf.constant(scales, tf.float32), tf.constant(indices, tf.int32))
+    rows = delg([1.0, 1.4, 0.7], [2, 0])["global_descriptors"].numpy()
+    np.testing.assert_allclose(rows, delg([1.0, 0.7], [1, 0])["global_descriptors"].numpy(),
+                               atol=1e-6)
+    for scales, indices, match in [
+        ([1.0] * 4, [0], r"at most 3 entries each \(the export setting max_scales_per_request; "
+                         r"each scale is described once\); received \(scales, indices\):\] "
+                         r"\[4\] \[1\]"),
+        ([1.0], [0, 0, 0, 0], r"max_scales_per_request.*\[1\] \[4\]"),
+        # 90 x 90 + 2 x 83 x 83 = 21878 px > 20000, each under max_scaled_pixels
+        ([1.4, 1.3, 1.3], [0, 1, 2], r"the selected scaled images have more than 20000 pixels "
+                                      r"in all \(the export setting max_batch_pixels\)"),
+    ]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+            delg(scales, indices)
+    png = encode(random_image(60, 64), "PNG")
+    assert module.global_descriptor_from_bytes(tf.constant([png] * 2))[
+        "global_descriptors"].shape == (2, DIM)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"image_bytes may hold at most 2 images \(the export setting "
+                             r"max_images_per_request\); send fewer per request. "
+                             r"Received:\] \[3\]"):
+        module.global_descriptor_from_bytes(tf.constant([png] * 3))
