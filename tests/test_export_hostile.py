@@ -581,3 +581,97 @@ def test_request_counts_and_work_are_bounded(model):
                              r"max_images_per_request\); send fewer per request. "
                              r"Received:\] \[3\]"):
         module.global_descriptor_from_bytes(tf.constant([png] * 3))
+
+
+def test_gif_with_thousands_of_extensions_is_read(header):
+    # 9000 comment extensions (33 kB) before the image: walked as a whole, not one loop step
+    # per block (which made such a file cost 10-28 s); TF reads the same frame.
+    gif = encode(random_image(30, 40, seed=3), "GIF")
+    head, frame, trailer = gif_parts(gif)
+    data = head + b"\x21\xfe\x01c\x00" * 4000 + frame + trailer
+    assert Image.open(io.BytesIO(data)).size == (40, 30)
+    # giflib (TF's decoder) reads one more size byte after an empty extension's 0 size.
+    data = head + b"\x21\xfe\x01c\x00" * 4000 + b"\x21\xfe\x00\x00" * 5000 + frame + trailer
+    assert _parsed(header, data) == ("GIF", 30, 40, len(data) - 1)
+    np.testing.assert_array_equal(tf.io.decode_gif(data)[0].numpy(),
+                                  tf.io.decode_gif(gif)[0].numpy())
+    # An empty extension read as PIL does (no extra byte): giflib goes astray, and so does
+    # the walk (no first frame found, so the file is refused before decoding).
+    astray = head + b"\x21\xfe\x00" + frame + trailer
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_gif(astray)
+    assert _parsed(header, astray)[3] == -1
+    # an extension chain that runs off the end, or a block that is not an image, has no size
+    for broken in (head + b"\x21\xfe\x05ab", head + b"\x21\xfe\x01c\x00\x99" + frame + trailer):
+        assert _parsed(header, broken) == ("GIF", 30, 40, -1)   # the screen; no frame
+
+
+# ---- JPEG: one reading of the header, libjpeg's ------------------------------------------
+def _jpeg_segments(data):
+    """(SOI, the segments up to and including SOS, the entropy-coded rest) of a JPEG."""
+    pos, segments = 2, []
+    while True:
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        segments.append(data[pos:pos + 2 + length])
+        pos += 2 + length
+        if segments[-1][1] == 0xDA:
+            return data[:2], segments, data[pos:]
+
+
+def _frame(sof, h, w, marker=0xC0):
+    return bytes([0xFF, marker]) + sof[2:5] + struct.pack(">HH", h, w) + sof[9:]
+
+
+def adversarial_jpegs():
+    """name -> (bytes, libjpeg's (h, w) or None when libjpeg refuses the header)."""
+    soi, segments, scan = _jpeg_segments(encode(random_image(16, 16, seed=9), "JPEG"))
+    sof = next(s for s in segments if s[1] == 0xC0)
+    tables = b"".join(s for s in segments if s[1] not in (0xC0, 0xDA))
+    sos = segments[-1]
+    # 0xFF00 is not a marker to libjpeg (skipped as extraneous bytes, as are the 2 after
+    # it): libjpeg reads the 200 x 200 frame header, then an APP1 segment swallows the
+    # 16 x 16 one. A walk that reads FF00 as a segment with a length skips the first and
+    # reads the second.
+    hidden = _frame(sof, 200, 200) + b"\xff\xe1" + struct.pack(">H", 2 + len(sof))
+    return {
+        "0xFF00 then a hidden frame": (soi + b"\xff\x00" + struct.pack(">H", 2 + len(hidden))
+                                       + hidden + sof + tables + sos + scan, (200, 200)),
+        "two frame headers (SOF0, SOF2)": (soi + tables + sof + _frame(sof, 200, 200, 0xC2)
+                                           + sos + scan, None),
+        "extra bytes between segments": (soi + b"".join(s + b"\x12\x34" for s in segments[:-1]
+                                                        if s[1] != 0xC0) + sof + sos + scan,
+                                         (16, 16)),
+        "fill bytes before markers": (soi + b"".join(b"\xff\xff" + s for s in segments[:-1])
+                                      + sos + scan, (16, 16)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(adversarial_jpegs()))
+def test_adversarial_jpeg_never_decodes_over_the_cap(model, name):
+    data, libjpeg_size = adversarial_jpegs()[name]
+    if libjpeg_size is None:
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            tf.io.extract_jpeg_shape(data)
+    else:
+        assert tuple(tf.io.extract_jpeg_shape(data).numpy()[:2]) == libjpeg_size
+    module = serving.build_serving_module(model, max_image_size=MAX_SIZE,
+                                          max_decoded_pixels=10000)
+    call = lambda: module.global_descriptor_from_bytes(  # noqa: E731
+        tf.constant([data]))["global_descriptors"].numpy()
+    if libjpeg_size is None:
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"image_bytes\[0\] could not be decoded as JPEG"):
+            call()
+    elif libjpeg_size[0] * libjpeg_size[1] > 10000:
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"image_bytes\[0\] is a 200 x 200 JPEG image \(40000 pixels, "
+                                 r"as libjpeg reads its header\), over the export setting "
+                                 r"max_decoded_pixels=10000"):
+            call()
+    else:   # decoded as TF decodes it, not refused as damaged
+        image = tf.io.decode_jpeg(data, channels=3).numpy()
+        np.testing.assert_allclose(call()[0], global_descriptor_of(module, image), atol=1e-6)
+
+
+def global_descriptor_of(module, image):
+    return module.global_descriptor(tf.constant(image))["global_descriptor"].numpy()

@@ -322,10 +322,14 @@ def _decodable(data):
     `fits` is False for an unknown format, an unreadable header, an animated WebP or a size
     over the cap, checked by the caller before decoding; a GIF is cut after its first frame
     (TF's decoder decodes every frame). The same header reading as the serving signatures
-    (glam_tf.export.image_header).
+    (glam_tf.export.image_header; a JPEG's size read by libjpeg itself).
     """
     fmt, height, width, frame_end = image_header.encoded_image_size(data)
     is_gif = tf.equal(fmt, image_header.GIF)
+    is_jpeg = tf.equal(fmt, image_header.JPEG)
+    # A JPEG's size as libjpeg reads it (a header it cannot read raises: dropped by _try).
+    height, width = tf.cond(is_jpeg, lambda: image_header.jpeg_size_as_decoded(data),
+                            lambda: (height, width))
     readable = ((fmt != image_header.UNKNOWN) & (height >= 1) & ~(is_gif & (frame_end < 0))
                 & ~image_header.is_animated_webp(data))
     data = tf.cond(is_gif & readable, lambda: image_header.first_gif_frame(data, frame_end),

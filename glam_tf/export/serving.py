@@ -309,8 +309,10 @@ class GlamServingModule(tf.Module):
             tf.strings.join([name, " is not a JPEG, PNG, GIF, BMP or WebP file (its first "
                              "bytes match none of their signatures)."])])
         is_gif = tf.equal(fmt, image_header.GIF)
+        # A JPEG's size is read by libjpeg itself, just before decoding (see `decode`).
+        is_jpeg = tf.equal(fmt, image_header.JPEG)
         readable = tf.debugging.Assert(
-            (height >= 1) & ~(is_gif & (frame_end < 0)),
+            is_jpeg | ((height >= 1) & ~(is_gif & (frame_end < 0))),
             [tf.strings.join([name, ": could not read the image size from its ", format_name,
                               " header (a truncated or damaged file)."])])
         # TF decodes an animated WebP only to RGBA with every frame; a still one decodes.
@@ -318,11 +320,12 @@ class GlamServingModule(tf.Module):
             name, " is an animated WebP, which is not supported; send a still image (e.g. "
             "its first frame)."])])
         pixels = height * width
-        within = tf.debugging.Assert(pixels <= self.max_decoded_pixels, [tf.strings.join([
+        within = tf.debugging.Assert(is_jpeg | (pixels <= self.max_decoded_pixels), [
+            tf.strings.join([
             name, " is a ", tf.strings.as_string(width), " x ", tf.strings.as_string(height),
             " ", format_name, " image (", tf.strings.as_string(pixels), " pixels), over the "
             f"export setting max_decoded_pixels={self.max_decoded_pixels}; downsize it before "
-            "sending."])])
+                "sending."])])
         with tf.control_dependencies([known, readable, still, within]):
             data = tf.cond(is_gif, lambda: image_header.first_gif_frame(data, frame_end),
                            lambda: tf.identity(data))
@@ -426,16 +429,28 @@ class GlamServingModule(tf.Module):
             lambda args: self._checked_encoded(*args), (image_bytes, names),
             parallel_iterations=1, fn_output_signature=(tf.string, tf.string))
 
-        def decode(index, data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            return index, tf.ensure_shape(image, [None, None, 3])
+        is_jpeg = tf.equal(formats, image_header.FORMAT_NAMES[image_header.JPEG])
+        max_pixels = self.max_decoded_pixels
+
+        def decode(index, data, jpeg):
+            # A JPEG's size as libjpeg reads it (one reading with the decoder); over the cap
+            # it is not decoded and the flag says so. A header libjpeg cannot read fails
+            # here, which ignore_errors() reports as "could not be decoded".
+            height, width = tf.cond(
+                jpeg, lambda: image_header.jpeg_size_as_decoded(data),
+                lambda: (tf.constant(0, tf.int64), tf.constant(0, tf.int64)))
+            over = height * width > max_pixels
+            image = tf.cond(over, lambda: tf.zeros([1, 1, 3], tf.uint8),
+                            lambda: tf.io.decode_image(data, channels=3,
+                                                       expand_animations=False))
+            return index, tf.ensure_shape(image, [None, None, 3]), tf.stack([height, width])
 
         # No prefetch (one decoded image at a time) and no per-call graph rewrites.
         options = tf.data.Options()
         options.autotune.enabled = False
         options.experimental_optimization.inject_prefetch = False
         options.experimental_optimization.apply_default_optimizations = False
-        images = iter(tf.data.Dataset.from_tensor_slices((indices, prepared))
+        images = iter(tf.data.Dataset.from_tensor_slices((indices, prepared, is_jpeg))
                       .map(decode).ignore_errors().with_options(options))
         out = tf.TensorArray(tf.float32, size=num,
                              element_shape=tf.TensorShape([self.descriptor_dim]))
@@ -448,7 +463,15 @@ class GlamServingModule(tf.Module):
                 names[k], " could not be decoded as ", formats[k], " (a damaged or truncated "
                 "file)."])])
             with tf.control_dependencies([decoded]):
-                image = element.get_value()[1]
+                _, image, size = element.get_value()
+            height, width = size[0], size[1]
+            within = tf.debugging.Assert(height * width <= max_pixels, [tf.strings.join([
+                names[k], " is a ", tf.strings.as_string(width), " x ",
+                tf.strings.as_string(height), " JPEG image (", tf.strings.as_string(
+                    height * width), " pixels, as libjpeg reads its header), over the export "
+                f"setting max_decoded_pixels={max_pixels}; downsize it before sending."])])
+            with tf.control_dependencies([within]):
+                image = tf.identity(image)
             return k + 1, out.write(k, self._global_descriptor(image, names[k]))
 
         _, out = tf.while_loop(lambda k, _: k < num, body, (tf.constant(0), out),
