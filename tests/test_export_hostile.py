@@ -675,3 +675,33 @@ def test_adversarial_jpeg_never_decodes_over_the_cap(model, name):
 
 def global_descriptor_of(module, image):
     return module.global_descriptor(tf.constant(image))["global_descriptor"].numpy()
+
+
+def os2_bmp(image):
+    """A 24-bit OS/2 BMP (12-byte BITMAPCOREHEADER, 16-bit sizes), bottom-up BGR rows."""
+    h, w = image.shape[:2]
+    pad = b"\0" * ((4 - (w * 3) % 4) % 4)
+    rows = b"".join(image[y, :, ::-1].tobytes() + pad for y in range(h - 1, -1, -1))
+    return (b"BM" + struct.pack("<IHHI", 26 + len(rows), 0, 0, 26)
+            + struct.pack("<IHHHH", 12, w, h, 1, 24) + rows)
+
+
+def test_bmp_tf_cannot_read_is_refused_by_its_reason(sig, header):
+    image = random_image(40, 50, seed=5)
+    one_bit = encode(Image.fromarray(image).convert("1"), "BMP")
+    os2 = os2_bmp(image)
+    for data in (one_bit, os2):
+        assert Image.open(io.BytesIO(data)).size == (50, 40)
+        assert _parsed(header, data)[:3] == ("BMP", 40, 50)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="Number of channels"):
+            tf.io.decode_image(data, channels=3)
+    for data, match in [(one_bit, r"image_bytes\[1\] is a BMP with a 40-byte header and 1 bits "
+                                  r"per pixel; the TensorFlow BMP decoder reads only Windows BMPs"),
+                        (os2, r"image_bytes\[1\] is a BMP with a 12-byte header and 24 bits "
+                              r"per pixel.*convert it to PNG")]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+            from_bytes(sig, [encode(image, "PNG"), data])
+    # 8-, 24- and 32-bit Windows BMPs decode
+    for mode in ("L", "RGB", "RGBA"):
+        data = encode(Image.fromarray(image).convert(mode), "BMP")
+        assert from_bytes(sig, [data]).shape == (1, DIM)

@@ -331,7 +331,8 @@ def _decodable(data):
     height, width = tf.cond(is_jpeg, lambda: image_header.jpeg_size_as_decoded(data),
                             lambda: (height, width))
     readable = ((fmt != image_header.UNKNOWN) & (height >= 1) & ~(is_gif & (frame_end < 0))
-                & ~image_header.is_animated_webp(data))
+                & ~image_header.is_animated_webp(data)
+                & (tf.not_equal(fmt, image_header.BMP) | image_header.bmp_decodable(data)[0]))
     data = tf.cond(is_gif & readable, lambda: image_header.first_gif_frame(data, frame_end),
                    lambda: tf.identity(data))
     return data, readable, height * width

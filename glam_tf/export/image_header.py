@@ -273,3 +273,18 @@ def jpeg_size_as_decoded(data: tf.Tensor):
     shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
     return shape[0], shape[1]
 
+
+def bmp_decodable(data: tf.Tensor):
+    """(whether TF's BMP decoder reads this BMP, header size, bits per pixel) as int64/bool.
+
+    TF's decoder reads a Windows BMP (a 40-byte or longer info header) with 8, 24 or 32 bits
+    per pixel. An OS/2 BMP (12-byte core header, 16-bit sizes) is read at the wrong offsets
+    and 1- and 4-bit BMPs have no channel count it accepts: they are refused by that reason,
+    not as damaged files.
+    """
+    b = _read(data, 0, 30)
+    header_size = _le(b, 14, 4)
+    bits = tf.where(tf.equal(header_size, 12), _le(b, 24, 2), _le(b, 28, 2))   # OS/2: at 24
+    ok = (header_size >= 40) & tf.reduce_any(tf.equal(bits, tf.constant([8, 24, 32], tf.int64)))
+    return ok, header_size, bits
+

@@ -326,7 +326,14 @@ class GlamServingModule(tf.Module):
             " ", format_name, " image (", tf.strings.as_string(pixels), " pixels), over the "
             f"export setting max_decoded_pixels={self.max_decoded_pixels}; downsize it before "
                 "sending."])])
-        with tf.control_dependencies([known, readable, still, within]):
+        bmp_ok, bmp_header, bmp_bits = image_header.bmp_decodable(data)
+        bmp = tf.debugging.Assert(tf.not_equal(fmt, image_header.BMP) | bmp_ok, [
+            tf.strings.join([name, " is a BMP with a ", tf.strings.as_string(bmp_header),
+                             "-byte header and ", tf.strings.as_string(bmp_bits), " bits per "
+                             "pixel; the TensorFlow BMP decoder reads only Windows BMPs (a header "
+                             "of 40 bytes or more) with 8, 24 or 32 bits per pixel (not OS/2 "
+                             "or 1- and 4-bit ones): convert it to PNG."])])
+        with tf.control_dependencies([known, readable, still, within, bmp]):
             data = tf.cond(is_gif, lambda: image_header.first_gif_frame(data, frame_end),
                            lambda: tf.identity(data))
         return data, format_name
