@@ -1,7 +1,8 @@
 """Peak memory and time of decoding one image as global_descriptor_from_bytes does, per format.
 
-For each format and encoding (baseline and progressive JPEG, PNG and interlaced PNG, WebP
-lossy and lossless, GIF, 24-bit BMP) an image of `--megapixels` is encoded with Pillow, then
+For each format and encoding (baseline and progressive JPEG, 4:2:0 and 4:4:4; PNG and
+interlaced PNG; WebP lossy and lossless; GIF; 24-bit BMP) an image of `--megapixels` is
+encoded with Pillow, then
 a fresh process decodes it to RGB (`tf.io.decode_image`, a JPEG's size first read by
 `tf.io.extract_jpeg_shape`) and resizes it to `--max_image_size` on the longer side
 (antialiased bilinear), the work before the network. The figure is the peak resident memory
@@ -30,7 +31,8 @@ from PIL import Image
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("megapixels", ["4", "16"], "Image sizes to measure, in megapixels (square).")
-flags.DEFINE_list("formats", ["jpeg", "jpeg_progressive", "png", "png_interlaced",
+flags.DEFINE_list("formats", ["jpeg", "jpeg_444", "jpeg_progressive", "jpeg_progressive_444",
+                              "png", "png_interlaced",
                               "webp_lossy", "webp_lossless", "gif", "bmp"], "Cases to measure.")
 flags.DEFINE_integer("max_image_size", 1024, "Longer side after the resize (the export's).")
 flags.DEFINE_integer("max_decoded_pixels", 2**27, "The cap the per-MP figure is scaled to.")
@@ -38,6 +40,11 @@ flags.DEFINE_integer("max_decoded_pixels", 2**27, "The cap the per-MP figure is 
 _ENCODE = {
     "jpeg": lambda im, out: im.save(out, "JPEG", quality=90),
     "jpeg_progressive": lambda im, out: im.save(out, "JPEG", quality=90, progressive=True),
+    # No chroma subsampling: libjpeg keeps 64 2-byte coefficients per 8 x 8 block of each of
+    # the 3 components for the whole image (6 bytes per pixel) before the first output row.
+    "jpeg_progressive_444": lambda im, out: im.save(out, "JPEG", quality=90, progressive=True,
+                                                    subsampling=0),
+    "jpeg_444": lambda im, out: im.save(out, "JPEG", quality=90, subsampling=0),
     "png": lambda im, out: im.save(out, "PNG", compress_level=1),
     "png_interlaced": lambda im, out: _png_interlaced(im, out),
     "webp_lossy": lambda im, out: im.save(out, "WEBP", quality=80, method=0),

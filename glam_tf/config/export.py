@@ -28,7 +28,8 @@ class ExportConfig:
     max_batch_pixels: 4x the largest single image (four 2896 x 2896, or sixteen 1024 x 1024
     images at scale sqrt(2)), so one request costs at most about four times what the
     largest single image does.
-    max_decoded_pixels: 2**27 px (134 MP, about 400 MB of uint8 RGB) passes 100-MP
+    max_decoded_pixels: 2**27 px (134 MP; decoding and resizing one costs at most ~1.05 GB,
+    a progressive 4:4:4 JPEG, bench/decode_cost.py) passes 100-MP
     medium-format photos (11648 x 8736) and 108-MP phone photos (12000 x 9000); 200-MP
     phone full-resolution shots must be downsized first.
     max_image_bytes: a 100-MP JPEG at top quality (~0.5 byte/px) is ~50 MB.
