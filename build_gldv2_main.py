@@ -38,6 +38,8 @@ _FULL_DECODE = flags.DEFINE_bool("full_decode", True,
 
 def main(argv):
     try:
+        for flag in (_ROOT, _OUTPUT_DIR, _CSV, _IMAGE_DIR):
+            settings.reachable(flag.name, flag.value)
         summary = gldv2.convert_gldv2(
             _ROOT.value, _OUTPUT_DIR.value, csv_path=_CSV.value, image_dir=_IMAGE_DIR.value,
             num_shards=_NUM_SHARDS.value, num_validation_shards=_NUM_VAL_SHARDS.value,

@@ -11,10 +11,10 @@ parse them into their own FlagValues and other *_main modules with a --train_dir
 imported in the same process.
 """
 
-import os
 
 from absl import app, flags, logging
 
+from glam_tf import files
 from glam_tf.config import ExportConfig, SettingError, contract, settings
 
 
@@ -42,9 +42,10 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     for name in ("train_dir", "export_dir"):
         if not fv[name].value:
             raise SettingError(f"--{name} is required.")
-    if not os.path.isdir(fv.train_dir):
+        settings.reachable(name, fv[name].value)
+    if not files.isdir(fv.train_dir):
         raise SettingError(f"--train_dir={fv.train_dir!r} is not a directory.")
-    if os.path.exists(fv.export_dir) and not os.path.isdir(fv.export_dir):
+    if files.exists(fv.export_dir) and not files.isdir(fv.export_dir):
         raise SettingError(f"--export_dir={fv.export_dir!r} exists and is not a directory.")
     config = settings.from_flags(ExportConfig, fv)
     config.validate()

@@ -35,14 +35,16 @@ import sys
 
 from absl import flags, logging
 
+from glam_tf import files
+
 # The embedded default: the local runner's multi-process mode on the local cores.
 LOCAL_DEFAULTS = ("--runner=DirectRunner", "--direct_num_workers=2",
                   "--direct_running_mode=multi_processing")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = files.dirname(files.dirname(files.absolute(__file__)))
 # Beam's --setup_file in a source checkout: Beam builds an sdist of it and stages it, and
 # each worker pip-installs it (setup.py, not pyproject.toml: Beam 2.77 builds a
 # pyproject.toml only with the `build` module; a setup.py also with `setup.py sdist`).
-CHECKOUT_SETUP_FILE = os.path.join(REPO_ROOT, "setup.py")
+CHECKOUT_SETUP_FILE = files.join(REPO_ROOT, "setup.py")
 # Runner names (lower case, without "runner") that run on this machine.
 _LOCAL_NAMES = ("direct", "fnapi", "bundlebaseddirect", "switchingdirect", "prism",
                 "testdirect")
@@ -116,7 +118,7 @@ def _worker_package_args(args, runner) -> list:
     checkout otherwise. Raises ValueError when neither is there (an installed package)."""
     if any(_flag_value(args, f) is not None for f in _WORKER_PACKAGE_FLAGS):
         return []
-    if os.path.isfile(CHECKOUT_SETUP_FILE):
+    if files.isfile(CHECKOUT_SETUP_FILE):
         return [f"--setup_file={CHECKOUT_SETUP_FILE}"]
     raise ValueError(
         f"the workers of --runner={runner} need glam_tf: pass --sdk_container_image=IMAGE "
@@ -126,7 +128,7 @@ def _worker_package_args(args, runner) -> list:
         "SOURCE/setup.py")
 
 
-def pipeline_options(beam_args=None):
+def pipeline_options(beam_args=None, paths=None):
     """`PipelineOptions` from extra argv, on top of the local runner's defaults.
 
     Args:
@@ -134,14 +136,23 @@ def pipeline_options(beam_args=None):
         Without `--runner`, the local defaults apply (a later `--direct_num_workers`
         overrides theirs). A runner that is not local and has no flag giving its workers
         glam_tf gets `--setup_file` of this checkout.
+      paths: {flag name: path} the pipeline's workers read or write. A path on a file system
+        that lives inside this process (`ram://`) makes the default runner run in memory
+        (one worker: this process); with worker processes or a cluster runner asked for, it
+        is refused.
 
     Raises:
-      ValueError: as `check_args`.
+      ValueError: as `check_args`, or a process-local path with a runner whose workers
+        cannot see it.
     """
     from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
 
     args = [str(a) for a in (beam_args or ())]
     check_args(args)
+    in_process = {flag: path for flag, path in (paths or {}).items()
+                  if path and files.scheme(path) in PROCESS_LOCAL_SCHEMES}
+    if in_process:
+        args = _in_process_args(args, in_process)
     runner = _flag_value(args, "--runner")
     if runner is None:
         args = list(LOCAL_DEFAULTS) + args
@@ -163,6 +174,27 @@ def pipeline_options(beam_args=None):
         if REPO_ROOT not in path.split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, path) if p)
     return PipelineOptions(args)
+
+
+PROCESS_LOCAL_SCHEMES = ("ram",)  # file systems only this process sees
+
+
+def _in_process_args(args, in_process) -> list:
+    """`args` made to run the pipeline inside this process (see `pipeline_options`)."""
+    flag, path = next(iter(in_process.items()))
+    mode = None
+    for a in args:
+        if a.startswith("--direct_running_mode="):
+            mode = a.split("=", 1)[1]
+    if not _is_direct(args) or mode not in (None, "in_memory"):
+        raise ValueError(
+            f"--{flag}={path} is on a file system that lives in this process only, which the "
+            "workers of this Beam runner cannot see; run in this process "
+            "(--direct_running_mode=in_memory) or put the data on a shared file system")
+    if mode is None:
+        args = args + ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+    return [a for a in args if not a.startswith("--direct_num_workers=")] + [
+        "--direct_num_workers=1"]
 
 
 def local_runner(options):

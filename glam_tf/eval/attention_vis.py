@@ -21,11 +21,11 @@ map's minimum, yellow = its maximum) and the legend of the frame colours.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from glam_tf import files
 from glam_tf.config.eval import ATTENTION_POSITIONS
 from glam_tf.eval import report
 
@@ -247,7 +247,7 @@ def write_attention_visualization(entries, out_dir, *, map_names, top: int = TOP
     footer = grid.height - COLOR_BAR_H - report.LEGEND_H
     _draw_color_bar(draw, 6, footer + 8)
     report.draw_legend(draw, 6, grid.height - report.LEGEND_H + 4)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "attention.png")
-    grid.save(path)
+    files.makedirs(out_dir)
+    path = files.join(out_dir, "attention.png")
+    report.save_image(grid, path, "PNG")
     return path

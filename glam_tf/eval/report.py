@@ -9,15 +9,15 @@ an HTML page with JPEG thumbnails and the same legend. Each result is labelled
 """
 
 import html
+import io
 import json
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from glam_tf import files
 from glam_tf.eval import extract, metrics
-from glam_tf.files import atomic_write
 
 _SHORT = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf5k", "paris6k": "Par6k",
           "synth": "Synth", "synth_val": "SynthVal"}
@@ -121,9 +121,9 @@ def _nan_to_none(o):
 
 def write_json(results, path):
     """Writes the results dict (NaN and infinities -> null) to `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.makedirs(files.dirname(files.absolute(path)))
     text = json.dumps(_nan_to_none(results), indent=1, default=_json_default)
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    files.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def result_status(gnd_query, index, valid=None):
@@ -202,6 +202,9 @@ def draw_legend(draw, x: int, y: int) -> int:
 def legend_width() -> int:
     """Width in px of the line draw_legend draws."""
     return draw_legend(ImageDraw.Draw(Image.new("RGB", (1, 1))), 0, 0)
+def save_image(image, path, image_format, **options):
+    """Writes the PIL `image` to `path` in `image_format` ("PNG", "JPEG"), atomically."""
+    files.atomic_write(path, lambda f: image.save(f, format=image_format, **options))
 
 
 def _thumb(image, color):
@@ -210,7 +213,7 @@ def _thumb(image, color):
 
 def _open_rgb(path, box=None):
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(files.read_bytes(path))) as im:
             im = im.convert("RGB")
             return im.crop(extract.pil_box(box, *im.size)) if box is not None else im
     except (OSError, SyntaxError, ValueError, extract.UndecodableImage):
@@ -228,8 +231,8 @@ def write_visualization(entries, out_dir, *, title, num=10):
     Returns:
         (png_path, html_path).
     """
-    thumbs_dir = os.path.join(out_dir, "thumbs")
-    os.makedirs(thumbs_dir, exist_ok=True)
+    thumbs_dir = files.join(out_dir, "thumbs")
+    files.makedirs(thumbs_dir)
     cell_w, cell_h = cell_size()
     width = max(cell_w * (num + 1), legend_width() + 12)
     grid = Image.new("RGB", (width, TITLE_H + cell_h * max(1, len(entries)) + LEGEND_H),
@@ -244,7 +247,7 @@ def write_visualization(entries, out_dir, *, title, num=10):
         draw.text((2, y + cell_w), fit(draw, e["query"], cell_w - 4), fill=_TEXT,
                   font=font())
         q_file = f"q{r:03d}_query.jpg"
-        q.save(os.path.join(thumbs_dir, q_file), quality=90)
+        save_image(q, files.join(thumbs_dir, q_file), "JPEG", quality=90)
         cells = [f'<td><img src="thumbs/{q_file}"><br><b>{html.escape(e["query"])}</b></td>']
         for k, res in enumerate(e["results"][:num]):
             t = _thumb(_open_rgb(res["path"]), COLORS[res["status"]])
@@ -252,19 +255,18 @@ def write_visualization(entries, out_dir, *, title, num=10):
             draw.text(((k + 1) * cell_w + 2, y + cell_w), result_label(k + 1, res["score"]),
                       fill=_TEXT, font=font())
             f_name = f"q{r:03d}_r{k + 1:02d}.jpg"
-            t.save(os.path.join(thumbs_dir, f_name), quality=90)
+            save_image(t, files.join(thumbs_dir, f_name), "JPEG", quality=90)
             cells.append(f'<td><img src="thumbs/{f_name}"><br>{k + 1}. '
                          f'{html.escape(res["id"])}<br>{res["status"]} {res["score"]:.3f}</td>')
         rows_html.append("<tr>" + "".join(cells) + "</tr>")
     draw_legend(draw, 6, grid.height - LEGEND_H + 4)
-    png = os.path.join(out_dir, f"top{num}.png")
-    grid.save(png)
+    png = files.join(out_dir, f"top{num}.png")
+    save_image(grid, png, "PNG")
     legend = "frame: " + " ".join(f'<span style="color:rgb{c}">&#9632; {html.escape(w)}</span>'
                                   for c, w in legend_entries())
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title></head><body><h2>{html.escape(title)}</h2><p>{legend}</p>"
             f"<table style='font-size:11px'>{''.join(rows_html)}</table></body></html>")
-    page_path = os.path.join(out_dir, f"top{num}.html")
-    with open(page_path, "w") as f:
-        f.write(page)
+    page_path = files.join(out_dir, f"top{num}.html")
+    files.write_text_atomic(page_path, page)
     return png, page_path

@@ -5,6 +5,7 @@ import re
 
 import keras
 
+from glam_tf import files
 from glam_tf.config.model import BACKBONES
 
 _APPLICATIONS = {
@@ -38,13 +39,13 @@ def keras_home():
     accessor)."""
     if "KERAS_HOME" in os.environ:
         return os.environ["KERAS_HOME"]
-    base = os.path.expanduser("~")
-    return os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    base = files.expanduser("~")
+    return files.join(base if files.local_writable(base) else "/tmp", ".keras")
 
 
 def keras_models_dir():
     """The folder the ImageNet weights are cached in (`keras_home()/models`)."""
-    return os.path.join(os.path.expanduser(keras_home()), "models")
+    return files.join(files.expanduser(keras_home()), "models")
 
 
 def _fetch_imagenet_weights(name):
@@ -57,7 +58,7 @@ def _fetch_imagenet_weights(name):
     except Exception as e:  # noqa: BLE001 - get_file raises bare Exception on URL errors
         raise BackboneWeightsError(
             f"Could not get the ImageNet weights of backbone '{name}': the file "
-            f"{file_name} is not in the Keras cache ({os.path.join(cache_dir, file_name)}) "
+            f"{file_name} is not in the Keras cache ({files.join(cache_dir, file_name)}) "
             f"and downloading it from {IMAGENET_WEIGHTS_URL + file_name} failed "
             f"({type(e).__name__}: {e}). Fixes: copy {file_name} to "
             f"~/.keras/models/{file_name} (or $KERAS_HOME/models/ when KERAS_HOME is set; "
@@ -71,14 +72,15 @@ def _short(error, limit=400):
 
 
 def _load_weights_file(model, name, path):
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise BackboneWeightsError(
             f"Backbone weights file not found: --weights={path!r} (backbone '{name}'). "
             f"Pass an existing .h5 file holding keras.applications."
             f"{_APPLICATIONS[name]}(include_top=False) weights, e.g. "
             f"{imagenet_weights_file(name)}, or --weights=imagenet / --weights=none.")
     try:
-        model.load_weights(path)
+        with files.local_copy(path) as local:
+            model.load_weights(local)
     except Exception as e:  # noqa: BLE001 - h5py/keras raise many types for a bad file
         raise BackboneWeightsError(
             f"Could not load --weights={path!r} into backbone '{name}' "
@@ -144,7 +146,7 @@ def build_backbone(name="resnet101", weights="imagenet", *, model_name="backbone
         path = _fetch_imagenet_weights(name)
     elif weights != "none":
         path = weights
-        if not os.path.isfile(path):  # fail before spending time on the build
+        if not files.isfile(path):  # fail before spending time on the build
             _load_weights_file(None, name, path)
     application = getattr(keras.applications, _APPLICATIONS[name])
     model = application(include_top=False, weights=None, input_shape=(None, None, 3),

@@ -11,9 +11,9 @@ another. No TensorFlow: the text is built from the config and the paths alone.
 
 from __future__ import annotations
 
-import os
 import shlex
 
+from glam_tf import files
 from glam_tf.config import contract
 
 # Variants without a spatial attention map: nothing for --visualize_attention to draw.
@@ -25,7 +25,9 @@ PICTURE_KEYS = {"png": "each query and its top 10; legend under the picture",
 
 def _path(path: str) -> str:
     """`path` relative to the working directory when it lies under it (shorter to copy)."""
-    relative = os.path.relpath(path)
+    if not files.is_local(path):
+        return path
+    relative = files.relpath(path, ".")
     return path if relative.startswith("..") else relative
 
 
@@ -51,18 +53,18 @@ def commands(config, export_dir) -> list:
     if ev.dataset and export_dir:
         out.append(("evaluate the export", _command(
             "eval_main.py", **eval_flags, model=_path(contract.export_dir(config.train_dir)),
-            output_dir=os.path.join(train_dir, "eval_export"))))
+            output_dir=files.join(train_dir, "eval_export"))))
     if ev.dataset and config.model.variant not in CHANNEL_ONLY:
         out.append(("draw attention maps (from the checkpoint)", _command(
             "eval_main.py", **eval_flags, train_dir=train_dir, scales=(1,),
             visualize=ev.visualize or (0, 1, 2), visualize_attention=True,
-            output_dir=os.path.join(train_dir, "eval_attention"))))
+            output_dir=files.join(train_dir, "eval_attention"))))
     if export_dir:
         size = 2 * ex.max_image_size
         out.append((f"export at another size ({size} px, scale 1; this run exported at "
                     f"{ex.max_image_size} px)", _command(
                         "export_main.py", train_dir=train_dir,
-                        export_dir=os.path.join(train_dir, f"export_{size}"),
+                        export_dir=files.join(train_dir, f"export_{size}"),
                         max_image_size=size, scales=(1,))))
     return out
 
