@@ -378,7 +378,7 @@ def test_label_scan_names_file_and_record_before_training(tmp_path):
                                          r"first: record 2 of .*train-1.tfrecord \(label -3\)\. "
                                          r"Fix the records, or pass --skip_damaged_records"):
         train_data.count_records(files, "p")
-    with pytest.raises(ValueError, match=r"2 record\(s\) of p have a label outside \[0, 3\); "
+    with pytest.raises(ValueError, match=r"3 record\(s\) of p have a label outside \[0, 3\); "
                                          r"the first: record 3 of .*train-0.tfrecord \(label 3\)"):
         train_data.count_records(files, "p", num_classes=3)
     assert train_data.count_records(files, "p", skip_bad_labels=True) == (10, 4)
