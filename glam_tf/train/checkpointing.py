@@ -18,6 +18,7 @@ resume decides from the files).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
