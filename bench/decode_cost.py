@@ -9,7 +9,8 @@ a fresh process decodes it to RGB (`tf.io.decode_image`, a JPEG's size first rea
 of that call alone: VmHWM after resetting it through /proc/self/clear_refs, minus the RSS
 before (the input bytes are already loaded). Memory is linear in the pixels plus the fixed
 resize output, so the slope between two sizes is the per-megapixel cost, and the cost at the
-export's max_decoded_pixels is extrapolated along that line. Arithmetic-coded JPEG is not measured: Pillow cannot write it.
+export's max_decoded_pixels is extrapolated along that line. Arithmetic-coded JPEG is not
+measured: Pillow cannot write it.
 
     python bench/decode_cost.py --megapixels=4,16 [--formats=jpeg,png,...]
 
