@@ -179,10 +179,10 @@ def test_corrupt_records_are_dropped_and_counted(tmp_path, capfd):
     assert sorted(ids) == sorted(i for i, _, _ in good)
     assert stats.result() == {**_NO_DAMAGE, "examined": 10, "dropped": 4}
     assert stats.log() == {**_NO_DAMAGE, "examined": 10, "dropped": 4}
-    err = capfd.readouterr().err  # every drop is reported with its id as it happens
+    err = capfd.readouterr().err  # the first 10 drops are each reported with their id
     for image_id in ("bad0000000000001", "bad0000000000002", "bad0000000000003",
                      "<unparseable record>"):
-        assert f'dropped undecodable record id= "{image_id}"' in err
+        assert f'dropped record id= "{image_id}"' in err
 
 
 def test_decodes_png_grey_rgba_cmyk_palette_to_rgb(tmp_path):
@@ -295,3 +295,90 @@ def test_make_dataset_fn_uses_input_context(grouped_records):
     ds = pipeline.make_dataset_fn(config, steps_done=3)(ctx)
     images, labels = next(iter(ds))
     assert images.shape[0] == 2 and labels.shape == (2,)  # per replica: 8 // 4
+
+
+# ---- records that cannot hang or poison a run --------------------------------------------
+def _png_bomb(width, height):
+    """A valid PNG (CRCs right) declaring width x height RGB with a few bytes of data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                             0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_nothing_decodes_fails_within_the_run_limit(tmp_path):
+    # Garbage and pixel bombs only: the endless (repeat) stream must end with an error.
+    _write(tmp_path / "train-0.tfrecord",
+           [(f"{k:016x}", 0, b"not an image" if k % 2 else _png_bomb(20000, 20000))
+            for k in range(7)])
+    stats = pipeline.DecodeStats()
+    ds = pipeline.build_train_dataset(_config(str(tmp_path / "*.tfrecord"),
+                                              max_undecodable_run=50), stats=stats)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"\[50\] \[records in a row could not be decoded or were "
+                             r"dropped \(the last: id=.*DataConfig.max_undecodable_run=50\)"):
+        next(iter(ds))
+    assert 50 <= stats.result()["dropped"] <= 50 + 16     # + what was read ahead
+
+
+def test_pixel_bomb_is_dropped_before_decoding_and_counted(tmp_path):
+    good = [(f"{k:016x}", k % 3, _jpeg(40, 40, seed=k)) for k in range(6)]
+    _write(tmp_path / "train-0.tfrecord", good[:3] + [("b" * 16, 1, _png_bomb(16000, 16000))]
+           + good[3:])
+    stats = pipeline.DecodeStats()
+    ds = pipeline.build_train_dataset(_config(str(tmp_path / "*.tfrecord")), repeat=False,
+                                      with_ids=True, stats=stats)
+    ids = {i.decode() for _, _, batch in ds for i in batch.numpy()}
+    assert ids == {image_id for image_id, _, _ in good}
+    assert stats.result()["dropped"] == 1
+    # The cap is a setting: under it the 40 x 40 records pass, over it they are dropped too.
+    stats = pipeline.DecodeStats()
+    ds = pipeline.build_train_dataset(_config(str(tmp_path / "*.tfrecord"),
+                                              max_decoded_pixels=1599), repeat=False,
+                                      stats=stats)
+    assert list(ds) == [] and stats.result()["dropped"] == 7
+
+
+@pytest.mark.parametrize("label", [-1, 5])
+def test_label_out_of_range_is_refused_or_skipped(tmp_path, label):
+    good = [(f"{k:016x}", k % 5, _jpeg(40, 40, seed=k)) for k in range(6)]
+    _write(tmp_path / "train-0.tfrecord", good[:4] + [("e" * 16, label, _jpeg(40, 40))]
+           + good[4:])
+    pattern = str(tmp_path / "*.tfrecord")
+    ds = pipeline.build_train_dataset(_config(pattern), repeat=False, num_classes=5)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"record id=\] \[eeeeeeeeeeeeeeee\] \[at stream position\] \[\d+\] "
+                             rf"\[has label\] \[{label}\] \[outside \[0, 5\) .*"
+                             r"--skip_damaged_records"):
+        list(ds)
+    stats = pipeline.DecodeStats()
+    ds = pipeline.build_train_dataset(_config(pattern, skip_damaged_records=True),
+                                      repeat=False, with_ids=True, num_classes=5, stats=stats)
+    labels = {i.decode(): int(l) for _, lab, batch in ds for i, l in zip(batch.numpy(),
+                                                                         lab.numpy())}
+    assert labels == {image_id: lab for image_id, lab, _ in good}
+    assert stats.result()["dropped"] == 1
+
+
+def test_label_scan_names_file_and_record_before_training(tmp_path):
+    from glam_tf.train import data as train_data
+
+    good = [(f"{k:016x}", k % 4, b"x") for k in range(5)]
+    _write(tmp_path / "train-0.tfrecord", good)
+    _write(tmp_path / "train-1.tfrecord", good[:2] + [("e" * 16, -3, b"x")] + good[2:])
+    files = sorted(str(p) for p in tmp_path.glob("*.tfrecord"))
+    assert train_data.count_records(files[:1], "p") == (5, 4)
+    with pytest.raises(ValueError, match=r"1 record\(s\) of p have a label outside >= 0; the "
+                                         r"first: record 2 of .*train-1.tfrecord \(label -3\)\. "
+                                         r"Fix the records, or pass --skip_damaged_records"):
+        train_data.count_records(files, "p")
+    with pytest.raises(ValueError, match=r"3 record\(s\) of p have a label outside \[0, 3\); "
+                                         r"the first: record 3 of .*train-0.tfrecord \(label 3\)"):
+        train_data.count_records(files, "p", num_classes=3)
+    assert train_data.count_records(files, "p", skip_bad_labels=True) == (10, 4)

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -230,6 +231,8 @@ def test_limits_are_recorded(export_path):
     assert info["max_decoded_pixels"] == ExportConfig().max_decoded_pixels == 2**27
     assert info["max_image_bytes"] == ExportConfig().max_image_bytes == 64 * 2**20
     assert info["max_batch_pixels"] == ExportConfig().max_batch_pixels == 2**25
+    assert info["max_images_per_request"] == ExportConfig().max_images_per_request == 8
+    assert info["max_scales_per_request"] == ExportConfig().max_scales_per_request == 16
 
 
 HUGE = {"PNG": lambda: huge_png(30000, 30000), "WebP": lambda: huge_webp(16383, 16383),
@@ -448,3 +451,247 @@ def test_session_loader_runs_from_bytes(sig, export_path, tmp_path):
                                from_bytes(sig, good), atol=1e-6)
     assert outputs["bad"].returncode != 0
     assert "image_bytes[1] could not be decoded as PNG" in outputs["bad"].stderr
+
+
+# ---- the cost model: counts checked before anything sized by them ------------------------
+_COST_CLIENT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    def status_kb(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1])
+
+    def cost_mb(call):
+        # Writing 5 to clear_refs resets the peak resident memory (VmHWM) to the current RSS,
+        # so the peak afterwards is this call's own. (ru_maxrss is reset too, but also keeps
+        # the peak seen when any thread exited: not a per-call figure.)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status_kb("VmRSS:")
+        try:
+            call()
+            error = None
+        except tf.errors.InvalidArgumentError as e:
+            error = e.message
+        return (status_kb("VmHWM:") - before) / 1024, error
+
+    sigs = tf.saved_model.load(sys.argv[1]).signatures
+    png = open(sys.argv[2], "rb").read()
+    bomb = open(sys.argv[3], "rb").read()
+    image = tf.constant(np.full((64, 64, 3), 90, np.uint8))
+    def delg(scales, indices):
+        scales, indices = tf.constant(scales, tf.float32), tf.constant(indices, tf.int32)
+        return lambda: sigs["serving_default"](input_image=image, input_scales=scales,
+                                               input_global_scales_ind=indices)
+    def from_bytes(images):
+        images = tf.constant(images)
+        return lambda: sigs["global_descriptor_from_bytes"](image_bytes=images)
+    def batched(images):
+        images = tf.constant(images)
+        return lambda: sigs["batched_global_descriptors"](input_images=images)
+    cases = {
+        "delg normal": delg([1.0, 0.7071], [0, 1]),
+        "delg 50000 scales and indices": delg(np.ones(50000), np.arange(50000)),
+        "delg 20000 out-of-range indices": delg([1.0, 0.5], np.full(20000, 7)),
+        "delg 16 out-of-range indices": delg(np.ones(16), np.arange(16) + 100),
+        "bytes normal": from_bytes([png]),
+        "bytes 1000 images": from_bytes([png] * 1000),
+        "bytes bomb": from_bytes([bomb]),
+        "batched normal": batched(np.zeros((2, 64, 64, 3), np.uint8)),
+        "batched over max_batch_pixels": batched(np.zeros((5, 2048, 2048, 3), np.uint8)),
+    }
+    for name in ("delg normal", "bytes normal", "batched normal"):   # trace and warm
+        cases[name]()
+    out = {}
+    for name, call in cases.items():
+        out[name] = cost_mb(call)
+    print(json.dumps(out))
+""")
+
+
+def test_each_refusal_costs_less_than_a_normal_request(export_path, tmp_path):
+    """Per request, in its own process: the peak RSS increase of the call alone."""
+    (tmp_path / "good.png").write_bytes(encode(random_image(48, 64), "PNG"))
+    (tmp_path / "bomb.png").write_bytes(huge_png(30000, 30000))
+    (tmp_path / "client.py").write_text(_COST_CLIENT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    proc = subprocess.run([sys.executable, "client.py", os.path.abspath(export_path),
+                           "good.png", "bomb.png"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(out, indent=1))
+    expected = {
+        "delg 50000 scales and indices": r"at most 16 entries each \(the export setting "
+                                         r"max_scales_per_request",
+        "delg 20000 out-of-range indices": "max_scales_per_request",
+        "delg 16 out-of-range indices": "input_global_scales_ind must index input_scales",
+        "bytes 1000 images": r"at most 8 images \(the export setting max_images_per_request\)",
+        "bytes bomb": "max_decoded_pixels=134217728",
+        "batched over max_batch_pixels": "max_batch_pixels",
+    }
+    for name, (mb, error) in out.items():
+        if name in expected:
+            assert error is not None and re.search(expected[name], error), (name, error)
+            assert mb < 4, (name, mb, out)
+        else:
+            assert error is None, (name, error)
+
+
+def test_request_counts_and_work_are_bounded(model):
+    module = serving.build_serving_module(model, max_image_size=MAX_SIZE, max_scaled_pixels=10000,
+                                          max_batch_pixels=20000, max_scales_per_request=3,
+                                          max_images_per_request=2)
+    image = tf.constant(random_image(64, 64))
+    delg = lambda scales, indices: module.serving_default(  # noqa: E731
+        image, tf.constant(scales, tf.float32), tf.constant(indices, tf.int32))
+    rows = delg([1.0, 1.4, 0.7], [2, 0])["global_descriptors"].numpy()
+    np.testing.assert_allclose(rows, delg([1.0, 0.7], [1, 0])["global_descriptors"].numpy(),
+                               atol=1e-6)
+    for scales, indices, match in [
+        ([1.0] * 4, [0], r"at most 3 entries each \(the export setting max_scales_per_request; "
+                         r"each scale is described once\); received \(scales, indices\):\] "
+                         r"\[4\] \[1\]"),
+        ([1.0], [0, 0, 0, 0], r"max_scales_per_request.*\[1\] \[4\]"),
+        # 90 x 90 + 2 x 83 x 83 = 21878 px > 20000, each under max_scaled_pixels
+        ([1.4, 1.3, 1.3], [0, 1, 2], r"the selected scaled images have more than 20000 pixels "
+                                      r"in all \(the export setting max_batch_pixels\)"),
+    ]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+            delg(scales, indices)
+    png = encode(random_image(60, 64), "PNG")
+    assert module.global_descriptor_from_bytes(tf.constant([png] * 2))[
+        "global_descriptors"].shape == (2, DIM)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"image_bytes may hold at most 2 images \(the export setting "
+                             r"max_images_per_request\); send fewer per request. "
+                             r"Received:\] \[3\]"):
+        module.global_descriptor_from_bytes(tf.constant([png] * 3))
+
+
+def test_gif_with_thousands_of_extensions_is_read(header):
+    # 9000 comment extensions (33 kB) before the image: walked as a whole, not one loop step
+    # per block (which made such a file cost 10-28 s); TF reads the same frame.
+    gif = encode(random_image(30, 40, seed=3), "GIF")
+    head, frame, trailer = gif_parts(gif)
+    data = head + b"\x21\xfe\x01c\x00" * 4000 + frame + trailer
+    assert Image.open(io.BytesIO(data)).size == (40, 30)
+    # giflib (TF's decoder) reads one more size byte after an empty extension's 0 size.
+    data = head + b"\x21\xfe\x01c\x00" * 4000 + b"\x21\xfe\x00\x00" * 5000 + frame + trailer
+    assert _parsed(header, data) == ("GIF", 30, 40, len(data) - 1)
+    np.testing.assert_array_equal(tf.io.decode_gif(data)[0].numpy(),
+                                  tf.io.decode_gif(gif)[0].numpy())
+    # An empty extension read as PIL does (no extra byte): giflib goes astray, and so does
+    # the walk (no first frame found, so the file is refused before decoding).
+    astray = head + b"\x21\xfe\x00" + frame + trailer
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_gif(astray)
+    assert _parsed(header, astray)[3] == -1
+    # an extension chain that runs off the end, or a block that is not an image, has no size
+    for broken in (head + b"\x21\xfe\x05ab", head + b"\x21\xfe\x01c\x00\x99" + frame + trailer):
+        assert _parsed(header, broken) == ("GIF", 30, 40, -1)   # the screen; no frame
+
+
+# ---- JPEG: one reading of the header, libjpeg's ------------------------------------------
+def _jpeg_segments(data):
+    """(SOI, the segments up to and including SOS, the entropy-coded rest) of a JPEG."""
+    pos, segments = 2, []
+    while True:
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        segments.append(data[pos:pos + 2 + length])
+        pos += 2 + length
+        if segments[-1][1] == 0xDA:
+            return data[:2], segments, data[pos:]
+
+
+def _frame(sof, h, w, marker=0xC0):
+    return bytes([0xFF, marker]) + sof[2:5] + struct.pack(">HH", h, w) + sof[9:]
+
+
+def adversarial_jpegs():
+    """name -> (bytes, libjpeg's (h, w) or None when libjpeg refuses the header)."""
+    soi, segments, scan = _jpeg_segments(encode(random_image(16, 16, seed=9), "JPEG"))
+    sof = next(s for s in segments if s[1] == 0xC0)
+    tables = b"".join(s for s in segments if s[1] not in (0xC0, 0xDA))
+    sos = segments[-1]
+    # 0xFF00 is not a marker to libjpeg (skipped as extraneous bytes, as are the 2 after
+    # it): libjpeg reads the 200 x 200 frame header, then an APP1 segment swallows the
+    # 16 x 16 one. A walk that reads FF00 as a segment with a length skips the first and
+    # reads the second.
+    hidden = _frame(sof, 200, 200) + b"\xff\xe1" + struct.pack(">H", 2 + len(sof))
+    return {
+        "0xFF00 then a hidden frame": (soi + b"\xff\x00" + struct.pack(">H", 2 + len(hidden))
+                                       + hidden + sof + tables + sos + scan, (200, 200)),
+        "two frame headers (SOF0, SOF2)": (soi + tables + sof + _frame(sof, 200, 200, 0xC2)
+                                           + sos + scan, None),
+        "extra bytes between segments": (soi + b"".join(s + b"\x12\x34" for s in segments[:-1]
+                                                        if s[1] != 0xC0) + sof + sos + scan,
+                                         (16, 16)),
+        "fill bytes before markers": (soi + b"".join(b"\xff\xff" + s for s in segments[:-1])
+                                      + sos + scan, (16, 16)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(adversarial_jpegs()))
+def test_adversarial_jpeg_never_decodes_over_the_cap(model, name):
+    data, libjpeg_size = adversarial_jpegs()[name]
+    if libjpeg_size is None:
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            tf.io.extract_jpeg_shape(data)
+    else:
+        assert tuple(tf.io.extract_jpeg_shape(data).numpy()[:2]) == libjpeg_size
+    module = serving.build_serving_module(model, max_image_size=MAX_SIZE,
+                                          max_decoded_pixels=10000)
+    call = lambda: module.global_descriptor_from_bytes(  # noqa: E731
+        tf.constant([data]))["global_descriptors"].numpy()
+    if libjpeg_size is None:
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"image_bytes\[0\] could not be decoded as JPEG"):
+            call()
+    elif libjpeg_size[0] * libjpeg_size[1] > 10000:
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"image_bytes\[0\] is a 200 x 200 JPEG image \(40000 pixels, "
+                                 r"as libjpeg reads its header\), over the export setting "
+                                 r"max_decoded_pixels=10000"):
+            call()
+    else:   # decoded as TF decodes it, not refused as damaged
+        image = tf.io.decode_jpeg(data, channels=3).numpy()
+        np.testing.assert_allclose(call()[0], global_descriptor_of(module, image), atol=1e-6)
+
+
+def global_descriptor_of(module, image):
+    return module.global_descriptor(tf.constant(image))["global_descriptor"].numpy()
+
+
+def os2_bmp(image):
+    """A 24-bit OS/2 BMP (12-byte BITMAPCOREHEADER, 16-bit sizes), bottom-up BGR rows."""
+    h, w = image.shape[:2]
+    pad = b"\0" * ((4 - (w * 3) % 4) % 4)
+    rows = b"".join(image[y, :, ::-1].tobytes() + pad for y in range(h - 1, -1, -1))
+    return (b"BM" + struct.pack("<IHHI", 26 + len(rows), 0, 0, 26)
+            + struct.pack("<IHHHH", 12, w, h, 1, 24) + rows)
+
+
+def test_bmp_tf_cannot_read_is_refused_by_its_reason(sig, header):
+    image = random_image(40, 50, seed=5)
+    one_bit = encode(Image.fromarray(image).convert("1"), "BMP")
+    os2 = os2_bmp(image)
+    for data in (one_bit, os2):
+        assert Image.open(io.BytesIO(data)).size == (50, 40)
+        assert _parsed(header, data)[:3] == ("BMP", 40, 50)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="Number of channels"):
+            tf.io.decode_image(data, channels=3)
+    for data, match in [(one_bit, r"image_bytes\[1\] is a BMP with a 40-byte header and 1 bits "
+                                  r"per pixel; the TensorFlow BMP decoder reads only Windows BMPs"),
+                        (os2, r"image_bytes\[1\] is a BMP with a 12-byte header and 24 bits "
+                              r"per pixel.*convert it to PNG")]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+            from_bytes(sig, [encode(image, "PNG"), data])
+    # 8-, 24- and 32-bit Windows BMPs decode
+    for mode in ("L", "RGB", "RGBA"):
+        data = encode(Image.fromarray(image).convert(mode), "BMP")
+        assert from_bytes(sig, [data]).shape == (1, DIM)

@@ -47,7 +47,17 @@ class DataConfig:
     skip_damaged_records: bool = setting(
         False, "Train on the valid records of damaged TFRecord shards (bad framing or data "
         "CRCs), leaving out and counting only the damaged spans; off: refuse to start and "
-        "list every damaged shard, offset and problem.")
+        "list every damaged shard, offset and problem; also skips (and counts) records whose "
+        "label is outside [0, num_classes), which are refused otherwise.")
+    max_decoded_pixels: int = setting(
+        2**25, "Largest training image (height * width, read from its encoded header before "
+        "decoding); larger records are dropped and counted, not decoded. 2**25 px = 100 MB "
+        "of RGB per decode in flight (8192 x 4096; GLDv2 photos are ~800 px).",
+        rule=integer(1))
+    max_undecodable_run: int = setting(
+        1000, "Consecutive records that may fail to decode (or be dropped) before training "
+        "stops with an error: a shard set from which nothing decodes fails within this "
+        "many records instead of looping forever.", rule=integer(1))
 
     def validate(self, names=None) -> None:
         """Raises SettingError naming the setting's flag, the rule and the value."""

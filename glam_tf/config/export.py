@@ -28,10 +28,19 @@ class ExportConfig:
     max_batch_pixels: 4x the largest single image (four 2896 x 2896, or sixteen 1024 x 1024
     images at scale sqrt(2)), so one request costs at most about four times what the
     largest single image does.
-    max_decoded_pixels: 2**27 px (134 MP, about 400 MB of uint8 RGB) passes 100-MP
+    max_decoded_pixels: 2**27 px (134 MP; decoding and resizing one costs at most ~1.05 GB,
+    a progressive 4:4:4 JPEG, bench/decode_cost.py) passes 100-MP
     medium-format photos (11648 x 8736) and 108-MP phone photos (12000 x 9000); 200-MP
     phone full-resolution shots must be downsized first.
     max_image_bytes: a 100-MP JPEG at top quality (~0.5 byte/px) is ~50 MB.
+    max_images_per_request: 8 images in global_descriptor_from_bytes, each described at
+    max_image_size and the scales (3.5 x 1024^2 px of network input for the defaults): 8 of
+    them are 29 MP, the work of one max_batch_pixels batch; each is decoded on its own, so
+    memory does not grow with the count.
+    max_scales_per_request: 16 entries of serving_default's input_scales (and of
+    input_global_scales_ind: each scale is described once). DELG's clients send 7 (0.25 to
+    2); the selected scaled images together are also bounded by max_batch_pixels.
+    Every count is checked before anything sized by it is allocated.
     """
 
     scales: tuple = setting(contract.DEFAULT_SCALES, "Image scales of the global_descriptor, "
@@ -44,7 +53,9 @@ class ExportConfig:
     max_scaled_pixels: int = setting(2**23, "Largest scaled image (h * w) any signature "
                                      "accepts.", rule=integer(contract.MIN_IMAGE_SIZE**2))
     max_batch_pixels: int = setting(2**25, "Largest batched_global_descriptors request, B * h "
-                                    "* w at the largest scale (>= max_scaled_pixels).",
+                                    "* w at the largest scale, and largest serving_default "
+                                    "request, the selected scaled images' pixels summed "
+                                    "(>= max_scaled_pixels).",
                                     rule=integer(1))
     max_decoded_pixels: int = setting(2**27, "Largest image (height * width, read from its "
                                       "encoded header before decoding) "
@@ -53,6 +64,12 @@ class ExportConfig:
     max_image_bytes: int = setting(64 * 2**20, "Largest encoded image "
                                    "global_descriptor_from_bytes accepts, bytes (< 2**31, a "
                                    "tf.string offset).", rule=integer(1, 2**31 - 1))
+    max_images_per_request: int = setting(8, "Most images in one "
+                                          "global_descriptor_from_bytes request.",
+                                          rule=integer(1))
+    max_scales_per_request: int = setting(16, "Most entries of serving_default's "
+                                          "input_scales and input_global_scales_ind in one "
+                                          "request (DELG sends 7).", rule=integer(1))
     precision: str = setting("float32", "Compute precision of the exported signatures: "
                              "float32; bfloat16 (CPUs with AVX512-BF16/AMX, TPUs, recent "
                              "GPUs); float16 (GPUs only: no faster on CPUs). Softmaxes, GeM and "

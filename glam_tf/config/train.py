@@ -104,6 +104,11 @@ class TrainConfig:
     checkpoint_every: int = setting(1000, "Checkpoint every this many steps (also at the end "
                                     "and on SIGTERM).", rule=integer(1))
     keep_checkpoints: int = setting(3, "Checkpoints kept per worker.", rule=integer(1))
+    stop_grace_s: float = setting(120.0, "After SIGTERM, seconds the running step has to end "
+                                  "(then a checkpoint is saved); a step still running then is "
+                                  "stuck (e.g. waiting for data) and the process exits "
+                                  "without one. During set-up SIGTERM exits at once.",
+                                  rule=_POSITIVE)
     log_every: int = setting(100, "Progress line every this many steps.", rule=integer(1))
     summary_every: int = setting(100, "TensorBoard scalars every this many steps.",
                                  rule=integer(1))

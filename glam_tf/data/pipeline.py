@@ -36,6 +36,7 @@ from absl import logging
 from glam_tf import files as glam_files
 from glam_tf.config import DataConfig
 from glam_tf.data import framing, records
+from glam_tf.export import image_header
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -57,7 +58,11 @@ class DecodeStats(tf.Module):
 
     Attributes:
       examined: int64 variable, records that reached the decoder (after `skip_examples`).
-      dropped: int64 variable, records dropped because parsing or decoding failed.
+      dropped: int64 variable, records dropped: parsing or decoding failed, the header
+        declares more than `max_decoded_pixels`, or (with `skip_damaged_records`) a label is
+        outside [0, num_classes).
+      undecodable_run: int64 variable, records dropped in a row (the stream fails at
+        `max_undecodable_run`).
       damaged_spans, damaged_bytes, damaged_records: int64 variables, the damaged spans of
         the shards left out of every pass (`skip_damaged_records`), their bytes, and the
         records known to be in them (a data CRC mismatch is one record; a damaged header
@@ -69,6 +74,9 @@ class DecodeStats(tf.Module):
         with tf.init_scope(), tf.device("/CPU:0"):
             self.examined = tf.Variable(0, dtype=tf.int64, trainable=False, name="examined")
             self.dropped = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropped")
+            # The current run of drops in a row (checkpointed with the counts).
+            self.undecodable_run = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                               name="undecodable_run")
             self.damaged_spans = tf.Variable(0, dtype=tf.int64, trainable=False,
                                              name="damaged_spans")
             self.damaged_bytes = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -305,12 +313,50 @@ def _try(fn, arg, fallback):
     return good.concatenate(bad).take(1).get_single_element()
 
 
-def _parse_and_decode(index, serialized):
-    """(index, serialized) -> (index, image uint8 (H, W, 3), label int64, id string, ok bool)."""
+def _decodable(data):
+    """Encoded bytes -> (bytes to decode, fits): the size is read from the header first.
+
+    `fits` is False for an unknown format, an unreadable header, an animated WebP or a size
+    over the cap, checked by the caller before decoding; a GIF is cut after its first frame
+    (TF's decoder decodes every frame). The same header reading as the serving signatures
+    (glam_tf.export.image_header; a JPEG's size read by libjpeg itself).
+    """
+    fmt, height, width, frame_end = image_header.encoded_image_size(data)
+    is_gif = tf.equal(fmt, image_header.GIF)
+    is_jpeg = tf.equal(fmt, image_header.JPEG)
+    # A JPEG's size as libjpeg reads it (a header it cannot read raises: dropped by _try).
+    height, width = tf.cond(is_jpeg, lambda: image_header.jpeg_size_as_decoded(data),
+                            lambda: (height, width))
+    readable = ((fmt != image_header.UNKNOWN) & (height >= 1) & ~(is_gif & (frame_end < 0))
+                & ~image_header.is_animated_webp(data)
+                & (tf.not_equal(fmt, image_header.BMP) | image_header.bmp_decodable(data)[0]))
+    data = tf.cond(is_gif & readable, lambda: image_header.first_gif_frame(data, frame_end),
+                   lambda: tf.identity(data))
+    return data, readable, height * width
+
+
+def _make_parse_and_decode(max_decoded_pixels: int, num_classes: int | None,
+                           skip_bad_labels: bool):
+    """(index, serialized) -> (index, image uint8 (H, W, 3), label int64, id, ok bool).
+
+    A record is not ok (dropped and counted) when it does not parse or decode, when its
+    header declares more than `max_decoded_pixels` (refused before the decoder allocates
+    it), or, with `skip_bad_labels`, when its label is outside [0, num_classes). Without
+    `skip_bad_labels` such a label stops the stream with an error naming the record.
+    """
 
     def parse_and_decode(s):
         f = records.parse_example(s)
-        image = tf.io.decode_image(f[records.KEY_ENCODED], channels=3, expand_animations=False)
+        data, readable, pixels = _decodable(f[records.KEY_ENCODED])
+        checks = [tf.debugging.Assert(readable & (pixels <= max_decoded_pixels),
+                                      ["unreadable header or too many pixels"])]
+        if num_classes is not None and skip_bad_labels:
+            label = f[records.KEY_LABEL]
+            checks.append(tf.debugging.Assert((label >= 0) & (label < num_classes),
+                                              ["label out of range"]))
+        with tf.control_dependencies(checks):
+            data = tf.identity(data)
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
         image = tf.ensure_shape(image, [None, None, 3])
         # A 0-pixel image cannot be resized; treat it as undecodable.
         check = tf.debugging.assert_positive(tf.size(image), message="empty image")
@@ -318,32 +364,60 @@ def _parse_and_decode(index, serialized):
             image = tf.identity(image)
         return image, f[records.KEY_LABEL], f[records.KEY_ID], True
 
-    image, label, image_id, ok = _try(
-        parse_and_decode, serialized,
-        (tf.zeros([1, 1, 3], tf.uint8), tf.constant(-1, tf.int64), tf.constant(b""),
-         tf.constant(False)))
+    def parse_and_decode_record(index, serialized):
+        image, label, image_id, ok = _try(
+            parse_and_decode, serialized,
+            (tf.zeros([1, 1, 3], tf.uint8), tf.constant(-1, tf.int64), tf.constant(b""),
+             tf.constant(False)))
 
-    def id_of_failed_record():  # rare: find the id for the warning, if the record parses
-        return _try(lambda s: records.parse_example(s)[records.KEY_ID], serialized,
-                    tf.constant(b"<unparseable record>"))
+        def id_of_failed_record():  # rare: find the id for the warning, if the record parses
+            return _try(lambda s: records.parse_example(s)[records.KEY_ID], serialized,
+                        tf.constant(b"<unparseable record>"))
 
-    image_id = tf.cond(ok, lambda: image_id, id_of_failed_record)
-    return index, image, label, image_id, ok
+        image_id = tf.cond(ok, lambda: image_id, id_of_failed_record)
+        if num_classes is not None and not skip_bad_labels:
+            in_range = tf.debugging.Assert(
+                ~ok | ((label >= 0) & (label < num_classes)),
+                ["glam_tf input pipeline: record id=", image_id, "at stream position", index,
+                 "has label", label, f"outside [0, {num_classes}) (the number of classes); "
+                 "fix the records or pass --skip_damaged_records to skip and count them."])
+            with tf.control_dependencies([in_range]):
+                label = tf.identity(label)
+        return index, image, label, image_id, ok
+
+    return parse_and_decode_record
 
 
-def _make_counter(stats: DecodeStats):
+def _make_counter(stats: DecodeStats, max_undecodable_run: int):
+    """Counts each record; a run of `max_undecodable_run` dropped records in a row fails.
+
+    A warning is logged for the first 10 drops and then at every power of two, so a set that
+    is mostly damaged does not flood the log.
+    """
+
     def count(index, image, label, image_id, ok):
         stats.examined.assign_add(1)
         dropped = stats.dropped.assign_add(tf.cast(tf.logical_not(ok), tf.int64))
+        run = stats.undecodable_run.assign(
+            tf.where(ok, tf.constant(0, tf.int64), stats.undecodable_run + 1))
+        bounded = tf.debugging.Assert(run < max_undecodable_run, [
+            "glam_tf input pipeline:", run, "records in a row could not be decoded or were "
+            "dropped (the last: id=", image_id, "at stream position", index, "); stopping "
+            f"instead of looping (DataConfig.max_undecodable_run={max_undecodable_run}). Are "
+            "the records images (JPEG, PNG, GIF, BMP, WebP) under the pixel cap "
+            "(max_decoded_pixels)?"])
 
         def warn():
-            tf.print("glam_tf input pipeline: dropped undecodable record id=", image_id,
-                     "at stream position", index, "- dropped so far:", dropped,
+            tf.print("glam_tf input pipeline: dropped record id=", image_id,
+                     "at stream position", index, "(undecodable, over max_decoded_pixels or a "
+                     "label out of range) - dropped so far:", dropped,
                      output_stream=sys.stderr)
             return tf.constant(0)
 
-        tf.cond(ok, lambda: tf.constant(0), warn)
-        return index, image, label, image_id, ok
+        is_power_of_two = tf.equal(tf.bitwise.bitwise_and(dropped, dropped - 1), 0)
+        tf.cond(ok | ~((dropped <= 10) | is_power_of_two), lambda: tf.constant(0), warn)
+        with tf.control_dependencies([bounded]):
+            return index, tf.identity(image), label, image_id, ok
 
     return count
 
@@ -401,7 +475,7 @@ def build_train_dataset(config: DataConfig, *, num_input_pipelines: int = 1,
                         input_pipeline_id: int = 0, batch_size: int | None = None,
                         skip_examples: int = 0, stats: DecodeStats | None = None,
                         repeat: bool = True, with_ids: bool = False,
-                        files=None) -> tf.data.Dataset:
+                        files=None, num_classes: int | None = None) -> tf.data.Dataset:
     """Builds this input pipeline's dataset of single-aspect-group training batches.
 
     Args:
@@ -420,6 +494,9 @@ def build_train_dataset(config: DataConfig, *, num_input_pipelines: int = 1,
       files: the checked files to read, in order (`readable_files`); None checks the files
         matching `config.file_pattern` here (`check_shards`, then `readable_files` with
         `config.skip_damaged_records` and a temporary folder for clean copies).
+      num_classes: when given, a record whose label is outside [0, num_classes) stops the
+        stream with an error naming it, or with `config.skip_damaged_records` is dropped and
+        counted.
 
     Returns:
       A dataset of (images float32 (B, H, W, 3) in [0, 255], labels int32 (B,)) — plus
@@ -474,9 +551,10 @@ def build_train_dataset(config: DataConfig, *, num_input_pipelines: int = 1,
     ds = ds.enumerate()
     if skip_examples:
         ds = ds.skip(skip_examples)
-    ds = ds.map(_parse_and_decode, num_parallel_calls=AUTOTUNE,
-                deterministic=config.deterministic)
-    ds = ds.map(_make_counter(stats))
+    ds = ds.map(_make_parse_and_decode(config.max_decoded_pixels, num_classes,
+                                       config.skip_damaged_records),
+                num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
+    ds = ds.map(_make_counter(stats, config.max_undecodable_run))
     ds = ds.filter(lambda index, image, label, image_id, ok: ok)
     ds = ds.map(lambda index, image, label, image_id, ok: (index, image, label, image_id))
     ds = ds.map(_make_augment(config, config.scaled_bucket_sizes(), num_input_pipelines,

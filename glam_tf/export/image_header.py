@@ -12,13 +12,15 @@ import tensorflow as tf
 
 UNKNOWN, JPEG, PNG, GIF, BMP, WEBP = range(6)
 FORMAT_NAMES = ("unknown", "JPEG", "PNG", "GIF", "BMP", "WebP")
-# Header walks (JPEG segments before the frame header, GIF blocks before the first image)
-# stop after this many steps: real files need tens; a file made of thousands of empty
-# segments is refused instead of costing a loop iteration per 2 bytes.
+# The JPEG header walk (segments before the frame header) stops after this many steps: real
+# files need tens; a file made of thousands of empty segments is refused instead of costing a
+# loop iteration per 2 bytes.
 MAX_HEADER_STEPS = 4096
-# GIF data sub-blocks are skipped a chunk at a time (pointer doubling inside the chunk), so
-# the cost is O(bytes), whatever the sub-block sizes.
+# GIF data sub-blocks are skipped a window at a time (pointer doubling inside the window),
+# so the cost is O(bytes), whatever the sub-block sizes; the window grows from 256 bytes to
+# 64 kB while a chain goes on.
 _GIF_CHUNK = 1 << 16
+_GIF_FIRST_WINDOW = 256
 _SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 
 
@@ -81,29 +83,33 @@ def _jpeg_size(data: tf.Tensor):
 def _skip_sub_blocks(data: tf.Tensor, start) -> tf.Tensor:
     """Position after the chain of GIF data sub-blocks at `start` (-1: it runs off the end).
 
-    A chain is size byte s, s data bytes, next size byte, ..., a 0 size byte. Per chunk,
-    next[i] = i + 1 + byte[i] is followed by doubling (next = next[next], 16 times), which
-    takes position 0 to the chain's terminator in the chunk or to its first position past it.
+    A chain is size byte s, s data bytes, next size byte, ..., a 0 size byte. Per window of
+    the file, next[i] = i + 1 + byte[i] is followed by doubling (next = next[next], 17
+    times), which takes position 0 to the chain's terminator in the window or to its first
+    position past it. The window starts at _GIF_FIRST_WINDOW bytes and doubles (up to
+    _GIF_CHUNK) while the chain goes on, so a short chain (an extension of a few bytes) costs
+    a few hundred bytes of work, not a whole chunk: the walk is linear in the bytes it covers.
     """
 
-    def body(pos, end):
+    def body(pos, end, window):
         raw = tf.cast(tf.io.decode_raw(tf.strings.substr(
             data, tf.cast(tf.minimum(pos, tf.cast(tf.strings.length(data), tf.int64)),
-                          tf.int32), _GIF_CHUNK), tf.uint8), tf.int32)
+                          tf.int32), window), tf.uint8), tf.int32)
         size = tf.size(raw)
         index = tf.range(size)
         nxt = tf.where(tf.equal(raw, 0), index, index + 1 + raw)
-        tail = tf.range(size, size + 257)      # positions past the chunk stay where they are
+        tail = tf.range(size, size + 257)      # positions past the window stay where they are
         for _ in range(_GIF_CHUNK.bit_length()):
             nxt = tf.gather(tf.concat([nxt, tail], 0), nxt)
-        r = tf.cast(tf.concat([nxt, [size]], 0)[0], tf.int64)   # [size]: empty chunk
+        r = tf.cast(tf.concat([nxt, [size]], 0)[0], tf.int64)   # [size]: empty window
         inside = r < tf.cast(size, tf.int64)
-        ran_off = ~inside & (size < _GIF_CHUNK)
+        ran_off = ~inside & (size < window)
         end = tf.where(inside, pos + r + 1, tf.where(ran_off, _int(-1), end))
-        return pos + r, end
+        return pos + r, end, tf.minimum(window * 2, _GIF_CHUNK)
 
-    _, end = tf.while_loop(lambda pos, end: tf.equal(end, -2), body,
-                           (tf.cast(start, tf.int64), _int(-2)))
+    _, end, _ = tf.while_loop(lambda pos, end, window: tf.equal(end, -2), body,
+                              (tf.cast(start, tf.int64), _int(-2),
+                               tf.constant(_GIF_FIRST_WINDOW, tf.int32)))
     return end
 
 
@@ -113,29 +119,64 @@ def _colour_table_size(packed):
     return tf.where(packed >= 0x80, 3 * tf.bitwise.left_shift(_int(2), n), _int(0))
 
 
+def _skip_extensions(data: tf.Tensor, start) -> tf.Tensor:
+    """Position of the first GIF block at or after `start` that is not an extension.
+
+    -1 when the extensions run off the end. Extensions (0x21, label, sub-blocks) are walked
+    all at once per window, by pointer doubling over two states per byte: A, a block starts
+    here (an extension goes to B after its first sub-block, as giflib reads it; anything
+    else stays: the answer); B, a sub-block size byte (0 goes to A after it, s to B s + 1
+    bytes on). The window starts at
+    _GIF_FIRST_WINDOW bytes and doubles up to _GIF_CHUNK, so thousands of tiny extensions
+    cost O(their bytes), not a loop step each.
+    """
+
+    def body(pos, state, end, window):
+        # The window and 2 bytes more: an extension's first size byte is 2 bytes on.
+        ahead = tf.cast(tf.io.decode_raw(tf.strings.substr(
+            data, tf.cast(tf.minimum(pos, tf.cast(tf.strings.length(data), tf.int64)),
+                          tf.int32), window + 2), tf.uint8), tf.int32)
+        size = tf.minimum(tf.size(ahead), window)
+        raw = ahead[:size]
+        i = tf.range(size)
+        # node 2 * i + state; A = 0, B = 1. An extension at i: introducer, label, first size
+        # s at i + 2; giflib (DGifSlurp) reads the next size byte at i + 3 + s even when s
+        # is 0 (an empty extension), so B continues there in both cases.
+        first = tf.concat([ahead[2:], [0, 0]], 0)[:size]
+        next_a = tf.where(tf.equal(raw, 0x21), 2 * (i + 3 + first) + 1, 2 * i)
+        next_b = tf.where(tf.equal(raw, 0), 2 * (i + 1), 2 * (i + 1 + raw) + 1)
+        nxt = tf.reshape(tf.stack([next_a, next_b], axis=1), [-1])
+        tail = tf.range(2 * size, 2 * (size + 260))   # nodes past the window stay
+        for _ in range(_GIF_CHUNK.bit_length() + 1):
+            nxt = tf.gather(tf.concat([nxt, tail], 0), nxt)
+        r = tf.concat([nxt, [2 * size + tf.cast(state, tf.int32)]], 0)[
+            tf.cast(state, tf.int32)]
+        r_pos, r_state = tf.cast(r // 2, tf.int64), tf.cast(r % 2, tf.int64)
+        inside = r_pos < tf.cast(size, tf.int64)
+        ran_off = ~inside & (size < window)
+        end = tf.where(inside, pos + r_pos, tf.where(ran_off, _int(-1), end))
+        return pos + r_pos, r_state, end, tf.minimum(window * 2, _GIF_CHUNK)
+
+    _, _, end, _ = tf.while_loop(
+        lambda pos, state, end, window: tf.equal(end, -2), body,
+        (tf.cast(start, tf.int64), _int(0), _int(-2), tf.constant(_GIF_FIRST_WINDOW, tf.int32)))
+    return end
+
+
 def _gif_first_frame(data: tf.Tensor):
-    """(frame height, frame width, end of the first image's data or -1) of a GIF."""
-    lsd = _read(data, 0, 13)
-    packed = lsd[10]
-    start = 13 + _colour_table_size(packed)
+    """(frame height, frame width, end of the first image's data or -1) of a GIF.
 
-    def body(step, pos, h, w, end):
-        b = _read(data, pos, 10)
-        is_ext, is_image = tf.equal(b[0], 0x21), tf.equal(b[0], 0x2C)
-        # Extension: introducer, label, sub-blocks. Image: 10-byte descriptor, local colour
-        # table, LZW minimum code size, sub-blocks.
-        chain = tf.where(is_ext, pos + 2, pos + 10 + _colour_table_size(b[9]) + 1)
-        after = tf.cond(is_ext | is_image, lambda: _skip_sub_blocks(data, chain),
-                        lambda: _int(-1))
-        end = tf.where(is_image, after, tf.where(is_ext & (after >= 0), end, _int(-1)))
-        return (step + 1, after, tf.where(is_image, _le(b, 7, 2), h),
-                tf.where(is_image, _le(b, 5, 2), w), end)
-
-    init = (_int(0), start, _int(-1),
-            _int(-1), _int(-2))
-    _, _, h, w, end = tf.while_loop(
-        lambda step, pos, h, w, end: tf.equal(end, -2) & (step < MAX_HEADER_STEPS), body, init)
-    return h, w, tf.where(tf.equal(end, -2), _int(-1), end)
+    The first block after the extensions must be an image: a 10-byte descriptor, a local
+    colour table, the LZW minimum code size, sub-blocks (giflib refuses anything else).
+    """
+    packed = _read(data, 0, 13)[10]
+    pos = _skip_extensions(data, 13 + _colour_table_size(packed))
+    b = _read(data, pos, 10)
+    is_image = (pos >= 0) & tf.equal(b[0], 0x2C)
+    chain = pos + 10 + _colour_table_size(b[9]) + 1
+    end = tf.cond(is_image, lambda: _skip_sub_blocks(data, chain), lambda: _int(-1))
+    return (tf.where(is_image, _le(b, 7, 2), _int(-1)), tf.where(is_image, _le(b, 5, 2), _int(-1)),
+            end)
 
 
 def encoded_image_size(data: tf.Tensor):
@@ -216,3 +257,34 @@ def first_gif_frame(data: tf.Tensor, frame_end) -> tf.Tensor:
     one; cut, the file has one frame and decodes to the same first frame.
     """
     return tf.strings.join([tf.strings.substr(data, 0, tf.cast(frame_end, tf.int32)), "\x3b"])
+
+
+def jpeg_size_as_decoded(data: tf.Tensor):
+    """(height, width) int64 of a JPEG as its decoder reads them, without decoding pixels.
+
+    tf.io.extract_jpeg_shape runs libjpeg's own jpeg_read_header, the reading that
+    tf.io.decode_image then uses: extraneous bytes between segments, fill bytes, 0xFF00
+    pairs, every SOFn kind (baseline, extended, progressive, lossless, arithmetic), a second
+    frame header. A walk of our own can disagree with libjpeg on crafted marker sequences
+    (and did: a 5 kB file read as 16 x 16 decoded at 12000 x 12000), so the JPEG size is
+    never taken from _jpeg_size for the cap. Raises InvalidArgumentError where libjpeg cannot
+    read the header (a damaged file, which it would not decode either).
+    """
+    shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
+    return shape[0], shape[1]
+
+
+def bmp_decodable(data: tf.Tensor):
+    """(whether TF's BMP decoder reads this BMP, header size, bits per pixel) as int64/bool.
+
+    TF's decoder reads a Windows BMP (a 40-byte or longer info header) with 8, 24 or 32 bits
+    per pixel. An OS/2 BMP (12-byte core header, 16-bit sizes) is read at the wrong offsets
+    and 1- and 4-bit BMPs have no channel count it accepts: they are refused by that reason,
+    not as damaged files.
+    """
+    b = _read(data, 0, 30)
+    header_size = _le(b, 14, 4)
+    bits = tf.where(tf.equal(header_size, 12), _le(b, 24, 2), _le(b, 28, 2))   # OS/2: at 24
+    ok = (header_size >= 40) & tf.reduce_any(tf.equal(bits, tf.constant([8, 24, 32], tf.int64)))
+    return ok, header_size, bits
+

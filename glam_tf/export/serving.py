@@ -35,9 +35,11 @@ message naming the input (never crash the server), before any large allocation:
 - a scaled side under `min_image_size` (the backbone needs 32 px), a scaled image over
   `max_scaled_pixels`, a batched request over `max_batch_pixels` (B * h * w at the largest
   scale);
-- an empty `input_global_scales_ind`, scale indices out of range, non-finite or
-  non-positive selected scales;
-- in `global_descriptor_from_bytes`, naming `image_bytes[i]`: a file over
+- in `serving_default`, more than `max_scales_per_request` scales or indices, an empty
+  `input_global_scales_ind`, scale indices out of range, non-finite or non-positive
+  selected scales, selected scaled images over `max_batch_pixels` in all;
+- in `global_descriptor_from_bytes`, more than `max_images_per_request` images; naming
+  `image_bytes[i]`: a file over
   `max_image_bytes`, an unknown format, an unreadable header, an animated WebP, a size
   (read from the header, image_header.encoded_image_size) over `max_decoded_pixels`, data
   the decoder rejects.
@@ -308,8 +310,10 @@ class GlamServingModule(tf.Module):
             tf.strings.join([name, " is not a JPEG, PNG, GIF, BMP or WebP file (its first "
                              "bytes match none of their signatures)."])])
         is_gif = tf.equal(fmt, image_header.GIF)
+        # A JPEG's size is read by libjpeg itself, just before decoding (see `decode`).
+        is_jpeg = tf.equal(fmt, image_header.JPEG)
         readable = tf.debugging.Assert(
-            (height >= 1) & ~(is_gif & (frame_end < 0)),
+            is_jpeg | ((height >= 1) & ~(is_gif & (frame_end < 0))),
             [tf.strings.join([name, ": could not read the image size from its ", format_name,
                               " header (a truncated or damaged file)."])])
         # TF decodes an animated WebP only to RGBA with every frame; a still one decodes.
@@ -317,12 +321,20 @@ class GlamServingModule(tf.Module):
             name, " is an animated WebP, which is not supported; send a still image (e.g. "
             "its first frame)."])])
         pixels = height * width
-        within = tf.debugging.Assert(pixels <= self.max_decoded_pixels, [tf.strings.join([
+        within = tf.debugging.Assert(is_jpeg | (pixels <= self.max_decoded_pixels), [
+            tf.strings.join([
             name, " is a ", tf.strings.as_string(width), " x ", tf.strings.as_string(height),
             " ", format_name, " image (", tf.strings.as_string(pixels), " pixels), over the "
             f"export setting max_decoded_pixels={self.max_decoded_pixels}; downsize it before "
-            "sending."])])
-        with tf.control_dependencies([known, readable, still, within]):
+                "sending."])])
+        bmp_ok, bmp_header, bmp_bits = image_header.bmp_decodable(data)
+        bmp = tf.debugging.Assert(tf.not_equal(fmt, image_header.BMP) | bmp_ok, [
+            tf.strings.join([name, " is a BMP with a ", tf.strings.as_string(bmp_header),
+                             "-byte header and ", tf.strings.as_string(bmp_bits), " bits per "
+                             "pixel; the TensorFlow BMP decoder reads only Windows BMPs (a header "
+                             "of 40 bytes or more) with 8, 24 or 32 bits per pixel (not OS/2 "
+                             "or 1- and 4-bit ones): convert it to PNG."])])
+        with tf.control_dependencies([known, readable, still, within, bmp]):
             data = tf.cond(is_gif, lambda: image_header.first_gif_frame(data, frame_end),
                            lambda: tf.identity(data))
         return data, format_name
@@ -334,34 +346,53 @@ class GlamServingModule(tf.Module):
         tf.TensorSpec([None], tf.int32, name="input_global_scales_ind"),
     ])
     def serving_default(self, input_image, input_scales, input_global_scales_ind):
-        """DELG interface: one unit descriptor per selected scale, in scale-index order."""
+        """DELG interface: one unit descriptor per selected scale, in scale-index order.
+
+        The counts are checked first; every later tensor is O(scales + indices) and is built
+        only after them (control dependencies: a check does not order ops on its own).
+        """
         image = _as_rgb(input_image, "input_image", "[H, W, C]")
         num_scales = tf.size(input_scales)
+        num_indices = tf.size(input_global_scales_ind)
+        limit = self.config.max_scales_per_request
+        counts = tf.debugging.Assert(
+            (num_scales <= limit) & (num_indices <= limit),
+            [f"serving_default: input_scales and input_global_scales_ind may have at most "
+             f"{limit} entries each (the export setting max_scales_per_request; each scale is "
+             "described once); received (scales, indices):", num_scales, num_indices])
         # No row at all would reach a DELG client as a sum of nothing, normalised: NaN.
         nonempty = tf.debugging.Assert(
-            tf.size(input_global_scales_ind) > 0,
+            num_indices > 0,
             ["input_global_scales_ind must select at least one scale (a descriptor per "
              "selected scale is returned; none selected gives no descriptor); received []"])
-        in_range = tf.debugging.Assert(
-            tf.reduce_all((input_global_scales_ind >= 0)
-                          & (input_global_scales_ind < num_scales)),
-            ["input_global_scales_ind must index input_scales (0 <= i < len(input_scales)); "
-             "received indices", input_global_scales_ind, "for", num_scales, "scales"],
-            summarize=64)
-        selected = tf.reduce_any(
-            tf.equal(tf.range(num_scales)[:, tf.newaxis], input_global_scales_ind[tf.newaxis]),
-            axis=1)
+        with tf.control_dependencies([counts, nonempty]):
+            indices = tf.identity(input_global_scales_ind)
+            in_range = tf.debugging.Assert(
+                tf.reduce_all((indices >= 0) & (indices < num_scales)),
+                ["input_global_scales_ind must index input_scales (0 <= i < len(input_scales));"
+                 " received indices", indices, "for", num_scales, "scales"], summarize=64)
+        with tf.control_dependencies([in_range]):
+            # selected[i]: whether scale i is indexed, as a scatter (O(scales + indices)).
+            selected = tf.tensor_scatter_nd_max(tf.zeros([num_scales], tf.int32),
+                                                indices[:, tf.newaxis],
+                                                tf.ones_like(indices)) > 0
         scales = tf.boolean_mask(input_scales, selected)
         valid = tf.debugging.Assert(
             tf.reduce_all(tf.math.is_finite(scales) & (scales > 0)),
             ["input_scales selected by input_global_scales_ind must be finite and > 0; "
              "received", input_scales], summarize=64)
-        with tf.control_dependencies([nonempty, in_range, valid]):
+        with tf.control_dependencies([valid]):
             sizes = scaled_sizes(tf.shape(image)[:2], scales)
+        what = "serving_default (input_image * input_scales)"
         check = _check_sizes(sizes, min_size=self.min_image_size,
-                             max_pixels=self.max_scaled_pixels,
-                             what="serving_default (input_image * input_scales)")
+                             max_pixels=self.max_scaled_pixels, what=what)
         with tf.control_dependencies([check]):
+            pixels = tf.reduce_sum(tf.reduce_prod(tf.cast(sizes, tf.float64), axis=1))
+            work = tf.debugging.Assert(pixels <= float(self.max_batch_pixels), [
+                f"{what}: the selected scaled images have more than {self.max_batch_pixels} "
+                "pixels in all (the export setting max_batch_pixels); select fewer or smaller "
+                "scales. Scaled [height, width] per scale:", sizes], summarize=64)
+        with tf.control_dependencies([work]):
             sizes = tf.identity(sizes)
         descriptors = self._descriptors_at_sizes(image[tf.newaxis], sizes)
         return {"global_descriptors": descriptors[:, 0, :]}
@@ -393,23 +424,41 @@ class GlamServingModule(tf.Module):
         failure into a missing element, so the error can name the image's index.
         """
         num = tf.size(image_bytes)
-        indices = tf.range(num)
+        limit = self.config.max_images_per_request
+        few = tf.debugging.Assert(num <= limit, [
+            f"global_descriptor_from_bytes: image_bytes may hold at most {limit} images (the "
+            "export setting max_images_per_request); send fewer per request. Received:", num])
+        with tf.control_dependencies([few]):
+            indices = tf.range(num)
+            image_bytes = tf.identity(image_bytes)
         names = tf.strings.join(["global_descriptor_from_bytes: image_bytes[",
                                  tf.strings.as_string(indices), "]"])
         prepared, formats = tf.map_fn(
             lambda args: self._checked_encoded(*args), (image_bytes, names),
             parallel_iterations=1, fn_output_signature=(tf.string, tf.string))
 
-        def decode(index, data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            return index, tf.ensure_shape(image, [None, None, 3])
+        is_jpeg = tf.equal(formats, image_header.FORMAT_NAMES[image_header.JPEG])
+        max_pixels = self.max_decoded_pixels
+
+        def decode(index, data, jpeg):
+            # A JPEG's size as libjpeg reads it (one reading with the decoder); over the cap
+            # it is not decoded and the flag says so. A header libjpeg cannot read fails
+            # here, which ignore_errors() reports as "could not be decoded".
+            height, width = tf.cond(
+                jpeg, lambda: image_header.jpeg_size_as_decoded(data),
+                lambda: (tf.constant(0, tf.int64), tf.constant(0, tf.int64)))
+            over = height * width > max_pixels
+            image = tf.cond(over, lambda: tf.zeros([1, 1, 3], tf.uint8),
+                            lambda: tf.io.decode_image(data, channels=3,
+                                                       expand_animations=False))
+            return index, tf.ensure_shape(image, [None, None, 3]), tf.stack([height, width])
 
         # No prefetch (one decoded image at a time) and no per-call graph rewrites.
         options = tf.data.Options()
         options.autotune.enabled = False
         options.experimental_optimization.inject_prefetch = False
         options.experimental_optimization.apply_default_optimizations = False
-        images = iter(tf.data.Dataset.from_tensor_slices((indices, prepared))
+        images = iter(tf.data.Dataset.from_tensor_slices((indices, prepared, is_jpeg))
                       .map(decode).ignore_errors().with_options(options))
         out = tf.TensorArray(tf.float32, size=num,
                              element_shape=tf.TensorShape([self.descriptor_dim]))
@@ -422,7 +471,15 @@ class GlamServingModule(tf.Module):
                 names[k], " could not be decoded as ", formats[k], " (a damaged or truncated "
                 "file)."])])
             with tf.control_dependencies([decoded]):
-                image = element.get_value()[1]
+                _, image, size = element.get_value()
+            height, width = size[0], size[1]
+            within = tf.debugging.Assert(height * width <= max_pixels, [tf.strings.join([
+                names[k], " is a ", tf.strings.as_string(width), " x ",
+                tf.strings.as_string(height), " JPEG image (", tf.strings.as_string(
+                    height * width), " pixels, as libjpeg reads its header), over the export "
+                f"setting max_decoded_pixels={max_pixels}; downsize it before sending."])])
+            with tf.control_dependencies([within]):
+                image = tf.identity(image)
             return k + 1, out.write(k, self._global_descriptor(image, names[k]))
 
         _, out = tf.while_loop(lambda k, _: k < num, body, (tf.constant(0), out),

@@ -30,6 +30,8 @@ import dataclasses
 import os
 import re
 import signal
+import socket
+import sys
 import threading
 import time
 from typing import Optional
@@ -248,33 +250,97 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
 
 
 class StopSignal:
-    """Context manager: while active, SIGTERM sets `requested` instead of killing.
+    """Context manager: while active, SIGTERM stops the run promptly, at any point.
 
-    The training loop polls `requested` after each step, saves a checkpoint and returns.
+    During set-up (before `start_stepping()`) there is nothing to checkpoint: the process
+    exits at once (status 128 + signal). While stepping, SIGTERM sets `requested`; the
+    training loop polls it after each step, calls `finishing()`, saves a checkpoint and
+    returns. A step that has not ended `grace_s` seconds after the signal is stuck (a
+    blocked input pipeline, a dead peer): the process exits without a checkpoint.
+
+    A Python signal handler runs only when the main thread is back in Python, never while it
+    waits inside a TensorFlow op; so the signal is also written to a socket
+    (`signal.set_wakeup_fd`, done by the C-level handler) that a watchdog thread reads.
     Outside the main thread (where Python cannot install handlers) it only logs.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM,), grace_s: float = 120.0):
         self.signals = tuple(signals)
+        self.grace_s = grace_s
         self.requested = False
+        self._stepping = False
+        self._finishing = threading.Event()
         self._previous = {}
+        self._previous_wakeup = None
+        self._sockets = None
+
+    def start_stepping(self) -> None:
+        """From now on SIGTERM waits for the running step (up to grace_s) to checkpoint."""
+        self._stepping = True
+
+    def finishing(self) -> None:
+        """The loop has seen the request and is saving its checkpoint: no forced exit."""
+        self._finishing.set()
 
     def _handler(self, signum, frame):
-        del frame
-        self.requested = True
-        logging.warning("Received %s: will checkpoint and stop after this step.",
-                        signal.Signals(signum).name)
+        del signum, frame
+        self.requested = True      # the watchdog logs and times the stop
+
+    def _exit(self, signum: int, why: str) -> None:
+        logging.warning("%s; exiting now (status %d).", why, 128 + signum)
+        logging.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def _watch(self, reader) -> None:
+        while True:
+            try:
+                data = reader.recv(1)
+            except OSError:
+                return
+            if not data:
+                return                     # closed by __exit__
+            signum = data[0]
+            if signum not in self.signals:
+                continue
+            self.requested = True
+            name = signal.Signals(signum).name
+            if not self._stepping:
+                self._exit(signum, f"Received {name} during set-up: no step has run, nothing "
+                           "to checkpoint")
+            logging.warning("Received %s: will checkpoint and stop after this step (within "
+                            "%g s).", name, self.grace_s)
+            if not self._finishing.wait(self.grace_s):
+                self._exit(signum, f"Received {name} but the running step did not end within "
+                           f"{self.grace_s:g} s (--stop_grace_s; stuck waiting for data?): "
+                           "no checkpoint of it; rerun the same command to resume from the "
+                           "last checkpoint")
+            return
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handler)
-        else:
+        if threading.current_thread() is not threading.main_thread():
             logging.warning("Not in the main thread: SIGTERM will not checkpoint.")
+            return self
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._sockets = (reader, writer)
+        self._previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        threading.Thread(target=self._watch, args=(reader,), name="stop-signal-watchdog",
+                         daemon=True).start()
         return self
 
     def __exit__(self, *exc):
+        self._finishing.set()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        if self._sockets is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            reader, writer = self._sockets
+            reader.shutdown(socket.SHUT_RDWR)
+            writer.close()
+            reader.close()
+            self._sockets = None
         return False

@@ -57,13 +57,18 @@ class DataSource:
     shard_reports: tuple = ()
 
 
-def count_records(files: list, file_pattern: str) -> tuple:
+def count_records(files: list, file_pattern: str, *, num_classes: int = 0,
+                  skip_bad_labels: bool = False) -> tuple:
     """(num_examples, num_classes) of the checked TFRecord `files` (those to be read).
 
     Reads the converter's summary.json beside the shards when every shard is in one
     folder and `files` are exactly its train pattern's files (so not when clean copies
     replace damaged shards); otherwise scans the labels (one pass over the records, no
     image decoding). `file_pattern` is named in the log.
+
+    The scan refuses a label outside [0, num_classes) (num_classes 0: the labels found,
+    so only negative ones) naming the file and the record, unless `skip_bad_labels`: then
+    they are counted and logged (the input pipeline drops them).
     """
     if not files:
         raise FileNotFoundError(f"--train_file_pattern={file_pattern!r} matches no file.")
@@ -81,13 +86,33 @@ def count_records(files: list, file_pattern: str) -> tuple:
     from glam_tf.data.records import KEY_LABEL  # noqa: PLC0415 (only for the scan)
 
     spec = {KEY_LABEL: tf.io.FixedLenFeature([], tf.int64)}
-    labels = (tf.data.TFRecordDataset(files)
-              .map(lambda s: tf.io.parse_single_example(s, spec)[KEY_LABEL])
-              .batch(4096))
-    count, top = 0, -1
-    for batch in labels.as_numpy_iterator():
-        count += len(batch)
-        top = max(top, int(batch.max()))
+    count, top, bad, first_bad = 0, -1, 0, None
+    for path in files:
+        labels = (tf.data.TFRecordDataset(path)
+                  .map(lambda s: tf.io.parse_single_example(s, spec)[KEY_LABEL])
+                  .batch(4096))
+        offset = 0
+        for batch in labels.as_numpy_iterator():
+            wrong = (batch < 0) | ((batch >= num_classes) if num_classes else False)
+            if wrong.any():
+                bad += int(wrong.sum())
+                if first_bad is None:
+                    k = int(wrong.argmax())
+                    first_bad = (path, offset + k, int(batch[k]))
+            good = batch[~wrong]
+            top = max(top, int(good.max())) if good.size else top
+            count += len(batch)
+            offset += len(batch)
+    if first_bad is not None:
+        path, record, label = first_bad
+        rule = f"[0, {num_classes})" if num_classes else ">= 0"
+        message = (f"{bad} record(s) of {file_pattern} have a label outside {rule}; the first: "
+                   f"record {record} of {path} (label {label})")
+        if not skip_bad_labels:
+            raise ValueError(message + ". Fix the records, or pass --skip_damaged_records to "
+                             "skip and count them.")
+        logging.warning("%s: skipped (--skip_damaged_records).", message)
+        count -= bad
     logging.info("Scanned %d records of %s: labels 0..%d.", count, file_pattern, top)
     return count, top + 1
 
@@ -147,7 +172,9 @@ def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
         reports, skip_damaged=data_config.skip_damaged_records, clean_dir=check_dir,
         source=f"--train_file_pattern={data_config.file_pattern}",
         flag="--skip_damaged_records")
-    num_examples, found_classes = count_records(files, data_config.file_pattern)
+    num_examples, found_classes = count_records(
+        files, data_config.file_pattern, num_classes=config.num_classes,
+        skip_bad_labels=data_config.skip_damaged_records)
     num_classes = config.num_classes or found_classes
     if num_classes < found_classes:
         raise ValueError(f"--num_classes={num_classes} but the records of "
@@ -155,6 +182,7 @@ def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
     stats = pipeline.DecodeStats()
     dataset = pipeline.build_train_dataset(
         data_config, num_input_pipelines=worker.num_workers,
-        input_pipeline_id=worker.worker_index, stats=stats, files=files)
+        input_pipeline_id=worker.worker_index, stats=stats, files=files,
+        num_classes=num_classes)
     return DataSource(dataset, num_classes, num_examples,
                       f"{num_examples} images in {data_config.file_pattern}", stats, reports)

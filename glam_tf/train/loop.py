@@ -228,6 +228,7 @@ def _loop(config: TrainConfig, run: _Run, strategy, worker, result: TrainResult,
                                   global_batch_size=config.global_batch_size)
     current, total = result.final_step, result.total_steps
     iterations = int(run.optimizer.iterations.numpy())  # lags `current` by skipped steps
+    stop_signal.start_stepping()
     with writer.as_default():
         while current < total:
             loss, accuracy, votes = train_step(
@@ -260,6 +261,8 @@ def _loop(config: TrainConfig, run: _Run, strategy, worker, result: TrainResult,
                                         run.model, progress.images_per_second(),
                                         data_stats=run.data_stats, loss_scale=scale)
             stop = int(votes.numpy()) > 0
+            if stop:
+                stop_signal.finishing()
             if current % config.checkpoint_every == 0 or current == total or stop:
                 writer.flush()  # summaries up to the checkpoint survive a kill
                 run.manager.save(checkpoint_number=current)
@@ -305,9 +308,10 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
                  worker.worker_index, " (chief)" if worker.is_chief else "")
     files.ensure_writable_dir(config.train_dir, "--train_dir")  # refuses before heavy work
 
-    # From here until the loop ends, SIGTERM only sets a flag: the loop checkpoints and
-    # returns at the next step (a signal during set-up stops after the first step).
-    with checkpointing.StopSignal() as stop_signal:
+    # From here until the loop ends, SIGTERM during set-up exits at once (nothing to save);
+    # while stepping it sets a flag: the loop checkpoints and returns after the running step,
+    # or the process exits if that step is stuck for stop_grace_s.
+    with checkpointing.StopSignal(grace_s=config.stop_grace_s) as stop_signal:
         source = train_data.prepare(config, worker)
         total_steps = config.train_steps or max(
             1, math.ceil(config.epochs * source.num_examples / config.global_batch_size))
