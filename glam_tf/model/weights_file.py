@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 import tempfile
 
@@ -82,15 +81,14 @@ def read_layers(f) -> tuple:
 
 @contextlib.contextmanager
 def local_copy(path: str):
-    """`path` itself when it is a local file, else a scratch copy of it (h5py and Keras'
-    h5 loader read local files only; tf.io.gfile reads gs://, hdfs://, ...)."""
+    """`path` itself when it is a local file, else a scratch copy of it (h5py reads
+    local files; tf.io.gfile reads gs://, hdfs://, ...), removed afterwards."""
     if "://" not in path:
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="glam_weights_") as scratch:
-        copy = os.path.join(scratch, os.path.basename(path))
-        tf.io.gfile.copy(path, copy)
-        yield copy
+    with tempfile.NamedTemporaryFile(prefix="glam_weights_", suffix=".h5") as scratch:
+        tf.io.gfile.copy(path, scratch.name, overwrite=True)
+        yield scratch.name
 
 
 def _variable_name(weight_name) -> str:
