@@ -3,7 +3,7 @@
 Example:
   python export_main.py --train_dir=runs/glam_r101 --export_dir=exports/glam \
       --scales=0.70710678,1.0,1.41421356 --max_image_size=1024
-writes exports/glam/<next version>/ (README.md "Export and serving" says how to serve it).
+writes exports/glam/<next version>/ (docs/serving.md says how to serve it).
 The export settings are ExportConfig's (glam_tf.config), flags defined from its fields.
 
 The flags are defined by define_flags() when run as a program (not at import), so tests can
@@ -11,10 +11,10 @@ parse them into their own FlagValues and other *_main modules with a --train_dir
 imported in the same process.
 """
 
-import os
 
 from absl import app, flags, logging
 
+from glam_tf import files
 from glam_tf.config import ExportConfig, SettingError, contract, settings
 
 
@@ -42,9 +42,10 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     for name in ("train_dir", "export_dir"):
         if not fv[name].value:
             raise SettingError(f"--{name} is required.")
-    if not os.path.isdir(fv.train_dir):
+        settings.reachable(name, fv[name].value)
+    if not files.isdir(fv.train_dir):
         raise SettingError(f"--train_dir={fv.train_dir!r} is not a directory.")
-    if os.path.exists(fv.export_dir) and not os.path.isdir(fv.export_dir):
+    if files.exists(fv.export_dir) and not files.isdir(fv.export_dir):
         raise SettingError(f"--export_dir={fv.export_dir!r} exists and is not a directory.")
     config = settings.from_flags(ExportConfig, fv)
     config.validate()

@@ -8,10 +8,10 @@ Writes <root>/train_clean.csv + <root>/train/a/b/c/<id>.jpg and <root>/synth/jpg
 The flags are SyntheticConfig's settings (glam_tf.config), defined from its fields.
 """
 
-import shutil
 
 from absl import app, flags
 
+from glam_tf import files
 from glam_tf.config import SettingError, SyntheticConfig, settings
 
 settings.define_flags(SyntheticConfig)
@@ -28,7 +28,7 @@ def main(argv):
         config = settings.from_flags(SyntheticConfig)
         config.validate()
         if _FORCE.value:
-            shutil.rmtree(config.root, ignore_errors=True)
+            files.rmtree(config.root)
         summary = synthetic.generate_if_absent(config, num_workers=_NUM_WORKERS.value)
     except (SettingError, ValueError) as e:  # a flag out of range, or a set made there with
         settings.exit_with_usage_error("make_synthetic_main", e)  # other flags

@@ -6,7 +6,7 @@
         --weights=runs/pretrain/backbone.weights.h5 ...               # start from it
 
 ImageNet weights cannot be downloaded everywhere; a backbone pretrained here stands in for
-them (README: "Where attention should pay"). The recipe is `train_main.py
+them (docs/ablation.md, "The pretrained regime"). The recipe is `train_main.py
 --flagfile=configs/pretrain.flags`: the baseline (ResNet50 + GeM + head, ArcFace) from
 random init on 400 synthetic street buildings drawn from generator seed 1, none of them an
 evaluation landmark (the evaluation sets are drawn from seed 0), at the photo size of

@@ -4,7 +4,9 @@
 byte-identical shards, label map, lists and summary to this code on the same input. It is
 the serial path of the pre-Beam `convert_gldv2` (commit 786912e), without the progress bar
 and the process pool (which wrote the same bytes: the old test compared them). The csv
-reader, relabelling, split and example encoding it calls are the library's, unchanged.
+reader, relabelling, split and example encoding it calls are the library's, unchanged. One
+deliberate change since: summary.json names the patterns and the label map relative to its
+folder (issue 21: the file no longer embeds the output path).
 """
 
 import concurrent.futures
@@ -117,9 +119,9 @@ def convert_reference(root, output_dir, *, num_shards=0, num_validation_shards=0
         "written": written, "total_written": sum(written.values()),
         "missing": len(all_missing), "undecodable": len(undecodable),
         "num_classes": len(label_map),
-        "train_pattern": os.path.join(output_dir, "train-*-of-*.tfrecord"),
-        "validation_pattern": os.path.join(output_dir, "validation-*-of-*.tfrecord"),
-        "label_map_path": label_map_path, "shards_skipped": 0}
+        "train_pattern": "train-*-of-*.tfrecord",
+        "validation_pattern": "validation-*-of-*.tfrecord",
+        "label_map_path": gldv2.LABEL_MAP_NAME, "shards_skipped": 0}
     write_json_atomic(os.path.join(output_dir, contract.CONVERTER_SUMMARY_FILE), summary)
     return summary
 

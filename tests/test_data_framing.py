@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from glam_tf import files as glam_files
 from glam_tf.config import DataConfig
 from glam_tf.data import framing, pipeline, records
 from glam_tf.model import ModelConfig
@@ -306,8 +307,8 @@ def test_record_of_verified_shards_skips_the_data_pass(tmp_path, monkeypatch):
     check = tmp_path / "data_check"
     read = _counting_data_pass(monkeypatch)
     written = []
-    real_write = pipeline.write_json_atomic
-    monkeypatch.setattr(pipeline, "write_json_atomic",
+    real_write = glam_files.write_json_atomic
+    monkeypatch.setattr(glam_files, "write_json_atomic",
                         lambda path, obj: (written.append(path), real_write(path, obj)))
 
     assert all(r.ok for r in pipeline.check_shards(files, record_dir=str(check)))
@@ -396,16 +397,14 @@ def test_unreadable_record_is_ignored_and_workers_split_the_data_pass(tmp_path, 
 
 
 def test_atomic_write_temporary_names_are_unique_and_cleaned(tmp_path, monkeypatch):
-    from glam_tf import files as glam_files  # noqa: PLC0415
-
     names = []
-    real_open = open
+    real_open = glam_files.open_file
 
     def spy_open(path, *args, **kw):
         names.append(str(path))
         return real_open(path, *args, **kw)
 
-    monkeypatch.setattr("builtins.open", spy_open)
+    monkeypatch.setattr(glam_files, "open_file", spy_open)
     target = tmp_path / "out.json"
     glam_files.write_json_atomic(str(target), {"a": 1})
     glam_files.write_json_atomic(str(target), {"a": 2})

@@ -1,9 +1,13 @@
 """The inference contract and the run-directory layout, shared by train, export and eval.
 
-No TensorFlow: flag checks and the evaluator's pure parts read these without loading it.
+No TensorFlow at import: flag checks and the evaluator's pure parts read these without loading
+it; the path checks load it (through glam_tf.files) when they touch a path.
 """
 
 import os
+
+from glam_tf import files
+
 
 # The paper's multi-scale inference (GLAM_SPEC "Inference"): scales 1/sqrt(2), 1, sqrt(2)
 # of an image whose longer side is 1024 px.
@@ -12,7 +16,7 @@ DEFAULT_MAX_IMAGE_SIZE = 1024
 # ResNet conv5 has stride 32: a smaller side leaves no feature-map cell to pool.
 MIN_IMAGE_SIZE = 32
 # Written into every SavedModel: the export's settings, read back by the evaluator.
-EXPORT_INFO_FILE = os.path.join("assets.extra", "glam_export.json")
+EXPORT_INFO_FILE = "assets.extra/glam_export.json"
 # Written by the GLDv2 converter beside its shards: class and image counts.
 CONVERTER_SUMMARY_FILE = "summary.json"
 
@@ -21,54 +25,54 @@ def checkpoints_dir(train_dir: str, worker_index: int = 0) -> str:
     """The chief's checkpoints `<train_dir>/checkpoints` (what export and evaluation read);
     another worker's `<train_dir>/worker_checkpoints/worker_<i>`."""
     if worker_index == 0:
-        return os.path.join(train_dir, "checkpoints")
-    return os.path.join(train_dir, "worker_checkpoints", f"worker_{worker_index}")
+        return files.join(train_dir, "checkpoints")
+    return files.join(train_dir, "worker_checkpoints", f"worker_{worker_index}")
 
 
 def model_config_path(train_dir: str) -> str:
     """`<train_dir>/model_config.json`: the ModelConfig that export and eval rebuild."""
-    return os.path.join(train_dir, "model_config.json")
+    return files.join(train_dir, "model_config.json")
 
 
 def train_config_path(train_dir: str) -> str:
     """`<train_dir>/train_config.json`: the whole TrainConfig of the run, for the record."""
-    return os.path.join(train_dir, "train_config.json")
+    return files.join(train_dir, "train_config.json")
 
 
 def export_dir(train_dir: str) -> str:
     """`<train_dir>/export`: the run's SavedModel versions (TF Serving base path)."""
-    return os.path.join(train_dir, "export")
+    return files.join(train_dir, "export")
 
 
 def tensorboard_dir(train_dir: str) -> str:
     """`<train_dir>/tensorboard`: the run's scalars."""
-    return os.path.join(train_dir, "tensorboard")
+    return files.join(train_dir, "tensorboard")
 
 
 def eval_dir(train_dir: str, step: int) -> str:
     """`<train_dir>/eval/step_<step>`: features and results of the evaluation at `step`."""
-    return os.path.join(train_dir, "eval", f"step_{step}")
+    return files.join(train_dir, "eval", f"step_{step}")
 
 
 def data_check_dir(train_dir: str) -> str:
     """`<train_dir>/data_check`: clean copies of damaged shards and what was verified."""
-    return os.path.join(train_dir, "data_check")
+    return files.join(train_dir, "data_check")
 
 
 def resolve_saved_model_dir(path) -> str:
     """The SavedModel folder: `path` itself if it holds saved_model.pb, else its newest
     numbered version folder (as TF Serving picks). FileNotFoundError explains otherwise."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not files.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+    if files.isfile(files.join(path, "saved_model.pb")):
         return path
-    versions = sorted((int(n) for n in os.listdir(path)
-                       if n.isdigit() and os.path.isfile(os.path.join(path, n, "saved_model.pb"))))
+    versions = sorted((int(n) for n in files.listdir(path)
+                       if n.isdigit() and files.isfile(files.join(path, n, "saved_model.pb"))))
     if not versions:
         raise FileNotFoundError(f"{path!r} is not a SavedModel: no saved_model.pb in it nor in "
                                 "a numbered version folder (<model>/<version>/saved_model.pb)")
-    return os.path.join(path, str(versions[-1]))
+    return files.join(path, str(versions[-1]))
 
 
 def check_model_source(model=None, train_dir=None):
@@ -87,7 +91,7 @@ def check_model_source(model=None, train_dir=None):
             return f"--model: {e}"
         return None
     missing = [p for p in (model_config_path(train_dir), checkpoints_dir(train_dir))
-               if not os.path.exists(p)]
+               if not files.exists(p)]
     if missing:
         return f"--train_dir: {train_dir!r} lacks {', '.join(missing)}"
     return None
@@ -95,10 +99,10 @@ def check_model_source(model=None, train_dir=None):
 
 def next_version(export_dir: str) -> int:
     """1 + the largest integer-named subfolder of export_dir (1 when there is none)."""
-    if not os.path.isdir(export_dir):
+    if not files.isdir(export_dir):
         return 1
-    versions = [int(n) for n in os.listdir(export_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(export_dir, n))]
+    versions = [int(n) for n in files.listdir(export_dir)
+                if n.isdigit() and files.isdir(files.join(export_dir, n))]
     return max(versions, default=0) + 1
 
 
@@ -115,8 +119,8 @@ def resolve_version(export_dir, version=None) -> int:
     elif not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise ValueError(f"version must be a non-negative integer (the TF Serving version "
                          f"folder name); received version={version!r}.")
-    final = os.path.join(export_dir, str(int(version)))
-    if os.path.exists(final):
+    final = files.join(export_dir, str(int(version)))
+    if files.exists(final):
         raise FileExistsError(f"{final} already exists; pass another version, or leave "
                               "version unset to take the next free number.")
     return int(version)

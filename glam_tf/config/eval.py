@@ -9,7 +9,7 @@ from glam_tf.config import contract
 from glam_tf.config.export import INFERENCE_OPTIONS, ExportConfig
 from glam_tf.config.refine import RefineConfig
 from glam_tf.config.settings import (NONEMPTY, SettingError, check, fail, integer, names_of,
-                                     nested, number, numbers_list, one_of, setting)
+                                     nested, number, numbers_list, one_of, reachable, setting)
 from glam_tf.data.testsets import ORIGINAL, REVISITED
 
 DATASETS = REVISITED + ORIGINAL
@@ -133,6 +133,8 @@ class EvalConfig:
                      f"{self.stage} (it needs the model and the search results at once)",
                      self.visualize_attention,
                      "Use --stage=all, or leave --visualize_attention off.")
+        for field in ("output_dir", "data_root", "distractors_root", "model", "train_dir"):
+            reachable(name(field), getattr(self, field))
         if check_model:
             err = contract.check_model_source(self.model, self.train_dir)
             if err:

@@ -19,6 +19,8 @@ import numbers
 import sys
 from typing import Callable, Optional
 
+from glam_tf import files
+
 
 class SettingError(ValueError):
     """A setting breaks its rule; the message names the flag, the rule, the value and a fix."""
@@ -27,6 +29,17 @@ class SettingError(ValueError):
 def fail(flag: str, rule: str, value, fix: str = ""):
     """Raises SettingError in the one message format of every config."""
     raise SettingError(f"--{flag} {rule}; received --{flag}={_show(value)}. {fix}".rstrip())
+
+
+def reachable(flag: str, path) -> None:
+    """Raises SettingError (one line naming `--flag` and `path`) when `path` is on a file
+    system TensorFlow has no support for or cannot reach (glam_tf.files.check_reachable);
+    nothing for an empty or a local path."""
+    if path:
+        try:
+            files.check_reachable(path, flag)
+        except files.UnreachablePathError as e:
+            raise SettingError(str(e)) from None
 
 
 def _show(value) -> str:

@@ -8,18 +8,18 @@ step to 3e-6. train_main.py's flags are this class's settings (glam_tf.config.se
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
-import os
 from typing import Optional
 
+from glam_tf import files
 from glam_tf.config import contract
 from glam_tf.config.data import DataConfig, SyntheticConfig
 from glam_tf.config.eval import EvalConfig
 from glam_tf.config.export import ExportConfig
 from glam_tf.config.model import ModelConfig
 from glam_tf.config.settings import (NONEMPTY, check, fail, integer, names_of, nested,
-                                     nested_names, number, one_of, setting, to_json)
+                                     nested_names, number, one_of, reachable, setting,
+                                     to_json)
 
 DATA_SOURCES = ("tfrecord", "synthetic", "random")
 OPTIMIZERS = ("sgd", "adamw")
@@ -141,13 +141,15 @@ class TrainConfig:
         self.model.validate(nested_names(cls, "model"))
         self.data.validate(nested_names(cls, "data"))
         self.export_settings.validate(nested_names(cls, "export_settings"))
+        reachable(names["train_dir"], self.train_dir)
         if self.data_source == "tfrecord":
             pattern = self.data.file_pattern
+            reachable(nested_names(cls, "data")["file_pattern"], pattern)
             if not pattern:
                 fail("train_file_pattern", "is required with --data_source=tfrecord",
                      pattern, "Point it at the converter's output, e.g. "
                      "--train_file_pattern=data/gldv2_tfrecord/train-*.")
-            if not glob.glob(pattern):
+            if not files.glob(pattern):
                 fail("train_file_pattern", "matches no file", pattern,
                      "Convert GLDv2 first (python build_gldv2_main.py --gldv2_root=... "
                      "--output_dir=...) or fix the glob.")
@@ -197,9 +199,9 @@ class TrainConfig:
             return
         self.evaluation_at(0).validate(names, check_model=False)
         generated_here = (self.data_source == "synthetic"
-                          and os.path.abspath(ev.data_root)
-                          == os.path.abspath(self.synthetic.root))
-        if not generated_here and not os.path.isdir(ev.data_root):
+                          and files.absolute(ev.data_root)
+                          == files.absolute(self.synthetic.root))
+        if not generated_here and not files.isdir(ev.data_root):
             fail(names["data_root"], "is not a folder", ev.data_root,
                  "It must hold the evaluation set (e.g. <eval_root>/roxford5k/).")
         if generated_here and ev.dataset == "synth_val" and not self.synthetic.num_val_landmarks:

@@ -29,9 +29,11 @@ data CRC verifies), so only the damaged part is lost, not the rest of the shard.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import struct
+
+from glam_tf import files
+
 
 HEADER_BYTES = 12  # uint64 length + uint32 masked crc of the length
 FOOTER_BYTES = 4  # uint32 masked crc of the data
@@ -199,9 +201,9 @@ def scan_shard(path: str, *, check_data: bool = True) -> ShardReport:
       wrong ("truncated inside record header", "length CRC mismatch", "record length N runs
       past end of file (size S)", "data CRC mismatch", "not a TFRecord file", ...).
     """
-    size = os.path.getsize(path)
+    size = files.getsize(path)
     records, spans, damage = 0, [], []
-    with open(path, "rb") as f:
+    with files.open_file(path, "rb") as f:
         reader = _Reader(f, size)
         offset = 0
         while offset < size:

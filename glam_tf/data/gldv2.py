@@ -17,10 +17,10 @@ checks which files are there and plans the shards (labels, split, shuffle: cheap
 makes the output deterministic); the pipeline then writes the shards in parallel (one
 element per shard: read, validate, encode, write), counts written, missing and undecodable
 images with Beam counters (namespace `glam_gldv2`) and writes the lists and summary.json. By
-default it runs on the DirectRunner's worker processes (glam_tf.beam_options); any runner's
+default it runs on the local runner's worker processes (glam_tf.beam_options); any runner's
 options pass through (`beam_args`). Each shard is written to a temporary name and renamed when
 complete, after its report, so a re-run skips finished shards and redoes interrupted ones. The
-output folder must be one every worker can write (a local disk for the DirectRunner, a
+output folder must be one every worker can write (a local disk for the local runner, a
 shared file system for a cluster).
 """
 
@@ -37,9 +37,8 @@ import apache_beam as beam
 import numpy as np
 from absl import logging
 
-from glam_tf import beam_options
+from glam_tf import beam_options, files
 from glam_tf.config import contract
-from glam_tf.files import atomic_write, temporary_path, write_json_atomic
 
 CSV_CLEAN = "train_clean.csv"
 CSV_FULL = "train.csv"
@@ -48,6 +47,8 @@ CSV_FULL_HEADER = ("id", "url", "landmark_id")
 IMAGE_DIR_NAME = "train"
 LABEL_MAP_NAME = "label_map.csv"
 PLAN_NAME = "conversion_plan.json"
+TRAIN_PATTERN = "train-*-of-*.tfrecord"
+VALIDATION_PATTERN = "validation-*-of-*.tfrecord"
 MISSING_NAME = "missing_images.txt"
 UNDECODABLE_NAME = "undecodable_images.txt"
 REPORT_DIR = ".shard_reports"
@@ -78,7 +79,9 @@ class GLDv2Image:
 
 @dataclasses.dataclass
 class ConversionSummary:
-    """What `convert_gldv2` did, also written to `<output_dir>/summary.json`.
+    """What `convert_gldv2` did, also written to `<output_dir>/summary.json` (there the
+    patterns and the label map are named relative to that folder, so the file is the same
+    wherever the output goes, and stays right when the folder is moved or copied).
 
     Attributes:
       written: examples in the TFRecords, per split ("train", "validation").
@@ -107,27 +110,28 @@ class ConversionSummary:
         return sum(self.written.values())
 
     def to_json(self) -> dict:
+        """summary.json's content: counts, and the paths as names inside the output folder."""
         return {
             "written": dict(self.written),
             "total_written": self.total_written,
             "missing": len(self.missing),
             "undecodable": len(self.undecodable),
             "num_classes": self.num_classes,
-            "train_pattern": self.train_pattern,
-            "validation_pattern": self.validation_pattern,
-            "label_map_path": self.label_map_path,
+            "train_pattern": files.basename(self.train_pattern),
+            "validation_pattern": files.basename(self.validation_pattern),
+            "label_map_path": files.basename(self.label_map_path),
             "shards_skipped": self.shards_skipped,
         }
 
 
 def train_image_dir(root: str) -> str:
     """`<root>/train`, the folder the GLDv2 images are extracted into."""
-    return os.path.join(root, IMAGE_DIR_NAME)
+    return files.join(root, IMAGE_DIR_NAME)
 
 
 def gldv2_image_path(image_dir: str, image_id: str) -> str:
     """`<image_dir>/<a>/<b>/<c>/<id>.jpg` for a GLDv2 id (a, b, c its first three characters)."""
-    return os.path.join(image_dir, image_id[0], image_id[1], image_id[2], image_id + ".jpg")
+    return files.join(image_dir, image_id[0], image_id[1], image_id[2], image_id + ".jpg")
 
 
 def write_clean_csv(path: str, rows) -> None:
@@ -135,7 +139,7 @@ def write_clean_csv(path: str, rows) -> None:
     (landmark_id, [image ids]) of `rows`, the ids space-separated (atomic)."""
     text = ",".join(CSV_CLEAN_HEADER) + "\n" + "".join(
         f"{landmark_id},{' '.join(ids)}\n" for landmark_id, ids in rows)
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    files.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def find_gldv2_csv(root: str, csv_path: str | None = None) -> str:
@@ -145,13 +149,13 @@ def find_gldv2_csv(root: str, csv_path: str | None = None) -> str:
       FileNotFoundError: with the expected layout, when neither is there.
     """
     if csv_path:
-        if not os.path.isfile(csv_path):
+        if not files.isfile(csv_path):
             raise FileNotFoundError(
                 f"GLDv2 csv {csv_path!r} does not exist.\n" + LAYOUT_HELP.format(root=root))
         return csv_path
     for name in (CSV_CLEAN, CSV_FULL):
-        path = os.path.join(root, name)
-        if os.path.isfile(path):
+        path = files.join(root, name)
+        if files.isfile(path):
             return path
     raise FileNotFoundError(
         f"No GLDv2 csv under {root!r}: expected {CSV_CLEAN} or {CSV_FULL} there.\n"
@@ -192,7 +196,7 @@ def read_gldv2_csv(csv_path: str) -> list:
     images = []
     seen = set()
     duplicates = 0
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with files.open_file(csv_path) as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -248,7 +252,7 @@ def write_label_map(path: str, label_map: dict, counts: dict) -> None:
     writer.writerow(["label", "landmark_id", "num_images"])
     for landmark, label in sorted(label_map.items(), key=lambda kv: kv[1]):
         writer.writerow([label, landmark, counts.get(landmark, 0)])
-    atomic_write(path, lambda f: f.write(rows.getvalue().encode("utf-8")))
+    files.atomic_write(path, lambda f: f.write(rows.getvalue().encode("utf-8")))
 
 
 def read_label_map(path: str) -> np.ndarray:
@@ -256,7 +260,7 @@ def read_label_map(path: str) -> np.ndarray:
 
     `read_label_map(p)[k]` is the GLDv2 landmark id of the trained model's class k.
     """
-    with open(path, newline="", encoding="utf-8") as f:
+    with files.open_file(path) as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"label", "landmark_id"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: expected columns label,landmark_id[,num_images], got "
@@ -333,19 +337,19 @@ class _WriteShard(beam.DoFn):
 
         from glam_tf.data import records  # pylint: disable=g-import-not-at-top
 
-        task_path = os.path.join(self._output_dir, REPORT_DIR, TASK_DIR, name + ".json")
-        with open(task_path, encoding="utf-8") as f:
+        task_path = files.join(self._output_dir, REPORT_DIR, TASK_DIR, name + ".json")
+        with files.open_file(task_path) as f:
             task = json.load(f)
-        out_path = os.path.join(self._output_dir, name)
+        out_path = files.join(self._output_dir, name)
         # Unique per host, process and attempt: a retried or speculative attempt of the same
         # shard never writes into another's file; the rename makes one of them the shard.
-        tmp_path = temporary_path(out_path)
+        tmp_path = files.temporary_path(out_path)
         report = {"shard": name, "written": 0, "missing": [], "undecodable": []}
         try:
             with tf.io.TFRecordWriter(tmp_path) as writer:
                 for image_id, label, path in task["entries"]:
                     try:
-                        with open(path, "rb") as f:
+                        with files.open_file(path, "rb") as f:
                             data = f.read()
                     except FileNotFoundError:
                         report["missing"].append([image_id, path])
@@ -362,18 +366,18 @@ class _WriteShard(beam.DoFn):
                     writer.write(example.SerializeToString(deterministic=True))
                     report["written"] += 1
                     self._written.inc()
-            write_json_atomic(_report_path(self._output_dir, name), report)
-            os.replace(tmp_path, out_path)
+            files.write_json_atomic(_report_path(self._output_dir, name), report)
+            files.rename(tmp_path, out_path)
         finally:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-        os.remove(task_path)
+            if files.exists(tmp_path):
+                files.remove(tmp_path)
+        files.remove(task_path)
         self._shards.inc()
         yield task["split"], report
 
 
 def _report_path(output_dir: str, name: str) -> str:
-    return os.path.join(output_dir, REPORT_DIR, name + ".json")
+    return files.join(output_dir, REPORT_DIR, name + ".json")
 
 
 def _finalize(_, *, output_dir: str, shards, num_classes: int, label_map_path: str,
@@ -382,31 +386,32 @@ def _finalize(_, *, output_dir: str, shards, num_classes: int, label_map_path: s
 
     Runs once, after every shard (its input is the list of this run's reports).
     """
-    with open(os.path.join(output_dir, REPORT_DIR, PLAN_MISSING_NAME), encoding="utf-8") as f:
+    with files.open_file(files.join(output_dir, REPORT_DIR, PLAN_MISSING_NAME)) as f:
         plan_missing = [tuple(m) for m in json.load(f)]
     beam.metrics.Metrics.counter(COUNTERS, "images_missing").inc(len(plan_missing))
     written = {"train": 0, "validation": 0}
     worker_missing, undecodable = [], []
     for split, name in shards:
-        with open(_report_path(output_dir, name), encoding="utf-8") as f:
+        with files.open_file(_report_path(output_dir, name)) as f:
             report = json.load(f)
         written[split] += report["written"]
         worker_missing.extend(tuple(m) for m in report["missing"])
         undecodable.extend(tuple(u) for u in report["undecodable"])
     all_missing = sorted(plan_missing + worker_missing)
     undecodable.sort()
-    atomic_write(os.path.join(output_dir, MISSING_NAME), lambda f: f.write("".join(
+    files.atomic_write(files.join(output_dir, MISSING_NAME), lambda f: f.write("".join(
         f"{image_id}\t{path}\n" for image_id, path in all_missing).encode("utf-8")))
-    atomic_write(os.path.join(output_dir, UNDECODABLE_NAME), lambda f: f.write("".join(
+    files.atomic_write(files.join(output_dir, UNDECODABLE_NAME), lambda f: f.write("".join(
         f"{image_id}\t{path}\t{reason}\n" for image_id, path, reason in undecodable
     ).encode("utf-8")))
     summary = ConversionSummary(
         written=written, missing=all_missing, undecodable=undecodable,
         num_classes=num_classes,
-        train_pattern=os.path.join(output_dir, "train-*-of-*.tfrecord"),
-        validation_pattern=os.path.join(output_dir, "validation-*-of-*.tfrecord"),
+        train_pattern=files.join(output_dir, TRAIN_PATTERN),
+        validation_pattern=files.join(output_dir, VALIDATION_PATTERN),
         label_map_path=label_map_path, shards_skipped=skipped)
-    write_json_atomic(os.path.join(output_dir, contract.CONVERTER_SUMMARY_FILE), summary.to_json())
+    files.write_json_atomic(files.join(output_dir, contract.CONVERTER_SUMMARY_FILE),
+                            summary.to_json())
     return summary.to_json()
 
 
@@ -422,16 +427,16 @@ def _plan_shards(num_images: int, num_shards: int) -> int:
 
 
 def _check_plan(plan_path: str, plan: dict) -> None:
-    if not os.path.exists(plan_path):
-        write_json_atomic(plan_path, plan)
+    if not files.exists(plan_path):
+        files.write_json_atomic(plan_path, plan)
         return
-    with open(plan_path, encoding="utf-8") as f:
+    with files.open_file(plan_path) as f:
         old = json.load(f)
     diff = sorted(k for k in set(plan) | set(old) if plan.get(k) != old.get(k))
     if diff:
         details = "; ".join(f"{k}: before {old.get(k)!r}, now {plan.get(k)!r}" for k in diff)
         raise ValueError(
-            f"{os.path.dirname(plan_path)} holds shards of a different conversion ({details}). "
+            f"{files.dirname(plan_path)} holds shards of a different conversion ({details}). "
             "Resuming needs the same csv, present images, shard counts, validation fraction and "
             "seed; use a new output directory or delete that one.")
 
@@ -470,10 +475,12 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
                          f"got {num_shards} and {num_validation_shards}")
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    options = beam_options.pipeline_options(beam_args)
+    options = beam_options.pipeline_options(
+        beam_args, paths={"gldv2_root": root, "output_dir": output_dir, "csv": csv_path,
+                          "image_dir": image_dir})
     csv_path = find_gldv2_csv(root, csv_path)
     image_dir = image_dir or train_image_dir(root)
-    if not os.path.isdir(image_dir):
+    if not files.isdir(image_dir):
         raise FileNotFoundError(
             f"GLDv2 image folder {image_dir!r} does not exist (csv found at {csv_path}).\n"
             + LAYOUT_HELP.format(root=root))
@@ -487,7 +494,7 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
     present, missing = [], []
     for im in images:
         path = gldv2_image_path(image_dir, im.image_id)
-        (present if os.path.isfile(path) else missing).append((im, path))
+        (present if files.exists(path) else missing).append((im, path))
     if not present:
         first = gldv2_image_path(image_dir, images[0].image_id) if images else "-"
         raise FileNotFoundError(
@@ -507,21 +514,26 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
     n_train = _plan_shards(len(train_idx), num_shards)
     n_val = _plan_shards(len(val_idx), num_validation_shards)
 
-    task_dir = os.path.join(output_dir, REPORT_DIR, TASK_DIR)
-    os.makedirs(task_dir, exist_ok=True)
+    task_dir = files.join(output_dir, REPORT_DIR, TASK_DIR)
+    files.makedirs(task_dir)
     label_digest = hashlib.sha1(
         json.dumps(sorted(label_map.items())).encode()).hexdigest()
     plan = {
-        "csv": os.path.abspath(csv_path), "image_dir": os.path.abspath(image_dir),
+        "csv": files.absolute(csv_path), "image_dir": files.absolute(image_dir),
         "csv_images": len(images), "present_images": len(present),
         "num_classes": len(label_map), "label_map_sha1": label_digest,
         "validation_fraction": validation_fraction, "seed": seed,
         "train_shards": n_train, "validation_shards": n_val,
     }
-    _check_plan(os.path.join(output_dir, PLAN_NAME), plan)
-    label_map_path = os.path.join(output_dir, LABEL_MAP_NAME)
+    _check_plan(files.join(output_dir, PLAN_NAME), plan)
+    # What a killed run left under temporary names (shards, reports, tasks): its shards are
+    # redone below, so nothing else writes these names now.
+    for folder in (output_dir, files.join(output_dir, REPORT_DIR), task_dir):
+        for path in files.remove_temporaries(folder):
+            logging.info("Removed %s, left by a run that was killed.", path)
+    label_map_path = files.join(output_dir, LABEL_MAP_NAME)
     write_label_map(label_map_path, label_map, counts)
-    write_json_atomic(os.path.join(output_dir, REPORT_DIR, PLAN_MISSING_NAME),
+    files.write_json_atomic(files.join(output_dir, REPORT_DIR, PLAN_MISSING_NAME),
                       [[im.image_id, path] for im, path in missing])
 
     shards, todo = [], []
@@ -529,18 +541,18 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
         for k, chunk in enumerate(np.array_split(indices, n) if n else []):
             name = shard_name(split, k, n)
             shards.append((split, name))
-            if (os.path.exists(os.path.join(output_dir, name))
-                    and os.path.exists(_report_path(output_dir, name))):
+            if (files.exists(files.join(output_dir, name))
+                    and files.exists(_report_path(output_dir, name))):
                 continue
             entries = [(present[i][0].image_id, int(labels[i]), present[i][1]) for i in chunk]
-            write_json_atomic(os.path.join(task_dir, name + ".json"),
+            files.write_json_atomic(files.join(task_dir, name + ".json"),
                               {"split": split, "entries": entries})
             todo.append(name)
     skipped = len(shards) - len(todo)
     if skipped:
         logging.info("resuming: %d finished shards kept, %d to write", skipped, len(todo))
 
-    with beam.Pipeline(options=options) as p:
+    with beam.Pipeline(runner=beam_options.local_runner(options), options=options) as p:
         _ = (p
              | "Shards" >> beam.Create(todo)
              | "Spread" >> beam.Reshuffle()
@@ -564,14 +576,16 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
 
 def read_summary(output_dir: str) -> ConversionSummary:
     """The `ConversionSummary` of a finished conversion (summary.json and the two lists)."""
-    with open(os.path.join(output_dir, contract.CONVERTER_SUMMARY_FILE), encoding="utf-8") as f:
+    with files.open_file(files.join(output_dir, contract.CONVERTER_SUMMARY_FILE)) as f:
         done = json.load(f)
-    with open(os.path.join(output_dir, MISSING_NAME), encoding="utf-8") as f:
+    with files.open_file(files.join(output_dir, MISSING_NAME)) as f:
         missing = [tuple(line.rstrip("\n").split("\t", 1)) for line in f if line.strip()]
-    with open(os.path.join(output_dir, UNDECODABLE_NAME), encoding="utf-8") as f:
+    with files.open_file(files.join(output_dir, UNDECODABLE_NAME)) as f:
         undecodable = [tuple(line.rstrip("\n").split("\t", 2)) for line in f if line.strip()]
     return ConversionSummary(
         written=done["written"], missing=missing, undecodable=undecodable,
-        num_classes=done["num_classes"], train_pattern=done["train_pattern"],
-        validation_pattern=done["validation_pattern"],
-        label_map_path=done["label_map_path"], shards_skipped=done["shards_skipped"])
+        num_classes=done["num_classes"],
+        train_pattern=files.join(output_dir, done["train_pattern"]),
+        validation_pattern=files.join(output_dir, done["validation_pattern"]),
+        label_map_path=files.join(output_dir, done["label_map_path"]),
+        shards_skipped=done["shards_skipped"])

@@ -23,22 +23,19 @@ stateful ops are the `DecodeStats` counters, which are excluded from iterator st
 the `DecodeStats` object next to the iterator to keep its counts).
 """
 
-import glob
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from glam_tf import files as glam_files
 from glam_tf.config import DataConfig
 from glam_tf.data import framing, records
-from glam_tf.files import atomic_write, write_json_atomic
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -126,8 +123,8 @@ _RECORD_EVERY_S = 30.0  # a long check saves its progress this often
 
 def _shard_key(path: str) -> dict:
     """What identifies a version of the shard `path`: its size and modification time."""
-    stat = os.stat(path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    size, mtime_ns = glam_files.stat(path)
+    return {"size": size, "mtime_ns": mtime_ns}
 
 
 def load_verified(record_dir: str | None) -> dict:
@@ -135,7 +132,7 @@ def load_verified(record_dir: str | None) -> dict:
     every record file in `record_dir` (one per worker); {} when there is none."""
     if not record_dir:
         return {}
-    return _load_records(sorted(glob.glob(os.path.join(record_dir, RECORD_PREFIX + "*.json"))))
+    return _load_records(glam_files.glob(glam_files.join(record_dir, RECORD_PREFIX + "*.json")))
 
 
 def _load_records(paths) -> dict:
@@ -144,7 +141,7 @@ def _load_records(paths) -> dict:
     known = {}
     for name in paths:
         try:
-            with open(name, encoding="utf-8") as f:
+            with glam_files.open_file(name) as f:
                 shards = json.load(f)["shards"]
             known.update({path: {"size": int(k["size"]), "mtime_ns": int(k["mtime_ns"])}
                           for path, k in shards.items()})
@@ -156,7 +153,7 @@ def _load_records(paths) -> dict:
 
 def record_path(record_dir: str, worker_index: int = 0) -> str:
     """This worker's record file of verified shards in `record_dir`."""
-    return os.path.join(record_dir, f"{RECORD_PREFIX}-worker{worker_index}.json")
+    return glam_files.join(record_dir, f"{RECORD_PREFIX}-worker{worker_index}.json")
 
 
 def check_shards(files, *, record_dir: str | None = None, verify=None,
@@ -183,14 +180,14 @@ def check_shards(files, *, record_dir: str | None = None, verify=None,
     """
     start, reports = time.monotonic(), []
     files = list(files)
-    verify = None if verify is None else {os.path.abspath(p) for p in verify}
+    verify = None if verify is None else {glam_files.absolute(p) for p in verify}
     known = load_verified(record_dir)
     own_path = record_path(record_dir, worker_index) if record_dir else None
-    own = _load_records([own_path]) if own_path and os.path.exists(own_path) else {}
+    own = _load_records([own_path]) if own_path and glam_files.exists(own_path) else {}
     counts = {"now": 0, "recorded": 0, "others": 0}
     dirty, last_write = False, time.monotonic()
     for path in files:
-        key_path = os.path.abspath(path)
+        key_path = glam_files.absolute(path)
         key = _shard_key(path)  # before reading: a shard changed meanwhile is not recorded
         report = framing.scan_shard(path, check_data=False)
         if report.ok and known.get(key_path) == key:
@@ -221,8 +218,8 @@ def check_shards(files, *, record_dir: str | None = None, verify=None,
 
 def _write_record(path: str, shards: dict) -> None:
     """Writes the record file `path` of verified shards (crash-safe)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_json_atomic(path, {"version": 1, "shards": shards})
+    glam_files.makedirs(glam_files.dirname(path))
+    glam_files.write_json_atomic(path, {"version": 1, "shards": shards})
 
 
 def describe_damage(reports, *, source: str) -> str:
@@ -265,8 +262,8 @@ def readable_files(reports, *, skip_damaged: bool, clean_dir: str | None = None,
             "spans.")
     if not damaged:
         return [r.path for r in reports]
-    clean_dir = clean_dir or tempfile.mkdtemp(prefix="glam_tf_clean_shards_")
-    os.makedirs(clean_dir, exist_ok=True)
+    clean_dir = clean_dir or glam_files.scratch_dir("glam_tf_clean_shards_")
+    glam_files.makedirs(clean_dir)
     files = []
     for report in reports:
         if report.ok:
@@ -274,12 +271,12 @@ def readable_files(reports, *, skip_damaged: bool, clean_dir: str | None = None,
             continue
         for line in report.describe().splitlines():
             logging.warning("Skipping damaged TFRecord span: %s", line)
-        stat = os.stat(report.path)
-        key = hashlib.sha1(f"{os.path.abspath(report.path)}|{stat.st_size}|"
-                           f"{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        clean = os.path.join(clean_dir, f"{os.path.basename(report.path)}.{key}.clean")
-        if not os.path.exists(clean):
-            atomic_write(clean, lambda out, r=report: _copy_spans(r, out))
+        size, mtime_ns = glam_files.stat(report.path)
+        key = hashlib.sha1(f"{glam_files.absolute(report.path)}|{size}|"
+                           f"{mtime_ns}".encode()).hexdigest()[:12]
+        clean = glam_files.join(clean_dir, f"{glam_files.basename(report.path)}.{key}.clean")
+        if not glam_files.exists(clean):
+            glam_files.atomic_write(clean, lambda out, r=report: _copy_spans(r, out))
         logging.warning("Reading %d valid records of %s from its clean copy %s.",
                         report.records, report.path, clean)
         files.append(clean)
@@ -288,7 +285,7 @@ def readable_files(reports, *, skip_damaged: bool, clean_dir: str | None = None,
 
 def _copy_spans(report, out) -> None:
     """Writes the valid record spans of `report.path` to the binary file `out`."""
-    with open(report.path, "rb") as f:
+    with glam_files.open_file(report.path, "rb") as f:
         for start, end in report.spans:
             f.seek(start)
             while start < end:
@@ -449,7 +446,7 @@ def build_train_dataset(config: DataConfig, *, num_input_pipelines: int = 1,
         raise ValueError(f"skip_examples must be >= 0, got {skip_examples}")
     stats = stats if stats is not None else DecodeStats()
     if files is None:
-        files = sorted(tf.io.gfile.glob(config.file_pattern))
+        files = glam_files.glob(config.file_pattern)
         if not files:
             raise FileNotFoundError(
                 f"DataConfig.file_pattern {config.file_pattern!r} matches no file; "
@@ -531,7 +528,7 @@ def count_records(file_pattern: str, *, skip_damaged: bool = False) -> int:
     Raises DamagedShardsError naming every damaged span, unless `skip_damaged` (then the
     records of the damaged shards' valid spans are counted).
     """
-    files = sorted(tf.io.gfile.glob(file_pattern))
+    files = glam_files.glob(file_pattern)
     if not files:
         raise FileNotFoundError(f"{file_pattern!r} matches no file")
     reports = check_shards(files)

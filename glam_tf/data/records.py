@@ -16,6 +16,7 @@ feed DELG-style training code and the other way round:
 
 import dataclasses
 import io
+import re
 
 import tensorflow as tf
 from PIL import Image
@@ -53,6 +54,16 @@ class ImageInfo:
     format: str
 
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def image_error_text(error: Exception) -> str:
+    """`Type: message` of a decoding error, with Python object reprs (`<_io.BytesIO object at
+    0x7f...>`, which Pillow puts in its messages) replaced by `the image bytes`, so reports
+    and lists are byte-identical between runs."""
+    return f"{type(error).__name__}: {_OBJECT_REPR.sub('the image bytes', str(error))}"
+
+
 def probe_image(data: bytes, *, full_decode: bool = True) -> ImageInfo:
     """Reads size, channel count and format of encoded image bytes with Pillow.
 
@@ -77,7 +88,7 @@ def probe_image(data: bytes, *, full_decode: bool = True) -> ImageInfo:
             channels = len(image.getbands())
             fmt = (image.format or "unknown").lower()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UndecodableImageError(f"{type(e).__name__}: {e}") from e
+        raise UndecodableImageError(image_error_text(e)) from e
     if width < 1 or height < 1:
         raise UndecodableImageError(f"zero-sized image {width}x{height}")
     return ImageInfo(height=height, width=width, channels=channels, format=fmt)

@@ -18,16 +18,15 @@ Layouts read (nothing is downloaded):
 import builtins
 import codecs
 import dataclasses
-import glob
 import importlib
 import io
 import math
-import os
 import pickle
 
 import numpy as np
 
-from glam_tf.files import atomic_write
+from glam_tf import files
+
 
 REVISITED = ("roxford5k", "rparis6k", "synth", "synth_val")
 ORIGINAL = ("oxford5k", "paris6k")
@@ -56,22 +55,22 @@ _IMAGE_EXT = ".jpg"
 
 def revisited_dir(root, name):
     """`<root>/<name>`: the folder of revisited test set `name`."""
-    return os.path.join(root, name)
+    return files.join(root, name)
 
 
 def revisited_image_dir(root, name):
     """`<root>/<name>/jpg`: its images (database and queries), `<image>.jpg` each."""
-    return os.path.join(revisited_dir(root, name), "jpg")
+    return files.join(revisited_dir(root, name), "jpg")
 
 
 def revisited_image_path(root, name, image):
     """`<root>/<name>/jpg/<image>.jpg`: image `image` of revisited test set `name`."""
-    return os.path.join(revisited_image_dir(root, name), image + _IMAGE_EXT)
+    return files.join(revisited_image_dir(root, name), image + _IMAGE_EXT)
 
 
 def revisited_gnd_path(root, name):
     """`<root>/<name>/gnd_<name>.pkl`: its ground truth."""
-    return os.path.join(revisited_dir(root, name), f"gnd_{name}.pkl")
+    return files.join(revisited_dir(root, name), f"gnd_{name}.pkl")
 
 
 def write_revisited_gnd(path, imlist, qimlist, gnd):
@@ -81,7 +80,7 @@ def write_revisited_gnd(path, imlist, qimlist, gnd):
         imlist / qimlist: database / query image names (no extension).
         gnd: per query a dict with `bbx` and int64 index arrays `easy`, `hard`, `junk`.
     """
-    atomic_write(path, lambda f: pickle.dump(
+    files.atomic_write(path, lambda f: pickle.dump(
         {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f, protocol=4))
 
 
@@ -128,16 +127,16 @@ class TestSet:
     def image_path(self, name):
         """Path of database image `name` (a test-set image, not a distractor)."""
         rel = self.relpaths.get(name, name + _IMAGE_EXT)
-        return os.path.join(self.image_dir, rel)
+        return files.join(self.image_dir, rel)
 
     def query_path(self, name):
         """Path of the full (uncropped) query image `name`."""
         rel = self.relpaths.get(name, name + _IMAGE_EXT)
-        return os.path.join(self.query_dir, rel)
+        return files.join(self.query_dir, rel)
 
     def distractor_path(self, name):
         """Path of distractor `name` (a line of revisitop1m.txt)."""
-        return os.path.join(self.distractor_dir, name)
+        return files.join(self.distractor_dir, name)
 
     @property
     def num_database(self):
@@ -366,7 +365,7 @@ def safe_load_pickle(path):
         UnsafePickleError: the file asks for any other global (e.g. `os.system`), or would
             allocate more than 4x its size + 16 MiB; names the file and what was refused.
     """
-    with open(path, "rb") as f:
+    with files.open_file(path, "rb") as f:
         data = f.read()
     try:
         return _RestrictedUnpickler(io.BytesIO(data), source=path, size=len(data)).load()
@@ -405,7 +404,7 @@ def _parse_box(bbx, *, query, path):
 
 
 def _read_lines(path):
-    with open(path, "r", encoding="utf-8") as f:
+    with files.open_file(path) as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -432,17 +431,17 @@ def load_revisited(root, name, *, distractors_root=None):
     image_dir = revisited_image_dir(root, name)
     gnd_path = revisited_gnd_path(root, name)
     missing = []
-    if not os.path.isdir(image_dir):
+    if not files.isdir(image_dir):
         missing.append((image_dir, "image folder", _SOURCES[name]))
-    if not os.path.isfile(gnd_path):
+    if not files.isfile(gnd_path):
         missing.append((gnd_path, "ground-truth pickle", _SOURCES[name]))
     dist_list, dist_dir = None, ""
     if distractors_root is not None:
-        dist_list = os.path.join(distractors_root, DISTRACTORS, f"{DISTRACTORS}.txt")
-        dist_dir = os.path.join(distractors_root, DISTRACTORS, "jpg")
-        if not os.path.isfile(dist_list):
+        dist_list = files.join(distractors_root, DISTRACTORS, f"{DISTRACTORS}.txt")
+        dist_dir = files.join(distractors_root, DISTRACTORS, "jpg")
+        if not files.isfile(dist_list):
             missing.append((dist_list, "distractor list", _SOURCES[DISTRACTORS]))
-        if not os.path.isdir(dist_dir):
+        if not files.isdir(dist_dir):
             missing.append((dist_dir, "distractor image folder", _SOURCES[DISTRACTORS]))
     if missing:
         _raise_missing(name, missing)
@@ -472,9 +471,9 @@ def load_revisited(root, name, *, distractors_root=None):
 def _scan_images(image_dir):
     """Maps image name (file stem) -> path relative to image_dir, searching sub-folders."""
     relpaths = {}
-    for path in glob.glob(os.path.join(image_dir, "**", "*" + _IMAGE_EXT), recursive=True):
-        rel = os.path.relpath(path, image_dir)
-        relpaths[os.path.splitext(os.path.basename(rel))[0]] = rel
+    for rel in files.walk_files(image_dir):
+        if rel.endswith(_IMAGE_EXT):
+            relpaths[files.splitext(files.basename(rel))[0]] = rel
     return relpaths
 
 
@@ -492,8 +491,8 @@ def parse_original_gt(gt_dir, name):
     """
     prefix = _ORIGINAL_QUERY_PREFIX[name]
     entries = []
-    for qfile in sorted(glob.glob(os.path.join(gt_dir, "*_query.txt"))):
-        qid = os.path.basename(qfile)[:-len("_query.txt")]
+    for qfile in sorted(files.glob(files.join(gt_dir, "*_query.txt"))):
+        qid = files.basename(qfile)[:-len("_query.txt")]
         lines = _read_lines(qfile)
         fields = lines[0].split() if lines else []
         if len(fields) != 5:
@@ -502,7 +501,7 @@ def parse_original_gt(gt_dir, name):
         entry = {"query_id": qid, "name": qname,
                  "bbx": _parse_box([float(v) for v in fields[1:]], query=qid, path=qfile)}
         for kind in ("good", "ok", "junk"):
-            entry[kind] = _read_lines(os.path.join(gt_dir, f"{qid}_{kind}.txt"))
+            entry[kind] = _read_lines(files.join(gt_dir, f"{qid}_{kind}.txt"))
         entries.append(entry)
     return entries
 
@@ -525,18 +524,18 @@ def load_original(root, name, *, gt_dir=None):
     if name not in ORIGINAL:
         raise ValueError(f"load_original: name must be one of {ORIGINAL}, got {name!r} "
                          f"(use load_revisited for {REVISITED})")
-    image_dir = os.path.join(root, name, "jpg")
-    gt_dir = gt_dir or os.path.join(root, name, "gt_files")
+    image_dir = files.join(root, name, "jpg")
+    gt_dir = gt_dir or files.join(root, name, "gt_files")
     missing = []
-    if not os.path.isdir(image_dir):
+    if not files.isdir(image_dir):
         missing.append((image_dir, "image folder", _SOURCES[name]))
-    if not os.path.isdir(gt_dir) or not glob.glob(os.path.join(gt_dir, "*_query.txt")):
+    if not files.isdir(gt_dir) or not files.glob(files.join(gt_dir, "*_query.txt")):
         missing.append((gt_dir, "ground-truth folder with *_query.txt files", _SOURCES[name]))
     else:
-        for qfile in sorted(glob.glob(os.path.join(gt_dir, "*_query.txt"))):
+        for qfile in sorted(files.glob(files.join(gt_dir, "*_query.txt"))):
             qid = qfile[:-len("_query.txt")]
             for kind in ("good", "ok", "junk"):
-                if not os.path.isfile(f"{qid}_{kind}.txt"):
+                if not files.isfile(f"{qid}_{kind}.txt"):
                     missing.append((f"{qid}_{kind}.txt", "ground-truth list", _SOURCES[name]))
     if missing:
         _raise_missing(name, missing)
@@ -547,7 +546,7 @@ def load_original(root, name, *, gt_dir=None):
                     - set(relpaths))
     if needed:
         shown = ", ".join(needed[:20]) + (" ..." if len(needed) > 20 else "")
-        _raise_missing(name, [(os.path.join(image_dir, "<name>.jpg"),
+        _raise_missing(name, [(files.join(image_dir, "<name>.jpg"),
                                f"{len(needed)} image(s) named by the ground truth: {shown}",
                                _SOURCES[name])])
     imlist = sorted(relpaths)

@@ -12,13 +12,12 @@ calls); eval_main.py is the command line. EvalConfig lives in glam_tf.config.
 """
 
 import json
-import os
-import shutil
 import time
 
 import numpy as np
 from absl import logging
 
+from glam_tf import files
 from glam_tf.config.eval import EvalConfig
 from glam_tf.data import testsets
 from glam_tf.eval import (attention_vis, extract, extract_beam, metrics, models, refine,
@@ -95,11 +94,11 @@ class Evaluator:
                                      else tuple(g["bbx"]))
                    for n, g in zip(ts.qimlist, ts.gnd)]
         db_items = [extract.ImageItem(n, ts.image_path(n)) for n in ts.imlist]
-        feat = os.path.join(cfg.output_dir, "features")
-        splits = [("queries", os.path.join(feat, f"{ts.name}-queries"), q_items),
-                  ("database", os.path.join(feat, f"{ts.name}-database"), db_items)]
+        feat = files.join(cfg.output_dir, "features")
+        splits = [("queries", files.join(feat, f"{ts.name}-queries"), q_items),
+                  ("database", files.join(feat, f"{ts.name}-database"), db_items)]
         if ts.distractors:
-            splits.append(("distractors", os.path.join(feat, testsets.DISTRACTORS),
+            splits.append(("distractors", files.join(feat, testsets.DISTRACTORS),
                            [extract.ImageItem(n, ts.distractor_path(n))
                             for n in ts.distractors]))
         return splits
@@ -235,7 +234,7 @@ class Evaluator:
                 "scales": scales,
                 "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
                 "num_shards": cfg.num_shards, "descriptor_dim": dim,
-                "data_root": os.path.abspath(cfg.data_root), "resize": RESIZE_POLICY,
+                "data_root": files.absolute(cfg.data_root), "resize": RESIZE_POLICY,
                 "undecodable_policy": UNDECODABLE_POLICY, "similarity": "inner product",
                 "search": "exact, chunked",
             },
@@ -281,8 +280,9 @@ class Evaluator:
                                 for i, sc in zip(res.topk_indices[q, :10],
                                                  res.topk_scores[q, :10])]})
             png, page = report.write_visualization(
-                entries, os.path.join(cfg.output_dir, f"vis-{label}"),
-                title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: top 10")
+                entries, files.join(cfg.output_dir, f"vis-{label}"),
+                title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: each query and its "
+                      "top 10, framed by status under the Medium setup")
             outputs.update(png=png, html=page)
             if self._attention is not None:
                 outputs["attention_png"] = self._draw_attention(ts, entries, vis)
@@ -302,8 +302,9 @@ class Evaluator:
             items = [(extract.ImageItem(entry["query"], entry["query_path"],
                                         None if entry["box"] is None else tuple(entry["box"])),
                       entry["query"], "query")]
-            items += [(extract.ImageItem(r["id"], r["path"]), f"#{k + 1} {r['score']:.3f}",
-                       r["status"]) for k, r in enumerate(entry["results"][:attention_vis.TOP])]
+            items += [(extract.ImageItem(r["id"], r["path"]),
+                       report.result_label(k + 1, r["score"]), r["status"])
+                      for k, r in enumerate(entry["results"][:attention_vis.TOP])]
             images = []
             for item, label, status in items:
                 try:
@@ -317,7 +318,12 @@ class Evaluator:
                                    model, image, position=cfg.attention_position)})
             rows.append({"query": ts.qimlist[q], "images": images})
         path = attention_vis.write_attention_visualization(
-            rows, os.path.join(cfg.output_dir, f"vis-{cfg.label}"), map_names=map_names)
+            rows, files.join(cfg.output_dir, f"vis-{cfg.label}"), map_names=map_names,
+            position=cfg.attention_position,
+            title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: GLAM's spatial "
+                  f"attention over {len(rows)} quer{'y' if len(rows) == 1 else 'ies'} and "
+                  f"{'its' if len(rows) == 1 else 'their'} top {attention_vis.TOP} "
+                  f"(images at {cfg.max_image_size} px, scale 1)")
         logging.info("attention maps of %d queries: %s", len(rows), path)
         return path
 
@@ -374,7 +380,7 @@ def evaluate_model(model, config, *, tag: str) -> dict:
     config.output_dir is replaced. `tag` names the model in the results (e.g.
     `<train_dir>@step_<n>`).
     """
-    shutil.rmtree(config.output_dir, ignore_errors=True)
+    files.rmtree(config.output_dir)
     backend = models.from_keras_model(model, scales=config.scales,
                                       max_image_size=config.max_image_size,
                                       info={"kind": "in-memory model", "model": tag},
@@ -385,13 +391,13 @@ def evaluate_model(model, config, *, tag: str) -> dict:
 
 def results_path(config) -> str:
     """Where the evaluation of `config` writes its results JSON."""
-    return os.path.join(config.output_dir, f"results-{config.label}.json")
+    return files.join(config.output_dir, f"results-{config.label}.json")
 
 
 def read_results(config):
     """The results dict an earlier evaluation of `config` wrote, or None."""
     path = results_path(config)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
+    with files.open_file(path) as f:
         return json.load(f)

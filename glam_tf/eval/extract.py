@@ -22,19 +22,19 @@ AP's denominator), and invalid queries are left out of the mean with a warning.
 import collections
 import concurrent.futures
 import dataclasses
-import glob
 import hashlib
+import io
 import json
-import os
 import time
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
+from glam_tf import files
 from glam_tf.config.contract import DEFAULT_MAX_IMAGE_SIZE
+from glam_tf.data import records
 from glam_tf.data.progress import ProgressBar
-from glam_tf.files import atomic_write
 
 MANIFEST = "manifest.json"
 
@@ -84,20 +84,20 @@ def target_size(width, height, box, max_image_size, min_side=1):
 def read_size(path):
     """(width, height) from the image header; UndecodableImage when it cannot be read."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(files.read_bytes(path))) as im:
             return im.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UndecodableImage(f"{type(e).__name__}: {e}") from e
+        raise UndecodableImage(records.image_error_text(e)) from e
 
 
 def load_image(item, size):
     """Decodes, crops and bilinear-resizes `item` to `size` (H, W): uint8 (H, W, 3) RGB."""
     try:
-        with Image.open(item.path) as im:
+        with Image.open(io.BytesIO(files.read_bytes(item.path))) as im:
             im.load()
             rgb = im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UndecodableImage(f"{type(e).__name__}: {e}") from e
+        raise UndecodableImage(records.image_error_text(e)) from e
     if item.box is not None:
         rgb = rgb.crop(pil_box(item.box, *rgb.size))
     h, w = size
@@ -147,7 +147,7 @@ def shard_ranges(num_items, shard_size):
 
 
 def _shard_paths(out_dir, shard):
-    base = os.path.join(out_dir, f"shard-{shard:05d}")
+    base = files.join(out_dir, f"shard-{shard:05d}")
     return base + ".npy", base + ".json"
 
 
@@ -160,33 +160,55 @@ def _ids_digest(items):
 
 def read_manifest(out_dir):
     """The settings a split's features were extracted with; FileNotFoundError if none."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
+    path = files.join(out_dir, MANIFEST)
+    if not files.isfile(path):
         raise FileNotFoundError(f"{out_dir}: no features extracted yet ({MANIFEST} missing); "
                                 "run the extract stage first")
-    with open(path) as f:
+    with files.open_file(path) as f:
         return json.load(f)
 
 
+def _differences(old, new, prefix=""):
+    """Dotted keys whose values differ between two manifests (nested dicts walked)."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_manifest(out_dir, manifest):
+    """Writes the split's manifest, or checks that the one there matches: features of a
+    compatible earlier run are reused (and extended), those of another model are refused
+    in one line that says what differs and what to do."""
     manifest = json.loads(json.dumps(manifest))  # compare as stored (tuples become lists)
-    path = os.path.join(out_dir, MANIFEST)
-    if os.path.isfile(path):
-        with open(path) as f:
+    path = files.join(out_dir, MANIFEST)
+    if files.isfile(path):
+        with files.open_file(path) as f:
             old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        diff = _differences(old, manifest)
         if diff:
-            lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(f"{out_dir} holds features extracted with other settings ({lines}); "
-                             "use another output directory or delete that one")
+            shown = "; ".join(f"{k} {_short(a)} there, {_short(b)} now" for k, a, b in diff[:3])
+            more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise ValueError(f"{out_dir} holds features extracted with other settings "
+                             f"({shown}{more}): pass another --output_dir, or delete "
+                             f"{out_dir} to extract again")
         return
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    files.makedirs(out_dir)
+    files.atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 def finished_shards(out_dir, num_shards_total):
     """Indices of shards whose JSON marker exists (written last, atomically)."""
-    return [s for s in range(num_shards_total) if os.path.isfile(_shard_paths(out_dir, s)[1])]
+    return [s for s in range(num_shards_total) if files.isfile(_shard_paths(out_dir, s)[1])]
 
 
 def _describe_shard(items, backend, *, max_image_size, batch_size, pool, on_images):
@@ -258,8 +280,8 @@ def _extract_shard(items, shard_range, s, out_dir, backend, *, pool, max_image_s
                                    batch_size=batch_size, pool=pool, on_images=on_images)
     record.update(shard=s, start=a, stop=b)
     npy, js = _shard_paths(out_dir, s)
-    atomic_write(npy, lambda f: np.save(f, desc))
-    atomic_write(js, lambda f: f.write(json.dumps(record).encode()))
+    files.atomic_write(npy, lambda f: np.save(f, desc))
+    files.atomic_write(js, lambda f: f.write(json.dumps(record).encode()))
     for u in record["undecodable"]:
         logging.warning("%s: undecodable image %s (%s): excluded", name, u["path"], u["error"])
     return record
@@ -280,8 +302,8 @@ def _prepare_split(items, out_dir, backend, *, max_image_size, shard_size, num_s
     done_before = [s for s in finished_shards(out_dir, len(ranges)) if s in set(mine)]
     todo = [s for s in mine if s not in set(done_before)]
     for s in todo:  # leftovers of a killed run (only this host writes these shards)
-        for stale in glob.glob(os.path.join(out_dir, f"shard-{s:05d}.*.tmp-*")):
-            os.remove(stale)
+        for stale in files.glob(files.join(out_dir, f"shard-{s:05d}.*.tmp-*")):
+            files.remove(stale)
     return ranges, mine, done_before, todo
 
 
@@ -333,7 +355,7 @@ def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_S
     if total:
         bar.close()
     missing = [s for s in range(len(ranges))
-               if not os.path.isfile(_shard_paths(out_dir, s)[1])]
+               if not files.isfile(_shard_paths(out_dir, s)[1])]
     return ExtractionStatus(out_dir=out_dir, num_items=len(items), num_shards_total=len(ranges),
                             mine=mine, done_before=done_before, done_now=done_now,
                             missing=missing, images_done=done_images,
@@ -369,7 +391,7 @@ def merge_shards(out_dir, ids, *, num_hosts=None, out=None):
         raise ValueError(f"{out_dir}: features of {manifest['num_items']} items, expected "
                          f"{len(ids)}")
     ranges = shard_ranges(len(ids), manifest["shard_size"])
-    missing = [s for s in range(len(ranges)) if not os.path.isfile(_shard_paths(out_dir, s)[1])]
+    missing = [s for s in range(len(ranges)) if not files.isfile(_shard_paths(out_dir, s)[1])]
     if missing:
         hosts = (f"; with --num_shards={num_hosts} they belong to --shard_index "
                  f"{sorted({s % num_hosts for s in missing})}" if num_hosts else "")
@@ -381,11 +403,12 @@ def merge_shards(out_dir, ids, *, num_hosts=None, out=None):
     dim = None
     for s, (a, b) in enumerate(ranges):
         npy, js = _shard_paths(out_dir, s)
-        with open(js) as f:
+        with files.open_file(js) as f:
             record = json.load(f)
         if record["ids"] != list(ids[a:b]):
             raise ValueError(f"{js}: ids differ from the expected items {a}..{b - 1}")
-        desc = np.load(npy, allow_pickle=False)
+        with files.open_file(npy, "rb") as f:
+            desc = np.load(f, allow_pickle=False)
         if desc.shape[0] != b - a:
             raise ValueError(f"{npy}: {desc.shape[0]} rows, expected {b - a}")
         if desc.shape[1]:

@@ -9,7 +9,7 @@ exactly as the in-process path does (size buckets, decode threads, same shard fi
 `merge_shards` and the evaluate stage read them unchanged. Undecodable images are listed in
 the shard JSON as before and counted with Beam counters (namespace `glam_extract`).
 
-Without runner flags (`local_args`, glam_tf.beam_options) the runner is the DirectRunner:
+Without runner flags (`local_args`, glam_tf.beam_options) the runner is the local one:
 with few images to describe (< LOCAL_PROCESSES_MIN_IMAGES) one in-memory worker, the
 driver's process, which reuses its model (`BackendSpec.build` loads once per process) and
 has no start-up; with more, 2 worker processes, each loading the model (TensorFlow's threads
@@ -28,9 +28,8 @@ import time
 import apache_beam as beam
 from absl import logging
 
-from glam_tf import beam_options
+from glam_tf import beam_options, files
 from glam_tf.eval import extract
-from glam_tf.files import atomic_write
 
 ITEMS_FILE = "items.json"
 COUNTERS = "glam_extract"
@@ -88,11 +87,11 @@ LOCAL_PROCESSES_MIN_IMAGES = 1000
 
 def _write_items(out_dir, items):
     rows = [[it.id, it.path, list(it.box) if it.box is not None else None] for it in items]
-    atomic_write(os.path.join(out_dir, ITEMS_FILE), lambda f: f.write(json.dumps(rows).encode()))
+    files.write_text_atomic(files.join(out_dir, ITEMS_FILE), json.dumps(rows))
 
 
 def _read_items(out_dir):
-    with open(os.path.join(out_dir, ITEMS_FILE), encoding="utf-8") as f:
+    with files.open_file(files.join(out_dir, ITEMS_FILE)) as f:
         return [extract.ImageItem(i, p, None if b is None else tuple(b)) for i, p, b in json.load(f)]
 
 
@@ -227,11 +226,14 @@ def extract_splits(jobs, backend, backend_factory, *, beam_args=None,
         elements += [(out_dir, s, name) for s in todo]
     num_images = sum(ranges[s][1] - ranges[s][0]
                      for _, _, ranges, _, _, todo in plans for s in todo)
-    options = beam_options.pipeline_options(local_args(beam_args, num_images=num_images))
+    paths = {"output_dir": jobs[0][1] if jobs else "",
+             "data_root": jobs[0][0][0].path if jobs and jobs[0][0] else ""}
+    options = beam_options.pipeline_options(local_args(beam_args, num_images=num_images),
+                                            paths=paths)
     t0 = time.time()
     counters = {}
     if elements:
-        with beam.Pipeline(options=options) as p:
+        with beam.Pipeline(runner=beam_options.local_runner(options), options=options) as p:
             _ = (p
                  | "Shards" >> beam.Create(elements)
                  | "Spread" >> beam.Reshuffle()
@@ -245,7 +247,7 @@ def extract_splits(jobs, backend, backend_factory, *, beam_args=None,
     statuses = []
     for items, out_dir, ranges, mine, done_before, todo in plans:
         missing = [s for s in range(len(ranges))
-                   if not os.path.isfile(extract._shard_paths(out_dir, s)[1])]  # pylint: disable=protected-access
+                   if not files.isfile(extract._shard_paths(out_dir, s)[1])]  # pylint: disable=protected-access
         statuses.append(extract.ExtractionStatus(
             out_dir=out_dir, num_items=len(items), num_shards_total=len(ranges), mine=mine,
             done_before=done_before, done_now=[s for s in todo if s not in missing],

@@ -18,10 +18,10 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 
 import numpy as np
 
+from glam_tf import files
 from glam_tf.config.contract import (
     DEFAULT_MAX_IMAGE_SIZE,
     DEFAULT_SCALES,
@@ -84,9 +84,9 @@ def check_scales(scales) -> tuple:
 def _file_stamp(paths):
     h = hashlib.sha1()
     for p in paths:
-        if os.path.exists(p):
-            st = os.stat(p)
-            h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        if files.exists(p):
+            size, mtime_ns = files.stat(p)
+            h.update(f"{files.absolute(p)}:{size}:{mtime_ns};".encode())
     return h.hexdigest()[:16]
 
 
@@ -122,13 +122,13 @@ def load_saved_model(path, *, scales=None):
     version_dir = resolve_saved_model_dir(path)
     loaded = tf.saved_model.load(version_dir)
     export_info = {}
-    info_path = os.path.join(version_dir, EXPORT_INFO_FILE)
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
+    info_path = files.join(version_dir, EXPORT_INFO_FILE)
+    if files.isfile(info_path):
+        with files.open_file(info_path) as f:
             export_info = json.load(f)
-    stamp = _file_stamp([os.path.join(version_dir, "saved_model.pb"),
-                         os.path.join(version_dir, "variables", "variables.index")])
-    info = {"kind": "saved_model", "path": os.path.abspath(version_dir)}
+    stamp = _file_stamp([files.join(version_dir, "saved_model.pb"),
+                         files.join(version_dir, "variables", "variables.index")])
+    info = {"kind": "saved_model", "path": files.absolute(version_dir)}
     export_scales = tuple(export_info["scales"]) if "scales" in export_info else None
     if export_scales is not None or "max_image_size" in export_info:
         info["export"] = {"scales": list(export_scales) if export_scales else None,
@@ -250,10 +250,10 @@ def load_checkpoint(train_dir, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_
 
     model, config, prefix = export.restore_descriptor_model(train_dir)
     stamp = _file_stamp([prefix + ".index", model_config_path(train_dir)])
-    info = {"kind": "checkpoint", "path": os.path.abspath(prefix),
+    info = {"kind": "checkpoint", "path": files.absolute(prefix),
             "model_config": config.to_dict()}
     return from_keras_model(model, scales=scales, max_image_size=max_image_size, info=info,
-                            fingerprint=f"checkpoint:{os.path.abspath(prefix)}:{stamp}",
+                            fingerprint=f"checkpoint:{files.absolute(prefix)}:{stamp}",
                             inference=inference)
 
 

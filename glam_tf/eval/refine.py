@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from glam_tf import files
 from glam_tf.eval import search
 
 _EPS = 1e-12
@@ -42,8 +43,8 @@ _EPS = 1e-12
 def _openblas_threads():
     """(get, set) of the loaded OpenBLAS's thread count (numpy's bundled one), or None."""
     try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", f.read())))
+        paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)",
+                                      files.read_local_text("/proc/self/maps"))))
     except OSError:
         return None
     for path in paths:

@@ -9,6 +9,7 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from glam_tf import files
 from glam_tf.config import contract
 from glam_tf.export import serving
 from glam_tf.model import ModelConfig, build_descriptor_model
@@ -26,15 +27,15 @@ def read_model_config(train_dir) -> ModelConfig:
         ValueError: the file is not JSON or not a valid ModelConfig (names the file).
     """
     train_dir = os.fspath(train_dir)
-    if not os.path.isdir(train_dir):
+    if not files.isdir(train_dir):
         raise FileNotFoundError(f"train_dir {train_dir!r} does not exist or is not a "
                                 "directory; pass the directory training wrote to.")
     path = contract.model_config_path(train_dir)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(f"{path} is missing: training writes it (ModelConfig.to_dict) "
                                 "next to checkpoints/; is train_dir the right directory?")
     try:
-        with open(path) as f:
+        with files.open_file(path) as f:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
@@ -50,7 +51,7 @@ def read_model_config(train_dir) -> ModelConfig:
 def latest_checkpoint(train_dir) -> str:
     """Prefix of the newest checkpoint under `<train_dir>/checkpoints/`; error when none."""
     ckpt_dir = contract.checkpoints_dir(os.fspath(train_dir))
-    if not os.path.isdir(ckpt_dir):
+    if not files.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} does not exist: training writes its "
                                 "tf.train.Checkpoint files there.")
     prefix = tf.train.latest_checkpoint(ckpt_dir)
@@ -114,4 +115,4 @@ def export_from_checkpoint(train_dir, export_dir, config=None, *, version=None,
     return serving.export_saved_model(
         model, export_dir, config, version=version,
         extra_info={"model_config": model_config.to_dict(),
-                    "checkpoint": os.path.abspath(prefix)})
+                    "checkpoint": files.absolute(prefix)})

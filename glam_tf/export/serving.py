@@ -50,16 +50,17 @@ import dataclasses
 import json
 import logging as std_logging
 import os
-import shutil
 import uuid
 from typing import Optional
 
 import tensorflow as tf
 from absl import logging
 
+from glam_tf import files
 from glam_tf.config import ExportConfig, contract
 from glam_tf.export import image_header
 from glam_tf.export import precision as precision_lib
+from glam_tf.export import warmup
 from glam_tf.model.builder import inference_model
 
 SIGNATURE_NAMES = (
@@ -471,6 +472,32 @@ def _quiet_signature_renaming():
             logger.removeFilter(notice_filter)
 
 
+SAVED_MODEL_MARKER = "saved_model.pb"  # published last: a version without it is unfinished
+
+
+def remove_unfinished_versions(export_dir) -> list:
+    """Deletes what a killed export left under `export_dir`; returns the deleted paths.
+
+    The temporary folders (`.tmp-<version>-...`, never polled: TF Serving loads only
+    numeric folders), and, off a local disk, numeric folders without `saved_model.pb`: there
+    a version is published by copying its files with `saved_model.pb` last
+    (`files.publish_dir`), so such a folder is a copy a kill interrupted. On a local disk a
+    version appears by one rename, whole, and every numeric folder is left alone.
+    """
+    if not files.isdir(export_dir):
+        return []
+    removed = files.remove_temporaries(export_dir)
+    if not files.is_local(export_dir):
+        for name in files.listdir(export_dir):
+            path = files.join(export_dir, name)
+            if name.isdigit() and not files.exists(files.join(path, SAVED_MODEL_MARKER)):
+                files.rmtree(path)
+                removed.append(path)
+    for path in removed:
+        logging.warning("Removed %s, left unfinished by an export that was killed.", path)
+    return removed
+
+
 def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None, *,
                        version=None, extra_info=None, **settings) -> str:
     """Saves the serving module as `<export_dir>/<version>/` (TF Serving layout).
@@ -485,17 +512,19 @@ def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None,
         extra_info: JSON-able dict stored with the export settings in
             `assets.extra/glam_export.json` (e.g. the ModelConfig, the checkpoint path).
         config / **settings: the export-time settings (glam_tf.config.ExportConfig, fields
-            replaced by name), all recorded in glam_export.json.
+            replaced by name), all recorded in glam_export.json. With warmup_requests
+            (default) the TF Serving warm-up file is written too (glam_tf.export.warmup).
 
     Returns:
         The version folder path.
     """
     export_dir = os.fspath(export_dir)
+    remove_unfinished_versions(export_dir)
     version = contract.resolve_version(export_dir, version)
-    final = os.path.join(export_dir, str(version))
+    final = files.join(export_dir, str(version))
     module = build_serving_module(model, config, **settings)
-    os.makedirs(export_dir, exist_ok=True)
-    tmp = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    files.makedirs(export_dir)
+    tmp = files.join(export_dir, f"{files.TEMPORARY_TAG}{version}-{uuid.uuid4().hex[:8]}")
     try:
         logging.info("Tracing %d signatures and writing the SavedModel to %s",
                      len(SIGNATURE_NAMES), tmp)
@@ -508,12 +537,14 @@ def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None,
             "tensorflow_version": tf.__version__,
         }
         info.update(extra_info or {})
-        os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
-        with open(os.path.join(tmp, contract.EXPORT_INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2)
-        os.rename(tmp, final)
+        files.makedirs(files.join(tmp, "assets.extra"))
+        files.write_text_atomic(files.join(tmp, contract.EXPORT_INFO_FILE),
+                                json.dumps(info, indent=2))
+        if module.config.warmup_requests:
+            warmup.write_warmup_requests(tmp, module.config)
+        files.publish_dir(tmp, final, last=(SAVED_MODEL_MARKER,))
     finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if files.exists(tmp):
+            files.rmtree(tmp)
     logging.info("Exported SavedModel version %s to %s", version, final)
     return final

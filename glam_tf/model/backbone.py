@@ -4,8 +4,8 @@ import os
 import re
 
 import keras
-import tensorflow as tf
 
+from glam_tf import files
 from glam_tf.config.model import BACKBONES
 from glam_tf.model.weights_file import (WeightsFileError, assign_backbone_weights,
                                         read_weights_file)
@@ -41,13 +41,13 @@ def keras_home():
     accessor)."""
     if "KERAS_HOME" in os.environ:
         return os.environ["KERAS_HOME"]
-    base = os.path.expanduser("~")
-    return os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    base = files.expanduser("~")
+    return files.join(base if files.local_writable(base) else "/tmp", ".keras")
 
 
 def keras_models_dir():
     """The folder the ImageNet weights are cached in (`keras_home()/models`)."""
-    return os.path.join(os.path.expanduser(keras_home()), "models")
+    return files.join(files.expanduser(keras_home()), "models")
 
 
 def _fetch_imagenet_weights(name):
@@ -60,7 +60,7 @@ def _fetch_imagenet_weights(name):
     except Exception as e:  # noqa: BLE001 - get_file raises bare Exception on URL errors
         raise BackboneWeightsError(
             f"Could not get the ImageNet weights of backbone '{name}': the file "
-            f"{file_name} is not in the Keras cache ({os.path.join(cache_dir, file_name)}) "
+            f"{file_name} is not in the Keras cache ({files.join(cache_dir, file_name)}) "
             f"and downloading it from {IMAGENET_WEIGHTS_URL + file_name} failed "
             f"({type(e).__name__}: {e}). Fixes: copy {file_name} to "
             f"~/.keras/models/{file_name} (or $KERAS_HOME/models/ when KERAS_HOME is set; "
@@ -70,7 +70,7 @@ def _fetch_imagenet_weights(name):
 
 def _read_weights_file(name, path):
     """The file's layers, read before the backbone is built (a bad file fails first)."""
-    if not tf.io.gfile.exists(path):
+    if not files.isfile(path):
         raise BackboneWeightsError(
             f"Backbone weights file not found: --weights={path!r} (backbone '{name}'). "
             f"Pass an existing .h5 file holding keras.applications."

@@ -19,14 +19,13 @@ the file nor the layer.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
-import tempfile
 
 import h5py
 import numpy as np
-import tensorflow as tf
+
+from glam_tf import files
 
 
 class WeightsFileError(ValueError):
@@ -79,18 +78,6 @@ def read_layers(f) -> tuple:
                            "'layer_names', no group 'model_weights' or 'layers')")
 
 
-@contextlib.contextmanager
-def local_copy(path: str):
-    """`path` itself when it is a local file, else a scratch copy of it (h5py reads
-    local files; tf.io.gfile reads gs://, hdfs://, ...), removed afterwards."""
-    if "://" not in path:
-        yield path
-        return
-    with tempfile.NamedTemporaryFile(prefix="glam_weights_", suffix=".h5") as scratch:
-        tf.io.gfile.copy(path, scratch.name, overwrite=True)
-        yield scratch.name
-
-
 def _variable_name(weight_name) -> str:
     """'conv1_conv/kernel:0' -> 'kernel'; an index stays a str of itself."""
     return str(weight_name).rsplit("/", 1)[-1].split(":", 1)[0]
@@ -133,7 +120,7 @@ def read_weights_file(path: str) -> WeightsFile:
         WeightsFileError: not HDF5, or neither layout (the message names the file).
     """
     try:
-        with local_copy(path) as local, h5py.File(local, "r") as f:
+        with files.local_copy(path) as local, h5py.File(local, "r") as f:
             layout, layers = read_layers(f)
     except WeightsFileError as e:
         raise WeightsFileError(f"--weights={path!r} {e}; it is not a Keras weights "

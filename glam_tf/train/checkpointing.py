@@ -5,11 +5,19 @@ evaluation read), other workers' in `<train_dir>/worker_checkpoints/worker_<i>/`
 worker checkpoints its own plain data iterator (a distributed iterator is not
 checkpointable, tensorflow/tensorflow#56372), so every worker keeps its own files.
 Checkpoints are numbered by step (`ckpt-<step>`).
+
+Publishing: `tf.train.CheckpointManager.save` writes the checkpoint's files (through a
+`ckpt-<step>_temp/` folder that TensorFlow merges into `ckpt-<step>.index` and `.data-*`),
+then the `checkpoint` state file, whole (a temporary `checkpoint.tmp<hex>` renamed over it; on
+an object store one object). Readers (`tf.train.latest_checkpoint`, the manager, export and
+evaluation) go by that state file, so a checkpoint counts only once it is listed there, written
+last. `remove_unfinished_checkpoints` deletes the temporaries a killed save left; checkpoint
+files themselves are never deleted there (one newer than the state file lists may be whole:
+resume decides from the files).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import threading
@@ -18,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from glam_tf import files
 from glam_tf.config import contract
 from glam_tf.train.distribute import WorkerInfo
 
@@ -37,6 +46,30 @@ def checkpoint_steps(manager: tf.train.CheckpointManager) -> list:
         if match:
             steps.append(int(match.group(1)))
     return steps
+
+
+def remove_unfinished_checkpoints(manager: tf.train.CheckpointManager) -> list:
+    """Deletes the temporaries a killed save left in `manager.directory` (TensorFlow's
+    `ckpt-<step>_temp/` and `checkpoint.tmp<hex>`); returns the deleted paths. Checkpoint
+    files (`ckpt-<step>.index`, `.data-*`) are never deleted here. Call it before training,
+    when this worker alone writes the folder.
+    """
+    directory = manager.directory
+    if not files.isdir(directory):
+        return []
+    removed = []
+    for name in files.listdir(directory):
+        name = name.rstrip("/")
+        if name.startswith("checkpoint.tmp") or re.fullmatch(rf"{CHECKPOINT_NAME}-\d+_temp", name):
+            path = files.join(directory, name)
+            if files.isdir(path):
+                files.rmtree(path)
+            else:
+                files.remove(path)
+            removed.append(path)
+    for path in removed:
+        logging.warning("Removed %s, left by a checkpoint save that was killed.", path)
+    return removed
 
 
 def _gather_per_worker(strategy: tf.distribute.Strategy, worker: WorkerInfo,
@@ -83,7 +116,7 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
             f"checkpoints are at steps {newest_per_worker.tolist()} and this worker "
             f"({manager.directory}) has no checkpoint at step {target} (it has {steps}). "
             "Delete the worker_checkpoints and checkpoints folders to start over.")
-    path = os.path.join(manager.directory, f"{CHECKPOINT_NAME}-{target}")
+    path = files.join(manager.directory, f"{CHECKPOINT_NAME}-{target}")
     checkpoint.restore(path).assert_existing_objects_matched()
     return target
 

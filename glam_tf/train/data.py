@@ -18,14 +18,12 @@ shards it trains on (see `data_verified_here`).
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
-import os
 from typing import Optional
 
 import tensorflow as tf
 from absl import logging
 
+from glam_tf import files as glam_files
 from glam_tf.config import contract
 from glam_tf.config.train import TrainConfig
 from glam_tf.train.distribute import WorkerInfo
@@ -69,14 +67,15 @@ def count_records(files: list, file_pattern: str) -> tuple:
     if not files:
         raise FileNotFoundError(f"--train_file_pattern={file_pattern!r} matches no file.")
     files = list(files)
-    folders = {os.path.dirname(f) for f in files}
+    folders = {glam_files.dirname(f) for f in files}
     if len(folders) == 1:
-        summary_path = os.path.join(folders.pop(), contract.CONVERTER_SUMMARY_FILE)
-        if os.path.isfile(summary_path):
-            with open(summary_path, encoding="utf-8") as f:
-                summary = json.load(f)
-            train_pattern = summary.get("train_pattern", "")
-            if train_pattern and sorted(glob.glob(train_pattern)) == sorted(files):
+        folder = folders.pop()
+        summary_path = glam_files.join(folder, contract.CONVERTER_SUMMARY_FILE)
+        if glam_files.isfile(summary_path):
+            summary = glam_files.read_json(summary_path)
+            train_pattern = summary.get("train_pattern", "")  # relative to the folder
+            if train_pattern and glam_files.glob(
+                    glam_files.join(folder, train_pattern)) == sorted(files):
                 return int(summary["written"]["train"]), int(summary["num_classes"])
     from glam_tf.data.records import KEY_LABEL  # noqa: PLC0415 (only for the scan)
 
@@ -133,7 +132,7 @@ def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
     from glam_tf.data import pipeline  # noqa: PLC0415
 
     check_dir = contract.data_check_dir(config.train_dir)
-    shards = sorted(glob.glob(data_config.file_pattern))
+    shards = sorted(glam_files.glob(data_config.file_pattern))
     reports = pipeline.check_shards(
         shards, record_dir=check_dir, verify=data_verified_here(shards, worker, data_config),
         worker_index=worker.worker_index)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from typing import Callable, Optional
 
@@ -20,9 +19,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from glam_tf import files
 from glam_tf.config import contract
 from glam_tf.config.train import TrainConfig
-from glam_tf.files import write_json_atomic
 from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
 from glam_tf.train import checkpointing, data as train_data, reporting
 from glam_tf.train.distribute import make_strategy, strategy_name, worker_info
@@ -195,6 +194,7 @@ def _build_run(config: TrainConfig, strategy, worker, source, total_steps: int,
 
 def _restore(run: _Run, strategy, worker) -> int:
     """Restores the newest common checkpoint; returns its step (0 for a fresh run)."""
+    checkpointing.remove_unfinished_checkpoints(run.manager)
     start_step = checkpointing.restore_latest(run.checkpoint, run.manager,
                                               strategy, worker)
     if start_step:
@@ -297,7 +297,7 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
     logging.info("%s: %d replica(s), %d worker(s); this is worker %d%s.",
                  strategy_name(strategy), worker.num_replicas, worker.num_workers,
                  worker.worker_index, " (chief)" if worker.is_chief else "")
-    os.makedirs(config.train_dir, exist_ok=True)
+    files.makedirs(config.train_dir)
 
     # From here until the loop ends, SIGTERM only sets a flag: the loop checkpoints and
     # returns at the next step (a signal during set-up stops after the first step).
@@ -315,9 +315,9 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
         result = TrainResult(start_step=start_step, final_step=start_step,
                              total_steps=total_steps, num_classes=source.num_classes)
         if worker.is_chief:
-            write_json_atomic(contract.model_config_path(config.train_dir),
+            files.write_json_atomic(contract.model_config_path(config.train_dir),
                               config.model.to_dict())
-            write_json_atomic(contract.train_config_path(config.train_dir),
+            files.write_json_atomic(contract.train_config_path(config.train_dir),
                               config.to_dict())
             if config.eval_untrained and start_step == 0:
                 logging.info("Evaluating the untrained model (step 0).")
@@ -345,7 +345,7 @@ def _evaluate(model: keras.Model, config: TrainConfig, *, step: int) -> dict:
     from glam_tf.eval import evaluate_model  # noqa: PLC0415 (optional stage)
 
     return evaluate_model(model, config.evaluation_at(step),
-                          tag=f"{os.path.abspath(config.train_dir)}@step_{step}")
+                          tag=f"{files.absolute(config.train_dir)}@step_{step}")
 
 
 def _export_and_evaluate(config: TrainConfig, model: keras.Model, result: TrainResult,

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from glam_tf import files
 from glam_tf.data.progress import format_seconds
 
 # What tensorboard.summary.scalar writes, built here so that training needs no tensorboard
@@ -131,7 +132,7 @@ def write_scalars(step: int, loss: float, accuracy: float, learning_rate: float,
 def read_scalars(event_dir: str) -> dict:
     """{tag: {step: value}} of the scalars in the event files under `event_dir`."""
     out = {}
-    for path in sorted(tf.io.gfile.glob(f"{event_dir}/events.out.tfevents.*")):
+    for path in files.glob(files.join(event_dir, "events.out.tfevents.*")):
         for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
             event = tf.compat.v1.Event.FromString(record)
             for value in event.summary.value:

@@ -8,11 +8,10 @@ them; the test split (`<root>/synth`, dataset name "synth") is what --eval_datas
 
 from __future__ import annotations
 
-import json
-import os
 
 from absl import logging
 
+from glam_tf import files
 from glam_tf.data import gldv2, synthetic
 from glam_tf.config import SyntheticConfig, contract
 
@@ -35,14 +34,13 @@ def prepare_synthetic(config: SyntheticConfig, *, num_workers: int = 1,
     """
     summary = synthetic.generate_if_absent(config, num_workers=num_workers,
                                            show_progress=False)
-    output_dir = os.path.join(config.root, TFRECORD_SUBDIR)
-    summary_path = os.path.join(output_dir, contract.CONVERTER_SUMMARY_FILE)
-    if os.path.isfile(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            done = json.load(f)
-        if done.get("written", {}).get("train") == summary.train_images:
+    output_dir = files.join(config.root, TFRECORD_SUBDIR)
+    summary_path = files.join(output_dir, contract.CONVERTER_SUMMARY_FILE)
+    if files.isfile(summary_path):
+        done = gldv2.read_summary(output_dir)
+        if done.written.get("train") == summary.train_images:
             logging.info("Synthetic TFRecords already in %s", output_dir)
-            return done["train_pattern"]
+            return done.train_pattern
     converted = gldv2.convert_gldv2(config.root, output_dir, num_shards=2,
                                     seed=config.seed, beam_args=beam_args)
     logging.info("Converted %d synthetic training images of %d classes to %s",

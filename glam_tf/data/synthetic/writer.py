@@ -11,19 +11,18 @@ import functools
 import hashlib
 import json
 import multiprocessing
-import os
 import time
 
 import numpy as np
 from absl import logging
 
+from glam_tf import files
 from glam_tf.config.data import SyntheticConfig
 from glam_tf.config.settings import is_int
 from glam_tf.data import gldv2, testsets
 from glam_tf.data import progress as progress_lib
 from glam_tf.data.synthetic.photo import Neighbour, render_photo
 from glam_tf.data.synthetic.scene import draw_palette, render_scene, seeded_rng
-from glam_tf.files import atomic_write, write_json_atomic
 
 MARKER_NAME = ".synthetic_complete.json"
 MANIFEST_NAME = "synthetic_manifest.json"
@@ -75,8 +74,8 @@ def _render_landmark_task(task: dict) -> list:
                              frame_scale=task["frame_scale"],
                              neighbours=_neighbours(task, k),
                              occlusion_scale=task["occlusion_scale"])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, lambda f, jpeg=photo.jpeg: f.write(jpeg))
+        files.makedirs(files.dirname(path))
+        files.atomic_write(path, lambda f, jpeg=photo.jpeg: f.write(jpeg))
         out.append({"path": path, "level": level, "bbox": photo.bbox,
                     "occluded": round(photo.occluded, 4), "size": [photo.width, photo.height]})
     return out
@@ -126,7 +125,7 @@ def _split_tasks(config: SyntheticConfig, split: str, first: int, count: int,
 def _ground_truth(split_tasks: list, results: dict, manifest: dict):
     """(imlist, qimlist, gnd) of a split in the revisited format; records every image's
     landmark, level and occlusion in `manifest` (keyed by image name)."""
-    name = lambda rec: os.path.splitext(os.path.basename(rec["path"]))[0]  # noqa: E731
+    name = lambda rec: files.splitext(files.basename(rec["path"]))[0]  # noqa: E731
     imlist = sorted(name(rec) for t in split_tasks for rec in results[t["landmark"]]
                     if rec["level"] != "query")
     name_index = {n: i for i, n in enumerate(imlist)}
@@ -227,10 +226,10 @@ def generate_synthetic_landmarks(config: SyntheticConfig, *, num_workers: int = 
                     clutter_pool=config.clutter_pool,
                     occlusion_scale=float(config.occlusion_scale))
 
-    marker = os.path.join(root, MARKER_NAME)
-    if os.path.exists(marker):
-        os.remove(marker)
-    os.makedirs(jpg_dir, exist_ok=True)
+    marker = files.join(root, MARKER_NAME)
+    if files.exists(marker):
+        files.remove(marker)
+    files.makedirs(jpg_dir)
     total = sum(len(t["photos"]) for t in tasks)
     bar = progress_lib.ProgressBar(total, unit="images", description="synthetic landmarks",
                                    enabled=show_progress)
@@ -252,7 +251,7 @@ def generate_synthetic_landmarks(config: SyntheticConfig, *, num_workers: int = 
     bar.close()
 
     # Training csv (GLDv2 train_clean.csv format).
-    train_csv = os.path.join(root, gldv2.CSV_CLEAN)
+    train_csv = files.join(root, gldv2.CSV_CLEAN)
     gldv2.write_clean_csv(train_csv, train_rows)
 
     # Ground truth (revisited format), one file per split.
@@ -270,7 +269,7 @@ def generate_synthetic_landmarks(config: SyntheticConfig, *, num_workers: int = 
         "train": {str(int(landmark_ids[i])): i for i in range(num_train_landmarks)},
         **manifest_splits,
     }
-    write_json_atomic(os.path.join(root, MANIFEST_NAME), manifest)
+    files.write_json_atomic(files.join(root, MANIFEST_NAME), manifest)
     seconds = time.monotonic() - start
     summary = SyntheticSummary(
         root=root, train_csv=train_csv,
@@ -280,7 +279,7 @@ def generate_synthetic_landmarks(config: SyntheticConfig, *, num_workers: int = 
         num_database=num_database[DATASET_NAME], seconds=seconds,
         val_gnd_path=gnd_paths.get(VAL_DATASET_NAME, ""),
         val_queries=num_queries.get(VAL_DATASET_NAME, 0))
-    write_json_atomic(marker, {"params": params, "summary": dataclasses.asdict(summary)})
+    files.write_json_atomic(marker, {"params": params, "summary": dataclasses.asdict(summary)})
     logging.info("synthetic landmarks in %s: %d training photos of %d landmarks, %d test "
                  "queries, %d test database photos, %d validation queries (%.1f s)", root,
                  summary.train_images, num_train_landmarks, summary.num_queries,
@@ -297,10 +296,10 @@ def generate_if_absent(config: SyntheticConfig, *, num_workers: int = 1,
     """
     config.validate()   # before the marker: a bad value fails first
     root = config.root
-    marker = os.path.join(root, MARKER_NAME)
+    marker = files.join(root, MARKER_NAME)
     params = config.generator_params()
-    if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as f:
+    if files.exists(marker):
+        with files.open_file(marker) as f:
             saved = json.load(f)
         # A set written before a setting existed was generated with its default.
         saved["params"] = {**SyntheticConfig().generator_params(), **saved["params"]}
