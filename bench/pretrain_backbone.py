@@ -85,10 +85,10 @@ def train_command(args) -> list:
 
 
 def _sha256(path: str) -> str:
-    import tensorflow as tf  # noqa: PLC0415 (after the training process has run)
+    from glam_tf import files  # noqa: PLC0415 (after the training process has run)
 
     digest = hashlib.sha256()
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with files.open_file(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -108,22 +108,20 @@ def save_backbone(run_dir: str, path: str) -> dict:
     Returns:
         {"backbone": name, "variant": the run's variant, "checkpoint": prefix}.
     """
-    import tensorflow as tf  # noqa: PLC0415
-
+    from glam_tf import files  # noqa: PLC0415
     from glam_tf.export.checkpoint import restore_descriptor_model  # noqa: PLC0415
-    from glam_tf.files import temporary_path  # noqa: PLC0415
 
     model, config, prefix = restore_descriptor_model(run_dir)
     if config.variant != "baseline":
         raise ValueError(f"{run_dir} trained --variant={config.variant}; the pretraining "
                          "recipe trains the baseline (backbone + GeM + head) only.")
-    tmp = temporary_path(path[:-len(".weights.h5")]) + ".weights.h5"
+    tmp = files.temporary_path(path[:-len(".weights.h5")]) + ".weights.h5"
     try:
         model.get_layer("backbone").save_weights(tmp)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        files.rename(tmp, path)
     finally:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.remove(tmp)
+        if files.exists(tmp):
+            files.remove(tmp)
     return {"backbone": config.backbone, "variant": config.variant, "checkpoint": prefix}
 
 
