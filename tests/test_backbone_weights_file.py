@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from glam_tf import files
 from glam_tf.config.model import ModelConfig
 from glam_tf.model.backbone import BackboneWeightsError, build_backbone
 
@@ -82,7 +83,13 @@ def test_keras_applications_notop_file_through_the_weights_setting(source, tmp_p
 def test_keras_applications_file_with_top_skips_the_classifier(source, tmp_path):
     path = str(tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels.h5")
     write_keras_applications_h5(source, path, top_classes=1000)
-    assert_same_weights(build_backbone("resnet50", "file://" + path), source)
+    # A non-local path (TensorFlow's in-memory file system) is read through a scratch copy.
+    remote = "ram://weights/resnet50_weights_tf_dim_ordering_tf_kernels.h5"
+    files.copy(path, remote)
+    try:
+        assert_same_weights(build_backbone("resnet50", remote), source)
+    finally:
+        files.remove(remote)
 
 
 def test_backbone_saved_by_this_project(source, tmp_path):
