@@ -18,7 +18,7 @@ id. A missing folder or file is one line on stderr (exit 2), not a traceback.
 
 from absl import app, flags, logging
 
-from glam_tf import beam_options
+from glam_tf import beam_options, files, refusal
 from glam_tf.config import settings
 from glam_tf.data import gldv2
 
@@ -35,16 +35,18 @@ _SEED = flags.DEFINE_integer("seed", 0, "Shard shuffle and validation split seed
 _FULL_DECODE = flags.DEFINE_bool("full_decode", True,
                                  "Decode every image to catch truncated files.")
 
-
 def main(argv):
     try:
-        for flag in (_ROOT, _OUTPUT_DIR, _CSV, _IMAGE_DIR):
-            settings.reachable(flag.name, flag.value)
-        summary = gldv2.convert_gldv2(
-            _ROOT.value, _OUTPUT_DIR.value, csv_path=_CSV.value, image_dir=_IMAGE_DIR.value,
-            num_shards=_NUM_SHARDS.value, num_validation_shards=_NUM_VAL_SHARDS.value,
-            validation_fraction=_VAL_FRACTION.value, seed=_SEED.value,
-            full_decode=_FULL_DECODE.value, beam_args=argv[1:])
+        with refusal.refusals("build_gldv2_main", verbose=flags.FLAGS.verbosity >= 1):
+            for flag in (_ROOT, _OUTPUT_DIR, _CSV, _IMAGE_DIR):
+                settings.reachable(flag.name, flag.value)
+            files.ensure_writable_dir(_OUTPUT_DIR.value, "--output_dir")  # before any image is read
+            summary = gldv2.convert_gldv2(
+                _ROOT.value, _OUTPUT_DIR.value, csv_path=_CSV.value,
+                image_dir=_IMAGE_DIR.value, num_shards=_NUM_SHARDS.value,
+                num_validation_shards=_NUM_VAL_SHARDS.value,
+                validation_fraction=_VAL_FRACTION.value, seed=_SEED.value,
+                full_decode=_FULL_DECODE.value, beam_args=argv[1:])
     except (ValueError, FileNotFoundError) as e:
         settings.exit_with_usage_error("build_gldv2_main", e)
     print(f"written: {summary.total_written} (train {summary.written['train']}, validation "
@@ -54,7 +56,6 @@ def main(argv):
     print(f"label map:   {summary.label_map_path}")
     print(f"counters of this run: {summary.counters}")
     logging.info("done")
-
 
 if __name__ == "__main__":
     app.run(main, flags_parser=beam_options.parse_flags_keep_beam_args)

@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags, logging
 
-from glam_tf import beam_options
+from glam_tf import beam_options, refusal
 from glam_tf.config import EvalConfig, SettingError, settings
 
 settings.define_flags(EvalConfig)
@@ -40,7 +40,8 @@ def main(argv):
     from glam_tf.eval import evaluator  # noqa: PLC0415
 
     try:
-        results = evaluator.run_evaluation(config, beam_args=argv[1:])
+        with refusal.refusals("eval_main", verbose=FLAGS.verbosity >= 1):
+            results = evaluator.run_evaluation(config, beam_args=argv[1:])
     except (ValueError, FileNotFoundError, MissingDataError, UnsafePickleError,
             ImportError) as e:
         logging.error("%s", e)

@@ -11,12 +11,10 @@ parse them into their own FlagValues and other *_main modules with a --train_dir
 imported in the same process.
 """
 
-
 from absl import app, flags, logging
 
-from glam_tf import files
+from glam_tf import files, refusal
 from glam_tf.config import ExportConfig, SettingError, contract, settings
-
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this program's flags in flag_values."""
@@ -31,12 +29,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          flag_values=flag_values)
     settings.define_flags(ExportConfig, flag_values)
 
-
 def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     """Checks every flag (no TF work yet); returns export_from_checkpoint's arguments.
 
     Raises:
         SettingError naming the flag, the rule and the value received.
+        glam_tf.refusal.Refused: --export_dir cannot be written.
     """
     fv = flag_values
     for name in ("train_dir", "export_dir"):
@@ -49,13 +47,13 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         raise SettingError(f"--export_dir={fv.export_dir!r} exists and is not a directory.")
     config = settings.from_flags(ExportConfig, fv)
     config.validate()
+    files.ensure_writable_dir(fv.export_dir, "--export_dir")  # refuses before the model is built
     try:
         version = contract.resolve_version(fv.export_dir, fv.version)
     except (ValueError, FileExistsError) as e:
         raise SettingError(f"--version: {e}") from None
     return dict(train_dir=fv.train_dir, export_dir=fv.export_dir, version=version,
                 config=config)
-
 
 def run_export(flag_values: flags.FlagValues = flags.FLAGS) -> str:
     """Validates the flags, exports, returns the version folder path."""
@@ -66,15 +64,14 @@ def run_export(flag_values: flags.FlagValues = flags.FLAGS) -> str:
     logging.info("SavedModel written to %s", path)
     return path
 
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
     try:
-        print(run_export())
+        with refusal.refusals("export_main", verbose=flags.FLAGS.verbosity >= 1):
+            print(run_export())
     except (SettingError, FileNotFoundError, ValueError) as e:  # bad flag, or a train_dir
         settings.exit_with_usage_error("export_main", e)  # without its files
-
 
 if __name__ == "__main__":
     define_flags()

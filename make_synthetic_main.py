@@ -11,7 +11,7 @@ The flags are SyntheticConfig's settings (glam_tf.config), defined from its fiel
 
 from absl import app, flags
 
-from glam_tf import files
+from glam_tf import files, refusal
 from glam_tf.config import SettingError, SyntheticConfig, settings
 
 settings.define_flags(SyntheticConfig)
@@ -27,9 +27,10 @@ def main(argv):
     try:
         config = settings.from_flags(SyntheticConfig)
         config.validate()
-        if _FORCE.value:
-            files.rmtree(config.root)
-        summary = synthetic.generate_if_absent(config, num_workers=_NUM_WORKERS.value)
+        with refusal.refusals("make_synthetic_main", verbose=flags.FLAGS.verbosity >= 1):
+            if _FORCE.value:
+                files.rmtree(config.root)
+            summary = synthetic.generate_if_absent(config, num_workers=_NUM_WORKERS.value)
     except (SettingError, ValueError) as e:  # a flag out of range, or a set made there with
         settings.exit_with_usage_error("make_synthetic_main", e)  # other flags
     print(f"{summary.train_images} training photos of {summary.train_landmarks} landmarks: "

@@ -16,6 +16,7 @@ import sys
 
 from absl import app, flags
 
+from glam_tf import refusal
 from glam_tf.config import SettingError, TrainConfig, settings
 
 settings.define_flags(TrainConfig)
@@ -46,8 +47,9 @@ def main(argv, model_fn=None):
         split_logical_cpus(FLAGS.logical_cpus)
     strategy = make_strategy(config.strategy, collective_timeout_s=config.collective_timeout_s)
     try:
-        result = (train(config, strategy) if model_fn is None
-                  else train(config, strategy, model_fn=model_fn))
+        with refusal.refusals("train_main", verbose=FLAGS.verbosity >= 1):
+            result = (train(config, strategy) if model_fn is None
+                      else train(config, strategy, model_fn=model_fn))
     except (SettingError, DamagedShardsError) as e:  # found after the strategy is made:
         settings.exit_with_usage_error("train_main", e)  # batch vs replicas, damaged shards
     from glam_tf.train.reporting import format_attention

@@ -6,9 +6,11 @@ folder, loads it back with tf.saved_model.load and times, in one process:
     (JPEG decode included) on one image whose longer side is --image_size;
   - the model alone at the same 3 sizes through a tf.function (what the signatures add);
   - batched_global_descriptors on --batch_size such images vs global_descriptor one by one.
-The first call of each (graph optimisation) is reported apart; then --warmup untimed and
---reps timed rounds call every case in turn (interleaved, so load from other processes
-falls on all cases alike). Wall-clock and process CPU time medians are reported.
+Timed through bench/harness.py: the first call of each (graph optimisation) is reported
+apart, --warmup more untimed rounds follow, then --reps timed rounds call every case once,
+the order rotated each round (so neither the load from other processes nor a warm cache
+favours a case). Wall-clock and process CPU time medians are reported, with the spread of
+the per-round ratios and the machine (CPU, instruction-set level, load).
 
   python bench/export_latency.py                          # resnet101, weights none
   python bench/export_latency.py --backbone=resnet50 --reps=2
@@ -20,7 +22,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import harness  # noqa: E402  (this folder)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -45,42 +49,12 @@ def define_flags():
     flags.DEFINE_integer("warmup", 0, "Untimed rounds after the first calls.")
 
 
-def time_call(fn):
-    """(wall s, process CPU s) of one fn() call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def interleaved(cases, reps, warmup):
-    """{name: (first-call wall s, median wall s, median CPU s)}.
-
-    Each case is called once (first call, graph optimisation), `warmup` untimed rounds
-    follow, then `reps` rounds that call every case once in turn: on a shared machine the
-    load then falls on all cases alike, so their ratios stay meaningful.
-    """
-    first = {}
-    for name, fn in cases.items():
-        logging.info("First call: %s", name)
-        first[name] = time_call(fn)[0]
-    for _ in range(warmup):
-        for fn in cases.values():
-            fn()
-    samples = {name: [] for name in cases}
-    for rep in range(reps):
-        logging.info("Timed round %d / %d", rep + 1, reps)
-        for name, fn in cases.items():
-            samples[name].append(time_call(fn))
-    return {name: (first[name], float(np.median([s[0] for s in samples[name]])),
-                   float(np.median([s[1] for s in samples[name]])))
-            for name in cases}
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.reps < 1 or FLAGS.batch_size < 1 or FLAGS.warmup < 0:
         raise app.UsageError("--reps and --batch_size must be >= 1, --warmup >= 0.")
+    print(harness.header(), flush=True)
     if not 0 < FLAGS.aspect <= 1:
         raise app.UsageError(f"--aspect must be in (0, 1]; received {FLAGS.aspect}.")
     long_side = FLAGS.image_size
@@ -126,24 +100,21 @@ def main(argv):
             f"global_descriptor x {b}, one at a time": lambda: [
                 sig["global_descriptor"](input_image=im) for im in batch],
         }
-        results = interleaved(cases, FLAGS.reps, FLAGS.warmup)
+        results = harness.compare(cases, rounds=FLAGS.reps, warmup=1 + FLAGS.warmup,
+                                  log=logging.info)
 
     print(f"\n{config.backbone} / {config.variant}, image {short_side}x{long_side}, scales "
-          f"{contract.DEFAULT_SCALES}, CPU threads: {os.cpu_count()}, TF {tf.__version__}, "
-          f"load average at the end: {os.getloadavg()[0]:.1f}")
+          f"{contract.DEFAULT_SCALES}, TF {tf.__version__}; at the end {harness.header()}")
     print(f"export {export_s:.1f} s, load {load_s:.1f} s, {FLAGS.reps} timed rounds")
     print(f"{'call':<44}{'first s':>9}{'median s':>10}{'CPU s':>8}")
-    for name, (first, wall, cpu) in results.items():
-        print(f"{name:<44}{first:>9.2f}{wall:>10.2f}{cpu:>8.2f}")
-    _, batched_wall, batched_cpu = results[f"batched_global_descriptors, B={b}"]
-    _, single_wall, single_cpu = results[f"global_descriptor x {b}, one at a time"]
-    print(f"\nimages/s: batched {b / batched_wall:.3f}, one at a time {b / single_wall:.3f} "
-          f"-> batched is {single_wall / batched_wall:.2f}x (wall), "
-          f"{single_cpu / batched_cpu:.2f}x (CPU time)")
-    _, model_wall, model_cpu = results["model alone, 3 sizes (tf.function)"]
-    _, default_wall, default_cpu = results["serving_default (3 scales)"]
-    print(f"serving_default / model alone: {default_wall / model_wall:.2f}x (wall), "
-          f"{default_cpu / model_cpu:.2f}x (CPU time)")
+    for name, t in results.items():
+        print(f"{name:<44}{t.first:>9.2f}{t.median:>10.2f}{t.cpu_median:>8.2f}")
+    batched = results[f"batched_global_descriptors, B={b}"]
+    single = results[f"global_descriptor x {b}, one at a time"]
+    print(f"\nimages/s: batched {b / batched.median:.3f}, one at a time "
+          f"{b / single.median:.3f} -> batched is {harness.ratio(single, batched)} faster")
+    print(f"serving_default / model alone: "
+          f"{harness.ratio(results['serving_default (3 scales)'], results['model alone, 3 sizes (tf.function)'])}")
 
 
 if __name__ == "__main__":

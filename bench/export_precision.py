@@ -6,9 +6,11 @@ in-process: the tf.functions the SavedModel exports, without the save/load), tim
 its `global_descriptor` signature on one random --long_side x 3/4 uint8 image at
 --scales (default: one scale, 1.0). All precisions live in one process: each is called
 once (graph optimisation, reported apart), --warmup untimed rounds follow, then --reps
-rounds call every precision in turn (interleaved: load from other processes falls on all
-alike); medians of wall-clock and process CPU time. Also the cosine of each precision's
-descriptor of that image to float32's (random weights).
+rounds call every precision once, the order rotated each round (bench/harness.py: load
+from other processes and warm caches favour none); medians of wall-clock and process CPU
+time, the spread of the per-round ratios, and the CPU's instruction-set level beside them
+(bfloat16 is fast only with native bfloat16: AVX512-BF16 or AMX). Also the cosine of each
+precision's descriptor of that image to float32's (random weights).
 
 Accuracy (with --train_dir, e.g. the demo's run): the run's model restored from its newest
 checkpoint, served at the run's evaluation settings (train_config.json: evaluation
@@ -45,7 +47,7 @@ from glam_tf.config import EXPORT_PRECISIONS, EvalConfig  # noqa: E402
 from glam_tf.export import build_serving_module, restore_descriptor_model  # noqa: E402
 from glam_tf.model import BACKBONES, VARIANTS, ModelConfig, build_descriptor_model  # noqa: E402
 
-import export_latency  # noqa: E402  (this folder: the interleaved timing of the benches)
+import harness  # noqa: E402  (this folder: the order-balanced timing of the benches)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("backbone", "resnet101", BACKBONES, "Backbone of the latency model.")
@@ -98,25 +100,30 @@ def latency(precisions):
             outputs[p] = modules[p].global_descriptor(image)["global_descriptor"].numpy()
         return fn
 
-    results = export_latency.interleaved({p: case(p) for p in precisions}, FLAGS.reps, FLAGS.warmup)
-    ref_wall, ref_cpu = results["float32"][1], results["float32"][2]
-    rows = {p: {"first_s": round(first, 3), "median_s": round(wall, 3),
-                "cpu_s": round(cpu, 3), "speedup": round(ref_wall / wall, 3),
-                "cpu_speedup": round(ref_cpu / cpu, 3),
-                "cosine_random_weights": round(_cosine(outputs[p], outputs["float32"]), 6)}
-            for p, (first, wall, cpu) in results.items()}
+    results = harness.compare({p: case(p) for p in precisions}, rounds=FLAGS.reps,
+                              warmup=1 + FLAGS.warmup, log=logging.info)
+    machine = harness.machine()
+    rows = {}
+    for p, t in results.items():
+        speedup = harness.ratio(results["float32"], t)
+        rows[p] = {**t.summary(), "speedup": round(speedup.value, 3),
+                   "speedup_per_round": [round(speedup.low, 3), round(speedup.high, 3)],
+                   "cpu_speedup": round(speedup.cpu, 3),
+                   "cosine_random_weights": round(_cosine(outputs[p], outputs["float32"]), 6)}
     print(f"\nLatency: {config.backbone} / {config.variant}, weights none, global_descriptor "
           f"of one {short_side}x{long_side} image at scales {scales} (in-process serving "
-          f"module), {FLAGS.reps} timed rounds, CPU threads {os.cpu_count()}, TF "
-          f"{tf.__version__}, load average at the end {os.getloadavg()[0]:.1f}")
-    print(f"{'precision':<10}{'first s':>9}{'median s':>10}{'CPU s':>8}{'x f32':>8}"
-          f"{'x f32 CPU':>10}{'cosine':>10}")
+          f"module), {FLAGS.reps} timed rounds, TF {tf.__version__}; at the end "
+          f"{harness.header()}")
+    print(f"{'precision':<10}{'ISA':>13}{'first s':>9}{'median s':>10}{'CPU s':>8}"
+          f"{'x f32':>8}{'per round':>13}{'x f32 CPU':>10}{'cosine':>10}")
     for p, r in rows.items():
-        print(f"{p:<10}{r['first_s']:>9.2f}{r['median_s']:>10.3f}{r['cpu_s']:>8.2f}"
-              f"{r['speedup']:>8.2f}{r['cpu_speedup']:>10.2f}{r['cosine_random_weights']:>10.5f}")
+        lo, hi = r["speedup_per_round"]
+        print(f"{p:<10}{machine['isa']:>13}{r['first_s']:>9.2f}{r['median_s']:>10.3f}"
+              f"{r['cpu_median_s']:>8.2f}{r['speedup']:>8.2f}{f'{lo:.2f}-{hi:.2f}':>13}"
+              f"{r['cpu_speedup']:>10.2f}{r['cosine_random_weights']:>10.5f}")
     return {"backbone": config.backbone, "variant": config.variant,
             "image": [short_side, long_side], "scales": list(scales), "reps": FLAGS.reps,
-            "precisions": rows}
+            "machine": machine, "precisions": rows}
 
 
 def _photos(root):
@@ -198,6 +205,7 @@ def main(argv):
     if FLAGS.reps < 1 or FLAGS.warmup < 0:
         raise app.UsageError("--reps must be >= 1 and --warmup >= 0.")
     precisions = _precisions()
+    print(harness.header(), flush=True)
     out = {"bench": "export_precision", "latency": latency(precisions)}
     if FLAGS.train_dir:
         out["accuracy"] = accuracy(precisions)

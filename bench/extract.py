@@ -4,6 +4,9 @@ Exports a GLAM model (--backbone, ResNet50 by default; weights none) as a SavedM
 (or, if that package is unusable, wraps glam_tf.model.build_descriptor_model in a
 tf.function; the output says which), then runs glam_tf.eval.extract.extract_split on the
 same images with --batch_size and with batch size 1, and prints images/s and the ratio.
+Every comparison is timed through bench/harness.py: one untimed call of each leg first,
+then rounds with the legs' order rotated (medians, with the per-round
+spread and the machine: CPU, instruction-set level, load).
 Image sets: "oxford-like" (landscape 1024x768 and portrait 768x1024 JPEGs, as most of
 Oxford/Paris; few buckets) and, when ../shared/data is present, the 55 real query crops
 (mixed sizes: buckets of one or two images).
@@ -14,8 +17,8 @@ DirectRunner's one in-memory worker, reusing the driver's model; else 2 worker p
 N = N DirectRunner worker processes each loading the SavedModel (TensorFlow's default
 threads), Na = the same with TensorFlow limited to max(1, cores // N) threads per worker
 (GLAM_BEAM_TF_THREADS=auto); against the in-process batched extraction on --beam_images small images (--beam_image_px, 4:3 landscape
-and portrait, as the demo's) in --beam_shards shards, legs alternated in the same run, best
-of --beam_repeats. Both include their start-up (the in-process path's model is loaded before
+and portrait, as the demo's) in --beam_shards shards, legs warmed up and rotated in the same
+run, median of --beam_repeats. Both include their start-up (the in-process path's model is loaded before
 the clock starts, as eval_main loads it in the driver before the pipeline); the Beam legs
 also report their time in shards (Beam distribution shard_ms, over the workers) and the rest
 (worker processes, TensorFlow imports, model loads: start-up and overhead), and the
@@ -31,16 +34,17 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "bench"))
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
 # pylint: disable=wrong-import-position
+import harness  # this folder
 from glam_tf.eval import extract, models
 from glam_tf.model import ModelConfig, build_descriptor_model
 
@@ -90,15 +94,17 @@ def _real_crops():
     return [extract.ImageItem(n, os.path.join(folder, n)) for n in names]
 
 
-def _time(items, backend, tmp, tag, *, batch_size, max_image_size, repeats):
-    best = float("inf")
-    for r in range(repeats):
-        out = os.path.join(tmp, f"{tag}-b{batch_size}-{r}")
-        t0 = time.perf_counter()
+def _extraction(items, backend, folder, *, batch_size, max_image_size, shard_size=None):
+    """A callable extracting `items` into a fresh sub-folder of `folder` at each call."""
+    calls = []
+
+    def run():
+        out = os.path.join(folder, str(len(calls)))
+        calls.append(out)
         extract.extract_split(items, out, backend, max_image_size=max_image_size,
-                              batch_size=batch_size, shard_size=len(items), log_every_s=1e9)
-        best = min(best, time.perf_counter() - t0)
-    return best
+                              batch_size=batch_size, shard_size=shard_size or len(items),
+                              log_every_s=1e9)
+    return run
 
 
 def main():
@@ -120,10 +126,11 @@ def main():
                         "extraction's default for --beam_images; 2a: 2 processes "
                         "with GLAM_BEAM_TF_THREADS=auto)")
     p.add_argument("--beam_repeats", type=int, default=2,
-                   help="best of this many runs of each leg, legs alternated")
+                   help="timed rounds of each leg after one warm-up run, order rotated")
     p.add_argument("--repeats", type=int, default=2,
-                   help="best of this many runs (first runs pay per-shape warm-up)")
+                   help="timed rounds after one warm-up run (per-shape first calls)")
     args = p.parse_args()
+    print(harness.header(), flush=True)
     scales = models.DEFAULT_SCALES
     model = build_descriptor_model(ModelConfig(backbone=args.backbone, weights="none",
                                                variant=args.variant))
@@ -137,27 +144,32 @@ def main():
                    "batch_size": args.batch_size, "scales": list(scales),
                    "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU"}
         for tag, items in sets.items():
-            # warm-up: one call per batch shape (first calls allocate and autotune)
-            _time(items[:args.batch_size], backend, tmp, f"warm-{tag}",
-                  batch_size=args.batch_size, max_image_size=args.max_image_size, repeats=1)
-            _time(items[:2], backend, tmp, f"warm1-{tag}", batch_size=1,
-                  max_image_size=args.max_image_size, repeats=1)
-            batched = _time(items, backend, tmp, tag, batch_size=args.batch_size,
-                            max_image_size=args.max_image_size, repeats=args.repeats)
-            single = _time(items, backend, tmp, tag, batch_size=1,
-                           max_image_size=args.max_image_size, repeats=args.repeats)
+            # one untimed call of each (first calls per batch shape allocate and autotune),
+            # then rounds in alternating order
+            times = harness.compare({
+                "batched": _extraction(items, backend, os.path.join(tmp, f"{tag}-batched"),
+                                       batch_size=args.batch_size,
+                                       max_image_size=args.max_image_size),
+                "single": _extraction(items, backend, os.path.join(tmp, f"{tag}-single"),
+                                      batch_size=1, max_image_size=args.max_image_size)},
+                rounds=args.repeats, warmup=1)
+            speed = harness.ratio(times["single"], times["batched"])
+            batched, single = times["batched"].median, times["single"].median
             sizes = {extract.target_size(*extract.read_size(it.path), None, args.max_image_size,
                                          backend.min_side())[0] for it in items}
             results[tag] = {"images": len(items), "distinct_sizes": len(sizes),
                             "batched_images_per_s": round(len(items) / batched, 2),
                             "single_images_per_s": round(len(items) / single, 2),
-                            "speedup_batched_over_single": round(single / batched, 2)}
+                            "speedup_batched_over_single": round(speed.value, 2),
+                            "speedup_spread": speed.summary()}
             print(f"{tag}: {len(items)} images, {len(sizes)} sizes: batched "
                   f"{len(items) / batched:.2f} img/s, one at a time {len(items) / single:.2f} "
-                  f"img/s, ratio {single / batched:.2f}x  [{kind}]", flush=True)
+                  f"img/s, batched {speed} faster  [{kind}]", flush=True)
         if saved_model and args.beam_images > 0:
             results["beam"] = _beam_vs_in_process(args, backend, saved_model, scales, tmp)
+        results["machine"] = harness.machine()
         print(json.dumps(results))
+        print(harness.header())
 
 
 def _beam_args(leg):
@@ -169,7 +181,8 @@ def _beam_args(leg):
 
 def _beam_vs_in_process(args, backend, saved_model, scales, tmp):
     """Seconds of the in-process extraction and of the Beam pipeline (each worker count of
-    --beam_workers), same images and shards, legs alternated, best of --beam_repeats."""
+    --beam_workers), same images and shards, through bench/harness.py (warm-up, rotated
+    order, median of --beam_repeats)."""
     from glam_tf import beam_options  # pylint: disable=import-outside-toplevel
     from glam_tf.eval import extract_beam  # pylint: disable=import-outside-toplevel
 
@@ -183,47 +196,56 @@ def _beam_vs_in_process(args, backend, saved_model, scales, tmp):
     # in-memory worker reuses it; worker processes load their own)
     backend = spec.build()
     workers = args.beam_workers.split(",")
-    best, runs, tf_threads = {}, {}, {}
-    for r in range(args.beam_repeats):
-        out = os.path.join(tmp, f"local{r}")
-        t0 = time.perf_counter()
-        extract.extract_split(items, out, backend, max_image_size=args.max_image_size,
-                              batch_size=args.batch_size, shard_size=shard_size,
-                              log_every_s=1e9)
-        runs.setdefault("in_process", []).append(round(time.perf_counter() - t0, 1))
-        for w in workers:
-            out = os.path.join(tmp, f"beam{w}-{r}")
+    legs = {"in_process": _extraction(items, backend, os.path.join(tmp, "local"),
+                                      batch_size=args.batch_size,
+                                      max_image_size=args.max_image_size,
+                                      shard_size=shard_size)}
+    last, tf_threads, calls = {}, {}, {}
+
+    def beam_leg(w):
+        def run():
+            calls[w] = calls.get(w, 0) + 1  # a fresh folder per call: Beam resumes a done one
+            out = os.path.join(tmp, f"beam{w}-{calls[w]}")
             if w.endswith("a"):
                 os.environ[extract_beam.TF_THREADS_ENV] = "auto"
-            tf_threads[w] = extract_beam.local_tf_threads(beam_options.pipeline_options(
-                extract_beam.local_args(_beam_args(w), num_images=len(items))))
-            t0 = time.perf_counter()
-            _, metrics = extract_beam.extract_splits(
-                [(items, out, "bench")], backend, spec.build,
-                beam_args=_beam_args(w), max_image_size=args.max_image_size,
-                batch_size=args.batch_size, shard_size=shard_size)
-            total = time.perf_counter() - t0
-            os.environ.pop(extract_beam.TF_THREADS_ENV, None)
-            runs.setdefault(f"beam_{w}", []).append(round(total, 1))
-            print(f"run {r}: in process {runs['in_process'][-1]} s, Beam {_beam_args(w)} "
-                  f"{total:.1f} s ({metrics})", flush=True)
-            if total < best.get(w, (float("inf"),))[0]:
-                best[w] = (total, metrics, out)
+            try:
+                tf_threads[w] = extract_beam.local_tf_threads(beam_options.pipeline_options(
+                    extract_beam.local_args(_beam_args(w), num_images=len(items))))
+                _, metrics = extract_beam.extract_splits(
+                    [(items, out, "bench")], backend, spec.build,
+                    beam_args=_beam_args(w), max_image_size=args.max_image_size,
+                    batch_size=args.batch_size, shard_size=shard_size)
+            finally:
+                os.environ.pop(extract_beam.TF_THREADS_ENV, None)
+            last[w] = (metrics, out)
+            print(f"Beam {_beam_args(w) or '(default)'}: {metrics}", flush=True)
+        return run
+
+    for w in workers:
+        legs[f"beam_{w}"] = beam_leg(w)
+    # one untimed run of every leg, then rounds in rotated order (bench/harness.py); CPU
+    # times count this process only (not Beam's worker processes)
+    times = harness.compare(legs, rounds=args.beam_repeats, warmup=1)
     ids = [it.id for it in items]
-    ref = extract.merge_shards(os.path.join(tmp, "local0"), ids).descriptors
-    local_s = min(runs["in_process"])
+    ref = extract.merge_shards(os.path.join(tmp, "local", "0"), ids).descriptors
+    local_s = times["in_process"].median
     res = {"images": len(items), "image_size": [px * 4 // 3, px], "shards": args.beam_shards,
-           "seconds_per_run": runs, "in_process_images_per_s": round(len(items) / local_s, 2)}
-    for w, (total, m, out) in best.items():
+           "seconds_per_run": {k: t.wall for k, t in times.items()},
+           "in_process_images_per_s": round(len(items) / local_s, 2)}
+    for w in workers:
+        m, out = last[w]
+        total = times[f"beam_{w}"].median
         desc = extract.merge_shards(out, ids).descriptors
         # the workers' time in shards (spread evenly) vs the rest: processes, TF imports,
         # model loads, Beam's own work
         busy = (m.get("shard_ms", {}).get("sum", 0) / 1000
                 / min(max(int(w.rstrip("a")), 1), args.beam_shards))
         load = m.get("model_load_ms", {}).get("max")
+        speed = harness.ratio(times["in_process"], times[f"beam_{w}"])
+        print(f"Beam {_beam_args(w) or '(default)'} / in process speed: {speed}", flush=True)
         res[f"beam_{w}"] = {
             "images_per_s": round(len(items) / total, 2),
-            "ratio_over_in_process": round(local_s / total, 3),
+            "ratio_over_in_process": speed.summary(),
             "seconds": round(total, 1),
             "start_up_and_overhead_s": round(total - busy, 1),
             "model_load_s_per_worker": None if load is None else round(load / 1000, 1),

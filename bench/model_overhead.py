@@ -2,21 +2,23 @@
 
 Both models are built with build_descriptor_model on the same backbone architecture and the
 same backbone weights (random init, no download), and run inside a tf.function whose input
-signature has None batch/height/width, as the export does. Timings are interleaved
-(GLAM, baseline, GLAM, ...) after a warm-up, and the medians compared in one process.
+signature has None batch/height/width, as the export does. Timed through bench/harness.py
+in one process: --warmup untimed calls of each, then --runs rounds with the order rotated
+(GLAM, baseline; baseline, GLAM; ...); medians compared, with the per-round spread and the
+machine (CPU, instruction-set level, load).
 
     .venv/bin/python bench/model_overhead.py [--height 768 --width 1024 --runs 7]
 """
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import harness  # noqa: E402  (this folder)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -46,6 +48,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args(argv)
+    print(harness.header(), flush=True)
 
     common = dict(backbone=args.backbone, weights="none",
                   reduced_channels=args.reduced_channels)
@@ -63,20 +66,9 @@ def main(argv=None):
     }
     image = tf.constant(np.random.default_rng(0).uniform(
         0, 255, (1, args.height, args.width, 3)).astype("float32"))
-    for name, fn in fns.items():
-        for _ in range(args.warmup):
-            fn(image).numpy()
-        print(f"warmed up {name}")
-    times = {name: [] for name in fns}
-    for i in range(args.runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn(image).numpy()
-            times[name].append(time.perf_counter() - start)
-        print(f"run {i + 1}/{args.runs}: " + ", ".join(
-            f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()))
-
-    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    times = harness.compare({name: (lambda fn=fn: fn(image).numpy()) for name, fn in fns.items()},
+                            rounds=args.runs, warmup=args.warmup, log=print)
+    med = {name: t.median * 1e3 for name, t in times.items()}
     h, w = -(-args.height // 32), -(-args.width // 32)
     print(f"image {args.width}x{args.height} (feature map {w}x{h}), backbone {args.backbone}, "
           f"device {'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'}")
@@ -84,7 +76,8 @@ def main(argv=None):
           f"(global+local at this size)")
     print(f"median {args.variant}: {med[args.variant]:.1f} ms")
     print(f"median baseline: {med['baseline']:.1f} ms")
-    print(f"ratio {args.variant} / baseline: {med[args.variant] / med['baseline']:.3f}")
+    print(f"ratio {args.variant} / baseline: {harness.ratio(times[args.variant], times['baseline'])}")
+    print(harness.header())
 
 
 if __name__ == "__main__":

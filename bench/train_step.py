@@ -8,8 +8,10 @@ Each variant: build the model, ArcFace head and SGD inside the default strategy,
 real training step (glam_tf.train.step.make_train_step) on one warm-up step, then time
 --steps steps on the "random" stand-in data (same batches for every variant). Prints the
 median seconds per step, images/s, and the ratio of each variant to the baseline.
-The variants are timed in turns (round robin, --rounds times) so that a change in machine
-load hits all of them alike. The optimizer is training's (glam_tf.train.loop.make_optimizer:
+The variants are timed through bench/harness.py: one untimed call of --steps steps each
+after the trace, then --rounds rounds with the order rotated, so that neither a change in
+machine load nor a warm cache favours one; the per-round spread and the machine (CPU,
+instruction-set level, load) are printed. The optimizer is training's (glam_tf.train.loop.make_optimizer:
 SGD, wrapped in a LossScaleOptimizer under mixed_float16). The last line is
 `JSON {...}` with every figure (bench/device_check.sh reads it).
 """
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (this folder)
 
 flags.DEFINE_enum("backbone", "resnet101", ["resnet50", "resnet101", "resnet152"],
                   "Backbone of every variant.")
@@ -78,30 +81,36 @@ def main(argv):
         print(f"{variant}: {model.count_params() / 1e6:.2f}M params, trace + first step "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         steps[variant] = (fn, iterator)
-    times = {v: [] for v in FLAGS.variants}
-    for _ in range(FLAGS.rounds):
-        for variant, (fn, iterator) in steps.items():
+    def leg(fn, iterator):
+        def run():
             for _ in range(FLAGS.steps):
-                t0 = time.perf_counter()
                 float(fn(iterator, tf.constant(0))[0])
-                times[variant].append(time.perf_counter() - t0)
-    ref = statistics.median(times[FLAGS.variants[0]])
+        return run
+
+    times = harness.compare({v: leg(*steps[v]) for v in FLAGS.variants}, rounds=FLAGS.rounds,
+                            warmup=1)
+    reference = times[FLAGS.variants[0]]
     print(f"\n{FLAGS.backbone}, {FLAGS.image_size}x{FLAGS.image_size}, batch "
-          f"{FLAGS.batch_size}, {FLAGS.precision}, {FLAGS.rounds}x{FLAGS.steps} steps each")
-    print(f"| variant | s/step (median) | images/s | ratio to {FLAGS.variants[0]} |")
+          f"{FLAGS.batch_size}, {FLAGS.precision}, {FLAGS.rounds}x{FLAGS.steps} steps each; "
+          f"{harness.header()}")
+    print(f"| variant | s/step (median) | images/s | ratio to {FLAGS.variants[0]} (per round) |")
     print("|---|---|---|---|")
     rows = {}
-    for variant, ts in times.items():
-        med = statistics.median(ts)
+    for variant, t in times.items():
+        med = t.median / FLAGS.steps
+        r = harness.ratio(t, reference)
         rows[variant] = {"s_per_step": round(med, 4),
                          "images_per_s": round(FLAGS.batch_size / med, 2),
-                         "ratio": round(med / ref, 3)}
-        print(f"| {variant} | {med:.3f} | {FLAGS.batch_size / med:.1f} | {med / ref:.2f} |")
+                         "ratio": round(r.value, 3), "ratio_per_round": [round(r.low, 3),
+                                                                          round(r.high, 3)]}
+        print(f"| {variant} | {med:.3f} | {FLAGS.batch_size / med:.1f} | {r.value:.2f} "
+              f"({r.low:.2f}-{r.high:.2f}) |")
     print("JSON " + json.dumps({
         "bench": "train_step", "backbone": FLAGS.backbone, "image_size": FLAGS.image_size,
         "batch_size": FLAGS.batch_size, "precision": FLAGS.precision,
         "reference": FLAGS.variants[0], "variants": rows,
-        "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU"}))
+        "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+        "machine": harness.machine()}))
     sys.stdout.flush()
 
 

@@ -471,6 +471,33 @@ def remove_temporaries(folder, pattern: str = "*") -> list:
     return removed
 
 
+def ensure_writable_dir(path, flag: str) -> None:
+    """Creates directory `path` if needed and proves it writable with a probe file.
+
+    Run before heavy work, so a program pointed at a file, a read-only folder or a full
+    disk refuses at once (glam_tf.refusal) instead of after building a model.
+
+    Raises:
+        glam_tf.refusal.Refused: `path` is a file, or cannot be created or written (names
+            `flag`, the path and the file system's reason).
+    """
+    from glam_tf.refusal import Refused  # pylint: disable=g-import-not-at-top
+
+    path = os.fspath(path)
+    if exists(path) and not isdir(path):
+        raise Refused(path, f"{flag} is a file, not a directory",
+                      "give a directory (or move the file away)")
+    probe = temporary_path(join(path, ".write-probe"))
+    try:
+        makedirs(path)
+        with open_file(probe, "wb") as f:
+            f.write(b"probe")
+        remove(probe)
+    except OSError as e:
+        raise Refused(path, f"{flag} cannot be written ({' '.join(str(e.strerror).split())})",
+                      "make it writable for this user, or choose another directory") from e
+
+
 # ---------------------------------------------------------------------------- refusing
 
 

@@ -116,9 +116,9 @@ def write_tiny_revisited(root, *, distractors=True):
         Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2)).save(jpg / f"{name}.jpg")
     (jpg / "db7.jpg").write_bytes(b"not an image")
     (jpg / "q2.jpg").write_bytes(b"")
-    gnd = [{"bbx": [4.0, 6.5, 120.0, 90.0], "easy": np.array([0, 1]), "hard": np.array([2]),
-            "junk": np.array([3])},
-           {"bbx": [0.0, 0.0, 500.0, 500.0],  # clipped to the image
+    gnd = [{"bbx": [4.0, 6.5, 96.0, 90.0], "easy": np.array([0, 1]), "hard": np.array([2]),
+            "junk": np.array([3])},  # q0 is 96x128 (transposed), q1 128x96: whole image
+           {"bbx": [0.0, 0.0, 128.0, 96.0],
             "easy": np.array([4]), "hard": np.array([7]), "junk": np.array([], dtype=int)},
            {"bbx": [0.0, 0.0, 10.0, 10.0], "easy": np.array([5]), "hard": np.array([6]),
             "junk": np.array([], dtype=int)}]

@@ -2,8 +2,10 @@
 undecodable images and resuming after a real SIGKILL (no TensorFlow: a NumPy back-end)."""
 
 import csv
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,6 +225,92 @@ def test_resume_after_sigkill(tmp_path):
                           shard_size=2)
     ref = extract.merge_shards(ref_dir, [it.id for it in items])
     np.testing.assert_array_equal(merged.descriptors, ref.descriptors)
+
+
+# ------------------------------------------------------------------ verified shards
+
+def _change_value(out, s):
+    path = out / f"shard-{s:05d}.npy"
+    desc = np.load(path)
+    desc[0, 0] += 0.25
+    np.save(path, desc)
+
+
+def _zero(out, s):
+    path = out / f"shard-{s:05d}.npy"
+    np.save(path, np.zeros_like(np.load(path)))
+
+
+def _swap_in_other(out, s):
+    (out / f"shard-{s:05d}.npy").write_bytes((out / f"shard-{s + 1:05d}.npy").read_bytes())
+
+
+def _drop_json(out, s):
+    (out / f"shard-{s:05d}.json").unlink()
+
+
+def _old_json(out, s):  # written before checksums were recorded
+    path = out / f"shard-{s:05d}.json"
+    record = json.loads(path.read_text())
+    del record["npy_sha256"], record["made_by"]
+    path.write_text(json.dumps(record))
+
+
+SHARD_CASES = {
+    "changed_value": (_change_value, r"sha256 of shard-00001.npy is .*\(its values changed\)"),
+    "zeroed": (_zero, r"sha256 of shard-00001.npy is .*\(it holds only zeros\)"),
+    "other_shards_file": (_swap_in_other, r"\(it holds shard 2's data\)"),
+    "json_missing": (_drop_json, r"shard-00001.npy has no .json beside it"),
+    "json_without_checksum": (_old_json, r"records no checksum"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARD_CASES))
+def test_resume_re_describes_exactly_the_shards_that_fail_their_check(case, tmp_path,
+                                                                      caplog):
+    damage, reason = SHARD_CASES[case]
+    items = _small_set(tmp_path)
+    ids = [it.id for it in items]
+    out = tmp_path / "feat"
+    kwargs = dict(max_image_size=48, batch_size=2, shard_size=2)
+    first = extract.extract_split(items, str(out), fake_backend(), **kwargs)
+    assert first.done_now == [0, 1, 2, 3, 4]
+    reference = extract.merge_shards(str(out), ids).descriptors.copy()
+    record = json.loads((out / "shard-00001.json").read_text())
+    assert record["npy_sha256"] == hashlib.sha256(
+        (out / "shard-00001.npy").read_bytes()).hexdigest()
+    assert record["made_by"]["backend"] == fake_backend().fingerprint
+    damage(out, 1)
+    if case != "json_missing":  # the evaluate stage refuses the shard, naming it
+        with pytest.raises(ValueError, match="shard-00001.json: shard 1 cannot be used: .*"
+                                             + reason):
+            extract.merge_shards(str(out), ids)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    caplog.set_level("WARNING")
+    again = extract.extract_split(items, str(out), fake_backend(), **kwargs)
+    assert again.done_now == [1] and again.done_before == [0, 2, 3, 4]
+    assert list(again.redone) == [1] and re.search(reason, again.redone[1])
+    assert re.search(r"shard-00001.npy: shard 1 is described again: .*" + reason,
+                     caplog.text)
+    for name, stamp in stamps.items():  # the other shards were not rewritten
+        if not name.startswith("shard-00001."):
+            assert (out / name).stat().st_mtime_ns == stamp, name
+    np.testing.assert_array_equal(extract.merge_shards(str(out), ids).descriptors, reference)
+
+
+def test_shards_of_another_model_are_described_again(tmp_path):
+    items = _small_set(tmp_path, n=4)
+    out = tmp_path / "feat"
+    extract.extract_split(items, str(out), fake_backend(), max_image_size=48, shard_size=2)
+    for s in (0, 1):  # as if another model's run had left them (same manifest otherwise)
+        path = out / f"shard-{s:05d}.json"
+        record = json.loads(path.read_text())
+        record["made_by"]["backend"] = "another-model"
+        path.write_text(json.dumps(record))
+    again = extract.extract_split(items, str(out), fake_backend(), max_image_size=48,
+                                  shard_size=2)
+    assert again.done_now == [0, 1]
+    assert "it was made by {'backend': 'another-model'" in again.redone[0]
 
 
 def test_features_of_another_model_are_refused_in_one_line_that_says_what_to_do(tmp_path):

@@ -153,3 +153,136 @@ def test_missing_faiss_has_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         search.approximate_search(np.zeros((1, 4), np.float32), np.zeros((5, 4), np.float32))
+
+
+def _sorting_count_above(row, tracked_scores, tracked, a, b, kth=None):
+    """The rank counting before it counted into bins (kept as an independent reference):
+    sorts the entries reaching the lowest tracked score, searches every tracked score."""
+    low = tracked_scores.min()
+    reach = row >= low
+    whole = np.count_nonzero(reach) > row.size // 4
+    candidates = np.sort(row if whole else row[reach])
+    left = np.searchsorted(candidates, tracked_scores, side="left")
+    right = np.searchsorted(candidates, tracked_scores, side="right")
+    n = candidates.size
+    counts = np.where(tracked >= b, n - left, n - right)  # before the chunk: ties count too
+    inside = (tracked >= a) & (tracked < b)
+    for m in np.flatnonzero(inside & (right - left > 1)):
+        counts[m] += np.count_nonzero(row[: tracked[m] - a] == tracked_scores[m])
+    reaching = None
+    if kth is not None and (whole or kth >= low):
+        reaching = n - int(np.searchsorted(candidates, kth, side="left"))
+    return counts, reaching
+
+
+def _random_row(rng, c, kind):
+    """A chunk row of scores: continuous, on a coarse grid (many exact ties) or with -inf
+    (invalid images)."""
+    row = (rng.standard_normal(c) * 0.05).astype(np.float32)
+    if kind == "grid":
+        row = np.round(row * 40).astype(np.float32) / 40
+    elif kind == "invalid":
+        row[rng.choice(c, c // 10, replace=False)] = -np.inf
+    return row
+
+
+@pytest.mark.parametrize("kind", ["continuous", "grid", "invalid"])
+def test_rank_counting_matches_the_sorting_reference(kind):
+    # Tracked images anywhere (deep in the list: the binned path) or among the best (the
+    # sorted path), before, inside and after the chunk [a, b), with ties and -inf.
+    rng = np.random.default_rng({"continuous": 11, "grid": 12, "invalid": 13}[kind])
+    for trial in range(60):
+        c = int(rng.choice([5, 64, 700, 5000]))
+        a = int(rng.integers(0, 3)) * c
+        row = _random_row(rng, c, kind)
+        m = int(rng.integers(1, 40))
+        inside = a + rng.choice(c, min(m, c), replace=False)
+        outside = rng.choice(np.r_[0:a, a + c:4 * c], m, replace=True) if a else \
+            rng.integers(c, 4 * c, m)
+        if trial % 3 == 0:   # near the top: few entries reach the lowest tracked score
+            inside = a + np.argsort(-row, kind="stable")[:max(1, min(m, c) // 8)]
+        tracked = np.unique(np.concatenate([inside, outside]))
+        scores = np.where((tracked >= a) & (tracked < a + c), row[np.clip(tracked - a, 0, c - 1)],
+                          rng.choice(row, tracked.size)).astype(np.float32)
+        kth = None if trial % 2 else np.float32(rng.choice(row))
+        got, reaching = search._count_above(row, scores, tracked, a, a + c, kth)
+        want, _ = _sorting_count_above(row, scores, tracked, a, a + c)
+        np.testing.assert_array_equal(got, want, err_msg=f"{kind} trial {trial}")
+        if reaching is not None:
+            assert reaching >= np.count_nonzero(row >= kth)
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_search_matches_the_sorting_reference_and_a_full_argsort(clustered, monkeypatch):
+    # Tracked images drawn from the whole database (deep ranks), exact duplicates, invalid
+    # images and small chunks: the same top-k and ranks, bit for bit, as the search with
+    # the sorting rank counting, and as a full stable argsort.
+    rng = np.random.default_rng(21 + clustered)
+    n, nq = 3000, 9
+    db = _unit(rng, n, 12)
+    if clustered:
+        db = np.round(db * 4) / 4  # a coarse grid: thousands of exact ties
+    db[rng.choice(n, 200, replace=False)] = db[7]
+    q = _unit(rng, nq, 12)
+    valid = rng.random(n) > 0.02
+    tracked = [rng.choice(n, 150, replace=False) for _ in range(nq)]
+    tracked[0] = np.concatenate([tracked[0], np.flatnonzero(~valid)[:5]])
+    kwargs = dict(k=25, tracked=tracked, valid=valid, chunk_size=700)
+    res = search.exact_search(q, db, **kwargs)
+    monkeypatch.setattr(search, "_count_above", _sorting_count_above)
+    ref = search.exact_search(q, db, **kwargs)
+    for i in range(nq):
+        np.testing.assert_array_equal(res.tracked_ranks[i], ref.tracked_ranks[i])
+    np.testing.assert_array_equal(res.topk_indices, ref.topk_indices)
+    np.testing.assert_array_equal(res.topk_scores, ref.topk_scores)
+    scores = _chunked_scores(q, db, res)
+    scores[:, ~valid] = -np.inf
+    order, ranks = _stable_ranks(scores)
+    for i in range(nq):
+        np.testing.assert_array_equal(res.rank_of(i, tracked[i]), ranks[i, tracked[i]])
+    assert max(r.max() for r in res.tracked_ranks) > n * 0.9  # some ranked deep
+    np.testing.assert_array_equal(res.topk_indices, order[:, :25])
+
+
+def test_nan_scores_have_a_clear_error():
+    db = np.ones((300, 4), np.float32)
+    db[5, 0] = np.nan
+    q = np.ones((1, 4), np.float32)
+    with pytest.raises(ValueError, match="NaN scores against database rows"):
+        search.exact_search(q, db, k=3, tracked=[np.arange(0, 300, 3)])
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_tracked_rows_multiplied_alone_or_from_the_chunks_give_the_same_ranks(differ,
+                                                                             monkeypatch):
+    # Long chunks with tracked images in every one: pass A multiplies the tracked rows
+    # alone; when that product differs from the chunk products (forced here), the block is
+    # redone from the chunk products. Either way the result is the sorting reference's.
+    rng = np.random.default_rng(31)
+    n, nq = 3 * search._GATHER_ROWS + 100, 4
+    q, db = _unit(rng, nq, 8), _unit(rng, n, 8)
+    tracked = [rng.choice(n, 60, replace=False) for _ in range(nq)]
+    gathered = search._gathered_tracked_scores
+    calls = []
+
+    def spy(*args):
+        out = gathered(*args)
+        calls.append(len(out))
+        if differ:
+            out[1][7] = np.nextafter(out[1][7], np.float32(2))
+        return out
+
+    from_chunks = search._chunk_tracked_scores
+    redone = []
+    monkeypatch.setattr(search, "_gathered_tracked_scores", spy)
+    monkeypatch.setattr(search, "_chunk_tracked_scores",
+                        lambda *a: redone.append(1) or from_chunks(*a))
+    res = search.exact_search(q, db, k=10, tracked=tracked, chunk_size=search._GATHER_ROWS)
+    assert calls == [nq] and len(redone) == differ
+    monkeypatch.setattr(search, "_chunk_tracked_scores", from_chunks)
+    monkeypatch.setattr(search, "_count_above", _sorting_count_above)
+    monkeypatch.setattr(search, "_GATHER_ROWS", n + 1)  # the reference: chunk products only
+    ref = search.exact_search(q, db, k=10, tracked=tracked, chunk_size=4096)
+    for i in range(nq):
+        np.testing.assert_array_equal(res.tracked_ranks[i], ref.tracked_ranks[i])
+    np.testing.assert_array_equal(res.topk_indices, ref.topk_indices)

@@ -169,3 +169,30 @@ def test_export_main_program_reports_usage_errors(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[0] == "export_main: error: --train_dir is required."
     assert not os.listdir(tmp_path)
+
+
+def test_latest_checkpoint_is_the_newest_that_restores(tmp_path, caplog):
+    """Without a state file, with the newest checkpoint's data truncated: export and
+    evaluation (--train_dir) read the newest checkpoint whose tensors all read back."""
+    from glam_tf.export.checkpoint import latest_checkpoint  # noqa: PLC0415
+
+    folder = tmp_path / "checkpoints"
+    variable = tf.Variable(np.arange(100, dtype=np.float32))
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=variable), str(folder),
+                                         max_to_keep=5, checkpoint_name="ckpt")
+    for step in (3, 6):
+        variable.assign_add(np.ones(100, np.float32))
+        manager.save(checkpoint_number=step)
+    (folder / "checkpoint").unlink()
+    assert latest_checkpoint(tmp_path) == str(folder / "ckpt-6")
+    [data] = folder.glob("ckpt-6.data-*")
+    data.write_bytes(data.read_bytes()[:-10])
+    caplog.set_level("WARNING")
+    assert latest_checkpoint(tmp_path) == str(folder / "ckpt-3")
+    assert f"Checkpoint {folder / 'ckpt-6'} is damaged (OutOfRangeError" in caplog.text
+    assert data.exists()  # a reader leaves it in place
+    for index in folder.glob("ckpt-3.*"):
+        index.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .* restores: damaged "
+                                                r"ckpt-6 \(.*\), ckpt-3 \("):
+        latest_checkpoint(tmp_path)

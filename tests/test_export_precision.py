@@ -15,6 +15,7 @@ import tensorflow as tf
 from absl import flags
 
 import export_main
+from glam_tf import cpu
 from glam_tf.config import ExportConfig, SettingError, TrainConfig, contract, settings
 from glam_tf.export import precision, serving
 from glam_tf.model import (EmbeddingHead, GeM, GlamModule, ModelConfig, all_layers,
@@ -52,11 +53,56 @@ def resnet_model():
                                               reduced_channels=16, embedding_dim=64))
 
 
+def _fake_cpu(flags_text):
+    return cpu.parse_cpuinfo(f"cpu family\t: 25\nmodel\t\t: 33\nmodel name\t: AMD EPYC 7B13"
+                             f"\nflags\t\t: fpu sse2 {flags_text}\n")
+
+
 @pytest.fixture(scope="module")
-def bf16_export(tiny_model, tmp_path_factory):
+def bf16_export_logs(tiny_model, tmp_path_factory):
+    """The bfloat16 export, made on a faked AVX2 CPU: (path, [(level, message)] logged)."""
     base = tmp_path_factory.mktemp("exports")
-    return serving.export_saved_model(tiny_model, base, max_image_size=MAX_SIZE,
-                                      scales=SCALES, precision="bfloat16")
+    logged = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serving.cpu, "cpu_info", lambda: _fake_cpu("avx avx2 fma"))
+        mp.setattr(serving.logging, "warning",
+                   lambda fmt, *args: logged.append(("warning", fmt % args)))
+        path = serving.export_saved_model(tiny_model, base, max_image_size=MAX_SIZE,
+                                          scales=SCALES, precision="bfloat16")
+    return path, logged
+
+
+@pytest.fixture(scope="module")
+def bf16_export(bf16_export_logs):
+    return bf16_export_logs[0]
+
+
+def test_bfloat16_export_on_a_cpu_without_native_bfloat16_warns(bf16_export_logs):
+    _, logged = bf16_export_logs
+    assert logged == [("warning", precision.precision_advice("bfloat16", _fake_cpu("avx2"))[1])]
+    message = logged[0][1]
+    assert message.startswith("export precision bfloat16: this CPU (AMD EPYC 7B13 (family 25 "
+                              "model 33), AVX2) has no native bfloat16 (no avx512_bf16 or "
+                              "amx_bf16 flag), so TensorFlow emulates it: measured on AVX2 ")
+    assert "1.06x float32's speed by wall clock, 0.85x by CPU time: no gain" in message
+    assert message.endswith("Choose the precision on the serving machine: python "
+                            "bench/export_precision.py measures it there.")
+
+
+@pytest.mark.parametrize("flags_text,warn,expect", [
+    ("avx2 avx512f avx512_bf16", False, "computes bfloat16 natively (avx512_bf16 / amx_bf16); "
+     "measured on AVX512-BF16 (AMD EPYC family 25 model 17 (Zen 4)"),
+    ("avx2 avx512f avx512_bf16 amx_tile amx_bf16", False, "AMX) computes bfloat16 natively"),
+    ("avx2 avx512f", True, "AVX-512) has no native bfloat16"),
+])
+def test_bfloat16_advice_by_instruction_set(flags_text, warn, expect):
+    got_warn, message = precision.precision_advice("bfloat16", _fake_cpu(flags_text))
+    assert got_warn is warn and expect in message
+    m = precision.BFLOAT16_MEASURED["AVX512-BF16"]
+    if not warn:
+        assert f"{m.wall:.2f}x float32's speed by wall clock, {m.cpu_time:.2f}x by CPU" in message
+    assert precision.precision_advice("float32", _fake_cpu(flags_text)) is None
+    assert precision.precision_advice("float16", _fake_cpu(flags_text))[0] is False
 
 
 # ---- export, signatures ----------------------------------------------------------------------

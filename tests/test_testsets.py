@@ -155,7 +155,7 @@ def test_bad_ground_truth_is_reported(tmp_path):
     cfg = {"imlist": ["a"], "qimlist": ["q"],
            "gnd": [{"bbx": None, "easy": [3], "hard": [], "junk": []}]}
     path.write_bytes(pickle.dumps(cfg))
-    with pytest.raises(ValueError, match=r"gnd\[0\]\['easy'\] has indices outside \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"gnd\[0\]\['easy'\]: has indices outside \[0, 1\)"):
         testsets.load_revisited(str(tmp_path), "roxford5k")
     path.write_bytes(pickle.dumps({"imlist": []}))
     with pytest.raises(ValueError, match="expected a dict with keys"):
@@ -268,3 +268,109 @@ def test_synthetic_split_loads(tmp_path):
         assert os.path.isfile(ts.query_path(q)) and len(g["bbx"]) == 4
         assert (g["easy"].size, g["hard"].size, g["junk"].size) == (2, 1, 1)
     assert all(os.path.isfile(p) for p in ts.database_paths())
+
+
+# ------------------------------------------------------------------ ground-truth meaning
+
+def _good_cfg():
+    return {"imlist": [f"img_{i}" for i in range(6)], "qimlist": ["q_0", "q_1"],
+            "gnd": [{"bbx": [1.0, 2.0, 30.5, 40.0], "easy": np.array([0, 1]),
+                     "hard": np.array([2]), "junk": np.array([5])},
+                    {"bbx": [0.0, 0.0, 10.0, 10.0], "easy": [3], "hard": [], "junk": [4]}]}
+
+
+def _edit(change):
+    cfg = _good_cfg()
+    change(cfg)
+    return cfg
+
+
+def _set_box(q, box):
+    return lambda cfg: cfg["gnd"][q].update(bbx=box)
+
+
+# case -> (change, entry named, rule quoted)
+MEANING_CASES = {
+    "imlist_one_string": (lambda c: c.update(imlist="img_0"), "imlist",
+                          "must be a list of image names, got a str"),
+    "qimlist_one_string": (lambda c: c.update(qimlist="q_0q_1"), "qimlist",
+                           "must be a list of image names, got a str"),
+    "duplicate_name": (lambda c: c["imlist"].__setitem__(4, "img_1"), "imlist[4] 'img_1'",
+                       "duplicate of imlist[1] (names must be unique)"),
+    "duplicate_query": (lambda c: c.update(qimlist=["q_0", "q_0"]), "qimlist[1] 'q_0'",
+                        "duplicate of qimlist[0]"),
+    "escaping_name": (lambda c: c["imlist"].__setitem__(2, "../../outside/secret"),
+                      "imlist[2] '../../outside/secret'", "must be a relative name inside"),
+    "absolute_name": (lambda c: c["qimlist"].__setitem__(0, "/etc/passwd"),
+                      "qimlist[0] '/etc/passwd'", "no absolute path, no '..'"),
+    "empty_name": (lambda c: c["imlist"].__setitem__(0, ""), "imlist[0]",
+                   "must be a non-empty name"),
+    "not_a_name": (lambda c: c["imlist"].__setitem__(0, 7), "imlist[0]",
+                   "must be a non-empty name, got 7"),
+    "gnd_dict": (lambda c: c.update(gnd={"q_0": c["gnd"][0], "q_1": c["gnd"][1]}), "gnd",
+                 "must be a list with one entry per query, got a dict"),
+    "gnd_count": (lambda c: c["gnd"].pop(), "gnd", "1 entries for 2 queries"),
+    "gnd_key_missing": (lambda c: c["gnd"][1].pop("hard"), "gnd[1]",
+                        "must be a dict with keys ['bbx', 'easy', 'hard', 'junk']"),
+    "gnd_entry_not_dict": (lambda c: c["gnd"].__setitem__(0, [1, 2]), "gnd[0]",
+                           "got list"),
+    "index_out_of_range": (lambda c: c["gnd"][0].update(junk=[6]), "gnd[0]['junk']",
+                           r"has indices outside [0, 6)"),
+    "index_negative": (lambda c: c["gnd"][1].update(easy=[-1]), "gnd[1]['easy']",
+                       "has indices outside [0, 6)"),
+    "index_not_integer": (lambda c: c["gnd"][1].update(easy=[1.5]), "gnd[1]['easy']",
+                          "must hold integer indices into imlist, got float64"),
+    "box_three_numbers": (_set_box(0, [1.0, 2.0, 3.0]), "gnd[0]['bbx']",
+                          "must be four finite numbers"),
+    "box_nan": (_set_box(0, [1.0, float("nan"), 3.0, 4.0]), "gnd[0]['bbx']",
+                "must be four finite numbers"),
+    "box_not_numbers": (_set_box(1, ["a", "b", "c", "d"]), "gnd[1]['bbx']",
+                        "must be four numbers"),
+    "box_inverted": (_set_box(0, [30.0, 2.0, 1.0, 40.0]), "gnd[0]['bbx']",
+                     "must have 0 <= x1 < x2 and 0 <= y1 < y2"),
+    "box_negative": (_set_box(1, [-3.0, 0.0, 10.0, 10.0]), "gnd[1]['bbx']",
+                     "must have 0 <= x1 < x2"),
+    "box_outside_image": (_set_box(1, [0.0, 0.0, 50.0, 21.5]), "gnd[1]['bbx']",
+                          "reaches outside the 40x20 query image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEANING_CASES))
+def test_ground_truth_that_means_nothing_is_refused_in_one_line(case, tmp_path):
+    _write_revisited(tmp_path)
+    # q_1 is a real 40x20 image: its box is checked against that size
+    from PIL import Image  # noqa: PLC0415
+
+    Image.new("RGB", (40, 20)).save(tmp_path / "roxford5k" / "jpg" / "q_1.jpg")
+    path = tmp_path / "roxford5k" / "gnd_roxford5k.pkl"
+    change, entry, rule = MEANING_CASES[case]
+    path.write_bytes(pickle.dumps(_edit(change), protocol=4))
+    with pytest.raises(testsets.GroundTruthError) as info:
+        testsets.load_revisited(str(tmp_path), "roxford5k")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {entry}: "), message
+    assert rule in message, message
+
+
+def test_good_ground_truth_still_loads_with_a_box_on_the_border(tmp_path):
+    _write_revisited(tmp_path)
+    from PIL import Image  # noqa: PLC0415
+
+    Image.new("RGB", (40, 20)).save(tmp_path / "roxford5k" / "jpg" / "q_1.jpg")
+    path = tmp_path / "roxford5k" / "gnd_roxford5k.pkl"
+    path.write_bytes(pickle.dumps(_edit(_set_box(1, [0.0, 0.0, 40.0, 20.5])), protocol=4))
+    ts = testsets.load_revisited(str(tmp_path), "roxford5k")
+    assert ts.gnd[1]["bbx"] == [0.0, 0.0, 40.0, 20.5]
+    assert ts.imlist == _good_cfg()["imlist"]
+
+
+def test_distractor_lines_must_stay_inside_their_folder(tmp_path):
+    _write_revisited(tmp_path, "rparis6k")
+    d = tmp_path / "revisitop1m"
+    (d / "jpg").mkdir(parents=True)
+    (d / "revisitop1m.txt").write_text("0/00/x0.jpg\n0/../../../secret.jpg\n")
+    with pytest.raises(testsets.GroundTruthError,
+                       match=r"revisitop1m.txt: line 2 '0/../../../secret.jpg': must be a "
+                             r"relative path inside .*revisitop1m/jpg \(no absolute path"):
+        testsets.load_revisited(str(tmp_path), "rparis6k", distractors_root=str(tmp_path))

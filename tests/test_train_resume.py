@@ -14,12 +14,14 @@ import io
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
@@ -145,3 +147,138 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(tmp_path):
                                [ref_loss[s] for s in ref_loss], rtol=1e-6)
     # Sanity: the losses are not constant (the data stream really varies).
     assert np.std(list(ref_loss.values())) > 1e-3
+
+
+# ------------------------------------------------------------------ checkpoint fall-back
+# In-process (tiny_train_config, 9 steps, a checkpoint every 3): a run whose checkpoint
+# folder lost its state file, or whose newest checkpoint is damaged, resumes from the
+# newest checkpoint that restores, moves the damaged one aside, never writes over an
+# intact one, and ends with the weights of the uninterrupted run.
+
+FALLBACK_STEPS = 9
+
+
+def _fallback_config(train_dir):
+    from keras_helpers import tiny_train_config  # noqa: PLC0415
+
+    return tiny_train_config(train_dir, train_steps=FALLBACK_STEPS, checkpoint_every=3,
+                             keep_checkpoints=10)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The checkpoints folder of an uninterrupted 9-step run (ckpt-3, ckpt-6, ckpt-9)."""
+    from glam_tf.train import train  # noqa: PLC0415
+    from keras_helpers import tiny_descriptor_model  # noqa: PLC0415
+
+    run = tmp_path_factory.mktemp("uninterrupted")
+    train(_fallback_config(run), model_fn=tiny_descriptor_model)
+    return run / "checkpoints"
+
+
+def _numbers(prefix):
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {k: reader.get_tensor(k) for k, d in reader.get_variable_to_dtype_map().items()
+            if (d.is_floating or d.is_integer)
+            and not k.startswith(("data_stats/", "save_counter/"))}
+
+
+def _files(folder, step):
+    return sorted(folder.glob(f"ckpt-{step}.index")) + sorted(
+        folder.glob(f"ckpt-{step}.data-*"))
+
+
+def _drop_state(folder):
+    (folder / "checkpoint").unlink()
+
+
+def _garbage_state(folder):
+    (folder / "checkpoint").write_bytes(b"\x00\xffnot a text proto {{{")
+
+
+def _truncate_data(folder):
+    data = _files(folder, 9)[-1]
+    data.write_bytes(data.read_bytes()[:-7])
+
+
+def _empty_data(folder):
+    _files(folder, 9)[-1].write_bytes(b"")
+
+
+def _drop_index(folder):
+    (folder / "ckpt-9.index").unlink()
+
+
+def _truncate_index(folder):
+    index = folder / "ckpt-9.index"
+    index.write_bytes(index.read_bytes()[:len(index.read_bytes()) // 2])
+
+
+# (damage, ckpt-9 present afterwards (damaged), log line expected)
+FALLBACK_CASES = {
+    "state_missing": (_drop_state, False, "checkpoint is missing: rewritten"),
+    "state_garbage": (_garbage_state, False, "checkpoint cannot be parsed: rewritten"),
+    "state_names_missing_checkpoint": (None, False, "names ckpt-9 as newest"),
+    "data_truncated": (_truncate_data, True, "OutOfRangeError: Read less bytes than requested)"),
+    "data_empty": (_empty_data, True, "OutOfRangeError: Read less bytes than requested)"),
+    "index_missing": (_drop_index, True, "NotFoundError"),
+    "index_truncated": (_truncate_index, True, "bad magic number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FALLBACK_CASES))
+def test_resume_falls_back_to_the_newest_checkpoint_that_restores(case, uninterrupted,
+                                                                  tmp_path, caplog):
+    from glam_tf.train import train  # noqa: PLC0415
+    from keras_helpers import tiny_descriptor_model  # noqa: PLC0415
+
+    damage, damaged_present, expected_log = FALLBACK_CASES[case]
+    run = tmp_path / "run"
+    folder = run / "checkpoints"
+    shutil.copytree(uninterrupted, folder)
+    if not damaged_present:  # killed before its step-9 save: the state still names ckpt-9
+        for f in _files(folder, 9):
+            f.unlink()
+    if damage is not None:
+        damage(folder)
+    damaged = {f.name: f.read_bytes() for f in _files(folder, 9)}
+    intact = {f.name: f.read_bytes() for s in (3, 6) for f in _files(folder, s)}
+
+    caplog.set_level("INFO")
+    result = train(_fallback_config(run), model_fn=tiny_descriptor_model)
+
+    assert (result.start_step, result.final_step) == (6, FALLBACK_STEPS)
+    assert expected_log in caplog.text
+    if damaged_present:  # named in the log, moved aside with its bytes, not deleted
+        assert f"Checkpoint {folder / 'ckpt-9'} is damaged" in caplog.text
+        for name, data in damaged.items():
+            [moved] = folder.glob(f"{name}.damaged-*")
+            assert moved.read_bytes() == data
+    # The intact checkpoints are untouched (never saved over, never pruned) ...
+    assert {f.name: f.read_bytes() for s in (3, 6) for f in _files(folder, s)} == intact
+    # ... the state file keeps them in rotation with the new ckpt-9, or, when their state
+    # was lost, out of rotation (preserved: never pruned) ...
+    state = tf.train.get_checkpoint_state(str(folder))
+    lost = case in ("state_missing", "state_garbage")
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == (
+        ["ckpt-9"] if lost else ["ckpt-3", "ckpt-6", "ckpt-9"])
+    # ... which holds exactly what the uninterrupted run's ckpt-9 holds.
+    ref, got = _numbers(uninterrupted / "ckpt-9"), _numbers(folder / "ckpt-9")
+    assert ref.keys() == got.keys() and len(ref) > 20
+    for key in ref:
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_every_checkpoint_damaged_starts_over_and_keeps_them(tmp_path, uninterrupted,
+                                                             caplog):
+    from glam_tf.train.checkpointing import recover  # noqa: PLC0415
+
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(uninterrupted, folder)
+    for step in (3, 6, 9):
+        _files(folder, step)[-1].write_bytes(b"")
+    recovery = recover(str(folder))
+    assert recovery.steps == [] and sorted(recovery.damaged) == [3, 6, 9]
+    assert not list(folder.glob("ckpt-*.index")) and not (folder / "checkpoint").exists()
+    assert len(list(folder.glob("ckpt-*.damaged-*"))) == 6
+    assert len(list(folder.glob("checkpoint.damaged-*"))) == 1

@@ -335,6 +335,8 @@ def exit_with_usage_error(program: str, error) -> None:
 
     A bad setting is one line, not the ~200 lines of flag help absl's UsageError prints.
     """
+    from glam_tf.refusal import EXIT_USAGE  # noqa: PLC0415 (glam_tf.config imports nothing)
+
     print(f"{program}: error: {error}\nRun `python {program}.py --helpfull` for every flag "
           "and its help.", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)

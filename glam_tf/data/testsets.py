@@ -24,6 +24,7 @@ import math
 import pickle
 
 import numpy as np
+from PIL import Image
 
 from glam_tf import files
 
@@ -86,6 +87,14 @@ def write_revisited_gnd(path, imlist, qimlist, gnd):
 
 class MissingDataError(FileNotFoundError):
     """Raised with the complete list of missing test-set files and where to get them."""
+
+
+class GroundTruthError(ValueError):
+    """Ground truth that parses but breaks a rule of the protocol: one line naming the file,
+    the entry and the rule."""
+
+    def __init__(self, path, entry, rule):
+        super().__init__(f"{path}: {entry}: {rule}")
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -385,22 +394,139 @@ def _raise_missing(name, missing):
     raise MissingDataError("\n".join(lines))
 
 
+GND_KEYS = ("bbx", "easy", "hard", "junk")  # EVAL_PROTOCOL.md: one dict per query
+# A box edge may sit up to this many pixels past the image border (Pillow rounds the
+# coordinates; the original Oxford boxes reach x2 = 1024 on 1024-pixel images).
+BOX_SLACK_PX = 1.0
+
+
 def _index_array(values, *, field, query, size, path):
-    arr = np.asarray(values if values is not None else [], dtype=np.int64).reshape(-1)
+    """`gnd[query][field]` as int64 indices into imlist; GroundTruthError unless integers
+    in [0, size)."""
+    entry = f"gnd[{query}]['{field}']"
+    try:
+        arr = np.asarray(values if values is not None else [])
+    except ValueError as e:
+        raise GroundTruthError(path, entry, f"must be a flat list of integers ({e})") from None
+    if arr.size and arr.dtype.kind not in "iu":
+        raise GroundTruthError(path, entry, f"must hold integer indices into imlist, got "
+                                            f"{arr.dtype} values")
+    arr = arr.astype(np.int64).reshape(-1)
     if arr.size and (arr.min() < 0 or arr.max() >= size):
-        raise ValueError(f"{path}: gnd[{query}]['{field}'] has indices outside [0, {size}) "
-                         f"(min {arr.min()}, max {arr.max()})")
+        raise GroundTruthError(path, entry, f"has indices outside [0, {size}) (min "
+                                            f"{arr.min()}, max {arr.max()})")
     return arr
 
 
-def _parse_box(bbx, *, query, path):
+def _parse_box(bbx, *, query, path, image_size=None):
+    """`bbx` as [x1, y1, x2, y2] floats (None stays None); GroundTruthError unless four
+    finite numbers with 0 <= x1 < x2, 0 <= y1 < y2, inside the image when its (width,
+    height) `image_size` is known (to within BOX_SLACK_PX)."""
     if bbx is None:
         return None
-    box = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
-    if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
-        raise ValueError(f"{path}: gnd[{query}]['bbx'] must be [x1, y1, x2, y2] with "
-                         f"x2 > x1 and y2 > y1, got {bbx!r}")
+    entry = f"gnd[{query}]['bbx']"
+    try:
+        box = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError):
+        raise GroundTruthError(path, entry, f"must be four numbers [x1, y1, x2, y2], got "
+                                            f"{bbx!r}") from None
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        raise GroundTruthError(path, entry, f"must be four finite numbers [x1, y1, x2, y2], "
+                                            f"got {bbx!r}")
+    x1, y1, x2, y2 = box
+    if not (0 <= x1 < x2 and 0 <= y1 < y2):
+        raise GroundTruthError(path, entry, f"must have 0 <= x1 < x2 and 0 <= y1 < y2, got "
+                                            f"{box}")
+    if image_size is not None:
+        width, height = image_size
+        if x2 > width + BOX_SLACK_PX or y2 > height + BOX_SLACK_PX:
+            raise GroundTruthError(path, entry, f"{box} reaches outside the {width}x{height} "
+                                                "query image")
     return box
+
+
+def _image_size(path):
+    """(width, height) from the image header, or None when it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(files.read_bytes(path))) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def _escapes(name):
+    """True when `name`, joined under a folder, could leave it (absolute, '..', NUL)."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or "://" in name or ".." in parts or "\0" in name
+
+
+def _name_list(values, *, field, path, folder):
+    """`values` as a list of unique relative names inside `folder`; GroundTruthError
+    naming the entry and the rule otherwise."""
+    if not isinstance(values, (list, tuple)):
+        raise GroundTruthError(path, field, f"must be a list of image names, got a "
+                                            f"{type(values).__name__}")
+    seen = {}
+    for i, name in enumerate(values):
+        entry = f"{field}[{i}]"
+        if not isinstance(name, str) or not name:
+            raise GroundTruthError(path, entry, f"must be a non-empty name, got {name!r}")
+        if _escapes(name):
+            raise GroundTruthError(path, f"{entry} {name!r}", f"must be a relative name "
+                                   f"inside {folder} (no absolute path, no '..')")
+        if name in seen:
+            raise GroundTruthError(path, f"{entry} {name!r}", f"duplicate of {field}"
+                                   f"[{seen[name]}] (names must be unique)")
+        seen[name] = i
+    return [str(n) for n in values]
+
+
+def check_revisited(cfg, path, image_dir):
+    """The meaning of a revisited ground truth (EVAL_PROTOCOL.md), entry by entry.
+
+    Args:
+        cfg: the unpickled dict with `imlist`, `qimlist` and `gnd`.
+        path: the pickle (named in errors).
+        image_dir: folder the names are relative to; query boxes are checked against the
+            query images' sizes where their headers can be read.
+
+    Returns:
+        (imlist, qimlist, gnd) with boxes as float lists and int64 index arrays.
+
+    Raises:
+        GroundTruthError: one line naming the file, the entry and the rule broken.
+    """
+    imlist = _name_list(cfg["imlist"], field="imlist", path=path, folder=image_dir)
+    qimlist = _name_list(cfg["qimlist"], field="qimlist", path=path, folder=image_dir)
+    entries = cfg["gnd"]
+    if not isinstance(entries, (list, tuple)):
+        raise GroundTruthError(path, "gnd", f"must be a list with one entry per query, got "
+                                            f"a {type(entries).__name__}")
+    if len(entries) != len(qimlist):
+        raise GroundTruthError(path, "gnd", f"{len(entries)} entries for {len(qimlist)} "
+                                            "queries (one per query)")
+    gnd = []
+    for q, g in enumerate(entries):
+        if not isinstance(g, dict) or not set(GND_KEYS) <= set(g):
+            have = sorted(map(str, g)) if isinstance(g, dict) else type(g).__name__
+            raise GroundTruthError(path, f"gnd[{q}]", f"must be a dict with keys "
+                                   f"{list(GND_KEYS)}, got {have}")
+        size = _image_size(files.join(image_dir, qimlist[q] + _IMAGE_EXT))
+        gnd.append({
+            "bbx": _parse_box(g["bbx"], query=q, path=path, image_size=size),
+            **{k: _index_array(g[k], field=k, query=q, size=len(imlist), path=path)
+               for k in ("easy", "hard", "junk")},
+        })
+    return imlist, qimlist, gnd
+
+
+def _check_relative_lines(lines, *, path, folder):
+    """Distractor list lines: relative paths inside `folder` (GroundTruthError otherwise)."""
+    for i, line in enumerate(lines):
+        if _escapes(line):
+            raise GroundTruthError(path, f"line {i + 1} {line!r}", f"must be a relative path "
+                                   f"inside {folder} (no absolute path, no '..')")
+    return lines
 
 
 def _read_lines(path):
@@ -421,7 +547,8 @@ def load_revisited(root, name, *, distractors_root=None):
         A `TestSet` (protocol "revisited"); distractors come after `imlist` in the database.
 
     Raises:
-        ValueError: unknown name or malformed ground truth.
+        ValueError: unknown name.
+        GroundTruthError: ground truth that breaks a rule (`check_revisited`).
         MissingDataError: files are missing (all of them listed, with their source).
         UnsafePickleError: the pickle asks for code outside the allow-list.
     """
@@ -451,18 +578,9 @@ def load_revisited(root, name, *, distractors_root=None):
         raise ValueError(f"{gnd_path}: expected a dict with keys 'imlist', 'qimlist', 'gnd', "
                          f"got {type(cfg).__name__} with keys "
                          f"{sorted(cfg) if isinstance(cfg, dict) else '-'}")
-    imlist = [str(n) for n in cfg["imlist"]]
-    qimlist = [str(n) for n in cfg["qimlist"]]
-    if len(cfg["gnd"]) != len(qimlist):
-        raise ValueError(f"{gnd_path}: {len(cfg['gnd'])} gnd entries for {len(qimlist)} queries")
-    gnd = []
-    for q, g in enumerate(cfg["gnd"]):
-        gnd.append({
-            "bbx": _parse_box(g.get("bbx"), query=q, path=gnd_path),
-            **{k: _index_array(g.get(k), field=k, query=q, size=len(imlist), path=gnd_path)
-               for k in ("easy", "hard", "junk")},
-        })
-    distractors = _read_lines(dist_list) if dist_list else []
+    imlist, qimlist, gnd = check_revisited(cfg, gnd_path, image_dir)
+    distractors = (_check_relative_lines(_read_lines(dist_list), path=dist_list,
+                                         folder=dist_dir) if dist_list else [])
     return TestSet(name=name, image_dir=image_dir, imlist=imlist, qimlist=qimlist, gnd=gnd,
                    query_dir=image_dir, protocol="revisited", distractors=distractors,
                    distractor_dir=dist_dir)
@@ -549,6 +667,10 @@ def load_original(root, name, *, gt_dir=None):
         _raise_missing(name, [(files.join(image_dir, "<name>.jpg"),
                                f"{len(needed)} image(s) named by the ground truth: {shown}",
                                _SOURCES[name])])
+    for e in entries:  # the query boxes inside their images (where the headers read)
+        _parse_box(e["bbx"], query=e["query_id"],
+                   path=files.join(gt_dir, f"{e['query_id']}_query.txt"),
+                   image_size=_image_size(files.join(image_dir, relpaths[e["name"]])))
     imlist = sorted(relpaths)
     index = {n: i for i, n in enumerate(imlist)}
     gnd = []

@@ -11,7 +11,10 @@ Images with identical resized (H, W) are batched together (up to `batch_size`); 
 of `shard_size` consecutive items is written as `shard-XXXXX.npy` (descriptors, (n, D)
 float32) and `shard-XXXXX.json` (ids, undecodable images with errors, enlarged images),
 the JSON last and both by atomic rename: a killed run skips its finished shards and
-redoes only the unfinished one. Shard s belongs to host s % num_shards, so the 1M
+redoes only the unfinished one. Each shard's JSON records the sha256 of its .npy bytes and
+the model and settings that made it; a rerun re-describes exactly the finished shards that
+fail that check (a changed or zeroed .npy, another shard's file swapped in, a .npy without
+its .json, another model), naming each and why, and `merge_shards` refuses one. Shard s belongs to host s % num_shards, so the 1M
 distractors split over machines; `merge_shards` checks that every shard is there.
 
 Undecodable images get a zero row and are flagged invalid: search ranks invalid
@@ -135,6 +138,7 @@ class ExtractionStatus:
     missing: list  # shards (of every host) not finished yet
     images_done: int = 0
     seconds: float = 0.0
+    redone: dict = dataclasses.field(default_factory=dict)  # shard -> why it failed its check
 
     @property
     def complete(self):
@@ -211,6 +215,84 @@ def finished_shards(out_dir, num_shards_total):
     return [s for s in range(num_shards_total) if files.isfile(_shard_paths(out_dir, s)[1])]
 
 
+def made_by(manifest):
+    """The model and settings a shard records (from its split's manifest)."""
+    return {k: manifest[k] for k in ("backend", "max_image_size", "min_side", "settings")}
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_bytes(path):
+    return files.read_bytes(path)
+
+
+def shard_problem(out_dir, s, shard_range, ids, expected_made_by, sums=None):
+    """Why finished-looking shard `s` cannot be reused, or None when it can.
+
+    Args:
+        out_dir: the split's shard folder.
+        s, shard_range: the shard and its (start, stop) in the split.
+        ids: the ids of items[start:stop].
+        expected_made_by: `made_by` of the current run.
+        sums: optional {sha256: shard} of the other shards' recorded checksums, to say
+            which shard's data a swapped-in file holds.
+
+    Returns:
+        None, or one phrase: a .npy without its .json, an unreadable .json, a .json of
+        another shard or other items, no checksum (an older run), another model or
+        settings, a missing .npy, or a .npy whose sha256 differs from the record (zeroed,
+        another shard's, or changed).
+    """
+    npy, js = _shard_paths(out_dir, s)
+    if not files.isfile(js):
+        return f"{files.basename(npy)} has no .json beside it" if files.isfile(npy) else None
+    try:
+        record = json.loads(_read_bytes(js))
+    except (OSError, ValueError) as e:
+        return f"its .json cannot be read ({type(e).__name__}: {e})"
+    if not isinstance(record, dict) or record.get("shard") != s or [
+            record.get("start"), record.get("stop")] != list(shard_range):
+        owner = record.get("shard") if isinstance(record, dict) else None
+        return f"its .json is shard {owner}'s, not shard {s}'s"
+    if record.get("ids") != list(ids):
+        return f"its ids differ from the expected items {shard_range[0]}..{shard_range[1] - 1}"
+    if "npy_sha256" not in record:
+        return "its .json records no checksum (written by an older version)"
+    if record.get("made_by") != json.loads(json.dumps(expected_made_by)):
+        return (f"it was made by {record.get('made_by')!r}, this run is "
+                f"{expected_made_by!r}")
+    if not files.isfile(npy):
+        return f"{files.basename(npy)} is missing"
+    data = _read_bytes(npy)
+    digest = _sha256(data)
+    if digest != record["npy_sha256"]:
+        try:
+            zeroed = not np.load(io.BytesIO(data), allow_pickle=False).any()
+        except (ValueError, OSError, EOFError):
+            zeroed = False
+        other = (sums or {}).get(digest)
+        what = ("it holds only zeros" if zeroed else
+                f"it holds shard {other}'s data" if other is not None and other != s else
+                "its values changed")
+        return (f"the sha256 of {files.basename(npy)} is {digest[:12]}..., its .json "
+                f"records {record['npy_sha256'][:12]}... ({what})")
+    return None
+
+
+def _recorded_sums(out_dir, num_shards_total):
+    """{sha256: shard} of the checksums the shards' JSON files record."""
+    sums = {}
+    for s in range(num_shards_total):
+        js = _shard_paths(out_dir, s)[1]
+        try:
+            sums[json.loads(_read_bytes(js))["npy_sha256"]] = s
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sums
+
+
 def _describe_shard(items, backend, *, max_image_size, batch_size, pool, on_images):
     """Descriptors (n, D) (zeros for failures) and the shard's JSON record."""
     min_side = backend.min_side()
@@ -273,14 +355,21 @@ def _safe_size(item):
 
 
 def _extract_shard(items, shard_range, s, out_dir, backend, *, pool, max_image_size, batch_size,
-                   on_images, name):
-    """Describes items[a:b] (shard s) and writes its .npy, then its .json (atomic each)."""
+                   on_images, name, made_by_settings):
+    """Describes items[a:b] (shard s) and writes its .npy, then its .json (atomic each).
+
+    The .json records the sha256 of the .npy bytes and `made_by_settings` (`made_by`).
+    """
     a, b = shard_range
     desc, record = _describe_shard(items[a:b], backend, max_image_size=max_image_size,
                                    batch_size=batch_size, pool=pool, on_images=on_images)
-    record.update(shard=s, start=a, stop=b)
+    buf = io.BytesIO()
+    np.save(buf, desc)
+    data = buf.getvalue()
+    record.update(shard=s, start=a, stop=b, npy_sha256=_sha256(data),
+                  made_by=made_by_settings)
     npy, js = _shard_paths(out_dir, s)
-    files.atomic_write(npy, lambda f: np.save(f, desc))
+    files.atomic_write(npy, lambda f: f.write(data))
     files.atomic_write(js, lambda f: f.write(json.dumps(record).encode()))
     for u in record["undecodable"]:
         logging.warning("%s: undecodable image %s (%s): excluded", name, u["path"], u["error"])
@@ -289,7 +378,11 @@ def _extract_shard(items, shard_range, s, out_dir, backend, *, pool, max_image_s
 
 def _prepare_split(items, out_dir, backend, *, max_image_size, shard_size, num_shards,
                    shard_index, settings):
-    """Checks/writes the manifest; returns (ranges, mine, done_before, todo)."""
+    """Checks/writes the manifest and this host's finished shards.
+
+    Returns (ranges, mine, done_before, todo, redo, made_by): `redo` maps each finished-
+    looking shard that fails `shard_problem` to why (logged; it is in `todo`).
+    """
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
     ranges = shard_ranges(len(items), shard_size)
@@ -298,13 +391,25 @@ def _prepare_split(items, out_dir, backend, *, max_image_size, shard_size, num_s
                 "shard_size": int(shard_size), "items_sha1": _ids_digest(items),
                 "settings": settings or {}}
     _check_manifest(out_dir, manifest)
+    expected = made_by(manifest)
     mine = [s for s in range(len(ranges)) if s % num_shards == shard_index]
-    done_before = [s for s in finished_shards(out_dir, len(ranges)) if s in set(mine)]
+    sums = _recorded_sums(out_dir, len(ranges))
+    redo = {}
+    for s in mine:
+        a, b = ranges[s]
+        why = shard_problem(out_dir, s, ranges[s], [it.id for it in items[a:b]], expected,
+                            sums)
+        if why is not None:
+            redo[s] = why
+            logging.warning("%s: shard %d is described again: %s",
+                            _shard_paths(out_dir, s)[0], s, why)
+    done_before = [s for s in finished_shards(out_dir, len(ranges))
+                   if s in set(mine) and s not in redo]
     todo = [s for s in mine if s not in set(done_before)]
     for s in todo:  # leftovers of a killed run (only this host writes these shards)
         for stale in files.glob(files.join(out_dir, f"shard-{s:05d}.*.tmp-*")):
             files.remove(stale)
-    return ranges, mine, done_before, todo
+    return ranges, mine, done_before, todo, redo, expected
 
 
 def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_SIZE,
@@ -328,7 +433,7 @@ def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_S
     Returns:
         An `ExtractionStatus`.
     """
-    ranges, mine, done_before, todo = _prepare_split(
+    ranges, mine, done_before, todo, redo, expected = _prepare_split(
         items, out_dir, backend, max_image_size=max_image_size, shard_size=shard_size,
         num_shards=num_shards, shard_index=shard_index, settings=settings)
     total = sum(ranges[s][1] - ranges[s][0] for s in todo)
@@ -350,7 +455,7 @@ def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_S
         for s in todo:
             _extract_shard(items, ranges[s], s, out_dir, backend, pool=pool,
                            max_image_size=max_image_size, batch_size=batch_size,
-                           on_images=on_images, name=name)
+                           on_images=on_images, name=name, made_by_settings=expected)
             done_now.append(s)
     if total:
         bar.close()
@@ -359,7 +464,7 @@ def extract_split(items, out_dir, backend, *, max_image_size=DEFAULT_MAX_IMAGE_S
     return ExtractionStatus(out_dir=out_dir, num_items=len(items), num_shards_total=len(ranges),
                             mine=mine, done_before=done_before, done_now=done_now,
                             missing=missing, images_done=done_images,
-                            seconds=time.time() - t0)
+                            seconds=time.time() - t0, redone=redo)
 
 
 @dataclasses.dataclass
@@ -384,9 +489,11 @@ def merge_shards(out_dir, ids, *, num_hosts=None, out=None):
 
     Raises:
         FileNotFoundError: shards missing (listed, with the host that should write them).
-        ValueError: a shard's ids, row count, dimension or values are wrong.
+        ValueError: a shard's ids, checksum, model, row count, dimension or values are
+            wrong (names the shard and why; rerun the extract stage to describe it again).
     """
     manifest = read_manifest(out_dir)
+    expected = made_by(manifest)
     if manifest["num_items"] != len(ids):
         raise ValueError(f"{out_dir}: features of {manifest['num_items']} items, expected "
                          f"{len(ids)}")
@@ -398,15 +505,18 @@ def merge_shards(out_dir, ids, *, num_hosts=None, out=None):
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise FileNotFoundError(f"{out_dir}: {len(missing)} of {len(ranges)} shards not "
                                 f"extracted yet (shards {shown}){hosts}")
+    sums = _recorded_sums(out_dir, len(ranges))
     valid = np.ones(len(ids), dtype=bool)
     undecodable, enlarged, empty = [], [], []
     dim = None
     for s, (a, b) in enumerate(ranges):
         npy, js = _shard_paths(out_dir, s)
+        why = shard_problem(out_dir, s, (a, b), ids[a:b], expected, sums)
+        if why is not None:
+            raise ValueError(f"{js}: shard {s} cannot be used: {why}; run the extract stage "
+                             "again to describe it again")
         with files.open_file(js) as f:
             record = json.load(f)
-        if record["ids"] != list(ids[a:b]):
-            raise ValueError(f"{js}: ids differ from the expected items {a}..{b - 1}")
         with files.open_file(npy, "rb") as f:
             desc = np.load(f, allow_pickle=False)
         if desc.shape[0] != b - a:

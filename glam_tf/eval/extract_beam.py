@@ -137,13 +137,15 @@ class _ExtractShard(beam.DoFn):
             manifest = extract.read_manifest(out_dir)
             items = _read_items(out_dir)
             self._items[out_dir] = (items, extract.shard_ranges(len(items),
-                                                                manifest["shard_size"]))
-        items, ranges = self._items[out_dir]
+                                                                manifest["shard_size"]),
+                                    manifest)
+        items, ranges, manifest = self._items[out_dir]
         t0 = time.time()
         record = extract._extract_shard(  # pylint: disable=protected-access
             items, ranges[s], s, out_dir, self._backend, pool=self._pool,
             max_image_size=self._max_image_size, batch_size=self._batch_size,
-            on_images=lambda n: None, name=name)
+            on_images=lambda n: None, name=name,
+            made_by_settings=extract.made_by(manifest))
         a, b = ranges[s]
         self._images.inc(b - a - len(record["undecodable"]))
         self._undecodable.inc(len(record["undecodable"]))
@@ -217,15 +219,15 @@ def extract_splits(jobs, backend, backend_factory, *, beam_args=None,
     """
     plans, elements = [], []
     for items, out_dir, name in jobs:
-        ranges, mine, done_before, todo = extract._prepare_split(  # pylint: disable=protected-access
+        ranges, mine, done_before, todo, redo, _ = extract._prepare_split(  # pylint: disable=protected-access
             items, out_dir, backend, max_image_size=max_image_size, shard_size=shard_size,
             num_shards=num_shards, shard_index=shard_index, settings=settings)
         if todo:
             _write_items(out_dir, items)
-        plans.append((items, out_dir, ranges, mine, done_before, todo))
+        plans.append((items, out_dir, ranges, mine, done_before, todo, redo))
         elements += [(out_dir, s, name) for s in todo]
     num_images = sum(ranges[s][1] - ranges[s][0]
-                     for _, _, ranges, _, _, todo in plans for s in todo)
+                     for _, _, ranges, _, _, todo, _ in plans for s in todo)
     paths = {"output_dir": jobs[0][1] if jobs else "",
              "data_root": jobs[0][0][0].path if jobs and jobs[0][0] else ""}
     options = beam_options.pipeline_options(local_args(beam_args, num_images=num_images),
@@ -245,12 +247,12 @@ def extract_splits(jobs, backend, backend_factory, *, beam_args=None,
         counters.update(beam_options.distributions(p.result, COUNTERS))
     seconds = time.time() - t0
     statuses = []
-    for items, out_dir, ranges, mine, done_before, todo in plans:
+    for items, out_dir, ranges, mine, done_before, todo, redo in plans:
         missing = [s for s in range(len(ranges))
                    if not files.isfile(extract._shard_paths(out_dir, s)[1])]  # pylint: disable=protected-access
         statuses.append(extract.ExtractionStatus(
             out_dir=out_dir, num_items=len(items), num_shards_total=len(ranges), mine=mine,
             done_before=done_before, done_now=[s for s in todo if s not in missing],
             missing=missing, images_done=sum(ranges[s][1] - ranges[s][0] for s in todo),
-            seconds=seconds))
+            seconds=seconds, redone=redo))
     return statuses, counters

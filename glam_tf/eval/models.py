@@ -119,8 +119,18 @@ def load_saved_model(path, *, scales=None):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     from absl import logging  # pylint: disable=import-outside-toplevel
 
+    from google.protobuf.message import DecodeError  # pylint: disable=import-outside-toplevel
+
+    from glam_tf.refusal import Refused  # pylint: disable=import-outside-toplevel
+
     version_dir = resolve_saved_model_dir(path)
-    loaded = tf.saved_model.load(version_dir)
+    try:
+        loaded = tf.saved_model.load(version_dir)
+    except (tf.errors.OpError, DecodeError, IndexError, KeyError, ValueError, TypeError,
+            AttributeError) as e:  # what a truncated or edited SavedModel raises on load
+        raise Refused(version_dir, f"not a loadable SavedModel ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]})", "export it again "
+                      "(export_main.py) or point --model at another version") from e
     export_info = {}
     info_path = files.join(version_dir, EXPORT_INFO_FILE)
     if files.isfile(info_path):

@@ -23,6 +23,13 @@ from absl import logging
 # Per (query, database) pair: the chunk's scores, pass A's kept product, the first chunk's
 # partition indices and the candidate mask (24 bytes: the bound of the budget).
 _BYTES_PER_SCORE = 24
+# Rank counting: sort the entries reaching the lowest tracked score when at most
+# 1/_SORT_FRACTION of a row does, else count the row into at most _MAX_BINS bins.
+_SORT_FRACTION = 32
+_MAX_BINS = 1 << 16
+# Pass A multiplies the tracked rows alone, this many at a time (at least), when chunks are
+# at least this long and tracked images lie in several chunks.
+_GATHER_ROWS = 4096
 
 
 @dataclasses.dataclass
@@ -116,7 +123,7 @@ def _update_topk(run_idx, run_sc, scores, k, start, reaching=None):
     Only the entries scoring at least a row's current k-th best can enter its list: one
     comparison finds them (usually none after the first chunks), so a chunk costs a pass
     over its scores instead of a partition or a sort. `reaching` {row: an upper bound of
-    their number}, read from the rank counting's sorted rows (against an earlier, lower
+    their number}, read from the rank counting (against an earlier, lower
     k-th best), spares that pass where it is 0.
     """
     if not reaching:
@@ -152,32 +159,100 @@ def _chunk_topk(run_idx, run_sc, scores, k, start, reaching=None):
     return run_idx, run_sc
 
 
+def _bins(values, scale, offset, num_bins):
+    """Monotone bin numbers (intp) of float32 `values`: value * scale + offset, clipped to
+    [0, num_bins - 1] and truncated. Every step is non-decreasing in the value (scale > 0),
+    so a value in a higher bin is strictly higher: only the entries sharing a tracked
+    score's bin need comparing to it. NaN casts to a negative bin."""
+    x = np.multiply(values, scale, dtype=np.float32)
+    x += offset
+    out = np.empty(x.shape, dtype=np.intp)
+    with np.errstate(invalid="ignore"):
+        np.clip(x, np.float32(0), np.float32(num_bins - 1), out=out, casting="unsafe")
+    return out
+
+
+def _count_finite(row, tscores, tracked, a, b, kth):
+    """Per finite tracked score, the chunk's entries ranked before it; see `_count_above`.
+
+    When few entries reach the lowest tracked score (tracked images near the top, as real
+    positives mostly are), those are sorted; otherwise the entries are counted into bins
+    (linear time, whatever the scores) and only those sharing a tracked score's bin are
+    sorted. Either way `cand` holds, sorted, every entry equal to a tracked score, and
+    `base` counts, per tracked score, the entries above it that are not in `cand`.
+    """
+    low = tscores.min()
+    reach = row >= low
+    n_reach = np.count_nonzero(reach)
+    reaching = None
+    if n_reach * _SORT_FRACTION <= row.size:
+        cand = np.sort(row[reach])
+        base = 0
+        if kth is not None and kth >= low:
+            reaching = cand.size - int(np.searchsorted(cand, kth, side="left"))
+    else:
+        num_bins = int(min(_MAX_BINS, max(64, row.size // 4)))
+        width = float(tscores.max()) - float(low)
+        if not width > 0:  # one distinct tracked score: any bin width is exact
+            width = max(abs(float(low)), 1e-6) * 1e-3
+        # [low, highest tracked score] over bins 1 .. num_bins - 2; below: 0, above: the last
+        scale = np.float32((num_bins - 3) / width)
+        offset = np.float32(1.5) - np.float32(low) * scale  # low: mid-bin 1, not an edge
+        idx = _bins(row, scale, offset, num_bins)
+        try:
+            hist = np.bincount(idx, minlength=num_bins)
+        except ValueError as e:  # only NaN casts to a negative bin
+            raise ValueError(f"search: NaN scores against database rows [{a}, {b}): a query "
+                             "or database descriptor holds NaN") from e
+        if kth is not None:  # entries >= kth lie in kth's bin or above: an upper bound
+            reaching = int(hist[_bins(np.float32([kth]), scale, offset, num_bins)[0]:].sum())
+        tbins = _bins(tscores, scale, offset, num_bins)
+        shared = np.zeros(num_bins, dtype=bool)
+        shared[tbins] = True
+        cand = np.sort(row[np.flatnonzero(np.take(shared, idx, mode="clip"))])
+        del idx
+        hist[tbins] = 0
+        cum = np.cumsum(hist)
+        base = cum[-1] - cum[tbins]
+    left = np.searchsorted(cand, tscores, side="left")
+    right = np.searchsorted(cand, tscores, side="right")
+    n = cand.size
+    counts = base + np.where(tracked >= b, n - left, n - right)  # before the chunk: ties too
+    inside = (tracked >= a) & (tracked < b)
+    for m in np.flatnonzero(inside & (right - left > 1)):
+        counts[m] += np.count_nonzero(row[: tracked[m] - a] == tscores[m])
+    return counts, reaching
+
+
 def _count_above(row, tracked_scores, tracked, a, b, kth=None):
     """Per tracked image, the images of chunk [a, b) ranked before it (one query's row).
 
-    rank(i) = |{j : s_j > s_i}| + |{j < i : s_j = s_i}|. Only entries >= the lowest tracked
-    score can count, so those alone are sorted (a small part of the row unless a tracked
-    image scores low); the sorted copy is searched for every tracked score.
+    rank(i) = |{j : s_j > s_i}| + |{j < i : s_j = s_i}|, counted without sorting the row
+    (`_count_finite`). Invalid tracked images (score -inf) are preceded by every finite
+    entry and by the invalid ones of lower index.
 
     Returns:
-        (counts per tracked image, the number of entries >= `kth` when the sorted copy
-        holds them all, else None).
+        (counts per tracked image, an upper bound of the number of entries >= `kth`, or
+        None when unknown).
     """
-    low = tracked_scores.min()
-    reach = row >= low
-    whole = np.count_nonzero(reach) > row.size // 4
-    candidates = np.sort(row if whole else row[reach])
-    left = np.searchsorted(candidates, tracked_scores, side="left")
-    right = np.searchsorted(candidates, tracked_scores, side="right")
-    n = candidates.size
-    counts = np.where(tracked >= b, n - left, n - right)  # before the chunk: ties count too
-    inside = (tracked >= a) & (tracked < b)
-    for m in np.flatnonzero(inside & (right - left > 1)):
-        counts[m] += np.count_nonzero(row[: tracked[m] - a] == tracked_scores[m])
+    counts = np.zeros(tracked.size, dtype=np.int64)
+    finite = tracked_scores > -np.inf
     reaching = None
-    if kth is not None and (whole or kth >= low):
-        reaching = n - int(np.searchsorted(candidates, kth, side="left"))
+    if finite.any():
+        counts[finite], reaching = _count_finite(row, tracked_scores[finite],
+                                                 tracked[finite], a, b, kth)
+    if not finite.all():
+        lost = row == -np.inf
+        n_finite = np.count_nonzero(row > -np.inf)
+        for m in np.flatnonzero(~finite):
+            i = tracked[m]
+            counts[m] = n_finite + (np.count_nonzero(lost) if i >= b else
+                                    0 if i < a else np.count_nonzero(lost[: i - a]))
     return counts, reaching
+
+
+class _ScoresDiffer(RuntimeError):
+    """Pass B's product of a tracked image differs from pass A's score of it."""
 
 
 def _check_tracked_scores(scores, tracked, tracked_scores, rows, a, b):
@@ -187,20 +262,115 @@ def _check_tracked_scores(scores, tracked, tracked_scores, rows, a, b):
         inside = (t >= a) & (t < b)
         if np.any(inside) and not np.array_equal(scores[r, t[inside] - a],
                                                  tracked_scores[r][inside]):
-            raise RuntimeError("matrix product not reproducible between passes; ranks would "
-                               "be inexact")
+            raise _ScoresDiffer("matrix product not reproducible between passes; ranks "
+                                "would be inexact")
 
 
-def _finish_chunk(pending, top, ranks, q0, rows, k):
+def _chunk_tracked_scores(qblock, qtracked, database, valid, chunk, n):
+    """Pass A from the chunk products themselves (bit-exact by construction): the tracked
+    images' scores, and the last product computed (start, scores) for pass B to reuse."""
+    tscores = [np.zeros(t.size, dtype=np.float32) for t in qtracked]
+    all_tracked = np.unique(np.concatenate(qtracked)) if qtracked else np.zeros(0, int)
+    kept_start, kept = -1, None
+    for ci in np.unique(all_tracked // chunk):
+        a, b = int(ci) * chunk, min(n, (int(ci) + 1) * chunk)
+        kept_start, kept = a, _chunk_scores(qblock, database, a, b, valid)
+        for r, t in enumerate(qtracked):
+            sel = (t >= a) & (t < b)
+            tscores[r][sel] = kept[r, t[sel] - a]
+    return tscores, (kept_start, kept)
+
+
+def _gathered_tracked_scores(qblock, qtracked, database, valid):
+    """Pass A from a product of the tracked rows alone, in pieces of _GATHER_ROWS rows
+    (padded so as not to take BLAS's small-matrix path): ~1/50 of a whole pass when
+    tracked images lie in every chunk. BLAS gives these the chunk products' bits in
+    practice, not by contract: pass B checks every one (_ScoresDiffer otherwise)."""
+    all_tracked = np.unique(np.concatenate(qtracked))
+    scores = np.empty((qblock.shape[0], all_tracked.size), dtype=np.float32)
+    for p in range(0, all_tracked.size, _GATHER_ROWS):
+        rows = all_tracked[p:p + _GATHER_ROWS]
+        padded = np.resize(rows, max(rows.size, _GATHER_ROWS))
+        scores[:, p:p + rows.size] = (qblock @ database[padded].T)[:, :rows.size]
+    if valid is not None:
+        scores[:, ~valid[all_tracked]] = -np.inf
+    return [scores[r, np.searchsorted(all_tracked, t)] for r, t in enumerate(qtracked)]
+
+
+def _finish_chunk(pending, top, ranks, rows, k):
     """Adds a chunk's rank counts (from its threads) and merges it into the top-k `top`."""
     scores, start, counting = pending
     reaching = {}
     for r, future in zip(rows, counting):
         counts, n_reaching = future.result()
-        ranks[q0 + r] += counts
+        ranks[r] += counts
         if n_reaching is not None:
             reaching[r] = n_reaching
     top[0], top[1] = _chunk_topk(top[0], top[1], scores, k, start, reaching)
+
+
+class _Progress:
+    """Logs chunks done, rate and ETA every `every_s` seconds."""
+
+    def __init__(self, total, every_s):
+        self.total, self.every_s, self.done = total, every_s, 0
+        self.t0 = self.last = time.time()
+
+    def tick(self):
+        self.done += 1
+        now = time.time()
+        if now - self.last >= self.every_s:
+            rate = self.done / (now - self.t0)
+            logging.info("search: %d/%d chunks (%.1f chunks/s, ETA %.0f s)", self.done,
+                         self.total, rate, max(0, self.total - self.done) / rate)
+            self.last = now
+
+
+def _search_block(qblock, qtracked, database, valid, starts, chunk, n, k, progress, pass_a):
+    """Pass B of one query block: per tracked image the images ranked above it, and the
+    top-k. A chunk's rank counting (in threads: NumPy releases the GIL) runs while the
+    next chunk's product is computed; its top-k update follows, in chunk order.
+
+    Args:
+        pass_a: (tracked scores per query, (start, scores) of a chunk product to reuse or
+            (-1, None)).
+
+    Returns:
+        (ranks per query, [top-k indices, top-k scores]).
+
+    Raises:
+        _ScoresDiffer: a chunk product of a tracked image differs from its pass A score.
+    """
+    tscores, (kept_start, kept) = pass_a
+    del pass_a  # the kept product is dropped once used
+    nb = qblock.shape[0]
+    ranks = [np.zeros(t.size, dtype=np.int64) for t in qtracked]
+    top = [np.zeros((nb, 0), dtype=np.int64), np.zeros((nb, 0), np.float32)]
+    rows = [r for r, t in enumerate(qtracked) if t.size]
+    pending = counting = None
+    try:
+        for a in starts + [None]:
+            counting = None
+            if a is not None:
+                b = min(n, a + chunk)
+                if a == kept_start:
+                    scores, kept = kept, None
+                else:
+                    scores = _chunk_scores(qblock, database, a, b, valid)
+                _check_tracked_scores(scores, qtracked, tscores, rows, a, b)
+                kth = top[1][:, -1].copy() if top[1].shape[1] == k else None
+                counting = [_row_pool().submit(
+                    _count_above, scores[r], tscores[r], qtracked[r], a, b,
+                    None if kth is None else kth[r]) for r in rows]
+            if pending is not None:
+                _finish_chunk(pending, top, ranks, rows, k)
+                progress.tick()
+            pending = None if a is None else (scores, a, counting)
+    except _ScoresDiffer:
+        for future in (pending[2] if pending else []) + (counting or []):
+            future.cancel() or future.exception()  # let the threads finish before a retry
+        raise
+    return ranks, top
 
 
 def exact_search(queries, database, *, k=100, tracked=None, valid=None,
@@ -250,55 +420,32 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
 
     topk_idx = np.zeros((nq, k), dtype=np.int64)
     topk_sc = np.zeros((nq, k), dtype=np.float32)
-    ranks = [np.zeros(t.size, dtype=np.int64) for t in tracked]
-    t0 = last_log = time.time()
-    total_steps, step = len(starts) * -(-nq // query_block), 0
+    ranks = [None] * nq
+    progress = _Progress(len(starts) * -(-nq // query_block), log_every_s)
     for q0 in range(0, nq, query_block):
         q1 = min(nq, q0 + query_block)
         qblock = queries[q0:q1]
         qtracked = tracked[q0:q1]
-        # Pass A: scores of the tracked images, read from the same chunk products that
-        # pass B counts over (so a tracked score compares bit-exactly with its rivals). The
-        # last product is kept for pass B (tracked images usually sit in one chunk).
-        tscores = [np.zeros(t.size, dtype=np.float32) for t in qtracked]
-        all_tracked = np.unique(np.concatenate(qtracked)) if qtracked else np.zeros(0, int)
-        kept_start, kept = -1, None
-        for ci in np.unique(all_tracked // chunk):
-            a, b = int(ci) * chunk, min(n, (int(ci) + 1) * chunk)
-            kept_start, kept = a, _chunk_scores(qblock, database, a, b, valid)
-            for r, t in enumerate(qtracked):
-                sel = (t >= a) & (t < b)
-                tscores[r][sel] = kept[r, t[sel] - a]
-        # Pass B: count, per tracked image, the images ranked above it; keep the top-k.
-        # A chunk's rank counting (sorts, in threads: they release the GIL) runs while the
-        # next chunk's product is computed; its top-k update follows, in chunk order.
-        top = [np.zeros((q1 - q0, 0), dtype=np.int64), np.zeros((q1 - q0, 0), np.float32)]
-        rows = [r for r, t in enumerate(qtracked) if t.size]
-        pending = None
-        for a in starts + [None]:
-            if a is not None:
-                b = min(n, a + chunk)
-                if a == kept_start:
-                    s, kept = kept, None
-                else:
-                    s = _chunk_scores(qblock, database, a, b, valid)
-                _check_tracked_scores(s, qtracked, tscores, rows, a, b)
-                kth = top[1][:, -1].copy() if top[1].shape[1] == k else None
-                counting = [_row_pool().submit(
-                    _count_above, s[r], tscores[r], qtracked[r], a, b,
-                    None if kth is None else kth[r]) for r in rows]
-            if pending is not None:
-                _finish_chunk(pending, top, ranks, q0, rows, k)
-                step += 1
-                now = time.time()
-                if now - last_log >= log_every_s:
-                    rate = step / (now - t0)
-                    logging.info("search: %d/%d chunks (%.1f chunks/s, ETA %.0f s)", step,
-                                 total_steps, rate, (total_steps - step) / rate)
-                    last_log = now
-            pending = None if a is None else (s, a, counting)
-        run_idx, run_sc = top
-        topk_idx[q0:q1], topk_sc[q0:q1] = run_idx, run_sc
+        # Pass A: the tracked images' scores, bit-exactly those pass B counts over: from a
+        # product of the tracked rows alone where they lie in several (long) chunks, checked
+        # in pass B; else (or if one differs) from the chunk products holding them.
+        holding = np.unique(np.concatenate(qtracked) // chunk) if qtracked else ()
+        block_ranks = None
+        if chunk >= _GATHER_ROWS and len(holding) > 1:
+            try:
+                block_ranks, top = _search_block(
+                    qblock, qtracked, database, valid, starts, chunk, n, k, progress,
+                    (_gathered_tracked_scores(qblock, qtracked, database, valid), (-1, None)))
+            except _ScoresDiffer:
+                progress.total += len(starts)
+                logging.info("search: the tracked rows' own product differs from the chunk "
+                             "products here; scoring them from the chunk products")
+        if block_ranks is None:
+            block_ranks, top = _search_block(
+                qblock, qtracked, database, valid, starts, chunk, n, k, progress,
+                _chunk_tracked_scores(qblock, qtracked, database, valid, chunk, n))
+        ranks[q0:q1] = block_ranks
+        topk_idx[q0:q1], topk_sc[q0:q1] = top
     return SearchResult(topk_indices=topk_idx, topk_scores=topk_sc, tracked=tracked,
                         tracked_ranks=ranks, chunk_size=chunk, query_block=query_block)
 

@@ -34,6 +34,8 @@ What runs in which precision, and why (docs/serving.md, "Export precision", has 
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 
 from glam_tf.config.export import EXPORT_PRECISIONS
@@ -43,6 +45,61 @@ from glam_tf.model.pooling import GeM, RegionalGeM
 # export precision -> Keras dtype policy of the low-precision layers
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 assert tuple(POLICIES) == EXPORT_PRECISIONS
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """A bfloat16 export's speed-up over float32 (float32 time / bfloat16 time; > 1 is
+    faster) by wall clock and by process CPU time, and the CPU it was measured on."""
+
+    cpu: str
+    wall: float
+    cpu_time: float
+
+
+# bench/export_precision.py (ResNet101 GLAM, global_descriptor of one 768x1024 image) per
+# instruction-set level of glam_tf.cpu; levels not listed were not measured. README
+# "Export precision" has the commands and loads.
+BFLOAT16_MEASURED = {
+    "AVX512-BF16": Measured("AMD EPYC family 25 model 17 (Zen 4), 2 shared cores", 1.72, 1.63),
+    "AVX2": Measured("AMD EPYC Zen 3 (no AVX-512), 2 cores", 1.06, 0.85),
+}
+
+
+def _measured(level):
+    m = BFLOAT16_MEASURED[level]
+    return (f"measured on {level} ({m.cpu}): {m.wall:.2f}x float32's speed by wall clock, "
+            f"{m.cpu_time:.2f}x by CPU time")
+
+
+def precision_advice(precision: str, cpu_info) -> tuple[bool, str] | None:
+    """What to expect of an export in `precision` on this CPU (a glam_tf.cpu.CpuInfo).
+
+    Returns:
+        (warn, message): warn is True where the precision is measured to gain nothing on a
+        CPU like this one; None for float32.
+    """
+    here = f"this CPU ({cpu_info.describe()})"
+    choose = ("Choose the precision on the serving machine: python bench/export_precision.py "
+              "measures it there.")
+    if precision == "float32":
+        return None
+    if precision == "float16":
+        return (False, f"export precision float16: {here}: float16 is a GPU option; on CPUs "
+                "it was measured no faster than float32 (0.84x by CPU time on AVX512-BF16). "
+                + choose)
+    if cpu_info.native_bfloat16:
+        level = "AVX512-BF16" if cpu_info.isa_level == "AMX" else cpu_info.isa_level
+        extra = ("; AMX itself not measured yet, expect at least as much"
+                 if cpu_info.isa_level == "AMX" else "")
+        return (False, f"export precision bfloat16: {here} computes bfloat16 natively "
+                f"(avx512_bf16 / amx_bf16); {_measured(level)}{extra}. {choose}")
+    return (True, f"export precision bfloat16: {here} has no native bfloat16 (no avx512_bf16 "
+            f"or amx_bf16 flag), so TensorFlow emulates it: {_measured('AVX2')}: no gain, "
+            f"more CPU. If the serving machine has AVX512-BF16 or AMX bfloat16 pays there; "
+            f"otherwise export float32. {choose}")
+
 
 # Layers that keep the float32 policy in a low-precision clone (see the module docstring).
 FLOAT32_LAYERS = (GeM, RegionalGeM, EmbeddingHead, keras.layers.UnitNormalization, keras.layers.Softmax)

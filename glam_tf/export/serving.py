@@ -56,7 +56,7 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from glam_tf import files
+from glam_tf import cpu, files
 from glam_tf.config import ExportConfig, contract
 from glam_tf.export import image_header
 from glam_tf.export import precision as precision_lib
@@ -523,6 +523,9 @@ def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None,
     version = contract.resolve_version(export_dir, version)
     final = files.join(export_dir, str(version))
     module = build_serving_module(model, config, **settings)
+    advice = precision_lib.precision_advice(module.precision, cpu.cpu_info())
+    if advice:
+        (logging.warning if advice[0] else logging.info)("%s", advice[1])
     files.makedirs(export_dir)
     tmp = files.join(export_dir, f"{files.TEMPORARY_TAG}{version}-{uuid.uuid4().hex[:8]}")
     try:

@@ -9,28 +9,43 @@ Checkpoints are numbered by step (`ckpt-<step>`).
 Publishing: `tf.train.CheckpointManager.save` writes the checkpoint's files (through a
 `ckpt-<step>_temp/` folder that TensorFlow merges into `ckpt-<step>.index` and `.data-*`),
 then the `checkpoint` state file, whole (a temporary `checkpoint.tmp<hex>` renamed over it; on
-an object store one object). Readers (`tf.train.latest_checkpoint`, the manager, export and
-evaluation) go by that state file, so a checkpoint counts only once it is listed there, written
-last. `remove_unfinished_checkpoints` deletes the temporaries a killed save left; checkpoint
+an object store one object). The manager goes by that state file, so it counts a checkpoint
+only once it is listed there, written last; resume, export and evaluation decide from the files
+(below). `remove_unfinished_checkpoints` deletes the temporaries a killed save left; checkpoint
 files themselves are never deleted there (one newer than the state file lists may be whole:
 resume decides from the files).
+
+Resume trusts the files, not the `checkpoint` state file: `recover` lists the `ckpt-<step>`
+files, reads every tensor of the newest one back (each has a checksum in the index), moves a
+damaged one aside (renamed `<file>.damaged-<UTC time>`, never deleted) and tries the next
+older, then rewrites the state file from what is left before the CheckpointManager (which
+prunes by that state) is made. A state file that is missing, garbage or names checkpoints
+that are not there thus neither restarts the run from step 0 nor lets it save over intact
+checkpoints under the same names.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import signal
 import threading
+import time
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from google.protobuf import text_format
+from tensorflow.python.checkpoint import checkpoint_management
 
 from glam_tf import files
 from glam_tf.config import contract
+from glam_tf.export.checkpoint import CHECKPOINT_NAME, checkpoint_files, verify_checkpoint
 from glam_tf.train.distribute import WorkerInfo
 
-CHECKPOINT_NAME = "ckpt"
+STATE_FILE = "checkpoint"
 
 
 def checkpoint_dir(train_dir: str, worker: WorkerInfo) -> str:
@@ -38,14 +53,116 @@ def checkpoint_dir(train_dir: str, worker: WorkerInfo) -> str:
     return contract.checkpoints_dir(train_dir, 0 if worker.is_chief else worker.worker_index)
 
 
-def checkpoint_steps(manager: tf.train.CheckpointManager) -> list:
-    """Steps of the checkpoints `manager` knows, oldest first."""
-    steps = []
-    for path in manager.checkpoints:
-        match = re.search(rf"{CHECKPOINT_NAME}-(\d+)$", path)
-        if match:
-            steps.append(int(match.group(1)))
-    return steps
+def _read_state(directory: str):
+    """The parsed state file, or None when it is missing or cannot be parsed."""
+    if not files.exists(files.join(directory, STATE_FILE)):
+        return None
+    try:
+        return tf.train.get_checkpoint_state(directory)
+    except (ValueError, tf.errors.OpError, text_format.ParseError):  # not text, not a proto
+        return None
+
+
+def _state_problem(directory: str, steps: list) -> Optional[str]:
+    """What is wrong with the state file when the intact checkpoints are `steps`; None: ok."""
+    path = files.join(directory, STATE_FILE)
+    if not files.exists(path):
+        return "is missing" if steps else None
+    state = _read_state(directory)
+    if state is None or not state.model_checkpoint_path:
+        return "cannot be parsed"
+    listed = [files.basename(p) for p in state.all_model_checkpoint_paths]
+    expected = [f"{CHECKPOINT_NAME}-{s}" for s in steps]
+    newest = files.basename(state.model_checkpoint_path)
+    if not steps or newest != expected[-1] or set(listed) - set(expected):
+        return (f"names {newest} as newest and lists {listed}, but the intact checkpoints "
+                f"are {expected}")
+    return None
+
+
+@dataclasses.dataclass
+class Recovery:
+    """What `recover` found in a checkpoint folder.
+
+    Attributes:
+        steps: steps of the checkpoints kept, oldest first (the newest one verified).
+        verified: steps whose every tensor was read back.
+        damaged: step -> (why, names the files were moved aside to).
+        state_rewritten: the state file was missing or wrong and was rewritten.
+    """
+
+    steps: list
+    verified: set
+    damaged: dict
+    state_rewritten: bool
+
+
+def _move_aside(directory: str, names: list, stamp: str) -> list:
+    moved = []
+    for name in names:
+        target = f"{name}.damaged-{stamp}"
+        files.rename(files.join(directory, name), files.join(directory, target))
+        moved.append(target)
+    return moved
+
+
+def _rewrite_state(directory: str, steps: list, problem: str, stamp: str) -> None:
+    """Rewrites the state file to list `steps` (see `recover`)."""
+    path = files.join(directory, STATE_FILE)
+    names = [f"{CHECKPOINT_NAME}-{s}" for s in steps]
+    old = _read_state(directory)
+    kept = "kept in rotation"
+    if old is not None:  # keep the timestamps of the entries that are still there
+        times = dict(zip((files.basename(p) for p in old.all_model_checkpoint_paths),
+                         old.all_model_checkpoint_timestamps))
+        timestamps = [times.get(n, time.time()) for n in names]
+        preserved = old.last_preserved_timestamp
+    else:  # no timestamps: the manager keeps them all out of its pruning
+        timestamps, preserved = None, None
+        kept = "kept and never pruned (their state was lost)"
+    logging.warning("The checkpoint state file %s %s: rewritten from the checkpoint files "
+                    "(%s %s).", path, problem, ", ".join(names) or "none left",
+                    kept if names else "")
+    if names:
+        checkpoint_management.update_checkpoint_state_internal(
+            directory, names[-1], names, save_relative_paths=True,
+            all_model_checkpoint_timestamps=timestamps, last_preserved_timestamp=preserved)
+    else:
+        files.rename(path, files.join(directory, f"{STATE_FILE}.damaged-{stamp}"))
+
+
+def recover(directory: str) -> Recovery:
+    """Finds the newest checkpoint in `directory` that restores; repairs the state file.
+
+    Lists the `ckpt-<step>` files (whatever the state file says), verifies the newest with
+    `verify_checkpoint`, and while it is damaged logs why, renames its files to
+    `<file>.damaged-<UTC time>` and tries the next older. Then, when the state file is
+    missing, unparsable or disagrees with the files, rewrites it to list the checkpoints
+    that are left (the newest one last): the CheckpointManager made afterwards numbers
+    from a state that matches the files, so no later save reuses the name of an intact
+    checkpoint. Nothing is pruned on a state in doubt: entries of a parsable state keep
+    their timestamps (and their place in the keep_checkpoints rotation); checkpoints found
+    without one get none, which the manager reads as "preserved" and never deletes.
+    """
+    found = checkpoint_files(directory)
+    damaged, verified = {}, set()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for step in sorted(found, reverse=True):
+        prefix = files.join(directory, f"{CHECKPOINT_NAME}-{step}")
+        why = verify_checkpoint(prefix)
+        if why is None:
+            verified.add(step)
+            break
+        moved = _move_aside(directory, found[step], stamp)
+        damaged[step] = (why, moved)
+        logging.warning("Checkpoint %s is damaged (%s): moved aside as %s; trying the "
+                        "previous one.", prefix, why, ", ".join(moved))
+    steps = sorted(s for s in found if s not in damaged)
+    problem = _state_problem(directory, steps)
+    if problem:
+        _rewrite_state(directory, steps, problem, stamp)
+    return Recovery(steps=steps, verified=verified, damaged=damaged,
+                    state_rewritten=bool(problem))
 
 
 def remove_unfinished_checkpoints(manager: tf.train.CheckpointManager) -> list:
@@ -87,15 +204,17 @@ def _gather_per_worker(strategy: tf.distribute.Strategy, worker: WorkerInfo,
 
 
 def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
-                   strategy: tf.distribute.Strategy, worker: WorkerInfo) -> int:
+                   strategy: tf.distribute.Strategy, worker: WorkerInfo,
+                   recovery: Recovery) -> int:
     """Restores the newest checkpoint every worker has; returns its step (0: none).
 
+    `recovery` is what `recover` found in this worker's folder (before `manager` was made).
     All workers save at the same steps, so their newest checkpoints normally agree; a
     kill between two workers' saves leaves them one save apart, and every worker then
     goes back to the older one (kept: keep_checkpoints >= 2). Raises RuntimeError when
-    the workers share no checkpoint.
+    the workers share no checkpoint or the common one is damaged.
     """
-    steps = checkpoint_steps(manager)
+    steps = recovery.steps
     newest = steps[-1] if steps else 0
     if worker.num_workers > 1:
         newest_per_worker = _gather_per_worker(strategy, worker, newest)
@@ -117,6 +236,13 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
             f"({manager.directory}) has no checkpoint at step {target} (it has {steps}). "
             "Delete the worker_checkpoints and checkpoints folders to start over.")
     path = files.join(manager.directory, f"{CHECKPOINT_NAME}-{target}")
+    if target not in recovery.verified:
+        why = verify_checkpoint(path)
+        if why is not None:
+            raise RuntimeError(
+                f"Worker {worker.worker_index} cannot resume: the checkpoint all workers "
+                f"share, {path}, is damaged ({why}). Delete the worker_checkpoints and "
+                "checkpoints folders to start over.")
     checkpoint.restore(path).assert_existing_objects_matched()
     return target
 

@@ -26,6 +26,7 @@ from absl import logging
 from glam_tf import files as glam_files
 from glam_tf.config import contract
 from glam_tf.config.train import TrainConfig
+from glam_tf.refusal import Refused
 from glam_tf.train.distribute import WorkerInfo
 from glam_tf.train.random_data import random_train_dataset
 
@@ -133,6 +134,12 @@ def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
 
     check_dir = contract.data_check_dir(config.train_dir)
     shards = sorted(glam_files.glob(data_config.file_pattern))
+    folders = [p for p in shards if glam_files.isdir(p)]
+    if folders:
+        raise Refused(folders[0], f"--train_file_pattern={data_config.file_pattern!r} matches "
+                      f"this directory ({len(folders)} of its {len(shards)} matches are "
+                      "directories)", "make the pattern match the TFRecord files only, e.g. "
+                      "<dir>/train-*-of-*.tfrecord")
     reports = pipeline.check_shards(
         shards, record_dir=check_dir, verify=data_verified_here(shards, worker, data_config),
         worker_index=worker.worker_index)

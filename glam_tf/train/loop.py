@@ -157,6 +157,7 @@ class _Run:
     iterator: object
     checkpoint: tf.train.Checkpoint
     manager: tf.train.CheckpointManager
+    recovery: checkpointing.Recovery
     data_stats: Optional[tf.Module] = None
 
 
@@ -185,22 +186,27 @@ def _build_run(config: TrainConfig, strategy, worker, source, total_steps: int,
     extra = {"data_stats": source.decode_stats} if source.decode_stats is not None else {}
     checkpoint = tf.train.Checkpoint(model=model, head=head, optimizer=optimizer,
                                      step=step, iterator=iterator, **extra)
+    directory = checkpointing.checkpoint_dir(config.train_dir, worker)
+    recovery = checkpointing.recover(directory)  # before the manager reads the state file
     manager = tf.train.CheckpointManager(
-        checkpoint, checkpointing.checkpoint_dir(config.train_dir, worker),
-        max_to_keep=config.keep_checkpoints, checkpoint_name=checkpointing.CHECKPOINT_NAME)
+        checkpoint, directory, max_to_keep=config.keep_checkpoints,
+        checkpoint_name=checkpointing.CHECKPOINT_NAME)
     return _Run(model, head, optimizer, schedule, step, iterator, checkpoint, manager,
-                source.decode_stats)
+                recovery, source.decode_stats)
 
 
 def _restore(run: _Run, strategy, worker) -> int:
     """Restores the newest common checkpoint; returns its step (0 for a fresh run)."""
     checkpointing.remove_unfinished_checkpoints(run.manager)
     start_step = checkpointing.restore_latest(run.checkpoint, run.manager,
-                                              strategy, worker)
+                                              strategy, worker, run.recovery)
     if start_step:
         logging.info("Resumed from %s at step %d (optimizer iterations %d).",
                      run.manager.directory, start_step,
                      int(run.optimizer.iterations.numpy()))
+    elif run.recovery.damaged:
+        logging.warning("Every checkpoint in %s was damaged (moved aside): starting at "
+                        "step 0.", run.manager.directory)
     else:
         logging.info("No checkpoint in %s: starting at step 0.", run.manager.directory)
     if int(run.step.numpy()) != start_step:
@@ -297,7 +303,7 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
     logging.info("%s: %d replica(s), %d worker(s); this is worker %d%s.",
                  strategy_name(strategy), worker.num_replicas, worker.num_workers,
                  worker.worker_index, " (chief)" if worker.is_chief else "")
-    files.makedirs(config.train_dir)
+    files.ensure_writable_dir(config.train_dir, "--train_dir")  # refuses before heavy work
 
     # From here until the loop ends, SIGTERM only sets a flag: the loop checkpoints and
     # returns at the next step (a signal during set-up stops after the first step).
