@@ -20,6 +20,11 @@ of training; the flagfile sets --synthetic_num_val_landmarks, as configs/street.
 where settings are chosen; --split=test (default) on the test split, for the table of the
 chosen setting. A work_dir holds one split's runs.
 
+--pretrained=<weights file> starts every run's backbone from that file (the pretrained
+regime: bench/pretrain_backbone.py's backbone.weights.h5, with
+--flagfile=configs/street160_pretrained.flags for its learning rate); attention, head and
+fusion start from their initialisation in both regimes.
+
 A run whose record (<train_dir>/ablation_run.json) exists is not run again: rerunning the
 command after an interruption continues with the missing runs (a run cut in the middle
 resumes from its checkpoint). Prints, then writes to <work_dir>/ablation.md and
@@ -79,8 +84,17 @@ def parse_args(argv=None):
     parser.add_argument("--extra_flag", action="append", default=[],
                         help="More train_main flags for every run (repeatable), e.g. "
                         "--extra_flag=--train_steps=160.")
+    parser.add_argument("--pretrained", default="",
+                        help="Start every run's backbone from this weights file (e.g. "
+                        "bench/pretrain_backbone.py's backbone.weights.h5: --weights=<file> "
+                        "--zero_init_residual=false); attention, head and fusion start from "
+                        "their initialisation. Checked before any run; its SHA-256 goes into "
+                        "every record and a work_dir's runs must share it.")
     parser.add_argument("--python", default=sys.executable, help="Interpreter of the runs.")
     args = parser.parse_args(argv)
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        parser.error(f"--pretrained={args.pretrained!r}: no such file; make it with "
+                     "bench/pretrain_backbone.py (its <work_dir>/backbone.weights.h5).")
     args.variants = [v for v in args.variants.split(",") if v]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     bad = [v for v in args.variants if v not in
@@ -119,7 +133,21 @@ def train_command(args, variant: str, seed: int) -> list:
              f"--eval_dataset={SPLIT_DATASETS[args.split]}",
              "--eval_untrained=false", "--export=false", "--eval_visualize=",
              "--eval_visualize_attention=false"]
-            + (list(QUICK_FLAGS) if args.quick else []) + list(args.extra_flag))
+            + (list(QUICK_FLAGS) if args.quick else [])
+            + ([f"--weights={os.path.abspath(args.pretrained)}", "--zero_init_residual=false"]
+               if args.pretrained else [])
+            + list(args.extra_flag))
+
+
+def file_hash(path: str):
+    """First 16 hex digits of the SHA-256 of `path` (None for no file)."""
+    if not path:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _train_result(stdout: str) -> dict:
@@ -145,6 +173,11 @@ def run_one(args, variant: str, seed: int) -> dict:
         if record.get("split", "test") != args.split:
             raise RuntimeError(f"{record_path} was evaluated on the {record.get('split', 'test')}"
                                f" split, not {args.split}: use another --work_dir per split.")
+        if record.get("pretrained") != args.pretrained_hash:
+            raise RuntimeError(f"{record_path} started from backbone "
+                               f"{record.get('pretrained') or 'of its flagfile'}, not "
+                               f"{args.pretrained_hash or 'of the flagfile'} (--pretrained): "
+                               "use another --work_dir per starting backbone.")
         return record
     os.makedirs(train_dir, exist_ok=True)
     command = train_command(args, variant, seed)
@@ -166,6 +199,7 @@ def run_one(args, variant: str, seed: int) -> dict:
         "mAP": {s: metrics[s]["mAP"] for s in SUBSETS},
         "attention": summary["attention"], "wall_s": round(wall, 1),
         "data_manifest": manifest_hash(args.work_dir), "command": command,
+        "pretrained": args.pretrained_hash,
     }
     with open(record_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1, sort_keys=True)
@@ -227,6 +261,7 @@ def format_table(rows: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.pretrained_hash = file_hash(args.pretrained)
     os.makedirs(args.work_dir, exist_ok=True)
     start = time.monotonic()
     records, manifest = [], None
@@ -246,7 +281,9 @@ def main(argv=None) -> int:
     table = format_table(rows)
     total = time.monotonic() - start
     footer = (f"{len(records)} runs, {total:.0f} s wall in this call (runs already recorded "
-              f"are read, not rerun); synthetic set manifest {manifest}.")
+              f"are read, not rerun); synthetic set manifest {manifest}; backbone "
+              + (f"from {args.pretrained} (sha256 {args.pretrained_hash})" if args.pretrained
+                 else "as the flagfile says") + ".")
     print(table + "\n" + footer, flush=True)
     with open(os.path.join(args.work_dir, "ablation.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n\n" + footer + "\n")

@@ -205,6 +205,42 @@ def test_every_flagfile_parses_and_validates(tmp_path):
         2 * demo["synthetic"]["image_size"])
     assert paper["evaluation"]["max_image_size"] == 2 * max(max(size) for size in paper["data"][
         "bucket_sizes"])
+    _check_pretrained_regime(parsed)
+
+
+def _check_pretrained_regime(parsed):
+    """configs/pretrain.flags (bench/pretrain_backbone.py) against the evaluation sets."""
+    pretrain = parsed["configs/pretrain.flags"]["config"]
+    street = parsed["configs/street160.flags"]["config"]
+    tuned = parsed["configs/street160_pretrained.flags"]["config"]
+    assert pretrain["model"]["variant"] == "baseline" and pretrain["model"]["weights"] == "none"
+    assert not pretrain["evaluation"]["dataset"] and not pretrain["export"]
+    # A building is (generator seed, number): every synthetic set that is evaluated on is
+    # drawn from another seed than the pretraining set, so none of its landmarks (test,
+    # validation, distractors) nor its neighbour buildings is a pretraining building.
+    evaluated = {path: entry["config"]["synthetic"]["seed"] for path, entry in parsed.items()
+                 if entry["config"]["data_source"] == "synthetic"
+                 and entry["config"]["evaluation"]["dataset"]}
+    assert {"configs/demo.flags", "configs/street.flags", "configs/street160.flags",
+            "configs/street160_pretrained.flags"} <= set(evaluated)
+    assert pretrain["synthetic"]["seed"] not in set(evaluated.values())
+    assert pretrain["synthetic"]["num_train_landmarks"] > street["synthetic"][
+        "num_train_landmarks"]
+    # The same photos and buckets as the street set it is used on: conv5 at least 5 x 5.
+    for cfg in (pretrain, tuned):
+        assert cfg["data"] == street["data"]
+        assert cfg["synthetic"]["image_size"] == street["synthetic"]["image_size"]
+        assert cfg["synthetic"]["frame_scale"] == street["synthetic"]["frame_scale"]
+    data = {k: tuple(map(tuple, v)) if k == "bucket_sizes" else v
+            for k, v in street["data"].items()}
+    assert min(min(size) for size in DataConfig(**data).scaled_bucket_sizes()) >= 160
+    assert street["evaluation"]["max_image_size"] == 2 * street["synthetic"]["image_size"]
+    # The pretrained regime differs from scratch only in the backbone's start and the rate.
+    differs = sorted(k for k in tuned if k not in ("model", "train_dir")
+                     and tuned[k] != street[k])
+    assert differs == ["end_learning_rate", "learning_rate"]
+    assert tuned["model"] == {**street["model"], "weights": "runs/pretrain/backbone.weights.h5",
+                              "zero_init_residual": False}
 
 
 def _run_main(args, tmp_path, timeout=120):

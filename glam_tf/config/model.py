@@ -51,8 +51,10 @@ class ModelConfig:
                             "c = 2048).", rule=one_of(BACKBONES),
                             fix="Use e.g. --backbone=resnet101.")
     weights: str = setting("imagenet", "Backbone init: 'imagenet' (Keras cache "
-                           "~/.keras/models or download), 'none' (random) or the path of a "
-                           "Keras .h5 weights file of the backbone (no top).")
+                           "~/.keras/models or download), 'none' (random) or the path (local or "
+                           "gs://...) of a weights file of the backbone: keras.applications' "
+                           ".h5 with or without top, or a .weights.h5 this project saved "
+                           "(bench/pretrain_backbone.py).")
     variant: str = setting("global+local", "GLAM variant (paper Table 5 rows); "
                            "'global+local' is GLAM, 'baseline' has no attention module.",
                            rule=one_of(VARIANTS),
@@ -114,7 +116,8 @@ class ModelConfig:
                 self.weights not in WEIGHTS_KEYWORDS and not self.weights.endswith(".h5")):
             fail(name("weights"), "must be 'imagenet', 'none' or a path ending in '.h5'",
                  self.weights, "Use --weights=imagenet, --weights=none, or the path of a "
-                 "Keras .h5 weights file of the backbone without its top.")
+                 "keras.applications .h5 weights file (with or without top) or of a "
+                 ".weights.h5 backbone saved by bench/pretrain_backbone.py.")
         if self.kernel_size % 2 == 0:
             fail(name("kernel_size"), "must be odd (same-padded 1-D conv)", self.kernel_size,
                  "The spec's default is 3.")

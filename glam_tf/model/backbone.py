@@ -7,6 +7,8 @@ import keras
 
 from glam_tf import files
 from glam_tf.config.model import BACKBONES
+from glam_tf.model.weights_file import (WeightsFileError, assign_backbone_weights,
+                                        read_weights_file)
 
 _APPLICATIONS = {
     "resnet50": "ResNet50",
@@ -66,28 +68,19 @@ def _fetch_imagenet_weights(name):
             f"pass --weights=/path/to/{file_name} to load a local copy.") from e
 
 
-def _short(error, limit=400):
-    text = str(error)
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def _load_weights_file(model, name, path):
+def _read_weights_file(name, path):
+    """The file's layers, read before the backbone is built (a bad file fails first)."""
     if not files.isfile(path):
         raise BackboneWeightsError(
             f"Backbone weights file not found: --weights={path!r} (backbone '{name}'). "
             f"Pass an existing .h5 file holding keras.applications."
-            f"{_APPLICATIONS[name]}(include_top=False) weights, e.g. "
-            f"{imagenet_weights_file(name)}, or --weights=imagenet / --weights=none.")
+            f"{_APPLICATIONS[name]} weights (with or without top, e.g. "
+            f"{imagenet_weights_file(name)}), a backbone saved by this project "
+            f"(.weights.h5), or --weights=imagenet / --weights=none.")
     try:
-        with files.local_copy(path) as local:
-            model.load_weights(local)
-    except Exception as e:  # noqa: BLE001 - h5py/keras raise many types for a bad file
-        raise BackboneWeightsError(
-            f"Could not load --weights={path!r} into backbone '{name}' "
-            f"(keras.applications.{_APPLICATIONS[name]}, include_top=False): "
-            f"{type(e).__name__}: {_short(e)} The file must hold weights of exactly that "
-            f"architecture without its top, like {imagenet_weights_file(name)}; check the "
-            f"--backbone / --weights pair.") from e
+        return read_weights_file(path)
+    except WeightsFileError as e:
+        raise BackboneWeightsError(str(e)) from None
 
 
 # The BatchNorm closing the residual branch of a keras.applications ResNet v1 bottleneck block.
@@ -119,8 +112,10 @@ def build_backbone(name="resnet101", weights="imagenet", *, model_name="backbone
     Args:
         name: one of BACKBONES.
         weights: "imagenet" (from the Keras cache ~/.keras/models, downloaded when
-            missing), "none" (random initialisation) or the path of a .h5 weights file
-            of the same architecture without top.
+            missing), "none" (random initialisation) or the path (local or tf.io.gfile) of a
+            weights file of the same architecture: keras.applications' downloaded `.h5`
+            with or without its top, or a backbone saved by this project (`.weights.h5`);
+            read by layer name (glam_tf.model.weights_file).
         model_name: name of the returned model (the descriptor model uses "backbone").
         zero_init_residual: with weights "none", start every bottleneck block as its
             shortcut (`zero_init_residual_branches`).
@@ -141,18 +136,19 @@ def build_backbone(name="resnet101", weights="imagenet", *, model_name="backbone
     if not isinstance(weights, str):
         raise ValueError(f"build_backbone: `weights` must be 'imagenet', 'none' or a .h5 "
                          f"path; received weights={weights!r}.")
-    path = None
-    if weights == "imagenet":
-        path = _fetch_imagenet_weights(name)
-    elif weights != "none":
-        path = weights
-        if not files.isfile(path):  # fail before spending time on the build
-            _load_weights_file(None, name, path)
+    saved = None
+    if weights != "none":
+        path = _fetch_imagenet_weights(name) if weights == "imagenet" else weights
+        saved = _read_weights_file(name, path)  # a bad file fails before the build
     application = getattr(keras.applications, _APPLICATIONS[name])
     model = application(include_top=False, weights=None, input_shape=(None, None, 3),
                         name=model_name)
-    if path is not None:
-        _load_weights_file(model, name, path)
+    if saved is not None:
+        try:
+            assign_backbone_weights(model, saved, f"backbone '{name}' (keras.applications."
+                                    f"{_APPLICATIONS[name]})")
+        except WeightsFileError as e:
+            raise BackboneWeightsError(str(e)) from None
     elif zero_init_residual:
         zero_init_residual_branches(model)
     return model
