@@ -7,7 +7,7 @@ One Apache Beam pipeline (glam_tf.data.gldv2.convert_gldv2). Without Beam flags 
 the DirectRunner with 2 worker processes on this machine (--direct_num_workers=8 for more);
 any other flag goes to Beam, e.g. --runner=DataflowRunner --project=P --region=R
 --temp_location=gs://B/tmp, --runner=FlinkRunner --flink_master=host:8081, or
---runner=SparkRunner --spark_master_url=spark://host:7077 (README: "GLDv2 on a cluster").
+--runner=SparkRunner --spark_master_url=spark://host:7077 (docs/scale-out.md, "Runners").
 A flag that is neither this program's nor Beam's is an error.
 
 Reads <gldv2_root>/train_clean.csv (or train.csv) and <gldv2_root>/train/<a>/<b>/<c>/<id>.jpg.

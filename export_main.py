@@ -3,7 +3,7 @@
 Example:
   python export_main.py --train_dir=runs/glam_r101 --export_dir=exports/glam \
       --scales=0.70710678,1.0,1.41421356 --max_image_size=1024
-writes exports/glam/<next version>/ (README.md "Export and serving" says how to serve it).
+writes exports/glam/<next version>/ (docs/serving.md says how to serve it).
 The export settings are ExportConfig's (glam_tf.config), flags defined from its fields.
 
 The flags are defined by define_flags() when run as a program (not at import), so tests can

@@ -67,6 +67,13 @@ def main(argv, model_fn=None):
         "wall_time_s": round(result.wall_time_s, 1),
     }
     print("TRAIN_RESULT " + json.dumps(summary, sort_keys=True), flush=True)
+    if not result.stopped_by_signal:
+        from glam_tf.train.what_next import what_next
+
+        closing = what_next(config, export_dir=result.export_dir,
+                            outputs=(result.evaluation or {}).get("outputs"))
+        if closing:
+            print(closing, flush=True)
 
 
 if __name__ == "__main__":

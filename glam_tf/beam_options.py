@@ -4,15 +4,28 @@ Both `build_gldv2_main.py` and `eval_main.py --stage=extract` run one Beam pipel
 flag the program does not define is handed to Beam's `PipelineOptions`, so the same
 command runs on a laptop or a cluster:
 
-  (nothing)                          DirectRunner, 2 worker processes on this machine
-  --direct_num_workers=8             DirectRunner, 8 worker processes
+  (nothing)                          the local runner, 2 worker processes on this machine
+  --direct_num_workers=8             the local runner, 8 worker processes
   --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp
-  --runner=FlinkRunner --flink_master=host:8081 --environment_type=LOOPBACK
-  --runner=SparkRunner --spark_master_url=spark://host:7077
+      [--sdk_container_image=IMAGE]
+  --runner=FlinkRunner --flink_master=host:8081 --environment_type=DOCKER
+      --environment_options=docker_container_image=IMAGE
+  --runner=SparkRunner --spark_master_url=spark://host:7077 --environment_type=DOCKER
+      --environment_options=docker_container_image=IMAGE
+
+The local runner (no --runner, or --runner=DirectRunner) is Beam's FnApiRunner, chosen
+here rather than by Beam's DirectRunner: in Beam 2.77 that one first tries the PrismRunner,
+which downloads a binary from GitHub (offline: a logged failure, then the fallback; online:
+the pipeline runs on Prism instead). `--runner=PrismRunner` still picks Prism.
+
+On any other runner the Python work runs on the cluster's workers, which must be able to
+import glam_tf: from an image that has it (`Dockerfile`), or from the package Beam stages
+(`--setup_file`, added here from a source checkout when nothing else provides it).
+`--environment_type=LOOPBACK` with such a runner is refused: it runs the Python work in
+the submitting process, not on the cluster.
 
 A flag that is neither the program's nor a Beam option is an error (a typo would otherwise
-be dropped silently by Beam). PrismRunner downloads a binary when it starts: not usable
-offline.
+be dropped silently by Beam).
 """
 
 from __future__ import annotations
@@ -20,15 +33,28 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from glam_tf import files
 
-
-# The embedded default: DirectRunner's multi-process mode on the local cores.
+# The embedded default: the local runner's multi-process mode on the local cores.
 LOCAL_DEFAULTS = ("--runner=DirectRunner", "--direct_num_workers=2",
                   "--direct_running_mode=multi_processing")
 REPO_ROOT = files.dirname(files.dirname(files.absolute(__file__)))
+# Beam's --setup_file in a source checkout: Beam builds an sdist of it and stages it, and
+# each worker pip-installs it (setup.py, not pyproject.toml: Beam 2.77 builds a
+# pyproject.toml only with the `build` module; a setup.py also with `setup.py sdist`).
+CHECKOUT_SETUP_FILE = files.join(REPO_ROOT, "setup.py")
+# Runner names (lower case, without "runner") that run on this machine.
+_LOCAL_NAMES = ("direct", "fnapi", "bundlebaseddirect", "switchingdirect", "prism",
+                "testdirect")
+# Those that get glam_tf's LocalRunner (Beam's FnApiRunner without the Prism attempt).
+_LOCAL_RUNNER_NAMES = ("direct", "fnapi")
+# Flags by which the workers of a remote runner get glam_tf (a staged package, an image or
+# an environment the user set up).
+_WORKER_PACKAGE_FLAGS = ("--setup_file", "--extra_package", "--extra_packages",
+                         "--sdk_container_image", "--worker_harness_container_image",
+                         "--environment_config", "--environment_options")
 
 
 def parse_flags_keep_beam_args(argv):
@@ -61,31 +87,63 @@ def unknown_beam_args(args) -> list:
 
 
 def check_args(beam_args) -> None:
-    """Raises ValueError naming the flags of `beam_args` that are no Beam option (cheap:
-    for a program to fail before any heavy work)."""
-    unknown = unknown_beam_args([str(a) for a in (beam_args or ())])
+    """Raises ValueError (one line) for flags of `beam_args` that are no Beam option, for
+    `--environment_type=LOOPBACK` with a runner that is not local, and for a remote runner
+    whose workers would have no glam_tf (cheap: for a program to fail before any heavy
+    work)."""
+    args = [str(a) for a in (beam_args or ())]
+    unknown = unknown_beam_args(args)
     if unknown:
         raise ValueError(
             f"unknown flag(s) {unknown}: neither this program's flags nor Apache Beam pipeline "
             "options (see `python -m apache_beam.examples.wordcount --help` for Beam's, "
             "--helpfull for this program's)")
+    runner = _flag_value(args, "--runner")
+    if runner is None or _short_name(runner) in _LOCAL_NAMES:
+        return
+    environment = _flag_value(args, "--environment_type")
+    if environment is not None and environment.upper() == "LOOPBACK":
+        raise ValueError(
+            f"--environment_type=LOOPBACK runs the Python work in this submitting process, not "
+            f"on the workers of --runner={runner}: use --environment_type=DOCKER "
+            "--environment_options=docker_container_image=IMAGE (an image built from this "
+            "repository's Dockerfile) or --environment_type=EXTERNAL "
+            "--environment_config=HOST:PORT (worker pools of that image)")
+    _worker_package_args(args, runner)
+
+
+def _worker_package_args(args, runner) -> list:
+    """The flags to add so that the workers of `runner` (not local) can import glam_tf:
+    none when a flag of _WORKER_PACKAGE_FLAGS provides it; `--setup_file` of this source
+    checkout otherwise. Raises ValueError when neither is there (an installed package)."""
+    if any(_flag_value(args, f) is not None for f in _WORKER_PACKAGE_FLAGS):
+        return []
+    if files.isfile(CHECKOUT_SETUP_FILE):
+        return [f"--setup_file={CHECKOUT_SETUP_FILE}"]
+    raise ValueError(
+        f"the workers of --runner={runner} need glam_tf: pass --sdk_container_image=IMAGE "
+        "(Dataflow) or --environment_type=DOCKER --environment_options="
+        "docker_container_image=IMAGE (an image built from glam-tf's Dockerfile), or "
+        "--extra_package=glam_tf-VERSION.tar.gz (an sdist of glam-tf) or --setup_file="
+        "SOURCE/setup.py")
 
 
 def pipeline_options(beam_args=None, paths=None):
-    """`PipelineOptions` from extra argv, on top of the local DirectRunner defaults.
+    """`PipelineOptions` from extra argv, on top of the local runner's defaults.
 
     Args:
       beam_args: Beam flags (`["--runner=FlinkRunner", "--flink_master=..."]`), or None.
-        Without `--runner`, the DirectRunner defaults apply (a later
-        `--direct_num_workers` overrides theirs).
+        Without `--runner`, the local defaults apply (a later `--direct_num_workers`
+        overrides theirs). A runner that is not local and has no flag giving its workers
+        glam_tf gets `--setup_file` of this checkout.
       paths: {flag name: path} the pipeline's workers read or write. A path on a file system
-        that lives inside this process (`ram://`) makes the default runner the in-memory
-        DirectRunner (one worker: this process); with worker processes or a cluster runner
-        asked for, it is refused.
+        that lives inside this process (`ram://`) makes the default runner run in memory
+        (one worker: this process); with worker processes or a cluster runner asked for, it
+        is refused.
 
     Raises:
-      ValueError: a flag that is no Beam option (named, with how to list them), or a
-        process-local path with a runner whose workers cannot see it.
+      ValueError: as `check_args`, or a process-local path with a runner whose workers
+        cannot see it.
     """
     from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
 
@@ -95,14 +153,22 @@ def pipeline_options(beam_args=None, paths=None):
                   if path and files.scheme(path) in PROCESS_LOCAL_SCHEMES}
     if in_process:
         args = _in_process_args(args, in_process)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+    runner = _flag_value(args, "--runner")
+    if runner is None:
         args = list(LOCAL_DEFAULTS) + args
+    elif _short_name(runner) not in _LOCAL_NAMES:
+        extra = _worker_package_args(args, runner)
+        if extra:
+            logging.info("workers of --runner=%s get glam_tf from %s (Beam stages an sdist of "
+                         "this checkout; each worker pip-installs it with its pinned "
+                         "requirements)", runner, extra[0])
+        args += extra
     if _is_direct(args):
         if any(a == "--num_workers" or a.startswith("--num_workers=") for a in args):
             raise ValueError(
                 "--num_workers is Beam's worker count on Dataflow; the DirectRunner's worker "
                 "processes are set with --direct_num_workers=N")
-        # DirectRunner's worker processes unpickle our DoFns by module name: let them import
+        # The local worker processes unpickle our DoFns by module name: let them import
         # glam_tf from wherever the program was started.
         path = os.environ.get("PYTHONPATH", "")
         if REPO_ROOT not in path.split(os.pathsep):
@@ -131,25 +197,52 @@ def _in_process_args(args, in_process) -> list:
         "--direct_num_workers=1"]
 
 
-def is_direct(options) -> bool:
-    """Whether `PipelineOptions` run on the DirectRunner (Beam's default without --runner)."""
+def local_runner(options):
+    """The runner object for `beam.Pipeline(runner=..., options=options)`: a
+    `glam_tf.beam_local.LocalRunner` for no --runner, --runner=DirectRunner or
+    --runner=FnApiRunner; None otherwise (Beam builds the runner --runner names)."""
     from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
 
     runner = options.view_as(StandardOptions).runner
-    return runner is None or runner in _DIRECT
+    if runner is not None and _short_name(runner) not in _LOCAL_RUNNER_NAMES:
+        return None
+    from glam_tf import beam_local  # pylint: disable=g-import-not-at-top
+
+    return beam_local.LocalRunner(options)
 
 
-_DIRECT = ("DirectRunner", "direct", "BundleBasedDirectRunner")
+def is_direct(options) -> bool:
+    """Whether `PipelineOptions` run on a DirectRunner-like local runner (the default without
+    --runner: glam_tf's LocalRunner; or Beam's FnApiRunner or BundleBasedDirectRunner)."""
+    from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
+
+    runner = options.view_as(StandardOptions).runner
+    return runner is None or _short_name(runner) in _DIRECT
+
+
+_DIRECT = ("direct", "fnapi", "bundlebaseddirect")
+
+
+def _short_name(runner) -> str:
+    """`--runner`'s value as Beam matches it: the class name of a dotted path, lower case,
+    without the "runner" suffix ("DirectRunner", "direct" -> "direct")."""
+    name = str(runner).rsplit(".", 1)[-1].lower()
+    return name[:-len("runner")] if name.endswith("runner") and name != "runner" else name
+
+
+def _flag_value(args, name):
+    """The value of the last `name=value` or `name value` in `args`; None when absent."""
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+        elif a == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
 
 
 def _is_direct(args) -> bool:
-    runner = "DirectRunner"
-    for i, a in enumerate(args):
-        if a.startswith("--runner="):
-            runner = a.split("=", 1)[1]
-        elif a == "--runner" and i + 1 < len(args):
-            runner = args[i + 1]
-    return runner in _DIRECT
+    return _short_name(_flag_value(args, "--runner") or "DirectRunner") in _DIRECT
 
 
 def counters(result, namespace) -> dict:

@@ -7,12 +7,15 @@ so test files `import helpers`; a subprocess adds TESTS_DIR to sys.path itself.
 Retrieval references and fixtures: `ref_compute_map` (cirtorch compute_map written the
 straightforward way), `fake_backend` (a NumPy descriptor back-end), `write_tiny_revisited`
 (a tiny roxford5k-layout data set) with the `SCALES` and `MAX_SIZE` the tests describe it at.
+Crafted images: `huge_png` (a PNG whose header declares a huge size).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -130,3 +133,15 @@ def write_tiny_revisited(root, *, distractors=True):
         (root / "revisitop1m" / "revisitop1m.txt").write_text(
             "0/00/x0.jpg\n0/00/x1.jpg\n0/00/x2.jpg\n")
     return imlist, qimlist, gnd
+
+
+# ----------------------------------------------------------------------------- crafted images
+
+def _png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def huge_png(w, h):
+    """A valid-looking PNG (correct CRCs) declaring w x h RGB with a few bytes of pixel data."""
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))

@@ -233,11 +233,27 @@ def test_cli_equals_reference_and_passes_beam_flags(tmp_path):
     assert "missing: 1; undecodable: 2; classes: 4" in result.stdout
     assert "'images_missing': 1" in result.stdout
     _same_outputs(tmp_path / "beam", tmp_path / "reference")
+    # The local runner chosen without a Prism attempt; each worker's log lines once.
+    assert "prism" not in result.stderr.lower()
+    worker_lines = [line.split(" ", 2)[2] for line in result.stderr.splitlines()
+                    if " beam worker: " in line]   # "<pid> <file:line>] beam worker: ..."
+    assert sum(line.endswith("Python sdk harness starting.") for line in worker_lines) == 2
+    assert len(worker_lines) == len(set(worker_lines))
+    assert "Worker: severity" not in result.stderr
     # A flag neither ours nor Beam's is one line, not a silently dropped typo.
     result = subprocess.run(command + ["--num_shard=3"], capture_output=True, text=True,
                             timeout=240, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     assert result.returncode == 2
     assert "unknown flag(s) ['--num_shard=3']" in result.stderr
+    # LOOPBACK on a cluster runner would run the work here: refused, before any work.
+    result = subprocess.run(command + ["--runner=FlinkRunner", "--flink_master=h:8081",
+                                       "--environment_type=LOOPBACK"],
+                            capture_output=True, text=True, timeout=240, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 2
+    assert ("\nbuild_gldv2_main: error: --environment_type=LOOPBACK runs the Python work in "
+            "this submitting process, not on the workers of --runner=FlinkRunner: use "
+            "--environment_type=DOCKER") in "\n" + result.stderr
 
 
 def test_progress_bar_shows_counts_rate_and_eta():

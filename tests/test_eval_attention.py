@@ -8,6 +8,9 @@ documented size, beside top10.png. A SavedModel, a baseline model and a missing
 --visualize are refused with a message.
 """
 
+import pathlib
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -88,7 +91,11 @@ def test_png_grid_beside_top10_holds_the_overlays(tmp_path, model):
         grid = np.asarray(im.convert("RGB"))
     assert (grid.shape[1], grid.shape[0]) == attention_vis.grid_size(2, 2)
     cell_w, cell_h = report.cell_size()
-    assert grid.shape == (2 * 3 * cell_h, 6 * cell_w, 3)
+    # the title, 2 queries x 3 rows of cells, the colour bar and the legend; the row
+    # headers' column and 6 cells (or the legend's width, if wider)
+    assert grid.shape[0] == (report.TITLE_H + 2 * 3 * cell_h + attention_vis.COLOR_BAR_H
+                             + report.LEGEND_H)
+    assert grid.shape[1] == max(attention_vis.HEADER_W + 6 * cell_w, report.legend_width() + 12)
 
     # Query q0 (a crop, at the evaluation's client resize): image, local and global rows.
     ts = testsets.load_testset(str(tmp_path / "data"), "roxford5k")
@@ -131,3 +138,55 @@ def test_refusals(tmp_path, model):
     local = tiny_descriptor_model(ModelConfig(variant="local", reduced_channels=4,
                                               embedding_dim=8))
     assert attention_vis.check_model(local) == ("local",)
+
+
+def test_labels_headers_and_legend_say_what_they_show():
+    """Words a reader needs without the docs; rank and score, name and range apart."""
+    assert report.result_label(1, 0.8234) == "#1  score 0.823"
+    assert report.result_label(10, 0.5) == "#10  score 0.500"
+    assert attention_vis.map_label(np.array([[-63.54, 2.0], [171.2, 0.0]])) == (
+        "min -63.5  max 171")
+    assert attention_vis.row_header("local") == (
+        "local spatial attention", "A_s^l (eq. 2)", "per position")
+    assert attention_vis.row_header("global", position="mean")[0] == "global spatial attention"
+    assert "centre" in " ".join(attention_vis.row_header("global", position="center"))
+    assert attention_vis.row_header("image", query="q7", top=5) == (
+        "query q7", "and its top 5,", "as the model saw them")
+    # The legend: every status the pictures frame, in the colour the frame has.
+    assert report.legend_entries() == [
+        ((30, 90, 220), "query"), ((0, 170, 0), "same landmark (positive)"),
+        ((235, 195, 0), "junk (ignored)"), ((215, 0, 0), "other landmark (negative)"),
+        ((128, 128, 128), "undecodable image")]
+    assert {key for key, _ in report.LEGEND} == set(report.COLORS)
+
+
+def test_the_docs_colour_key_matches_the_code():
+    """The guides name each frame colour as the code draws it (junk is yellow)."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    names = {(0, 170, 0): "green", (235, 195, 0): "yellow", (215, 0, 0): "red",
+             (128, 128, 128): "grey", (30, 90, 220): "blue"}
+    key = re.search(r"the query blue, positives green,\s+junk yellow, negatives red, "
+                    r"undecodable images grey", text)
+    assert key, "docs/evaluation.md lost its colour key"
+    assert [names[report.COLORS[k]] for k in ("query", "positive", "junk", "negative",
+                                               "invalid")] == [
+        "blue", "green", "yellow", "red", "grey"]
+
+
+def test_top10_png_has_title_rows_and_legend(tmp_path):
+    """top10.png: the title line, one row per query, the legend line under them, and the
+    legend's swatches in the frame colours."""
+    for name, colour in (("q.jpg", (90, 90, 90)), ("a.jpg", (200, 200, 200))):
+        Image.new("RGB", (60, 40), colour).save(tmp_path / name)
+    entries = [{"query": "q", "query_path": str(tmp_path / "q.jpg"), "box": None,
+                "results": [{"id": "a", "path": str(tmp_path / "a.jpg"), "score": 0.5,
+                             "status": status} for status in ("positive", "junk")]}]
+    png, page = report.write_visualization(entries, str(tmp_path / "vis"), title="T", num=2)
+    with Image.open(png) as im:
+        grid = np.asarray(im.convert("RGB"))
+    cell_w, cell_h = report.cell_size()
+    assert grid.shape[0] == report.TITLE_H + cell_h + report.LEGEND_H
+    legend = grid[-report.LEGEND_H:]
+    for colour, _ in report.legend_entries():
+        assert (legend == colour).all(axis=-1).any(), colour
+    assert "junk (ignored)" in pathlib.Path(page).read_text()

@@ -128,7 +128,9 @@ def test_evaluator_end_to_end_tiny_revisited(tmp_path, glam_backend, train_dir, 
     assert saved["settings"]["max_image_size"] == MAX_SIZE
     assert "rank last" in saved["settings"]["undecodable_policy"]
     png = Image.open(res["outputs"]["png"])
-    assert png.size == (11 * 140, 2 * 154)
+    cell_w, cell_h = report.cell_size()   # 140 x 158: a framed 128-px image and its label
+    assert png.size == (11 * cell_w, report.TITLE_H + 2 * cell_h + report.LEGEND_H)
+    assert (cell_w, cell_h) == (140, 158)
     page = open(res["outputs"]["html"]).read()
     assert page.count("<tr>") == 2 and "q00" in page and "positive" in page
     # the picture's colours follow the Medium ground truth

@@ -223,3 +223,32 @@ def test_resume_after_sigkill(tmp_path):
                           shard_size=2)
     ref = extract.merge_shards(ref_dir, [it.id for it in items])
     np.testing.assert_array_equal(merged.descriptors, ref.descriptors)
+
+
+def test_features_of_another_model_are_refused_in_one_line_that_says_what_to_do(tmp_path):
+    """The README's next evaluations once collided in one folder with a ~1,300-character
+    message (the whole model record twice); now: the keys that differ, short values, and
+    the fix, in one line. The same model's features are reused."""
+    Image.fromarray(np.full((40, 48, 3), 120, np.uint8)).save(tmp_path / "a.jpg")
+    items = [extract.ImageItem("a", str(tmp_path / "a.jpg"))]
+    long_path = "/runs/demo/" + "x" * 400
+
+    def settings(kind):
+        return {"model": {"kind": kind, "model": long_path, "signature": "batched",
+                          "export": {"max_image_size": 192, "scales": [1.0]}},
+                "scales": [1.0]}
+
+    out = str(tmp_path / "eval_out" / "features" / "synth-queries")
+    extract.extract_split(items, out, fake_backend(), max_image_size=64, batch_size=1,
+                          shard_size=10, settings=settings("SavedModel"))
+    again = extract.extract_split(items, out, fake_backend(), max_image_size=64, batch_size=1,
+                                  shard_size=10, settings=settings("SavedModel"))
+    assert again.done_before == [0] and again.done_now == []
+    with pytest.raises(ValueError) as refused:
+        extract.extract_split(items, out, fake_backend(), max_image_size=64, batch_size=1,
+                              shard_size=10, settings=settings("checkpoint"))
+    message = str(refused.value)
+    assert "\n" not in message and len(message) < 300 + len(out) * 2, message
+    assert message == (f"{out} holds features extracted with other settings "
+                       "(settings.model.kind 'SavedModel' there, 'checkpoint' now): pass "
+                       f"another --output_dir, or delete {out} to extract again")

@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 
 import keras
 import numpy as np
@@ -23,6 +22,7 @@ from PIL import Image
 
 from glam_tf.config import ExportConfig, contract
 from glam_tf.export import image_header, serving
+from helpers import huge_png
 
 MAX_SIZE = 64
 DIM = 8
@@ -41,16 +41,6 @@ def encode(image, fmt, **kwargs):
 
 
 # ---- crafted files -----------------------------------------------------------------------
-def _png_chunk(kind, data):
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def huge_png(w, h):
-    """A valid-looking PNG (correct CRCs) declaring w x h RGB with a few bytes of pixel data."""
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
-
-
 def huge_webp(w, h):
     """PIL's 1 x 1 lossless WebP (38 bytes) with its VP8L header set to w x h."""
     data = bytearray(encode(random_image(1, 1), "WEBP", lossless=True))

@@ -71,6 +71,10 @@ class ExportConfig:
                                      "per-scale unit descriptors before the final L2: mean "
                                      "(the paper) or max (element-wise maximum, SuperGlobal).",
                                      rule=one_of(SCALE_AGGREGATIONS))
+    warmup_requests: bool = setting(True, "Write assets.extra/tf_serving_warmup_requests: "
+                                    "one request per signature at max_image_size, which TF "
+                                    "Serving replays at load so that the first user request "
+                                    "does not pay for the session's first run.")
     min_image_size: int = setting(contract.MIN_IMAGE_SIZE, "Smallest scaled side accepted "
                                   "(the backbone needs 32 px).", rule=integer(1), flag="")
 

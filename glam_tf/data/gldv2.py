@@ -17,10 +17,10 @@ checks which files are there and plans the shards (labels, split, shuffle: cheap
 makes the output deterministic); the pipeline then writes the shards in parallel (one
 element per shard: read, validate, encode, write), counts written, missing and undecodable
 images with Beam counters (namespace `glam_gldv2`) and writes the lists and summary.json. By
-default it runs on the DirectRunner's worker processes (glam_tf.beam_options); any runner's
+default it runs on the local runner's worker processes (glam_tf.beam_options); any runner's
 options pass through (`beam_args`). Each shard is written to a temporary name and renamed when
 complete, after its report, so a re-run skips finished shards and redoes interrupted ones. The
-output folder must be one every worker can write (a local disk for the DirectRunner, a
+output folder must be one every worker can write (a local disk for the local runner, a
 shared file system for a cluster).
 """
 
@@ -552,7 +552,7 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
     if skipped:
         logging.info("resuming: %d finished shards kept, %d to write", skipped, len(todo))
 
-    with beam.Pipeline(options=options) as p:
+    with beam.Pipeline(runner=beam_options.local_runner(options), options=options) as p:
         _ = (p
              | "Shards" >> beam.Create(todo)
              | "Spread" >> beam.Reshuffle()

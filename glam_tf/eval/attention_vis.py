@@ -13,7 +13,10 @@ returns with `return_attention=True`:
 minimum and maximum (a constant map is all zeros) and resized bilinearly to the picture;
 `overlay` blends its `colorize`d version with the image. `write_attention_visualization`
 draws one row block per query: the query and its top results as images, then one row per
-map, as a PNG grid beside the top-10 picture (glam_tf.eval.report).
+map, as a PNG grid beside the top-10 picture (glam_tf.eval.report), with a title, a header
+in words at the left of every row (`row_header`), each map's range under it
+(`map_label`: `min -63.5  max 171`) and, under the grid, the colour bar (dark blue = a
+map's minimum, yellow = its maximum) and the legend of the frame colours.
 """
 
 from __future__ import annotations
@@ -28,7 +31,19 @@ from glam_tf.eval import report
 
 MAPS = ("local", "global")
 MAP_LABELS = {"local": "A_s^l", "global": "G_s"}
+# What each row shows, in words (the left column of the picture), by map and position.
+ROW_HEADERS = {
+    "image": ("query {query}", "and its top {top},", "as the model saw them"),
+    "local": ("local spatial attention", "A_s^l (eq. 2)", "per position"),
+    ("global", "mean"): ("global spatial attention", "G_s (eq. 6): how much each",
+                         "position is attended (mean)"),
+    ("global", "center"): ("global spatial attention", "G_s (eq. 6): what the centre",
+                           "position attends to"),
+}
+COLOR_BAR = ("colour: each map over its own range (under it)", "minimum", "maximum")
 TOP = 5        # results drawn per query (after the query itself)
+HEADER_W = 180  # the row headers' column
+COLOR_BAR_H = 34  # the colour bar's line under the grid
 ALPHA = 0.5    # weight of the heatmap colour in the overlay
 # A perceptually ordered colour scale (dark blue -> teal -> yellow, after viridis),
 # interpolated linearly between these anchors into a 256-entry table.
@@ -151,25 +166,49 @@ def panels(image, maps: dict) -> dict:
     return out
 
 
-def map_label(name: str, attention) -> str:
-    """Cell text of a map: its name and raw range (each map is drawn over its own range)."""
+def map_label(attention) -> str:
+    """Cell text under a map: its raw range (each map is drawn over its own range)."""
     m = np.asarray(attention)
-    return f"{MAP_LABELS[name]} {m.min():.3g}..{m.max():.3g}"
+    return f"min {m.min():.3g}  max {m.max():.3g}"
+
+
+def row_header(name: str, *, query: str = "", top: int = TOP,
+               position: str = "mean") -> tuple:
+    """The lines at the left of a row: what the row shows, in words."""
+    lines = ROW_HEADERS[name if name != "global" else (name, position)]
+    return tuple(line.format(query=query, top=top) for line in lines)
 
 
 def grid_size(num_queries: int, num_maps: int, top: int = TOP) -> tuple:
-    """(width, height) of the PNG: (1 + top) cells across, (1 + num_maps) per query."""
+    """(width, height) of the PNG: the header column and (1 + top) cells across; the title,
+    (1 + num_maps) rows per query, the colour bar and the legend down."""
     cell_w, cell_h = report.cell_size()
-    return cell_w * (top + 1), cell_h * (1 + num_maps) * max(1, num_queries)
+    width = max(HEADER_W + cell_w * (top + 1), report.legend_width() + 12)
+    return width, (report.TITLE_H + cell_h * (1 + num_maps) * max(1, num_queries)
+                   + COLOR_BAR_H + report.LEGEND_H)
 
 
 def cell_origin(query_row: int, panel_row: int, column: int, num_maps: int) -> tuple:
     """(x, y) of the top-left corner of a cell's frame."""
     cell_w, cell_h = report.cell_size()
-    return column * cell_w, (query_row * (1 + num_maps) + panel_row) * cell_h
+    return (HEADER_W + column * cell_w,
+            report.TITLE_H + (query_row * (1 + num_maps) + panel_row) * cell_h)
 
 
-def write_attention_visualization(entries, out_dir, *, map_names, top: int = TOP) -> str:
+def _draw_color_bar(draw, x: int, y: int) -> None:
+    caption, low, high = COLOR_BAR
+    f = report.font(11)
+    draw.text((x, y + 2), caption, fill=(0, 0, 0), font=f)
+    x0 = x + int(draw.textlength(caption, font=f)) + 12
+    draw.text((x0, y + 2), low, fill=(0, 0, 0), font=f)
+    x1 = x0 + int(draw.textlength(low, font=f)) + 6
+    for i, colour in enumerate(_LUT):
+        draw.line((x1 + i, y + 2, x1 + i, y + 16), fill=tuple(int(c) for c in colour))
+    draw.text((x1 + len(_LUT) + 6, y + 2), high, fill=(0, 0, 0), font=f)
+
+
+def write_attention_visualization(entries, out_dir, *, map_names, top: int = TOP,
+                                  title: str = "", position: str = "mean") -> str:
     """Writes `<out_dir>/attention.png`; returns its path.
 
     Args:
@@ -178,20 +217,36 @@ def write_attention_visualization(entries, out_dir, *, map_names, top: int = TOP
             (uint8 (H, W, 3), what the model saw) and `maps` (`spatial_attention`).
         map_names: the maps drawn (rows under each query's images), from MAPS.
         top: results per query.
+        title: the line above the grid.
+        position: how the global maps were made from G_s (`global_map`), for the headers.
     """
     cell_w, cell_h = report.cell_size()
     grid = Image.new("RGB", grid_size(len(entries), len(map_names), top), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
+    report.draw_title(draw, title or "GLAM spatial attention", grid.width)
+    f = report.font(11)
     for r, entry in enumerate(entries):
+        if r:  # a rule between two queries' blocks
+            _, y = cell_origin(r, 0, 0, len(map_names))
+            draw.line((0, y - 1, grid.width, y - 1), fill=(160, 160, 160))
+        for p, name in enumerate(("image",) + tuple(map_names)):
+            _, y = cell_origin(r, p, 0, len(map_names))
+            lines = row_header(name, query=entry["query"], top=top, position=position)
+            for k, line in enumerate(lines):
+                draw.text((6, y + 40 + 15 * k), report.fit(draw, line, HEADER_W - 12),
+                          fill=(0, 0, 0), font=f)
         for c, item in enumerate(entry["images"][:top + 1]):
             drawn = panels(item["image"], item["maps"])
             color = report.COLORS["query" if c == 0 else item["status"]]
             for p, name in enumerate(("image",) + tuple(map_names)):
                 x, y = cell_origin(r, p, c, len(map_names))
                 grid.paste(report.frame(Image.fromarray(drawn[name]), color), (x, y))
-                text = (item["label"] if name == "image"
-                        else map_label(name, item["maps"][name]))
-                draw.text((x + 2, y + cell_w), text[:22], fill=color)
+                text = item["label"] if name == "image" else map_label(item["maps"][name])
+                draw.text((x + 2, y + cell_w), report.fit(draw, text, cell_w - 4),
+                          fill=(0, 0, 0), font=f)
+    footer = grid.height - COLOR_BAR_H - report.LEGEND_H
+    _draw_color_bar(draw, 6, footer + 8)
+    report.draw_legend(draw, 6, grid.height - report.LEGEND_H + 4)
     files.makedirs(out_dir)
     path = files.join(out_dir, "attention.png")
     report.save_image(grid, path, "PNG")

@@ -281,7 +281,8 @@ class Evaluator:
                                                  res.topk_scores[q, :10])]})
             png, page = report.write_visualization(
                 entries, files.join(cfg.output_dir, f"vis-{label}"),
-                title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: top 10")
+                title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: each query and its "
+                      "top 10, framed by status under the Medium setup")
             outputs.update(png=png, html=page)
             if self._attention is not None:
                 outputs["attention_png"] = self._draw_attention(ts, entries, vis)
@@ -301,8 +302,9 @@ class Evaluator:
             items = [(extract.ImageItem(entry["query"], entry["query_path"],
                                         None if entry["box"] is None else tuple(entry["box"])),
                       entry["query"], "query")]
-            items += [(extract.ImageItem(r["id"], r["path"]), f"#{k + 1} {r['score']:.3f}",
-                       r["status"]) for k, r in enumerate(entry["results"][:attention_vis.TOP])]
+            items += [(extract.ImageItem(r["id"], r["path"]),
+                       report.result_label(k + 1, r["score"]), r["status"])
+                      for k, r in enumerate(entry["results"][:attention_vis.TOP])]
             images = []
             for item, label, status in items:
                 try:
@@ -316,7 +318,12 @@ class Evaluator:
                                    model, image, position=cfg.attention_position)})
             rows.append({"query": ts.qimlist[q], "images": images})
         path = attention_vis.write_attention_visualization(
-            rows, files.join(cfg.output_dir, f"vis-{cfg.label}"), map_names=map_names)
+            rows, files.join(cfg.output_dir, f"vis-{cfg.label}"), map_names=map_names,
+            position=cfg.attention_position,
+            title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: GLAM's spatial "
+                  f"attention over {len(rows)} quer{'y' if len(rows) == 1 else 'ies'} and "
+                  f"{'its' if len(rows) == 1 else 'their'} top {attention_vis.TOP} "
+                  f"(images at {cfg.max_image_size} px, scale 1)")
         logging.info("attention maps of %d queries: %s", len(rows), path)
         return path
 

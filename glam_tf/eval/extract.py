@@ -168,17 +168,39 @@ def read_manifest(out_dir):
         return json.load(f)
 
 
+def _differences(old, new, prefix=""):
+    """Dotted keys whose values differ between two manifests (nested dicts walked)."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_manifest(out_dir, manifest):
+    """Writes the split's manifest, or checks that the one there matches: features of a
+    compatible earlier run are reused (and extended), those of another model are refused
+    in one line that says what differs and what to do."""
     manifest = json.loads(json.dumps(manifest))  # compare as stored (tuples become lists)
     path = files.join(out_dir, MANIFEST)
     if files.isfile(path):
         with files.open_file(path) as f:
             old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        diff = _differences(old, manifest)
         if diff:
-            lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(f"{out_dir} holds features extracted with other settings ({lines}); "
-                             "use another output directory or delete that one")
+            shown = "; ".join(f"{k} {_short(a)} there, {_short(b)} now" for k, a, b in diff[:3])
+            more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise ValueError(f"{out_dir} holds features extracted with other settings "
+                             f"({shown}{more}): pass another --output_dir, or delete "
+                             f"{out_dir} to extract again")
         return
     files.makedirs(out_dir)
     files.atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))

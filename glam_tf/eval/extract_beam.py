@@ -9,7 +9,7 @@ exactly as the in-process path does (size buckets, decode threads, same shard fi
 `merge_shards` and the evaluate stage read them unchanged. Undecodable images are listed in
 the shard JSON as before and counted with Beam counters (namespace `glam_extract`).
 
-Without runner flags (`local_args`, glam_tf.beam_options) the runner is the DirectRunner:
+Without runner flags (`local_args`, glam_tf.beam_options) the runner is the local one:
 with few images to describe (< LOCAL_PROCESSES_MIN_IMAGES) one in-memory worker, the
 driver's process, which reuses its model (`BackendSpec.build` loads once per process) and
 has no start-up; with more, 2 worker processes, each loading the model (TensorFlow's threads
@@ -233,7 +233,7 @@ def extract_splits(jobs, backend, backend_factory, *, beam_args=None,
     t0 = time.time()
     counters = {}
     if elements:
-        with beam.Pipeline(options=options) as p:
+        with beam.Pipeline(runner=beam_options.local_runner(options), options=options) as p:
             _ = (p
                  | "Shards" >> beam.Create(elements)
                  | "Spread" >> beam.Reshuffle()

@@ -3,7 +3,9 @@
 The picture marks each of a query's top 10 by its status under the Medium setup (the
 original protocol's only one): positive (green), junk / ignored (yellow), negative (red),
 undecodable database image (grey); the query crop has a blue frame. Written as a PNG grid
-(Pillow) and an HTML page with JPEG thumbnails.
+(Pillow) with a title and, under the grid, the legend of the frame colours (`LEGEND`), and
+an HTML page with JPEG thumbnails and the same legend. Each result is labelled
+`#<rank>  score <score>` (`result_label`): rank and score cannot read as one number.
 """
 
 import html
@@ -12,7 +14,7 @@ import json
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from glam_tf import files
 from glam_tf.eval import extract, metrics
@@ -21,9 +23,16 @@ _SHORT = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf5k", "paris6k
           "synth": "Synth", "synth_val": "SynthVal"}
 COLORS = {"positive": (0, 170, 0), "junk": (235, 195, 0), "negative": (215, 0, 0),
           "invalid": (128, 128, 128), "query": (30, 90, 220)}
+# The frame colours' meaning, in the order of the legend drawn under the pictures.
+LEGEND = (("query", "query"), ("positive", "same landmark (positive)"),
+          ("junk", "junk (ignored)"), ("negative", "other landmark (negative)"),
+          ("invalid", "undecodable image"))
 THUMB = 128     # side of the square a picture's image is contained in
 _BORDER = 6
-_LABEL_H = 14   # text line under each cell
+_LABEL_H = 18   # text line under each cell (and a little air before the next row)
+TITLE_H = 24    # the title line above a picture's grid
+LEGEND_H = 26   # the legend line under it
+_TEXT = (0, 0, 0)
 
 
 def _fmt(v):
@@ -146,6 +155,53 @@ def frame(image, color):
     return canvas
 
 
+def font(size: int = 11):
+    """Pillow's bundled scalable font at `size` px (the same on every machine)."""
+    return ImageFont.load_default(size=size)
+
+
+def fit(draw, text: str, width: float, size: int = 11) -> str:
+    """`text`, cut with "..." where it would be wider than `width` px at `size`."""
+    f = font(size)
+    if draw.textlength(text, font=f) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=f) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def result_label(rank: int, score: float) -> str:
+    """The text under a result: `#3  score 0.823` (never `#30.823`)."""
+    return f"#{rank}  score {score:.3f}"
+
+
+def draw_title(draw, text: str, width: int) -> None:
+    """`text` on the TITLE_H line at the top of a picture `width` px wide."""
+    draw.text((6, 4), fit(draw, text, width - 12, 14), fill=_TEXT, font=font(14))
+
+
+def legend_entries() -> list:
+    """[(colour, words)] of the frame legend, in drawing order."""
+    return [(COLORS[key], words) for key, words in LEGEND]
+
+
+def draw_legend(draw, x: int, y: int) -> int:
+    """The frame legend on one line from (x, y): "frame:" then a framed swatch and its
+    words per status. Returns the x where it ends."""
+    f = font(11)
+    draw.text((x, y + 3), "frame:", fill=_TEXT, font=f)
+    x += int(draw.textlength("frame: ", font=f)) + 4
+    for colour, words in legend_entries():
+        draw.rectangle((x, y + 2, x + 13, y + 15), outline=colour, width=4)
+        x += 18
+        draw.text((x, y + 3), words, fill=_TEXT, font=f)
+        x += int(draw.textlength(words, font=f)) + 14
+    return x
+
+
+def legend_width() -> int:
+    """Width in px of the line draw_legend draws."""
+    return draw_legend(ImageDraw.Draw(Image.new("RGB", (1, 1))), 0, 0)
 def save_image(image, path, image_format, **options):
     """Writes the PIL `image` to `path` in `image_format` ("PNG", "JPEG"), atomically."""
     files.atomic_write(path, lambda f: image.save(f, format=image_format, **options))
@@ -178,29 +234,36 @@ def write_visualization(entries, out_dir, *, title, num=10):
     thumbs_dir = files.join(out_dir, "thumbs")
     files.makedirs(thumbs_dir)
     cell_w, cell_h = cell_size()
-    grid = Image.new("RGB", (cell_w * (num + 1), cell_h * max(1, len(entries))), (255, 255, 255))
+    width = max(cell_w * (num + 1), legend_width() + 12)
+    grid = Image.new("RGB", (width, TITLE_H + cell_h * max(1, len(entries)) + LEGEND_H),
+                     (255, 255, 255))
     draw = ImageDraw.Draw(grid)
+    draw_title(draw, title, width)
     rows_html = []
     for r, e in enumerate(entries):
+        y = TITLE_H + r * cell_h
         q = _thumb(_open_rgb(e["query_path"], e.get("box")), COLORS["query"])
-        grid.paste(q, (0, r * cell_h))
-        draw.text((2, r * cell_h + cell_w), e["query"][:20], fill=(0, 0, 0))
+        grid.paste(q, (0, y))
+        draw.text((2, y + cell_w), fit(draw, e["query"], cell_w - 4), fill=_TEXT,
+                  font=font())
         q_file = f"q{r:03d}_query.jpg"
         save_image(q, files.join(thumbs_dir, q_file), "JPEG", quality=90)
         cells = [f'<td><img src="thumbs/{q_file}"><br><b>{html.escape(e["query"])}</b></td>']
         for k, res in enumerate(e["results"][:num]):
             t = _thumb(_open_rgb(res["path"]), COLORS[res["status"]])
-            grid.paste(t, ((k + 1) * cell_w, r * cell_h))
-            draw.text(((k + 1) * cell_w + 2, r * cell_h + cell_w),
-                      f"#{k + 1}  {res['score']:.3f}", fill=COLORS[res["status"]])
+            grid.paste(t, ((k + 1) * cell_w, y))
+            draw.text(((k + 1) * cell_w + 2, y + cell_w), result_label(k + 1, res["score"]),
+                      fill=_TEXT, font=font())
             f_name = f"q{r:03d}_r{k + 1:02d}.jpg"
             save_image(t, files.join(thumbs_dir, f_name), "JPEG", quality=90)
             cells.append(f'<td><img src="thumbs/{f_name}"><br>{k + 1}. '
                          f'{html.escape(res["id"])}<br>{res["status"]} {res["score"]:.3f}</td>')
         rows_html.append("<tr>" + "".join(cells) + "</tr>")
+    draw_legend(draw, 6, grid.height - LEGEND_H + 4)
     png = files.join(out_dir, f"top{num}.png")
     save_image(grid, png, "PNG")
-    legend = " ".join(f'<span style="color:rgb{c}">&#9632; {n}</span>' for n, c in COLORS.items())
+    legend = "frame: " + " ".join(f'<span style="color:rgb{c}">&#9632; {html.escape(w)}</span>'
+                                  for c, w in legend_entries())
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title></head><body><h2>{html.escape(title)}</h2><p>{legend}</p>"
             f"<table style='font-size:11px'>{''.join(rows_html)}</table></body></html>")

@@ -5,7 +5,7 @@ under the Keras dtype policy "mixed_bfloat16" (float32 variables holding the sam
 bfloat16 compute); "float16" uses "mixed_float16"; "float32" returns the model itself, so a
 float32 export is the default export, bit for bit.
 
-What runs in which precision, and why (README "Export precision" has the measurements):
+What runs in which precision, and why (docs/serving.md, "Export precision", has the measurements):
 
 - Preprocessing, backbone convolutions, ReLUs and residual adds, the GLAM convolutions and
   the attention products: low precision. They are ~all of the compute, and each output is

@@ -60,6 +60,7 @@ from glam_tf import files
 from glam_tf.config import ExportConfig, contract
 from glam_tf.export import image_header
 from glam_tf.export import precision as precision_lib
+from glam_tf.export import warmup
 from glam_tf.model.builder import inference_model
 
 SIGNATURE_NAMES = (
@@ -511,7 +512,8 @@ def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None,
         extra_info: JSON-able dict stored with the export settings in
             `assets.extra/glam_export.json` (e.g. the ModelConfig, the checkpoint path).
         config / **settings: the export-time settings (glam_tf.config.ExportConfig, fields
-            replaced by name), all recorded in glam_export.json.
+            replaced by name), all recorded in glam_export.json. With warmup_requests
+            (default) the TF Serving warm-up file is written too (glam_tf.export.warmup).
 
     Returns:
         The version folder path.
@@ -538,6 +540,8 @@ def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None,
         files.makedirs(files.join(tmp, "assets.extra"))
         files.write_text_atomic(files.join(tmp, contract.EXPORT_INFO_FILE),
                                 json.dumps(info, indent=2))
+        if module.config.warmup_requests:
+            warmup.write_warmup_requests(tmp, module.config)
         files.publish_dir(tmp, final, last=(SAVED_MODEL_MARKER,))
     finally:
         if files.exists(tmp):

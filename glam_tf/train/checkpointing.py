@@ -11,7 +11,9 @@ Publishing: `tf.train.CheckpointManager.save` writes the checkpoint's files (thr
 then the `checkpoint` state file, whole (a temporary `checkpoint.tmp<hex>` renamed over it; on
 an object store one object). Readers (`tf.train.latest_checkpoint`, the manager, export and
 evaluation) go by that state file, so a checkpoint counts only once it is listed there, written
-last. `remove_unfinished_checkpoints` deletes what a save killed before that left.
+last. `remove_unfinished_checkpoints` deletes the temporaries a killed save left; checkpoint
+files themselves are never deleted there (one newer than the state file lists may be whole:
+resume decides from the files).
 """
 
 from __future__ import annotations
@@ -47,22 +49,18 @@ def checkpoint_steps(manager: tf.train.CheckpointManager) -> list:
 
 
 def remove_unfinished_checkpoints(manager: tf.train.CheckpointManager) -> list:
-    """Deletes what a killed save left in `manager.directory`; returns the deleted paths.
-
-    TensorFlow's temporaries (`ckpt-<step>_temp/`, `checkpoint.tmp<hex>`) and the files of
-    checkpoints newer than the newest the state file lists (their save was killed before it
-    was recorded). Call it before training, when this worker alone writes the folder.
+    """Deletes the temporaries a killed save left in `manager.directory` (TensorFlow's
+    `ckpt-<step>_temp/` and `checkpoint.tmp<hex>`); returns the deleted paths. Checkpoint
+    files (`ckpt-<step>.index`, `.data-*`) are never deleted here. Call it before training,
+    when this worker alone writes the folder.
     """
     directory = manager.directory
     if not files.isdir(directory):
         return []
-    newest = max(checkpoint_steps(manager), default=0)
     removed = []
     for name in files.listdir(directory):
-        match = re.match(rf"{CHECKPOINT_NAME}-(\d+)(_temp$|\.index$|\.data-)", name)
-        unfinished = (name.startswith("checkpoint.tmp") or (
-            match is not None and (match.group(2) == "_temp" or int(match.group(1)) > newest)))
-        if unfinished:
+        name = name.rstrip("/")
+        if name.startswith("checkpoint.tmp") or re.fullmatch(rf"{CHECKPOINT_NAME}-\d+_temp", name):
             path = files.join(directory, name)
             if files.isdir(path):
                 files.rmtree(path)
