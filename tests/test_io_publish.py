@@ -201,18 +201,16 @@ def test_export_interrupted_while_publishing_is_never_loaded_and_is_cleaned(root
 
 
 def test_checkpoint_leftovers_of_a_killed_save_are_removed_on_resume(root):
-    """The `checkpoint` state file is written last: files of a save killed before it
-    (TensorFlow's `ckpt-N_temp/`, `checkpoint.tmp<hex>`, `ckpt-N.*` newer than the state)
-    are not a checkpoint; the resumed run restores the listed one and removes them."""
+    """The `checkpoint` state file is written last: TensorFlow's temporaries of a save
+    killed before it (`ckpt-N_temp/`, `checkpoint.tmp<hex>`) are not a checkpoint; the
+    resumed run restores the listed one and removes them."""
     config = tiny_train_config(files.join(root, "run"), train_steps=3, checkpoint_every=3)
     train(config, model_fn=tiny_descriptor_model)
     ckpt_dir = contract.checkpoints_dir(config.train_dir)
     listed = tf.train.latest_checkpoint(ckpt_dir)
     assert listed == files.join(ckpt_dir, "ckpt-3")
     leftovers = [files.join(ckpt_dir, "ckpt-5_temp", "part-00000-of-00001.index"),
-                 files.join(ckpt_dir, "checkpoint.tmp0123abcd"),
-                 files.join(ckpt_dir, "ckpt-5.index"),
-                 files.join(ckpt_dir, "ckpt-5.data-00000-of-00001")]
+                 files.join(ckpt_dir, "checkpoint.tmp0123abcd")]
     for path in leftovers:
         files.makedirs(files.dirname(path))
         files.write_bytes_atomic(path, b"half")
@@ -227,15 +225,17 @@ def test_checkpoint_leftovers_of_a_killed_save_are_removed_on_resume(root):
     assert tf.train.latest_checkpoint(ckpt_dir) == files.join(ckpt_dir, "ckpt-4")
 
 
-def test_remove_unfinished_checkpoints_keeps_listed_ones(root):
+def test_remove_unfinished_checkpoints_keeps_checkpoint_files(root):
     ckpt_dir = files.join(root, "ckpts")
     checkpoint = tf.train.Checkpoint(v=tf.Variable(1.0))
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=3,
                                          checkpoint_name=checkpointing.CHECKPOINT_NAME)
     manager.save(checkpoint_number=2)
     files.write_bytes_atomic(files.join(ckpt_dir, "ckpt-1.index"), b"older, unlisted")
-    files.write_bytes_atomic(files.join(ckpt_dir, "ckpt-9.index"), b"newer, unlisted")
+    files.makedirs(files.join(ckpt_dir, "ckpt-9_temp"))
+    files.write_bytes_atomic(files.join(ckpt_dir, "ckpt-9_temp", "part-00000-of-00001"), b"x")
+    files.write_bytes_atomic(files.join(ckpt_dir, "checkpoint.tmpfeed"), b"half")
     removed = checkpointing.remove_unfinished_checkpoints(manager)
-    assert [files.basename(p) for p in removed] == ["ckpt-9.index"]
-    assert sorted(files.listdir(ckpt_dir)) == [
+    assert sorted(files.basename(p) for p in removed) == ["checkpoint.tmpfeed", "ckpt-9_temp"]
+    assert files.listdir(ckpt_dir) == [
         "checkpoint", "ckpt-1.index", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
