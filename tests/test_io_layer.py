@@ -336,3 +336,13 @@ def test_ram_listing_ignores_prefix_siblings_and_local_copy(root):
     files.rmtree(files.join(root, "t"))
     assert not files.exists(files.join(root, "t", "assets.extra", "info.json"))
     assert not files.exists(files.join(root, "t"))
+
+
+def test_undecodable_reason_is_byte_stable():
+    """Pillow names the in-memory file (`<_io.BytesIO object at 0x7f...>`) in its message;
+    the reason written to undecodable_images.txt and the shard reports does not."""
+    from glam_tf.data import records  # noqa: PLC0415
+
+    with pytest.raises(records.UndecodableImageError) as e:
+        records.probe_image(b"<html>404 not found</html>")
+    assert str(e.value) == "UnidentifiedImageError: cannot identify image file the image bytes"
