@@ -36,8 +36,8 @@ def _tree(folder, root, skip=()):
 
 def _features(folder):
     """{relative path: array} of the descriptor shards, {relative path: dict} of their
-    records and manifests (less the back-end fingerprint and the model path, which name
-    where the model is)."""
+    records and manifests (less the back-end fingerprint and the model path, also in a
+    shard's `made_by`, which name where the model is)."""
     out = {}
     for name in files.walk_files(folder):
         path = files.join(folder, name)
@@ -46,8 +46,9 @@ def _features(folder):
                 out[name] = np.load(f, allow_pickle=False)
         elif name.endswith(".json") and not name.endswith("items.json"):
             record = files.read_json(path)
-            record.pop("backend", None)
-            record.get("settings", {}).get("model", {}).pop("path", None)
+            for part in (record, record.get("made_by", {})):
+                part.pop("backend", None)
+                part.get("settings", {}).get("model", {}).pop("path", None)
             out[name] = record
     return out
 

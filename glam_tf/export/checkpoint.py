@@ -74,7 +74,9 @@ def verify_checkpoint(prefix: str) -> Optional[str]:
         tf.errors.PermissionDeniedError: the files cannot be read (not damage: fix access).
     """
     try:
-        dtypes = tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
+        # The reader of the prefix itself: tf.train.load_checkpoint first asks whether the
+        # prefix is a folder, which ram:// (listing by name prefix) answers yes.
+        dtypes = tf.compat.v1.train.NewCheckpointReader(prefix).get_variable_to_dtype_map()
         names = sorted(dtypes)
         tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=names,
                              shape_and_slices=[""] * len(names),
