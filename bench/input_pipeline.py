@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402  (this folder)  # pylint: disable=wrong-import-position
 
 import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # noqa: E402  pylint: disable=wrong-import-position
@@ -82,6 +83,7 @@ def measure(config, threads: int, batches: int, warmup: int) -> tuple:
 def main(argv):
     del argv
     cores = os.cpu_count() or 1
+    print(harness.header(), flush=True)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench-00000-of-00001.tfrecord")

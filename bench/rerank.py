@@ -27,7 +27,8 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from glam_tf.eval import refine, search  # pylint: disable=wrong-import-position
+import harness  # noqa: E402  (this folder)  # pylint: disable=wrong-import-position
+from glam_tf.eval import refine, search  # noqa: E402  # pylint: disable=wrong-import-position
 
 
 def _unit_rows(rng, n, d, centers, chunk=10_000):
@@ -71,7 +72,8 @@ def main():
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     db = _unit_rows(rng, args.num_db, args.dim, centers)
     q = _unit_rows(rng, args.num_queries, args.dim, centers)
-    out = {"num_db": args.num_db, "num_queries": args.num_queries, "dim": args.dim,
+    out = {"machine": harness.header(),
+           "num_db": args.num_db, "num_queries": args.num_queries, "dim": args.dim,
            "cpus": os.cpu_count()}
 
     m = min(args.rerank_m, args.num_db)

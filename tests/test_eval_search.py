@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from glam_tf.eval import search
+from glam_tf.eval import rank_kernel, search
 
 
 def _unit(rng, n, d):
@@ -169,10 +169,7 @@ def _sorting_count_above(row, tracked_scores, tracked, a, b, kth=None):
     inside = (tracked >= a) & (tracked < b)
     for m in np.flatnonzero(inside & (right - left > 1)):
         counts[m] += np.count_nonzero(row[: tracked[m] - a] == tracked_scores[m])
-    reaching = None
-    if kth is not None and (whole or kth >= low):
-        reaching = n - int(np.searchsorted(candidates, kth, side="left"))
-    return counts, reaching
+    return counts, None if kth is None else np.flatnonzero(row >= kth)
 
 
 def _random_row(rng, c, kind):
@@ -186,10 +183,16 @@ def _random_row(rng, c, kind):
     return row
 
 
+@pytest.mark.parametrize("binning", ["compiled", "numpy"])
 @pytest.mark.parametrize("kind", ["continuous", "grid", "invalid"])
-def test_rank_counting_matches_the_sorting_reference(kind):
+def test_rank_counting_matches_the_sorting_reference(kind, binning, monkeypatch):
     # Tracked images anywhere (deep in the list: the binned path) or among the best (the
-    # sorted path), before, inside and after the chunk [a, b), with ties and -inf.
+    # sorted path), before, inside and after the chunk [a, b), with ties and -inf; the
+    # binned path through the compiled kernel (when a compiler exists) and NumPy.
+    if binning == "numpy":
+        monkeypatch.setattr(rank_kernel, "load", lambda: None)
+    elif rank_kernel.load() is None:
+        pytest.skip("no C compiler: the compiled kernel cannot be built")
     rng = np.random.default_rng({"continuous": 11, "grid": 12, "invalid": 13}[kind])
     for trial in range(60):
         c = int(rng.choice([5, 64, 700, 5000]))
@@ -205,11 +208,13 @@ def test_rank_counting_matches_the_sorting_reference(kind):
         scores = np.where((tracked >= a) & (tracked < a + c), row[np.clip(tracked - a, 0, c - 1)],
                           rng.choice(row, tracked.size)).astype(np.float32)
         kth = None if trial % 2 else np.float32(rng.choice(row))
-        got, reaching = search._count_above(row, scores, tracked, a, a + c, kth)
-        want, _ = _sorting_count_above(row, scores, tracked, a, a + c)
+        got, cols = search._count_above(row, scores, tracked, a, a + c, kth)
+        want, want_cols = _sorting_count_above(row, scores, tracked, a, a + c, kth)
         np.testing.assert_array_equal(got, want, err_msg=f"{kind} trial {trial}")
-        if reaching is not None:
-            assert reaching >= np.count_nonzero(row >= kth)
+        if kth is None:
+            assert cols is None
+        else:
+            np.testing.assert_array_equal(cols, want_cols, err_msg=f"{kind} trial {trial}")
 
 
 @pytest.mark.parametrize("clustered", [False, True])

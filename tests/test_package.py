@@ -110,7 +110,7 @@ def test_staged_package_builds_and_installs_in_a_fresh_venv(tmp_path):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert {"pyproject.toml", "setup.py", "train_main.py", "glam_tf/beam_worker.py",
-            "glam_tf/data/synthetic/writer.py"} <= names
+            "glam_tf/data/synthetic/writer.py", "glam_tf/eval/rank_kernel.c"} <= names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
 
     python = _fresh_venv(tmp_path / "venv")
@@ -119,12 +119,15 @@ def test_staged_package_builds_and_installs_in_a_fresh_venv(tmp_path):
                     "--no-index", "-q", sdist], check=True, timeout=240, cwd=tmp_path,
                    env=env, capture_output=True)
     probe = subprocess.run(
-        [python, "-c", "import importlib.metadata as m, glam_tf, train_main; "
-         "print(glam_tf.__file__); print(sorted(m.requires('glam-tf')))"],
+        [python, "-c", "import importlib.metadata as m, os, glam_tf, train_main; "
+         "from glam_tf.eval import rank_kernel; "
+         "print(glam_tf.__file__); print(sorted(m.requires('glam-tf'))); "
+         "print(os.path.isfile(rank_kernel.SOURCE))"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert probe.returncode == 0, probe.stderr[-2000:]
-    where, requires = probe.stdout.splitlines()[:2]
+    where, requires, kernel_source = probe.stdout.splitlines()[:3]
     assert where.startswith(str(tmp_path / "venv")), where
+    assert kernel_source == "True"  # the search's C source ships (package data)
     assert "'tensorflow==2.21.0'" in requires and "'apache-beam==2.77.0'" in requires
     command = os.path.join(tmp_path, "venv", "bin", "glam-build-gldv2")
     result = subprocess.run([command, "--helpfull"], capture_output=True, text=True,

@@ -20,6 +20,8 @@ import time
 import numpy as np
 from absl import logging
 
+from glam_tf.eval import rank_kernel
+
 # Per (query, database) pair: the chunk's scores, pass A's kept product, the first chunk's
 # partition indices and the candidate mask (24 bytes: the bound of the budget).
 _BYTES_PER_SCORE = 24
@@ -117,21 +119,26 @@ def _merge_topk(idx_a, sc_a, idx_b, sc_b, k):
     return np.take_along_axis(idx, order, axis=-1), np.take_along_axis(sc, order, axis=-1)
 
 
-def _update_topk(run_idx, run_sc, scores, k, start, reaching=None):
-    """Merges one chunk's scores into the running top-k lists (Qb, k) in place.
+def _update_topk(run_idx, run_sc, scores, k, start, found=None):
+    """Merges one chunk's scores into the full running top-k lists (Qb, k) in place.
 
-    Only the entries scoring at least a row's current k-th best can enter its list: one
-    comparison finds them (usually none after the first chunks), so a chunk costs a pass
-    over its scores instead of a partition or a sort. `reaching` {row: an upper bound of
-    their number}, read from the rank counting (against an earlier, lower
-    k-th best), spares that pass where it is 0.
+    Only the entries scoring at least a row's current k-th best can enter its list. `found`
+    {row: the chunk's columns scoring at least an earlier (lower or equal) k-th best}, which
+    the rank counting collected in its own pass over the row, gives them; other rows are
+    scanned here (one comparison over the chunk, usually finding none after the first
+    chunks), so a chunk costs no partition or sort.
     """
-    if not reaching:
-        rows = np.flatnonzero((scores >= run_sc[:, -1:]).any(axis=1))
+    found = found or {}
+    if found:
+        scan = [r for r in range(scores.shape[0]) if r not in found]
     else:
-        rows = [r for r in range(scores.shape[0]) if reaching.get(r, 1)]
-    for r in rows:
-        cols = np.flatnonzero(scores[r] >= run_sc[r, -1])
+        scan = np.flatnonzero((scores >= run_sc[:, -1:]).any(axis=1))
+    for r in [*found, *scan]:
+        cols = found.get(r)
+        if cols is None:
+            cols = np.flatnonzero(scores[r] >= run_sc[r, -1])
+        else:
+            cols = cols[scores[r, cols] >= run_sc[r, -1]]
         if not cols.size:
             continue
         if cols.size > k:   # keep the chunk's own top k of them (ties: lowest index)
@@ -140,23 +147,17 @@ def _update_topk(run_idx, run_sc, scores, k, start, reaching=None):
                                             scores[r, cols], k)
 
 
-def _chunk_topk(run_idx, run_sc, scores, k, start, reaching=None):
-    """The running top-k lists (Qb, <= k) after one more chunk of scores (Qb, c).
-
-    Until the lists hold k entries, a partition of a leading slice of the chunk fills them
-    (the slice's k-th best is a lower bound of the chunk's, so the rest only needs the
-    comparison of `_update_topk`); a partition of the whole chunk would cost a sort's time.
-    `reaching`: see `_update_topk` (valid for full lists only).
-    """
-    if run_idx.shape[1] == k:
-        _update_topk(run_idx, run_sc, scores, k, start, reaching)
-        return run_idx, run_sc
-    lead = min(scores.shape[1], 64 * k)
-    idx_c, sc_c = _topk_of_chunk(scores[:, :lead], k, start)
-    run_idx, run_sc = _merge_topk(run_idx, run_sc, idx_c, sc_c, k)
-    if run_idx.shape[1] == k and scores.shape[1] > lead:
-        _update_topk(run_idx, run_sc, scores[:, lead:], k, start + lead)
-    return run_idx, run_sc
+def _fill_topk(top, scores, k, start):
+    """While the lists hold fewer than k entries: merges the top k of a leading slice of the
+    chunk, a sixteenth of it or 64 k entries (its k-th best is a lower bound of the chunk's,
+    so the rest needs only the comparison of `_update_topk`, about 16 k entries passing it;
+    a partition of the whole chunk would cost a sort's time).
+    Returns the slice's length (0 when the lists were full)."""
+    if top[1].shape[1] == k:
+        return 0
+    lead = min(scores.shape[1], max(64 * k, scores.shape[1] // 16))
+    top[0], top[1] = _merge_topk(top[0], top[1], *_topk_of_chunk(scores[:, :lead], k, start), k)
+    return lead
 
 
 def _bins(values, scale, offset, num_bins):
@@ -172,6 +173,33 @@ def _bins(values, scale, offset, num_bins):
     return out
 
 
+def _reaching(row, kth, bound=None):
+    """The columns of `row` scoring >= `kth` (None when `kth` is None); none without a pass
+    when `bound`, an upper bound of their number, is 0."""
+    if kth is None:
+        return None
+    if bound == 0:
+        return np.zeros(0, dtype=np.intp)
+    return np.flatnonzero(row >= kth)
+
+
+def _bin_collect_numpy(row, scale, offset, num_bins, shared, kth):
+    """`rank_kernel.bin_collect` in NumPy: (histogram of the row's `_bins`, the row's values
+    in `shared` bins, the columns scoring >= `kth` or None), or None when a score is NaN (it
+    casts to a negative bin)."""
+    idx = _bins(row, scale, offset, num_bins)
+    try:
+        hist = np.bincount(idx, minlength=num_bins)
+    except ValueError:
+        return None
+    cand = row[np.flatnonzero(np.take(shared, idx, mode="clip"))]
+    del idx
+    bound = None  # entries >= kth lie in kth's bin or above
+    if kth is not None:
+        bound = int(hist[_bins(np.float32([kth]), scale, offset, num_bins)[0]:].sum())
+    return hist, cand, _reaching(row, kth, bound)
+
+
 def _count_finite(row, tscores, tracked, a, b, kth):
     """Per finite tracked score, the chunk's entries ranked before it; see `_count_above`.
 
@@ -179,17 +207,19 @@ def _count_finite(row, tscores, tracked, a, b, kth):
     positives mostly are), those are sorted; otherwise the entries are counted into bins
     (linear time, whatever the scores) and only those sharing a tracked score's bin are
     sorted. Either way `cand` holds, sorted, every entry equal to a tracked score, and
-    `base` counts, per tracked score, the entries above it that are not in `cand`.
+    `base` counts, per tracked score, the entries above it that are not in `cand`. The same
+    pass collects the columns scoring >= `kth` (`_count_above`).
     """
     low = tscores.min()
-    reach = row >= low
-    n_reach = np.count_nonzero(reach)
-    reaching = None
-    if n_reach * _SORT_FRACTION <= row.size:
-        cand = np.sort(row[reach])
+    # Which way: from every 16th entry (either way is exact; the binned pass needs no
+    # comparison of its own).
+    if np.count_nonzero(row[::16] >= low) * 16 * _SORT_FRACTION <= row.size:
+        cand = np.sort(row[row >= low])
         base = 0
+        bound = None  # cand holds every entry >= low
         if kth is not None and kth >= low:
-            reaching = cand.size - int(np.searchsorted(cand, kth, side="left"))
+            bound = cand.size - int(np.searchsorted(cand, kth, side="left"))
+        reaching = _reaching(row, kth, bound)
     else:
         num_bins = int(min(_MAX_BINS, max(64, row.size // 4)))
         width = float(tscores.max()) - float(low)
@@ -198,19 +228,18 @@ def _count_finite(row, tscores, tracked, a, b, kth):
         # [low, highest tracked score] over bins 1 .. num_bins - 2; below: 0, above: the last
         scale = np.float32((num_bins - 3) / width)
         offset = np.float32(1.5) - np.float32(low) * scale  # low: mid-bin 1, not an edge
-        idx = _bins(row, scale, offset, num_bins)
-        try:
-            hist = np.bincount(idx, minlength=num_bins)
-        except ValueError as e:  # only NaN casts to a negative bin
-            raise ValueError(f"search: NaN scores against database rows [{a}, {b}): a query "
-                             "or database descriptor holds NaN") from e
-        if kth is not None:  # entries >= kth lie in kth's bin or above: an upper bound
-            reaching = int(hist[_bins(np.float32([kth]), scale, offset, num_bins)[0]:].sum())
         tbins = _bins(tscores, scale, offset, num_bins)
         shared = np.zeros(num_bins, dtype=bool)
         shared[tbins] = True
-        cand = np.sort(row[np.flatnonzero(np.take(shared, idx, mode="clip"))])
-        del idx
+        kernel = rank_kernel.load()
+        counted = (rank_kernel.bin_collect(kernel, row, scale, offset, num_bins, shared, kth)
+                   if kernel is not None else
+                   _bin_collect_numpy(row, scale, offset, num_bins, shared, kth))
+        if counted is None:
+            raise ValueError(f"search: NaN scores against database rows [{a}, {b}): a query "
+                             "or database descriptor holds NaN")
+        hist, cand, reaching = counted
+        cand.sort()
         hist[tbins] = 0
         cum = np.cumsum(hist)
         base = cum[-1] - cum[tbins]
@@ -232,12 +261,12 @@ def _count_above(row, tracked_scores, tracked, a, b, kth=None):
     entry and by the invalid ones of lower index.
 
     Returns:
-        (counts per tracked image, an upper bound of the number of entries >= `kth`, or
-        None when unknown).
+        (counts per tracked image, the columns of the row scoring >= `kth` (None when `kth`
+        is None), for `_update_topk`).
     """
     counts = np.zeros(tracked.size, dtype=np.int64)
     finite = tracked_scores > -np.inf
-    reaching = None
+    reaching = _reaching(row, kth) if not finite.any() else None
     if finite.any():
         counts[finite], reaching = _count_finite(row, tracked_scores[finite],
                                                  tracked[finite], a, b, kth)
@@ -298,15 +327,17 @@ def _gathered_tracked_scores(qblock, qtracked, database, valid):
 
 
 def _finish_chunk(pending, top, ranks, rows, k):
-    """Adds a chunk's rank counts (from its threads) and merges it into the top-k `top`."""
-    scores, start, counting = pending
-    reaching = {}
+    """Adds a chunk's rank counts (from its threads) and merges the chunk, less its leading
+    slice already merged (`_fill_topk`), into the top-k `top`."""
+    scores, start, lead, counting = pending
+    found = {}
     for r, future in zip(rows, counting):
-        counts, n_reaching = future.result()
+        counts, cols = future.result()
         ranks[r] += counts
-        if n_reaching is not None:
-            reaching[r] = n_reaching
-    top[0], top[1] = _chunk_topk(top[0], top[1], scores, k, start, reaching)
+        if cols is not None:
+            found[r] = cols[cols >= lead] - lead if lead else cols
+    if scores.shape[1] > lead:
+        _update_topk(top[0], top[1], scores[:, lead:], k, start + lead, found)
 
 
 class _Progress:
@@ -328,8 +359,9 @@ class _Progress:
 
 def _search_block(qblock, qtracked, database, valid, starts, chunk, n, k, progress, pass_a):
     """Pass B of one query block: per tracked image the images ranked above it, and the
-    top-k. A chunk's rank counting (in threads: NumPy releases the GIL) runs while the
-    next chunk's product is computed; its top-k update follows, in chunk order.
+    top-k. A chunk's rank counting (in threads: NumPy and the compiled kernel release the
+    GIL) runs while the next chunk's product is computed, and collects the entries that may
+    enter the top-k; its top-k update follows, in chunk order.
 
     Args:
         pass_a: (tracked scores per query, (start, scores) of a chunk product to reuse or
@@ -358,6 +390,7 @@ def _search_block(qblock, qtracked, database, valid, starts, chunk, n, k, progre
                 else:
                     scores = _chunk_scores(qblock, database, a, b, valid)
                 _check_tracked_scores(scores, qtracked, tscores, rows, a, b)
+                lead = _fill_topk(top, scores, k, a)
                 kth = top[1][:, -1].copy() if top[1].shape[1] == k else None
                 counting = [_row_pool().submit(
                     _count_above, scores[r], tscores[r], qtracked[r], a, b,
@@ -365,9 +398,9 @@ def _search_block(qblock, qtracked, database, valid, starts, chunk, n, k, progre
             if pending is not None:
                 _finish_chunk(pending, top, ranks, rows, k)
                 progress.tick()
-            pending = None if a is None else (scores, a, counting)
+            pending = None if a is None else (scores, a, lead, counting)
     except _ScoresDiffer:
-        for future in (pending[2] if pending else []) + (counting or []):
+        for future in (pending[3] if pending else []) + (counting or []):
             future.cancel() or future.exception()  # let the threads finish before a retry
         raise
     return ranks, top
