@@ -57,6 +57,17 @@ def test_quick_table_rows_parse(tmp_path):
         step = pathlib.Path(r["train_dir"]) / "eval" / f"step_{r['final_step']}"
         assert sorted(p.name for p in step.glob("results-*.json")) == ["results-synth_val.json"]
     assert len({r["data_manifest"] for r in saved["records"]}) == 1
+    # Attention map ranges at step 0 (the untrained evaluation) and at the end; none for
+    # the baseline.
+    by_variant = {r["variant"]: r["map_ranges"] for r in saved["records"]}
+    assert by_variant["baseline"] == {"start": None, "end": None}
+    for when in ("start", "end"):
+        maps = by_variant["global+local"][when]
+        assert set(maps) == {"local_channel", "local_spatial", "global_channel",
+                             "global_spatial"}
+        assert all(lo <= hi for lo, hi in maps.values())
+    assert "- global+local, step 0: local_channel [" in proc.stdout
+    assert "- global+local, end: " in proc.stdout and "- baseline" not in proc.stdout
     # Rerun: every run is recorded, nothing is trained again.
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]

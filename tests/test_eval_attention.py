@@ -8,6 +8,7 @@ documented size, beside top10.png. A SavedModel, a baseline model and a missing
 --visualize are refused with a message.
 """
 
+import json
 import pathlib
 import re
 
@@ -190,3 +191,50 @@ def test_top10_png_has_title_rows_and_legend(tmp_path):
     for colour, _ in report.legend_entries():
         assert (legend == colour).all(axis=-1).any(), colour
     assert "junk (ignored)" in pathlib.Path(page).read_text()
+
+
+def test_map_ranges_are_the_layers_maps_over_the_queries(tmp_path, model):
+    # Recorded with a Keras model's results (the ablation reads them at step 0 and at the
+    # end): each map's min and max over the first queries as the evaluation sees them,
+    # against the sublayers' own attention() on those images.
+    write_tiny_revisited(tmp_path / "data", distractors=False)
+    backend = models.from_keras_model(model, scales=(1.0,), max_image_size=MAX_SIZE)
+    config = EvalConfig(dataset="roxford5k", data_root=str(tmp_path / "data"),
+                        output_dir=str(tmp_path / "out"), max_image_size=MAX_SIZE,
+                        scales=(1.0,))
+    results = evaluator.run_evaluation(config, backend=backend, print_table=False)
+    ranges = results["attention_ranges"]
+    ts = testsets.load_testset(str(tmp_path / "data"), "roxford5k")
+    n = min(evaluator.RANGE_QUERIES, len(ts.qimlist))
+    assert ranges["queries"] == n
+    glam = model.get_layer("glam")
+    want = {}
+    for q in range(n):
+        item = extract.ImageItem(ts.qimlist[q], ts.query_path(ts.qimlist[q]),
+                                 tuple(ts.gnd[q]["bbx"]))
+        size, _ = extract.target_size(*extract.read_size(item.path), item.box, MAX_SIZE,
+                                      backend.min_side())
+        image = extract.load_image(item, size)
+        f = model.get_layer("backbone")(model.get_layer("preprocess")(
+            keras.ops.convert_to_tensor(image[None].astype(np.float32))), training=False)
+        for name in attention_vis.RANGE_MAPS:
+            a = keras.ops.convert_to_numpy(getattr(glam, name).attention(f))
+            lo, hi = want.get(name, (np.inf, -np.inf))
+            want[name] = (min(lo, a.min()), max(hi, a.max()))
+    assert set(ranges["maps"]) == set(attention_vis.RANGE_MAPS)
+    for name, (lo, hi) in want.items():
+        np.testing.assert_allclose(ranges["maps"][name], [lo, hi], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+    saved = json.loads(pathlib.Path(results["outputs"]["json"]).read_text())
+    assert saved["attention_ranges"] == ranges
+    # A model without GLAM records none.
+    baseline = tiny_descriptor_model(ModelConfig(variant="baseline", embedding_dim=8))
+    assert attention_vis.map_ranges(baseline, [_image(1)]) == {}
+    config = EvalConfig(dataset="roxford5k", data_root=str(tmp_path / "data"),
+                        output_dir=str(tmp_path / "out2"), max_image_size=MAX_SIZE,
+                        scales=(1.0,))
+    plain = evaluator.run_evaluation(
+        config, backend=models.from_keras_model(baseline, scales=(1.0,),
+                                                max_image_size=MAX_SIZE),
+        print_table=False)
+    assert "attention_ranges" not in plain

@@ -71,6 +71,39 @@ def _glam_layer(model):
     return glam
 
 
+# The attention maps of the GLAM layer's `return_attention=True` outputs whose ranges
+# `map_ranges` reports (GLAM_SPEC eqs. 1, 2, 4, 5).
+RANGE_MAPS = ("local_channel", "local_spatial", "global_channel", "global_spatial")
+
+
+def map_ranges(model, images) -> dict:
+    """{map: [min, max]} over `images` of each attention map the model's variant has
+    (RANGE_MAPS), straight from the GLAM layer: whether a map still sits at its
+    initialisation (the spatial outputs start at zero) or has grown unbounded (docs/ablation.md).
+    {} for a model without a GLAM module.
+
+    Args:
+        model: a descriptor model of build_descriptor_model's layout.
+        images: uint8 or float `(H, W, 3)` RGB images in [0, 255], as served.
+    """
+    import keras  # pylint: disable=import-outside-toplevel
+
+    if "glam" not in {layer.name for layer in model.layers}:
+        return {}
+    glam = model.get_layer("glam")
+    low, high = {}, {}
+    for image in images:
+        x = keras.ops.convert_to_tensor(np.asarray(image, np.float32)[None])
+        f = model.get_layer("backbone")(model.get_layer("preprocess")(x), training=False)
+        _, maps = glam(f, return_attention=True)
+        for name in RANGE_MAPS:
+            if name in maps:
+                a = keras.ops.convert_to_numpy(maps[name])
+                low[name] = min(low.get(name, np.inf), float(np.min(a)))
+                high[name] = max(high.get(name, -np.inf), float(np.max(a)))
+    return {name: [low[name], high[name]] for name in RANGE_MAPS if name in low}
+
+
 def check_model(model) -> tuple:
     """The maps `model` can show (subset of MAPS); NoAttentionError if none."""
     glam = _glam_layer(model)

@@ -30,6 +30,8 @@ UNDECODABLE_POLICY = ("database images that cannot be decoded stay in the databa
 RESIZE_POLICY = ("Pillow decode (no EXIF rotation), crop queries to bbx, bilinear resize so "
                  "the full image's longer side = max_image_size (query crops keep that "
                  "scale), sides raised to the model minimum at the smallest scale if needed")
+# Queries whose attention maps give the ranges recorded with a Keras model's results.
+RANGE_QUERIES = 8
 
 
 def _resolve_visualize(names, testset):
@@ -75,6 +77,7 @@ class Evaluator:
         self._backend_factory = backend_factory
         self._beam_args = beam_args
         self._attention = None   # (keras model, map names) with --visualize_attention
+        self._map_ranges = None  # attention map ranges of a Keras model with GLAM
         self._backend_min_side = 1
 
     def _attention_source(self, backend):
@@ -125,6 +128,7 @@ class Evaluator:
             logging.info("model: %s", backend.info)
             self._attention = self._attention_source(backend)
             self._backend_min_side = backend.min_side()
+            self._map_ranges = self._attention_ranges(ts, backend.keras_model)
             export_size = backend.info.get("export", {}).get("max_image_size")
             if export_size and export_size != cfg.max_image_size:
                 logging.info("full images are resized to max_image_size=%d before the model; "
@@ -286,10 +290,34 @@ class Evaluator:
             outputs.update(png=png, html=page)
             if self._attention is not None:
                 outputs["attention_png"] = self._draw_attention(ts, entries, vis)
+        if self._map_ranges is not None:
+            results["attention_ranges"] = self._map_ranges
         results["outputs"] = outputs
         results["seconds_total"] = round(time.time() - t_start, 2)
         report.write_json(results, outputs["json"])
         return results
+
+    def _attention_ranges(self, ts, model):
+        """`attention_vis.map_ranges` over the first RANGE_QUERIES queries as the model sees
+        them (client resize at max_image_size, scale 1); None without a Keras model with a
+        GLAM module (a SavedModel, the baseline)."""
+        if model is None or "glam" not in {layer.name for layer in model.layers}:
+            return None
+        images = []
+        for name, g in list(zip(ts.qimlist, ts.gnd))[:RANGE_QUERIES]:
+            item = extract.ImageItem(name, ts.query_path(name),
+                                     None if g["bbx"] is None else tuple(g["bbx"]))
+            try:
+                size, _ = extract.target_size(*extract.read_size(item.path), item.box,
+                                              self.config.max_image_size,
+                                              self._backend_min_side)
+                images.append(extract.load_image(item, size))
+            except extract.UndecodableImage:
+                continue
+        ranges = attention_vis.map_ranges(model, images)
+        logging.info("attention map ranges over %d queries: %s", len(images), ", ".join(
+            f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in ranges.items()))
+        return {"queries": len(images), "maps": ranges}
 
     def _draw_attention(self, ts, entries, vis):
         """attention.png beside top10.png: each query and its top results as the model saw
