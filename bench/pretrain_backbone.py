@@ -8,9 +8,9 @@
 ImageNet weights cannot be downloaded everywhere; a backbone pretrained here stands in for
 them (docs/ablation.md, "The pretrained regime"). The recipe is `train_main.py
 --flagfile=configs/pretrain.flags`: the baseline (ResNet50 + GeM + head, ArcFace) from
-random init on 400 synthetic street buildings drawn from generator seed 1, none of them an
-evaluation landmark (the evaluation sets are drawn from seed 0), at the photo size of
-configs/street160.flags (conv5 at least 5 x 5). It runs in its own process with train_dir
+random init on 100 synthetic street buildings (12 photos each) drawn from generator seed
+1, none of them an evaluation landmark (the evaluation sets are drawn from seed 0), at the
+photo size of configs/street160.flags (conv5 at least 5 x 5). It runs in its own process with train_dir
 <work_dir>/train and the set in <work_dir>/data/synth_pretrain, so it is train_main's run:
 deterministic (--deterministic_data, one seed), resumable (rerunning this command resumes
 from the newest checkpoint; SIGTERM checkpoints), progress lines with rate and ETA on

@@ -2,6 +2,7 @@
 glam_tf.cpu's instruction-set level from fake /proc/cpuinfo flag sets."""
 
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -86,3 +87,12 @@ def test_header_names_cpu_isa_cores_and_load(monkeypatch):
     line = harness.header()
     assert line.startswith("machine: AMD EPYC 9B14 (family 25 model 17), AVX512-BF16, ")
     assert "load average 1.50 / 0.25 / 3.00 (1/5/15 min)" in line
+
+
+def test_timed_counts_the_cpu_of_reaped_worker_processes():
+    # A leg whose work runs in child processes (Beam's multi-process workers) is charged
+    # their CPU time, not only the parent's waiting.
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    wall, cpu, _ = harness.timed(
+        lambda: subprocess.run([sys.executable, "-c", burn], check=True))
+    assert cpu >= 0.3 and wall >= 0.3
