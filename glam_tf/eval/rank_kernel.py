@@ -3,11 +3,12 @@
 `rank_kernel.c` bins a row of scores, counts the bins, and collects the entries of marked
 bins and the columns that may enter the top-k, in one pass; NumPy needs seven passes and
 temporaries the size of the row for the same result (`search._bin_collect_numpy`), which
-made the counting a third of the search's time (docs/benchmarks.md). The source ships with the package and is compiled with the system C
-compiler ($CC, else gcc, else cc) the first time a search needs it, into a cache folder
-($GLAM_TF_CACHE, else $XDG_CACHE_HOME/glam_tf, else ~/.cache/glam_tf; a private temporary
-folder when that is not writable), named by a hash of the source and the command, so an
-edit or another machine type rebuilds. Without a compiler, or with GLAM_TF_RANK_KERNEL=numpy,
+made the counting a third of the search's time (docs/benchmarks.md). The source ships with
+the package and is compiled with the system C compiler ($CC, else gcc, else cc) the first
+time a search needs it, into a cache folder ($GLAM_TF_CACHE, else
+$XDG_CACHE_HOME/glam_tf, else ~/.cache/glam_tf; a private temporary folder when that is
+not writable), named by a hash of the source and the command, so an edit or another
+machine type rebuilds. Without a compiler, or with GLAM_TF_RANK_KERNEL=numpy,
 the NumPy pass counts the same ranks, bit for bit, more slowly; the reason is logged once.
 """
 
