@@ -25,9 +25,11 @@ def _table(stdout):
 
 
 def test_cpu_dry_run_prints_one_table_of_numbers(tmp_path):
+    # The pipeline, not the speed, is under test: limits wide enough for a machine that a
+    # parallel test worker and other jobs load (each step takes 30-50 s on 2 idle cores).
     env = dict(os.environ, PYTHON=sys.executable, DEVICE_CHECK_LOGS=str(tmp_path),
-               DEVICE_CHECK_BUDGET_S="240")
-    proc = subprocess.run(["timeout", "-k", "10", "300", "bash", str(SCRIPT), "--cpu"],
+               DEVICE_CHECK_BUDGET_S="840", DEVICE_CHECK_LIMIT_SCALE="4")
+    proc = subprocess.run(["timeout", "-k", "10", "900", "bash", str(SCRIPT), "--cpu"],
                           cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.stdout.count("| check | setting | measure | value |") == 1
