@@ -356,9 +356,14 @@ def local_writable(path) -> bool:
     return os.access(os.fspath(path), os.W_OK)
 
 
-def executable(name):
-    """Path of the program `name` on $PATH (a C compiler, glam_tf.eval.rank_kernel), or None."""
-    return shutil.which(name)
+def c_compiler():
+    """Path of the C compiler ($CC, else gcc, else cc) on $PATH, or None: the search's
+    rank-count kernel (glam_tf.eval.rank_kernel) and serving_check/ are built with it."""
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        found = name and shutil.which(name)
+        if found:
+            return found
+    return None
 
 
 @contextlib.contextmanager

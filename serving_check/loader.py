@@ -15,24 +15,20 @@ import hashlib
 import importlib.util
 import os
 import pathlib
-import shutil
 import subprocess
 import tempfile
 from typing import Optional
 
 import numpy as np
 
+from glam_tf import files
+
 SOURCE = pathlib.Path(__file__).resolve().with_name("serving_check.c")
 CACHE_DIR = SOURCE.parents[1] / "build" / "serving_check"
 LIBRARIES = ("libtensorflow_cc.so.2", "libtensorflow_framework.so.2")
 
 
-def compiler() -> Optional[str]:
-    """Path of the C compiler ($CC, else gcc, else cc), or None when there is none."""
-    for name in (os.environ.get("CC"), "gcc", "cc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+compiler = files.c_compiler  # $CC, else gcc, else cc; None when there is none
 
 
 def tensorflow_dir() -> pathlib.Path:

@@ -57,9 +57,23 @@ class NoAttentionError(ValueError):
     """The model has no spatial attention to draw (baseline or channel-only variant)."""
 
 
+def has_glam(model) -> bool:
+    """Whether `model` (build_descriptor_model's layout) has a GLAM module (not 'baseline')."""
+    return "glam" in {layer.name for layer in model.layers}
+
+
+def _glam_outputs(model, image):
+    """(conv5 features F (1, h, w, c), the GLAM layer's dict of attention maps) of one image."""
+    import keras  # pylint: disable=import-outside-toplevel
+
+    x = keras.ops.convert_to_tensor(np.asarray(image, np.float32)[None])
+    f = model.get_layer("backbone")(model.get_layer("preprocess")(x), training=False)
+    _, maps = model.get_layer("glam")(f, return_attention=True)
+    return f, maps
+
+
 def _glam_layer(model):
-    names = {layer.name for layer in model.layers}
-    if "glam" not in names:
+    if not has_glam(model):
         raise NoAttentionError(
             f"Model {model.name!r} has no GLAM module (variant 'baseline'): there is no "
             "attention map to draw. Leave --visualize_attention off for this model.")
@@ -88,14 +102,11 @@ def map_ranges(model, images) -> dict:
     """
     import keras  # pylint: disable=import-outside-toplevel
 
-    if "glam" not in {layer.name for layer in model.layers}:
+    if not has_glam(model):
         return {}
-    glam = model.get_layer("glam")
     low, high = {}, {}
     for image in images:
-        x = keras.ops.convert_to_tensor(np.asarray(image, np.float32)[None])
-        f = model.get_layer("backbone")(model.get_layer("preprocess")(x), training=False)
-        _, maps = glam(f, return_attention=True)
+        _, maps = _glam_outputs(model, image)
         for name in RANGE_MAPS:
             if name in maps:
                 a = keras.ops.convert_to_numpy(maps[name])
@@ -141,11 +152,8 @@ def spatial_attention(model, image, *, position: str = "mean") -> dict:
     """
     import keras  # pylint: disable=import-outside-toplevel
 
-    glam = _glam_layer(model)
-    x = keras.ops.convert_to_tensor(np.asarray(image, np.float32)[None])
-    x = model.get_layer("preprocess")(x)
-    f = model.get_layer("backbone")(x, training=False)
-    _, maps = glam(f, return_attention=True)
+    _glam_layer(model)
+    f, maps = _glam_outputs(model, image)
     h, w = int(f.shape[1]), int(f.shape[2])
     out = {}
     if "local_spatial" in maps:

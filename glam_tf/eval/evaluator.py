@@ -301,30 +301,32 @@ class Evaluator:
         """`attention_vis.map_ranges` over the first RANGE_QUERIES queries as the model sees
         them (client resize at max_image_size, scale 1); None without a Keras model with a
         GLAM module (a SavedModel, the baseline)."""
-        if model is None or "glam" not in {layer.name for layer in model.layers}:
+        if model is None or not attention_vis.has_glam(model):
             return None
-        images = []
-        for name, g in list(zip(ts.qimlist, ts.gnd))[:RANGE_QUERIES]:
-            item = extract.ImageItem(name, ts.query_path(name),
-                                     None if g["bbx"] is None else tuple(g["bbx"]))
-            try:
-                size, _ = extract.target_size(*extract.read_size(item.path), item.box,
-                                              self.config.max_image_size,
-                                              self._backend_min_side)
-                images.append(extract.load_image(item, size))
-            except extract.UndecodableImage:
-                continue
+        images = [self._image_as_seen(extract.ImageItem(
+            name, ts.query_path(name), None if g["bbx"] is None else tuple(g["bbx"])))
+            for name, g in list(zip(ts.qimlist, ts.gnd))[:RANGE_QUERIES]]
+        images = [image for image in images if image is not None]
         ranges = attention_vis.map_ranges(model, images)
         logging.info("attention map ranges over %d queries: %s", len(images), ", ".join(
             f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in ranges.items()))
         return {"queries": len(images), "maps": ranges}
+
+    def _image_as_seen(self, item):
+        """`item`'s image as the model sees it (client resize at max_image_size, scale 1),
+        or None when it cannot be decoded."""
+        try:
+            size, _ = extract.target_size(*extract.read_size(item.path), item.box,
+                                          self.config.max_image_size, self._backend_min_side)
+            return extract.load_image(item, size)
+        except extract.UndecodableImage:
+            return None
 
     def _draw_attention(self, ts, entries, vis):
         """attention.png beside top10.png: each query and its top results as the model saw
         them (client resize at max_image_size, first scale 1), with their spatial maps."""
         cfg = self.config
         model, map_names = self._attention
-        min_side = self._backend_min_side
         rows = []
         for q, entry in zip(vis, entries):
             items = [(extract.ImageItem(entry["query"], entry["query_path"],
@@ -335,11 +337,8 @@ class Evaluator:
                       for k, r in enumerate(entry["results"][:attention_vis.TOP])]
             images = []
             for item, label, status in items:
-                try:
-                    size, _ = extract.target_size(*extract.read_size(item.path), item.box,
-                                                  cfg.max_image_size, min_side)
-                    image = extract.load_image(item, size)
-                except extract.UndecodableImage:
+                image = self._image_as_seen(item)
+                if image is None:
                     continue   # left out of the row (its neighbours move up)
                 images.append({"label": label, "status": status, "image": image,
                                "maps": attention_vis.spatial_attention(

@@ -37,13 +37,7 @@ _lock = threading.Lock()
 _buffers = threading.local()
 
 
-def compiler():
-    """Path of the C compiler ($CC, else gcc, else cc), or None."""
-    for name in (os.environ.get("CC"), "gcc", "cc"):
-        found = name and files.executable(name)
-        if found:
-            return found
-    return None
+compiler = files.c_compiler
 
 
 def cache_dir() -> str:

@@ -266,10 +266,11 @@ def _count_above(row, tracked_scores, tracked, a, b, kth=None):
     """
     counts = np.zeros(tracked.size, dtype=np.int64)
     finite = tracked_scores > -np.inf
-    reaching = _reaching(row, kth) if not finite.any() else None
     if finite.any():
         counts[finite], reaching = _count_finite(row, tracked_scores[finite],
                                                  tracked[finite], a, b, kth)
+    else:
+        reaching = _reaching(row, kth)
     if not finite.all():
         lost = row == -np.inf
         n_finite = np.count_nonzero(row > -np.inf)
