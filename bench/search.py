@@ -2,9 +2,11 @@
 
 Reports, per case, the time of `glam_tf.eval.search.exact_search` (top-100 plus the
 whole-database ranks of ~300 tracked images per query, as ROxf+1M's AP needs) as a ratio
-to the bare product `queries @ database.T` (the compute floor), both timed in the same
-run through bench/harness.py (warmed up, order alternated, median of --rounds with the
-per-round spread); its peak memory (tracemalloc's peak of the search's own allocations
+to the bare product `queries @ database.T`, and to the same product into an output kept
+from round to round (the compute floor: no fresh 280 MB to map and zero, whose cost varies
+from round to round with the kernel's huge pages), all timed in the same run through
+bench/harness.py (warmed up, order rotated, median of --rounds with the per-round
+spread); its peak memory (tracemalloc's peak of the search's own allocations
 against the descriptor matrix's size, and the process's max RSS); and a spot check of one
 query against a full argsort. Optionally an approximate faiss index and its recall.
 
@@ -15,6 +17,7 @@ as hard positives can be: ranked deep in the list). The default runs the three t
 the cost and prints their ratios on one line.
 
   .venv/bin/python bench/search.py                       # 1M x 512 (2 GB of descriptors)
+  .venv/bin/python bench/search.py --tracked=whole       # clustered:whole,uniform:whole
   .venv/bin/python bench/search.py --num_db=100000 --cases=clustered:random \
       --approx_index=HNSW32
 """
@@ -84,9 +87,8 @@ def _tracked(rng, queries, db, mode, num_tracked):
 
 def _spot_check(queries, db, res, tracked, k):
     """Query 0's ranks and top-k against a full stable argsort of the same chunk products."""
-    c = res.chunk_size
-    scores = np.concatenate([(queries[:res.query_block] @ db[a:a + c].T)[0]
-                             for a in range(0, len(db), c)])
+    scores = np.concatenate([(queries[:res.query_block] @ db[a:b].T)[0]
+                             for a, b in res.chunk_bounds])
     order = np.argsort(-scores, kind="stable")
     full_ranks = np.empty_like(order)
     full_ranks[order] = np.arange(order.size)
@@ -107,16 +109,26 @@ def _run_case(args, db, queries, tracked, budget):
         del_me = queries @ db.T
         del del_me
 
+    into = np.empty((len(queries), len(db)), dtype=np.float32)
+
+    def product_into():
+        np.matmul(queries, db.T, out=into)
+
     legs = harness.compare(
         {"search": lambda: search.exact_search(queries, db, k=args.k, tracked=tracked,
                                                memory_budget_bytes=budget),
-         "product": product}, rounds=args.rounds, warmup=1)
+         "product": product, "product_into": product_into}, rounds=args.rounds, warmup=1)
+    del into
     r = harness.ratio(legs["search"], legs["product"])
+    r_into = harness.ratio(legs["search"], legs["product_into"])
     deepest = max(int(res.tracked_ranks[q].max()) for q in range(len(queries))
                   if res.tracked_ranks[q].size)
     out = {"search": legs["search"].summary(), "product": legs["product"].summary(),
-           "search_over_product": r.summary(), "deepest_tracked_rank": deepest,
-           "chunk_size": res.chunk_size, "query_block": res.query_block,
+           "product_into": legs["product_into"].summary(),
+           "search_over_product": r.summary(), "search_over_product_into": r_into.summary(),
+           "deepest_tracked_rank": deepest,
+           "chunk_size": res.chunk_size, "chunks": len(res.chunk_bounds),
+           "query_block": res.query_block,
            "search_peak_tracemalloc_mb": round(peak / 2**20, 1),
            "peak_over_descriptors": round((db.nbytes + peak) / db.nbytes, 3),
            "maxrss_delta_mb": round(rss_after - rss_before, 1),
@@ -128,7 +140,7 @@ def _run_case(args, db, queries, tracked, budget):
                    approx_build_s=round(build_s, 2), approx_search_s=round(search_s, 4),
                    approx_recall_at_k=round(search.recall_at_k(idx, res.topk_indices, args.k),
                                             4))
-    return out, r
+    return out, r, r_into
 
 
 def main():
@@ -145,9 +157,14 @@ def main():
                    help="centres of the clustered data")
     p.add_argument("--cases", default="clustered:random,uniform:random,uniform:whole",
                    help="comma-separated DATA:TRACKED (module docstring)")
+    p.add_argument("--tracked", default="",
+                   help="comma-separated TRACKED modes on both kinds of data (replaces "
+                        "--cases), e.g. whole")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
     args = p.parse_args()
+    if args.tracked:
+        args.cases = ",".join(f"{d}:{t.strip()}" for d in DATA for t in args.tracked.split(","))
     cases = _cases(args.cases)
     if args.num_clusters < 1 and any(d == "clustered" for d, _ in cases):
         raise SystemExit("--num_clusters must be >= 1 for the clustered cases")
@@ -167,23 +184,25 @@ def main():
         gen_s = time.time() - t0
         for mode in wanted:
             queries, tracked = _tracked(rng, base_queries, db, mode, args.num_tracked)
-            out, r = _run_case(args, db, queries, tracked, budget)
+            out, r, r_into = _run_case(args, db, queries, tracked, budget)
             out = {"data": data, "tracked": mode, "num_db": args.num_db,
                    "num_queries": args.num_queries, "dim": args.dim, "k": args.k,
                    "tracked_per_query": args.num_tracked, "generate_s": round(gen_s, 2),
                    **out}
-            print(f"{data} data, tracked {mode}: search / bare product {r} "
-                  f"[{out['search']['median_s']:.2f} s vs {out['product']['median_s']:.2f} s "
-                  f"median of {args.rounds}]; deepest tracked rank {out['deepest_tracked_rank']}; "
+            print(f"{data} data, tracked {mode}: search / bare product {r}, / product into "
+                  f"a kept output {r_into} [{out['search']['median_s']:.2f} s vs "
+                  f"{out['product']['median_s']:.2f} s and "
+                  f"{out['product_into']['median_s']:.2f} s, median of {args.rounds}]; "
+                  f"deepest tracked rank {out['deepest_tracked_rank']}; "
                   f"peak search allocations {out['search_peak_tracemalloc_mb']:.0f} MiB "
                   f"({out['peak_over_descriptors']}x the descriptor matrix); "
                   f"spot check {'ok' if out['spot_check_ok'] else 'FAILED'}", flush=True)
             print(json.dumps(out), flush=True)
             results.append(out)
-            ratios.append(f"{data}:{mode} {r.value:.2f}x")
+            ratios.append(f"{data}:{mode} {r.value:.2f}x ({r_into.value:.2f}x)")
         del db
-    print(f"search / bare product ({args.num_queries} x {args.num_db} x {args.dim}): "
-          f"{', '.join(ratios)}; {harness.header()}")
+    print(f"search / bare product (/ product into a kept output) ({args.num_queries} x "
+          f"{args.num_db} x {args.dim}): {', '.join(ratios)}; {harness.header()}")
 
 
 if __name__ == "__main__":

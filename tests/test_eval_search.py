@@ -16,9 +16,9 @@ def _unit(rng, n, d):
 
 def _chunked_scores(q, db, res):
     """Scores exactly as the search computes them (same query blocks and chunk products)."""
-    qb, c = res.query_block, res.chunk_size
+    qb = res.query_block
     return np.concatenate([
-        np.concatenate([q[i:i + qb] @ db[a:a + c].T for a in range(0, len(db), c)], axis=1)
+        np.concatenate([q[i:i + qb] @ db[a:b].T for a, b in res.chunk_bounds], axis=1)
         for i in range(0, len(q), qb)])
 
 
@@ -235,6 +235,7 @@ def test_search_matches_the_sorting_reference_and_a_full_argsort(clustered, monk
     kwargs = dict(k=25, tracked=tracked, valid=valid, chunk_size=700)
     res = search.exact_search(q, db, **kwargs)
     monkeypatch.setattr(search, "_count_above", _sorting_count_above)
+    monkeypatch.setattr(rank_kernel, "load", lambda: None)  # every row through the reference
     ref = search.exact_search(q, db, **kwargs)
     for i in range(nq):
         np.testing.assert_array_equal(res.tracked_ranks[i], ref.tracked_ranks[i])
@@ -286,8 +287,75 @@ def test_tracked_rows_multiplied_alone_or_from_the_chunks_give_the_same_ranks(di
     assert calls == [nq] and len(redone) == differ
     monkeypatch.setattr(search, "_chunk_tracked_scores", from_chunks)
     monkeypatch.setattr(search, "_count_above", _sorting_count_above)
+    monkeypatch.setattr(rank_kernel, "load", lambda: None)  # every row through the reference
     monkeypatch.setattr(search, "_GATHER_ROWS", n + 1)  # the reference: chunk products only
     ref = search.exact_search(q, db, k=10, tracked=tracked, chunk_size=4096)
     for i in range(nq):
         np.testing.assert_array_equal(res.tracked_ranks[i], ref.tracked_ranks[i])
     np.testing.assert_array_equal(res.topk_indices, ref.topk_indices)
+
+
+def test_automatic_chunks_share_the_work_and_fit_the_budget():
+    qb, bounds = search._plan(70, 10**6, 2048 * 10**6, None, None, 2)
+    sizes = {b - a for a, b in bounds}
+    assert qb == 70 and sizes == {62500} and len(bounds) == 16  # 8 per worker
+    assert bounds[0][0] == 0 and bounds[-1][1] == 10**6
+    assert all(b0 == a1 for (_, b0), (a1, _) in zip(bounds, bounds[1:]))
+    budget = 8 << 20  # every worker's chunk of every query of the block within it
+    qb, bounds = search._plan(500, 10**6, 2048 * 10**6, budget, None, 2)
+    assert 2 * qb * max(b - a for a, b in bounds) * search._BYTES_PER_SCORE <= budget
+    assert search._plan(5, 1000, 32000, None, 7, 2)[1][:2] == [(0, 7), (7, 14)]
+
+
+def test_workers_use_one_blas_thread_and_restore_blas_and_gc(monkeypatch):
+    # The workers multiply with one BLAS thread each (BLAS's own threads would compete
+    # with the counting); the caller's BLAS threads and garbage collector are restored.
+    import gc
+
+    import threadpoolctl
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    seen = []
+    chunk_scores = search._chunk_scores
+    monkeypatch.setattr(search, "_num_workers", lambda: 2)
+    monkeypatch.setattr(search, "_chunk_scores",
+                        lambda *a: seen.append((blas_threads(), gc.isenabled()))
+                        or chunk_scores(*a))
+    rng = np.random.default_rng(2)
+    q, db = _unit(rng, 3, 8), _unit(rng, 2000, 8)
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            search.exact_search(q, db, k=5, tracked=[[1, 1500]] * 3, chunk_size=300)
+            assert gc.isenabled() == enabled
+        finally:
+            gc.enable()
+    assert seen and all(threads == [1] * len(before) and not collecting
+                        for threads, collecting in seen)
+    assert blas_threads() == before
+
+
+def test_one_chunk_holding_every_tracked_image_is_multiplied_by_the_workers(monkeypatch):
+    # Tracked images all in the first of several long chunks: pass A's product of that
+    # chunk is shared among the workers and kept for pass B; the results are a full
+    # argsort's of the chunk products.
+    monkeypatch.setattr(search, "_num_workers", lambda: 2)
+    split = search._split_product
+    calls = []
+    monkeypatch.setattr(search, "_split_product", lambda *a: calls.append(a[2:4]) or split(*a))
+    rng = np.random.default_rng(8)
+    n, nq = 5 * 2 * search._GATHER_ROWS, 5
+    q, db = _unit(rng, nq, 8), _unit(rng, n, 8)
+    tracked = [rng.choice(3000, 50, replace=False) for _ in range(nq)]
+    res = search.exact_search(q, db, k=20, tracked=tracked)
+    assert len(res.chunk_bounds) == 5 and calls == [res.chunk_bounds[0]]
+    scores = _chunked_scores(q, db, res)
+    order, ranks = _stable_ranks(scores)
+    for i in range(nq):
+        np.testing.assert_array_equal(res.rank_of(i, tracked[i]), ranks[i, tracked[i]])
+    np.testing.assert_array_equal(res.topk_indices, order[:, :20])
+    np.testing.assert_array_equal(res.topk_scores, np.take_along_axis(scores, order[:, :20], 1))

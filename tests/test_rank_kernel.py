@@ -1,5 +1,5 @@
-"""The compiled binning pass of the search's rank counting (glam_tf/eval/rank_kernel.py):
-the same bins, candidates and top-k columns as the NumPy pass, the same search results
+"""The compiled rank-count pass of the search (glam_tf/eval/rank_kernel.py): the counts and
+top-k columns of a brute-force count, as the NumPy pass gives them, the same search results
 with and without it, its build cache, and the fall-back to NumPy when it cannot be built."""
 
 import logging as std_logging
@@ -40,40 +40,48 @@ def _rows(rng):
             "constant": np.full(c, 0.25, np.float32)}
 
 
-@pytest.mark.parametrize("num_bins", [64, 4099, 1 << 16])
-def test_kernel_pass_equals_the_numpy_pass(kernel, num_bins):
+def _brute_counts(row, tv, lim):
+    """Per tracked score: the entries above it, plus those equal to it below its limit."""
+    return np.array([np.count_nonzero(row > t) + np.count_nonzero(row[:l] == t)
+                     for t, l in zip(tv, lim)], dtype=np.int64)
+
+
+@pytest.mark.parametrize("num_bins", [4, 64, 4099, 1 << 16])
+def test_kernel_and_numpy_counts_equal_a_brute_force_count(kernel, num_bins):
+    # Tracked scores taken from the row (ties with it, duplicates among them; with and
+    # without the row's highest score, far above the others, which narrows the bins' span),
+    # limits before, inside and after the row: the counts never depend on the bins.
     rng = np.random.default_rng(num_bins)
     for name, row in _rows(rng).items():
         finite = row[np.isfinite(row)]
-        for width in (float(finite.max() - finite.min()) or 1e-3, 1e-7):
-            low = np.float32(rng.choice(finite))
-            scale = np.float32((num_bins - 3) / width)
-            offset = np.float32(1.5) - low * scale
-            shared = np.zeros(num_bins, dtype=bool)
-            shared[search._bins(rng.choice(row, 30), scale, offset, num_bins)] = True
+        for outlier in (False, True):
+            tv = np.concatenate([rng.choice(finite, 30), rng.choice(finite, 3)])
+            if outlier:
+                tv = np.append(tv, finite.max())
+            tv = np.sort(tv)
+            lim = rng.integers(0, row.size + 1, tv.size)
+            lim[:3] = [0, row.size, row.size // 2]
+            want = _brute_counts(row, tv, lim)
             for kth in (None, np.float32(rng.choice(finite)), np.float32(-np.inf)):
-                got = rank_kernel.bin_collect(kernel, row, scale, offset, num_bins, shared, kth)
-                want = search._bin_collect_numpy(row, scale, offset, num_bins, shared, kth)
-                msg = f"{name} width {width} kth {kth}"
-                np.testing.assert_array_equal(got[0], want[0], err_msg=msg)
-                np.testing.assert_array_equal(np.sort(got[1]), np.sort(want[1]), err_msg=msg)
-                assert got[1].size == np.count_nonzero(shared[search._bins(
-                    row, scale, offset, num_bins)]), msg
-                if kth is None:
-                    assert got[2] is None and want[2] is None
-                else:
-                    np.testing.assert_array_equal(got[2], np.flatnonzero(row >= kth),
-                                                  err_msg=msg)
+                msg = f"{name} outlier {outlier} kth {kth}"
+                for got in (rank_kernel.rank_count(kernel, row, tv, lim, num_bins, kth),
+                            search._rank_count_numpy(row, tv, lim, kth)):
+                    np.testing.assert_array_equal(got[0], want, err_msg=msg)
+                    if kth is None:
+                        assert got[1] is None
+                    else:
+                        np.testing.assert_array_equal(got[1], np.flatnonzero(row >= kth),
+                                                      err_msg=msg)
 
 
 def test_kernel_reports_nan(kernel):
     row = np.linspace(-0.2, 0.3, 1000, dtype=np.float32)
     row[517] = np.nan
-    shared = np.zeros(64, dtype=bool)
-    assert rank_kernel.bin_collect(kernel, row, np.float32(100), np.float32(30), 64,
-                                   shared) is None
-    assert search._bin_collect_numpy(row, np.float32(100), np.float32(30), 64, shared,
-                                     None) is None
+    tv, lim = np.float32([0.0, 0.1]), np.int64([0, 1000])
+    assert rank_kernel.rank_count(kernel, row, tv, lim, 64) is None
+    assert search._rank_count_numpy(row, tv, lim, None) is None
+    with pytest.raises(ValueError, match="2 tracked scores, 1 limits"):
+        rank_kernel.rank_count(kernel, row, tv, lim[:1], 64)
 
 
 @pytest.mark.parametrize("clustered", [False, True])
@@ -147,3 +155,37 @@ def test_the_switch_keeps_numpy(fresh_load, monkeypatch):
     monkeypatch.setenv(rank_kernel.ENV_SWITCH, "numpy")
     monkeypatch.setattr(rank_kernel, "compiler", lambda: pytest.fail("compiler looked up"))
     assert rank_kernel.load() is None
+
+
+@pytest.mark.parametrize("room", [rank_kernel.ABOVE_ROOM_ROWS, 1])
+def test_rows_in_one_call_equal_each_row_alone(kernel, room, monkeypatch):
+    # One call for several rows (spans of tracked scores of different lengths, a threshold
+    # per row): the counts and top-k columns of each row counted alone; with room for one
+    # row's columns only, the rows past it find theirs again.
+    monkeypatch.setattr(rank_kernel, "ABOVE_ROOM_ROWS", room)
+    rng = np.random.default_rng(3)
+    scores = (rng.standard_normal((6, 5000)) * 0.05).astype(np.float32)
+    scores[2] = np.round(scores[2] * 40) / 40
+    ids = np.array([4, 0, 2, 5])
+    tvs = [np.sort(rng.choice(scores[r], size)) for r, size in zip(ids, (1, 7, 40, 300))]
+    lims = [rng.integers(0, 5001, t.size) for t in tvs]
+    kth = np.float32([-np.inf, 0.05, 0.0, 0.2])  # every column, then fewer
+    count, cols = rank_kernel.rank_count_rows(
+        kernel, scores, ids, np.concatenate(tvs), np.concatenate(lims),
+        np.cumsum([0] + [t.size for t in tvs]), 1250, kth)
+    at = 0
+    for r, tv, lim, t, c in zip(ids, tvs, lims, kth, cols):
+        alone = rank_kernel.rank_count(kernel, scores[r], tv, lim, 1250, t)
+        np.testing.assert_array_equal(count[at:at + tv.size], alone[0])
+        np.testing.assert_array_equal(c, alone[1])
+        np.testing.assert_array_equal(count[at:at + tv.size], _brute_counts(scores[r], tv, lim))
+        at += tv.size
+    assert all(c is None for c in rank_kernel.rank_count_rows(
+        kernel, scores, ids[:1], tvs[0], lims[0], [0, 1], 64)[1])
+    scores[5, 17] = np.nan
+    assert rank_kernel.rank_count_rows(kernel, scores, ids, np.concatenate(tvs),
+                                       np.concatenate(lims),
+                                       np.cumsum([0] + [t.size for t in tvs]), 64) is None
+    with pytest.raises(ValueError, match="one non-empty span per row"):
+        rank_kernel.rank_count_rows(kernel, scores, ids, np.concatenate(tvs),
+                                    np.concatenate(lims), [0, 1, 8, 48], 64)

@@ -1,15 +1,16 @@
-"""The compiled binning pass of exact search's rank counting, built on first use.
+"""The compiled rank-count pass of exact search, built on first use.
 
-`rank_kernel.c` bins a row of scores, counts the bins, and collects the entries of marked
-bins and the columns that may enter the top-k, in one pass; NumPy needs seven passes and
-temporaries the size of the row for the same result (`search._bin_collect_numpy`), which
-made the counting a third of the search's time (docs/benchmarks.md). The source ships with
+`rank_kernel.c` gives, in one pass over a row of chunk scores, per tracked score the
+entries ranked before it (counted into levels found by a table lookup per entry, so no
+sort) and the columns that may enter the top-k; NumPy needs binary searches over the row
+and temporaries its size for the same counts (`search._rank_count_numpy`), several times
+slower. The source ships with
 the package and is compiled with the system C compiler ($CC, else gcc, else cc) the first
 time a search needs it, into a cache folder ($GLAM_TF_CACHE, else
 $XDG_CACHE_HOME/glam_tf, else ~/.cache/glam_tf; a private temporary folder when that is
 not writable), named by a hash of the source and the command, so an edit or another
 machine type rebuilds. Without a compiler, or with GLAM_TF_RANK_KERNEL=numpy,
-the NumPy pass counts the same ranks, bit for bit, more slowly; the reason is logged once.
+NumPy counts the same ranks, more slowly; the reason is logged once.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from glam_tf import files
 
 SOURCE = files.join(files.dirname(files.absolute(__file__)), "rank_kernel.c")
 # No fused multiply-adds (aarch64 and -march builds contract `v * scale + offset` into one
-# rounding): the bins must be NumPy's two roundings, so both paths count alike.
+# rounding): the same bins on every machine (the counts do not depend on them).
 CFLAGS = ("-O2", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off")
 ENV_SWITCH = "GLAM_TF_RANK_KERNEL"  # "numpy": never compile
 _lock = threading.Lock()
@@ -93,52 +94,118 @@ def _load():
                         "compile %s", SOURCE)
         return None
     try:
-        fn = ctypes.CDLL(_build(cc)).glam_bin_collect
+        lib = ctypes.CDLL(_build(cc))
     except OSError as e:
         logging.warning("search: the rank-count kernel could not be built or loaded (%s): "
                         "rank counting in NumPy", e)
         return None
-    ptr = np.ctypeslib.ndpointer
-    fn.restype = ctypes.c_int64
-    fn.argtypes = [ptr(np.float32, flags="C"), ctypes.c_int64, ctypes.c_float,
-                   ctypes.c_float, ctypes.c_int64, ptr(np.int32, flags="C"),
-                   ptr(np.uint8, flags="C"), ptr(np.float32, flags="C"), ctypes.c_float,
-                   ptr(np.int64, flags="C"), ptr(np.int64, flags="C")]
-    return fn
+    # Plain addresses (the wrappers check the arrays): ndpointer's checks of 13 arguments
+    # took as long as counting 10 k scores.
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.glam_rank_count.restype = lib.glam_rank_count_rows.restype = i64
+    lib.glam_rank_count.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr,
+                                    ctypes.c_float, ptr]
+    lib.glam_rank_count_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr,
+                                         ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    return lib
 
 
 def load():
-    """The compiled `glam_bin_collect`, or None when NumPy must do the pass (module doc)."""
+    """The compiled library (`rank_count`, `rank_count_rows`), or None when NumPy must count
+    (module doc)."""
     with _lock:  # one build, however many search threads ask at once
         return _load()
 
 
-def _scratch(n, num_bins):
-    """This thread's buffers for rows of up to `n` scores (values, columns) and `num_bins`
-    counts (zeroed), grown when needed: reused, so that a row costs no allocation of its
-    size (the search's memory bound) and no mapping and unmapping of pages."""
+def _scratch(n, num_bins, above_rows=1):
+    """This thread's buffers for rows of up to `n` scores, `num_bins` bins and the top-k
+    columns of `above_rows` rows, grown when needed: reused, so that a row costs no
+    allocation of its size (the search's memory bound) and no mapping of pages."""
     held = getattr(_buffers, "held", None)
-    if held is None or held[0].size < n or held[2].size < num_bins:
+    if (held is None or held[0].size < n or held[3].size < num_bins
+            or held[2].size < above_rows * n):
+        n = max(n, 1)
         held = _buffers.held = (np.empty(n, dtype=np.float32), np.empty(n, dtype=np.int64),
-                                np.empty(num_bins, dtype=np.int32))
-    hist = held[2][:num_bins]
-    hist.fill(0)
-    return held[0], held[1], hist
+                                np.empty(above_rows * n, dtype=np.int64),
+                                np.empty(num_bins, dtype=np.int32),
+                                np.empty(num_bins, dtype=np.int32),
+                                np.empty(n, dtype=np.int64))
+    return held
 
 
-def bin_collect(fn, row, scale, offset, num_bins, marked, kth=None):
-    """`fn` (from `load()`) on one row: (hist (num_bins,) int32, the row's values in marked
-    bins (unsorted float32), the columns scoring >= `kth` (None when `kth` is None)), or
-    None when a score is NaN. The first two are this thread's buffers (`_scratch`): valid
-    until its next call. ctypes releases the GIL for the call, so the search's threads
-    count rows in parallel."""
+def _checked(tv, lim, num_bins):
+    tv = np.ascontiguousarray(tv, dtype=np.float32)
+    lim = np.ascontiguousarray(lim, dtype=np.int64)
+    if tv.ndim != 1 or not 0 < tv.size == lim.size or num_bins < 4:
+        raise ValueError(f"rank_count: {tv.size} tracked scores, {lim.size} limits, "
+                         f"{num_bins} bins")
+    return tv, lim
+
+
+def rank_count(lib, row, tv, lim, num_bins, kth=None):
+    """The compiled count (`lib` from `load()`) of one row: (per tracked score of `tv`
+    (ascending finite float32, at least one) the entries above it plus those equal to it
+    in columns below `lim` (int64), the columns scoring >= `kth` (None when `kth` is
+    None)), or None when a score is NaN. `num_bins` (>= 4) sets the speed, not the
+    counts. ctypes releases the GIL for the call."""
     row = np.ascontiguousarray(row, dtype=np.float32)
     if row.size >= 2**31:
-        raise ValueError(f"bin_collect: a row of {row.size} scores (int32 counts: < 2^31)")
-    cand, above, hist = _scratch(row.size, num_bins)
-    n_above = np.zeros(1, dtype=np.int64)
-    taken = fn(row, row.size, scale, offset, num_bins, hist, marked.view(np.uint8), cand,
-               np.inf if kth is None else kth, above, n_above)
-    if taken < 0:
+        raise ValueError(f"rank_count: a row of {row.size} scores (int32 counts: < 2^31)")
+    tv, lim = _checked(tv, lim, num_bins)
+    cand, cand_col, above, hist, first, _ = _scratch(row.size, num_bins)
+    count = np.empty(tv.size, dtype=np.int64)
+    reached = lib.glam_rank_count(
+        row.ctypes.data, row.size, tv.ctypes.data, lim.ctypes.data, tv.size, num_bins,
+        hist.ctypes.data, first.ctypes.data, cand.ctypes.data, cand_col.ctypes.data,
+        count.ctypes.data, np.inf if kth is None else kth, above.ctypes.data)
+    if reached < 0:
         return None
-    return hist, cand[:taken], None if kth is None else above[:n_above[0]].copy()
+    return count, None if kth is None else above[:reached].copy()
+
+
+# Room for the top-k columns of a chunk's rows in `rank_count_rows`, in rows: past the
+# first chunks few columns reach a row's k-th best, and rows past the room are found again.
+ABOVE_ROOM_ROWS = 4
+
+
+def rank_count_rows(lib, scores, row_ids, tv, lim, starts, num_bins, kth=None):
+    """`rank_count` of the rows `row_ids` of the C-order (Q, n) float32 `scores` in one call:
+    row_ids[r]'s tracked scores and limits are tv[starts[r]:starts[r + 1]] (likewise lim),
+    its top-k threshold kth[r] (kth None: none). Returns (the counts, concatenated like
+    tv; per row its columns scoring >= kth[r], or None without kth), or None when a score
+    is NaN."""
+    if not (scores.flags.c_contiguous and scores.dtype == np.float32):
+        raise ValueError("rank_count_rows: scores must be C-order float32")
+    n = scores.shape[1]
+    if n >= 2**31:
+        raise ValueError(f"rank_count_rows: rows of {n} scores (int32 counts: < 2^31)")
+    row_ids = np.ascontiguousarray(row_ids, dtype=np.int64)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    tv, lim = _checked(tv, lim, num_bins)
+    if starts.size != row_ids.size + 1 or np.any(np.diff(starts) < 1) or starts[-1] != tv.size:
+        raise ValueError("rank_count_rows: starts must split tv into one non-empty span "
+                         "per row")
+    if kth is None:
+        thresholds = np.full(row_ids.size, np.inf, dtype=np.float32)
+    else:
+        thresholds = np.ascontiguousarray(kth, dtype=np.float32)
+    cand, cand_col, above, hist, first, spill = _scratch(n, num_bins, ABOVE_ROOM_ROWS)
+    count = np.empty(tv.size, dtype=np.int64)
+    n_above = np.empty(row_ids.size, dtype=np.int64)
+    if lib.glam_rank_count_rows(
+            scores.ctypes.data, n, row_ids.size, row_ids.ctypes.data, tv.ctypes.data,
+            lim.ctypes.data, starts.ctypes.data, num_bins, hist.ctypes.data,
+            first.ctypes.data, cand.ctypes.data, cand_col.ctypes.data, count.ctypes.data,
+            thresholds.ctypes.data, above.ctypes.data, ABOVE_ROOM_ROWS * n,
+            n_above.ctypes.data, spill.ctypes.data) < 0:
+        return None
+    if kth is None:
+        return count, [None] * row_ids.size
+    cols, used = [], 0
+    for r, got in zip(row_ids, n_above):
+        if got < 0:
+            cols.append(np.flatnonzero(scores[r] >= thresholds[len(cols)]))
+        else:
+            cols.append(above[used:used + got].copy())
+            used += got
+    return count, cols

@@ -12,12 +12,16 @@ recall@k against the exact top-k.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import gc
 import os
+import threading
 import time
 
 import numpy as np
+import threadpoolctl
 from absl import logging
 
 from glam_tf.eval import rank_kernel
@@ -26,12 +30,19 @@ from glam_tf.eval import rank_kernel
 # partition indices and the candidate mask (24 bytes: the bound of the budget).
 _BYTES_PER_SCORE = 24
 # Rank counting: sort the entries reaching the lowest tracked score when at most
-# 1/_SORT_FRACTION of a row does, else count the row into at most _MAX_BINS bins.
+# 1/_SORT_FRACTION of a row does, else count the row into a quarter as many bins, at
+# most _MAX_BINS (rank_kernel.c).
 _SORT_FRACTION = 32
 _MAX_BINS = 1 << 16
 # Pass A multiplies the tracked rows alone, this many at a time (at least), when chunks are
 # at least this long and tracked images lie in several chunks.
 _GATHER_ROWS = 4096
+# Automatic chunks: a _CHUNKS_PER_WORKER-th of a worker's share of the database, so the
+# workers, taking the chunks in turn, finish close together (longer chunks also leave
+# their scores out of the cache when counted), at least _MIN_CHUNK rows, or shorter where
+# the budget says so.
+_MIN_CHUNK = 8192
+_CHUNKS_PER_WORKER = 8
 
 
 @dataclasses.dataclass
@@ -43,7 +54,8 @@ class SearchResult:
         topk_scores: (Q, k) float32 scores (-inf for invalid images).
         tracked: per query a sorted unique (M_q,) int64 array of database indices.
         tracked_ranks: per query (M_q,) int64 0-based ranks of `tracked` in the database.
-        chunk_size: database rows scored at a time; query_block: queries at a time.
+        chunk_bounds: the database rows scored at a time, [(start, stop)] in order;
+            chunk_size: the longest; query_block: queries at a time.
     """
 
     topk_indices: np.ndarray
@@ -51,6 +63,7 @@ class SearchResult:
     tracked: list
     tracked_ranks: list
     chunk_size: int = 0
+    chunk_bounds: list = dataclasses.field(default_factory=list)
     query_block: int = 0
 
     def rank_of(self, query, indices):
@@ -65,24 +78,59 @@ class SearchResult:
         return self.tracked_ranks[query][pos]
 
 
-def _plan(num_queries, num_db, db_bytes, memory_budget_bytes, chunk_size):
-    """Query block and database chunk so the temporary score arrays fit the budget."""
+def _plan(num_queries, num_db, db_bytes, memory_budget_bytes, chunk_size, workers):
+    """Query block and database chunks [(start, stop)], so that the temporary score arrays
+    of all `workers` (a chunk each) fit the budget."""
     if memory_budget_bytes is None:
         # About half the descriptor matrix (so the peak stays near 1.5x it), 4 MiB..512 MiB.
         memory_budget_bytes = int(min(512 << 20, max(4 << 20, db_bytes // 2)))
-    min_chunk = min(num_db, 4096)
-    query_block = max(1, min(num_queries, memory_budget_bytes // (_BYTES_PER_SCORE * min_chunk)))
+    min_chunk = min(num_db, _MIN_CHUNK)
+    query_block = max(1, min(num_queries, memory_budget_bytes
+                             // (_BYTES_PER_SCORE * min_chunk * workers)))
     if chunk_size is None:
-        chunk_size = memory_budget_bytes // (_BYTES_PER_SCORE * query_block)
-    chunk_size = int(max(1, min(num_db, chunk_size)))
-    return query_block, chunk_size
+        chunk_size = max(min_chunk, min(
+            memory_budget_bytes // (_BYTES_PER_SCORE * query_block * workers),
+            -(-num_db // (_CHUNKS_PER_WORKER * workers))))
+    size = int(max(1, min(num_db, chunk_size)))
+    return query_block, [(a, min(num_db, a + size)) for a in range(0, num_db, size)]
 
 
 @functools.cache
 def _row_pool():
-    """Threads for the per-row rank counting, one per core."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+    """Threads for the search's chunk workers (and refine's jobs), one per core."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=_num_workers(),
                                                  thread_name_prefix="search")
+
+
+def _num_workers():
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while searching: the search makes no reference cycles,
+    and each collection its many small arrays set off scanned every object of the program
+    (millions with TensorFlow loaded: a tenth of the search's time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def _one_blas_thread(active):
+    """While `active`: one BLAS thread per matrix product. Each search worker multiplies its
+    own chunk and counts it on its core; BLAS's own threads beside them would take turns
+    with the counting on the same cores (and spin while waiting for the next product), so
+    pass A's products are shared among the workers too."""
+    if not active:
+        yield
+        return
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        yield
 
 
 def _chunk_scores(queries, database, start, stop, valid):
@@ -137,7 +185,7 @@ def _update_topk(run_idx, run_sc, scores, k, start, found=None):
         cols = found.get(r)
         if cols is None:
             cols = np.flatnonzero(scores[r] >= run_sc[r, -1])
-        else:
+        elif cols.size:
             cols = cols[scores[r, cols] >= run_sc[r, -1]]
         if not cols.size:
             continue
@@ -160,19 +208,6 @@ def _fill_topk(top, scores, k, start):
     return lead
 
 
-def _bins(values, scale, offset, num_bins):
-    """Monotone bin numbers (intp) of float32 `values`: value * scale + offset, clipped to
-    [0, num_bins - 1] and truncated. Every step is non-decreasing in the value (scale > 0),
-    so a value in a higher bin is strictly higher: only the entries sharing a tracked
-    score's bin need comparing to it. NaN casts to a negative bin."""
-    x = np.multiply(values, scale, dtype=np.float32)
-    x += offset
-    out = np.empty(x.shape, dtype=np.intp)
-    with np.errstate(invalid="ignore"):
-        np.clip(x, np.float32(0), np.float32(num_bins - 1), out=out, casting="unsafe")
-    return out
-
-
 def _reaching(row, kth, bound=None):
     """The columns of `row` scoring >= `kth` (None when `kth` is None); none without a pass
     when `bound`, an upper bound of their number, is 0."""
@@ -183,74 +218,105 @@ def _reaching(row, kth, bound=None):
     return np.flatnonzero(row >= kth)
 
 
-def _bin_collect_numpy(row, scale, offset, num_bins, shared, kth):
-    """`rank_kernel.bin_collect` in NumPy: (histogram of the row's `_bins`, the row's values
-    in `shared` bins, the columns scoring >= `kth` or None), or None when a score is NaN (it
-    casts to a negative bin)."""
+def _bins(values, scale, offset, num_bins):
+    """Monotone bin numbers (intp) of float32 `values`: value * scale + offset, clipped to
+    [0, num_bins - 1] and truncated (non-decreasing in the value: scale > 0). NaN casts to a
+    negative bin."""
+    x = np.multiply(values, scale, dtype=np.float32)
+    x += offset
+    out = np.empty(x.shape, dtype=np.intp)
+    with np.errstate(invalid="ignore"):
+        np.clip(x, np.float32(0), np.float32(num_bins - 1), out=out, casting="unsafe")
+    return out
+
+
+def _rank_count_numpy(row, tv, lim, kth):
+    """`rank_kernel.rank_count` in NumPy, the same way: (per tracked score of `tv`
+    (ascending) the entries of `row` above it plus those equal to it in columns below
+    `lim`, the columns scoring >= `kth` or None), or None when a score is NaN. The entries
+    are counted into bins over the tracked scores' span; those sharing a bin with a
+    tracked score are sorted and searched."""
+    num_bins = _num_bins(row.size)
+    width = float(tv[-1]) - float(tv[0])
+    if not width > 0:
+        width = abs(float(tv[0])) * 1e-3 + 1e-9
+    scale = np.float32((num_bins - 3) / width)
+    offset = np.float32(1.5) - np.float32(tv[0]) * scale
     idx = _bins(row, scale, offset, num_bins)
     try:
         hist = np.bincount(idx, minlength=num_bins)
-    except ValueError:
+    except ValueError:  # a negative bin: NaN
         return None
-    cand = row[np.flatnonzero(np.take(shared, idx, mode="clip"))]
+    tbins = _bins(tv, scale, offset, num_bins)
+    shared = np.zeros(num_bins, dtype=bool)
+    shared[tbins] = True
+    cols = np.flatnonzero(shared[idx])  # entries sharing a bin with a tracked score
     del idx
-    bound = None  # entries >= kth lie in kth's bin or above
-    if kth is not None:
-        bound = int(hist[_bins(np.float32([kth]), scale, offset, num_bins)[0]:].sum())
-    return hist, cand, _reaching(row, kth, bound)
+    order = np.argsort(row[cols], kind="stable")  # by value, then column
+    cand, cols = row[cols][order], cols[order]
+    hist[shared] = 0
+    above_bin = hist[::-1].cumsum()[::-1]  # entries in this bin or higher, not shared
+    counts = np.where(tbins + 1 < num_bins, above_bin[np.minimum(tbins + 1, num_bins - 1)], 0)
+    left = np.searchsorted(cand, tv, side="left")
+    right = np.searchsorted(cand, tv, side="right")
+    counts += cand.size - right
+    for j in np.flatnonzero(right > left):  # ties: the equal entries in columns below lim
+        counts[j] += np.searchsorted(cols[left[j]:right[j]], lim[j])
+    return counts, _reaching(row, kth)
+
+
+def _nan_error(a, b):
+    return ValueError(f"search: NaN scores against database rows [{a}, {b}): a query or "
+                      "database descriptor holds NaN")
+
+
+def _num_bins(columns):
+    return int(min(_MAX_BINS, max(64, columns // 4)))
+
+
+def _binned_rows(sampled, low, columns):
+    """Which rows the counting pass takes (not the sort), from every 16th score of each
+    (`sampled`): more than 1/_SORT_FRACTION of the row's `columns` reach its lowest tracked
+    score `low`."""
+    return np.count_nonzero(sampled >= low[:, None], axis=1) * 16 * _SORT_FRACTION > columns
 
 
 def _count_finite(row, tscores, tracked, a, b, kth):
     """Per finite tracked score, the chunk's entries ranked before it; see `_count_above`.
 
     When few entries reach the lowest tracked score (tracked images near the top, as real
-    positives mostly are), those are sorted; otherwise the entries are counted into bins
-    (linear time, whatever the scores) and only those sharing a tracked score's bin are
-    sorted. Either way `cand` holds, sorted, every entry equal to a tracked score, and
-    `base` counts, per tracked score, the entries above it that are not in `cand`. The same
-    pass collects the columns scoring >= `kth` (`_count_above`).
+    positives mostly are), those are sorted and searched; otherwise one pass counts the
+    entries into bins and compares only those sharing a tracked score's bin
+    (`rank_kernel.rank_count`; NumPy searches every entry among the tracked scores). Either
+    way the pass collects the columns scoring >= `kth` (`_count_above`).
     """
     low = tscores.min()
-    # Which way: from every 16th entry (either way is exact; the binned pass needs no
-    # comparison of its own).
-    if np.count_nonzero(row[::16] >= low) * 16 * _SORT_FRACTION <= row.size:
+    if not _binned_rows(row[None, ::16], low[None], row.size)[0]:  # both exact
         cand = np.sort(row[row >= low])
-        base = 0
         bound = None  # cand holds every entry >= low
         if kth is not None and kth >= low:
             bound = cand.size - int(np.searchsorted(cand, kth, side="left"))
-        reaching = _reaching(row, kth, bound)
+        left = np.searchsorted(cand, tscores, side="left")
+        right = np.searchsorted(cand, tscores, side="right")
+        n = cand.size
+        counts = np.where(tracked >= b, n - left, n - right)  # before the chunk: ties too
+        inside = (tracked >= a) & (tracked < b)
+        for m in np.flatnonzero(inside & (right - left > 1)):
+            counts[m] += np.count_nonzero(row[: tracked[m] - a] == tscores[m])
+        return counts, _reaching(row, kth, bound)
+    order = np.argsort(tscores, kind="stable")
+    tv = tscores[order]
+    lim = np.clip(tracked[order] - a, 0, b - a)  # equal entries in columns below rank first
+    kernel = rank_kernel.load()
+    if kernel is None:
+        counted = _rank_count_numpy(row, tv, lim, kth)
     else:
-        num_bins = int(min(_MAX_BINS, max(64, row.size // 4)))
-        width = float(tscores.max()) - float(low)
-        if not width > 0:  # one distinct tracked score: any bin width is exact
-            width = max(abs(float(low)), 1e-6) * 1e-3
-        # [low, highest tracked score] over bins 1 .. num_bins - 2; below: 0, above: the last
-        scale = np.float32((num_bins - 3) / width)
-        offset = np.float32(1.5) - np.float32(low) * scale  # low: mid-bin 1, not an edge
-        tbins = _bins(tscores, scale, offset, num_bins)
-        shared = np.zeros(num_bins, dtype=bool)
-        shared[tbins] = True
-        kernel = rank_kernel.load()
-        counted = (rank_kernel.bin_collect(kernel, row, scale, offset, num_bins, shared, kth)
-                   if kernel is not None else
-                   _bin_collect_numpy(row, scale, offset, num_bins, shared, kth))
-        if counted is None:
-            raise ValueError(f"search: NaN scores against database rows [{a}, {b}): a query "
-                             "or database descriptor holds NaN")
-        hist, cand, reaching = counted
-        cand.sort()
-        hist[tbins] = 0
-        cum = np.cumsum(hist)
-        base = cum[-1] - cum[tbins]
-    left = np.searchsorted(cand, tscores, side="left")
-    right = np.searchsorted(cand, tscores, side="right")
-    n = cand.size
-    counts = base + np.where(tracked >= b, n - left, n - right)  # before the chunk: ties too
-    inside = (tracked >= a) & (tracked < b)
-    for m in np.flatnonzero(inside & (right - left > 1)):
-        counts[m] += np.count_nonzero(row[: tracked[m] - a] == tscores[m])
-    return counts, reaching
+        counted = rank_kernel.rank_count(kernel, row, tv, lim, _num_bins(row.size), kth)
+    if counted is None:
+        raise _nan_error(a, b)
+    counts = np.empty(tracked.size, dtype=np.int64)
+    counts[order] = counted[0]
+    return counts, counted[1]
 
 
 def _count_above(row, tracked_scores, tracked, a, b, kth=None):
@@ -281,30 +347,120 @@ def _count_above(row, tracked_scores, tracked, a, b, kth=None):
     return counts, reaching
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """A query block's rows whose tracked scores are all finite, with those scores sorted
+    once for the compiled counting of every chunk (`rank_kernel.rank_count_rows`).
+
+    Attributes:
+        rows: (R,) the rows; perms: per row the order sorting its tracked scores.
+        tv, tracked: the rows' sorted tracked scores and their database indices, one span
+            per row, split by starts (R + 1,); low: (R,) each row's lowest tracked score.
+    """
+
+    rows: np.ndarray
+    perms: list
+    tv: np.ndarray
+    tracked: np.ndarray
+    starts: np.ndarray
+    low: np.ndarray
+
+    @classmethod
+    def of(cls, qtracked, tscores, rows):
+        rows = [r for r in rows if np.all(tscores[r] > -np.inf)]
+        perms = [np.argsort(tscores[r], kind="stable") for r in rows]
+        tv = [tscores[r][p] for r, p in zip(rows, perms)]
+        return cls(rows=np.array(rows, dtype=np.int64), perms=perms,
+                   tv=np.concatenate(tv) if tv else np.zeros(0, np.float32),
+                   tracked=(np.concatenate([qtracked[r][p] for r, p in zip(rows, perms)])
+                            if rows else np.zeros(0, np.int64)),
+                   starts=np.cumsum([0] + [t.size for t in tv]).astype(np.int64),
+                   low=np.array([t[0] for t in tv], dtype=np.float32))
+
+
+def _count_chunk(scores, a, b, qtracked, tscores, rows, kth, prepared):
+    """`_count_above` of every row in `rows` of a chunk's `scores`: the rows of `prepared`
+    that take the counting pass in one compiled call, the others one by one."""
+    done = {}
+    kernel = rank_kernel.load() if prepared is not None and prepared.rows.size else None
+    if kernel is not None:
+        which = np.flatnonzero(_binned_rows(scores[:, ::16][prepared.rows], prepared.low,
+                                            b - a))
+        if which.size:
+            spans = [np.arange(prepared.starts[i], prepared.starts[i + 1]) for i in which]
+            pick = np.concatenate(spans) if which.size < prepared.rows.size else slice(None)
+            ids = prepared.rows[which]
+            counted = rank_kernel.rank_count_rows(
+                kernel, scores, ids, prepared.tv[pick],
+                np.clip(prepared.tracked[pick] - a, 0, b - a),
+                np.cumsum([0] + [span.size for span in spans]), _num_bins(b - a),
+                None if kth is None else kth[ids])
+            if counted is None:
+                raise _nan_error(a, b)
+            counts, cols = counted
+            at = 0
+            for i, r, c in zip(which, ids, cols):
+                perm = prepared.perms[i]
+                done[r] = (np.empty(perm.size, dtype=np.int64), c)
+                done[r][0][perm] = counts[at:at + perm.size]
+                at += perm.size
+    return [done[r] if r in done else
+            _count_above(scores[r], tscores[r], qtracked[r], a, b,
+                         None if kth is None else kth[r]) for r in rows]
+
+
 class _ScoresDiffer(RuntimeError):
     """Pass B's product of a tracked image differs from pass A's score of it."""
 
 
-def _check_tracked_scores(scores, tracked, tracked_scores, rows, a, b):
-    """Pass B's products must equal pass A's where tracked images sit, bit for bit."""
-    for r in rows:
-        t = tracked[r]
-        inside = (t >= a) & (t < b)
-        if np.any(inside) and not np.array_equal(scores[r, t[inside] - a],
-                                                 tracked_scores[r][inside]):
-            raise _ScoresDiffer("matrix product not reproducible between passes; ranks "
-                                "would be inexact")
+def _check_tracked_scores(scores, flat, a, b):
+    """Pass B's products must equal pass A's where tracked images sit, bit for bit (NaN
+    too: its own error follows). `flat`: (row, database index, pass A score) arrays of
+    every tracked image of the block."""
+    rows, tracked, tscores = flat
+    inside = (tracked >= a) & (tracked < b)
+    if not np.array_equal(scores[rows[inside], tracked[inside] - a], tscores[inside],
+                          equal_nan=True):
+        raise _ScoresDiffer("matrix product not reproducible between passes; ranks would "
+                            "be inexact")
 
 
-def _chunk_tracked_scores(qblock, qtracked, database, valid, chunk, n):
-    """Pass A from the chunk products themselves (bit-exact by construction): the tracked
-    images' scores, and the last product computed (start, scores) for pass B to reuse."""
-    tscores = [np.zeros(t.size, dtype=np.float32) for t in qtracked]
+def _split_product(qblock, database, a, b, valid):
+    """`_chunk_scores` with the database rows shared among the workers (one BLAS thread
+    each, each product the same shape of call as a chunk's): for a product that pass A
+    keeps for pass B, while no worker has started."""
+    parts = min(_num_workers(), (b - a) // _GATHER_ROWS)
+    if parts < 2:
+        return _chunk_scores(qblock, database, a, b, valid)
+    out = np.empty((qblock.shape[0], b - a), dtype=np.float32)
+    cuts = np.linspace(a, b, parts + 1).astype(int)
+
+    def part(i):
+        np.matmul(qblock, database[cuts[i]:cuts[i + 1]].T, out=out[:, cuts[i] - a:cuts[i + 1] - a])
+
+    list(_row_pool().map(part, range(parts)))
+    if valid is not None:
+        out[:, ~valid[a:b]] = -np.inf
+    return out
+
+
+def _holding(qtracked, bounds):
+    """The indices of the chunks of `bounds` that hold tracked images."""
     all_tracked = np.unique(np.concatenate(qtracked)) if qtracked else np.zeros(0, int)
+    return np.unique(np.searchsorted([b for _, b in bounds], all_tracked, side="right"))
+
+
+def _chunk_tracked_scores(qblock, qtracked, database, valid, bounds):
+    """Pass A from the chunk products themselves (bit-exact by construction): the tracked
+    images' scores, and the last product computed (start, scores) for pass B to reuse.
+    When one chunk holds every tracked image, its product is shared among the workers."""
+    tscores = [np.zeros(t.size, dtype=np.float32) for t in qtracked]
+    holding = _holding(qtracked, bounds)
+    product = _split_product if holding.size == 1 and len(bounds) > 1 else _chunk_scores
     kept_start, kept = -1, None
-    for ci in np.unique(all_tracked // chunk):
-        a, b = int(ci) * chunk, min(n, (int(ci) + 1) * chunk)
-        kept_start, kept = a, _chunk_scores(qblock, database, a, b, valid)
+    for ci in holding:
+        a, b = bounds[ci]
+        kept_start, kept = a, product(qblock, database, a, b, valid)
         for r, t in enumerate(qtracked):
             sel = (t >= a) & (t < b)
             tscores[r][sel] = kept[r, t[sel] - a]
@@ -313,27 +469,29 @@ def _chunk_tracked_scores(qblock, qtracked, database, valid, chunk, n):
 
 def _gathered_tracked_scores(qblock, qtracked, database, valid):
     """Pass A from a product of the tracked rows alone, in pieces of _GATHER_ROWS rows
-    (padded so as not to take BLAS's small-matrix path): ~1/50 of a whole pass when
-    tracked images lie in every chunk. BLAS gives these the chunk products' bits in
-    practice, not by contract: pass B checks every one (_ScoresDiffer otherwise)."""
+    (padded so as not to take BLAS's small-matrix path) shared among the workers: ~1/50 of
+    a whole pass when tracked images lie in every chunk. BLAS gives these the chunk
+    products' bits in practice, not by contract: pass B checks every one (_ScoresDiffer
+    otherwise)."""
     all_tracked = np.unique(np.concatenate(qtracked))
     scores = np.empty((qblock.shape[0], all_tracked.size), dtype=np.float32)
-    for p in range(0, all_tracked.size, _GATHER_ROWS):
+
+    def piece(p):
         rows = all_tracked[p:p + _GATHER_ROWS]
         padded = np.resize(rows, max(rows.size, _GATHER_ROWS))
         scores[:, p:p + rows.size] = (qblock @ database[padded].T)[:, :rows.size]
+
+    list(_row_pool().map(piece, range(0, all_tracked.size, _GATHER_ROWS)))
     if valid is not None:
         scores[:, ~valid[all_tracked]] = -np.inf
     return [scores[r, np.searchsorted(all_tracked, t)] for r, t in enumerate(qtracked)]
 
 
-def _finish_chunk(pending, top, ranks, rows, k):
-    """Adds a chunk's rank counts (from its threads) and merges the chunk, less its leading
-    slice already merged (`_fill_topk`), into the top-k `top`."""
-    scores, start, lead, counting = pending
+def _finish_chunk(scores, start, lead, counted, top, ranks, rows, k):
+    """Adds a chunk's rank counts (`_count_above` of each row in `rows`) and merges the
+    chunk, less its leading slice already merged (`_fill_topk`), into the top-k `top`."""
     found = {}
-    for r, future in zip(rows, counting):
-        counts, cols = future.result()
+    for r, (counts, cols) in zip(rows, counted):
         ranks[r] += counts
         if cols is not None:
             found[r] = cols[cols >= lead] - lead if lead else cols
@@ -347,22 +505,25 @@ class _Progress:
     def __init__(self, total, every_s):
         self.total, self.every_s, self.done = total, every_s, 0
         self.t0 = self.last = time.time()
+        self.lock = threading.Lock()
 
     def tick(self):
-        self.done += 1
-        now = time.time()
-        if now - self.last >= self.every_s:
+        with self.lock:
+            self.done += 1
+            now = time.time()
+            if now - self.last < self.every_s:
+                return
             rate = self.done / (now - self.t0)
             logging.info("search: %d/%d chunks (%.1f chunks/s, ETA %.0f s)", self.done,
                          self.total, rate, max(0, self.total - self.done) / rate)
             self.last = now
 
 
-def _search_block(qblock, qtracked, database, valid, starts, chunk, n, k, progress, pass_a):
+def _search_block(qblock, qtracked, database, valid, bounds, k, progress, pass_a):
     """Pass B of one query block: per tracked image the images ranked above it, and the
-    top-k. A chunk's rank counting (in threads: NumPy and the compiled kernel release the
-    GIL) runs while the next chunk's product is computed, and collects the entries that may
-    enter the top-k; its top-k update follows, in chunk order.
+    top-k. One worker per core takes the chunks in turn, multiplies its chunk (one BLAS
+    thread), counts the ranks of every row in it and merges it into its own top-k; the
+    workers' counts are added and their top-k lists merged at the end.
 
     Args:
         pass_a: (tracked scores per query, (start, scores) of a chunk product to reuse or
@@ -375,35 +536,46 @@ def _search_block(qblock, qtracked, database, valid, starts, chunk, n, k, progre
         _ScoresDiffer: a chunk product of a tracked image differs from its pass A score.
     """
     tscores, (kept_start, kept) = pass_a
-    del pass_a  # the kept product is dropped once used
+    del pass_a
+    kept = {} if kept is None else {kept_start: kept}  # popped by its worker, then dropped
     nb = qblock.shape[0]
-    ranks = [np.zeros(t.size, dtype=np.int64) for t in qtracked]
-    top = [np.zeros((nb, 0), dtype=np.int64), np.zeros((nb, 0), np.float32)]
     rows = [r for r, t in enumerate(qtracked) if t.size]
-    pending = counting = None
-    try:
-        for a in starts + [None]:
-            counting = None
-            if a is not None:
-                b = min(n, a + chunk)
-                if a == kept_start:
-                    scores, kept = kept, None
-                else:
+    prepared = _Prepared.of(qtracked, tscores, rows)
+    flat = (np.repeat(np.arange(nb), [t.size for t in qtracked]),
+            np.concatenate(qtracked), np.concatenate(tscores))
+    todo, lock, failed = iter(bounds), threading.Lock(), threading.Event()
+
+    def next_chunk():
+        with lock:
+            return None if failed.is_set() else next(todo, None)
+
+    def work():
+        ranks = [np.zeros(t.size, dtype=np.int64) for t in qtracked]
+        top = [np.zeros((nb, 0), dtype=np.int64), np.zeros((nb, 0), np.float32)]
+        try:
+            while (bound := next_chunk()) is not None:
+                a, b = bound
+                scores = kept.pop(a, None)
+                if scores is None:
                     scores = _chunk_scores(qblock, database, a, b, valid)
-                _check_tracked_scores(scores, qtracked, tscores, rows, a, b)
+                _check_tracked_scores(scores, flat, a, b)
                 lead = _fill_topk(top, scores, k, a)
-                kth = top[1][:, -1].copy() if top[1].shape[1] == k else None
-                counting = [_row_pool().submit(
-                    _count_above, scores[r], tscores[r], qtracked[r], a, b,
-                    None if kth is None else kth[r]) for r in rows]
-            if pending is not None:
-                _finish_chunk(pending, top, ranks, rows, k)
+                kth = top[1][:, -1] if top[1].shape[1] == k else None
+                counted = _count_chunk(scores, a, b, qtracked, tscores, rows, kth, prepared)
+                _finish_chunk(scores, a, lead, counted, top, ranks, rows, k)
                 progress.tick()
-            pending = None if a is None else (scores, a, lead, counting)
-    except _ScoresDiffer:
-        for future in (pending[3] if pending else []) + (counting or []):
-            future.cancel() or future.exception()  # let the threads finish before a retry
-        raise
+        except BaseException:
+            failed.set()  # the other workers stop after their chunk
+            raise
+        return ranks, top
+
+    futures = [_row_pool().submit(work) for _ in range(min(_num_workers(), len(bounds)))]
+    concurrent.futures.wait(futures)
+    done = [f.result() for f in futures]
+    ranks = [np.sum([d[0][r] for d in done], axis=0) for r in range(nb)]
+    top = done[0][1]
+    for _, other in done[1:]:
+        top = list(_merge_topk(*top, *other, k))
     return ranks, top
 
 
@@ -449,13 +621,21 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
     for q, t in enumerate(tracked):
         if t.size and (t[0] < 0 or t[-1] >= n):
             raise ValueError(f"tracked[{q}] has indices outside [0, {n})")
-    query_block, chunk = _plan(nq, n, database.nbytes, memory_budget_bytes, chunk_size)
-    starts = list(range(0, n, chunk))
+    query_block, bounds = _plan(nq, n, database.nbytes, memory_budget_bytes, chunk_size,
+                                _num_workers())
+    progress = _Progress(len(bounds) * -(-nq // query_block), log_every_s)
+    with _one_blas_thread(min(_num_workers(), len(bounds)) > 1), _gc_paused():
+        return _search_blocks(queries, database, tracked, valid, k, query_block, bounds,
+                              progress)
 
+
+def _search_blocks(queries, database, tracked, valid, k, query_block, bounds, progress):
+    """`exact_search` block by block (its arguments checked and planned)."""
+    nq = queries.shape[0]
+    longest = max(b - a for a, b in bounds)
     topk_idx = np.zeros((nq, k), dtype=np.int64)
     topk_sc = np.zeros((nq, k), dtype=np.float32)
     ranks = [None] * nq
-    progress = _Progress(len(starts) * -(-nq // query_block), log_every_s)
     for q0 in range(0, nq, query_block):
         q1 = min(nq, q0 + query_block)
         qblock = queries[q0:q1]
@@ -463,25 +643,25 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
         # Pass A: the tracked images' scores, bit-exactly those pass B counts over: from a
         # product of the tracked rows alone where they lie in several (long) chunks, checked
         # in pass B; else (or if one differs) from the chunk products holding them.
-        holding = np.unique(np.concatenate(qtracked) // chunk) if qtracked else ()
         block_ranks = None
-        if chunk >= _GATHER_ROWS and len(holding) > 1:
+        if longest >= _GATHER_ROWS and _holding(qtracked, bounds).size > 1:
             try:
                 block_ranks, top = _search_block(
-                    qblock, qtracked, database, valid, starts, chunk, n, k, progress,
+                    qblock, qtracked, database, valid, bounds, k, progress,
                     (_gathered_tracked_scores(qblock, qtracked, database, valid), (-1, None)))
             except _ScoresDiffer:
-                progress.total += len(starts)
+                progress.total += len(bounds)
                 logging.info("search: the tracked rows' own product differs from the chunk "
                              "products here; scoring them from the chunk products")
         if block_ranks is None:
             block_ranks, top = _search_block(
-                qblock, qtracked, database, valid, starts, chunk, n, k, progress,
-                _chunk_tracked_scores(qblock, qtracked, database, valid, chunk, n))
+                qblock, qtracked, database, valid, bounds, k, progress,
+                _chunk_tracked_scores(qblock, qtracked, database, valid, bounds))
         ranks[q0:q1] = block_ranks
         topk_idx[q0:q1], topk_sc[q0:q1] = top
     return SearchResult(topk_indices=topk_idx, topk_scores=topk_sc, tracked=tracked,
-                        tracked_ranks=ranks, chunk_size=chunk, query_block=query_block)
+                        tracked_ranks=ranks, chunk_size=longest, chunk_bounds=bounds,
+                        query_block=query_block)
 
 
 def _import_faiss():
