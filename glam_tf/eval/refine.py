@@ -24,64 +24,14 @@ What a retrieval service calls, and what the evaluator runs (RefineConfig says w
   exact.
 """
 
-import contextlib
-import ctypes
 import dataclasses
-import functools
-import re
 import time
 
 import numpy as np
 
-from glam_tf import files
 from glam_tf.eval import search
 
 _EPS = 1e-12
-
-
-@functools.cache
-def _openblas_threads():
-    """(get, set) of the loaded OpenBLAS's thread count (numpy's bundled one), or None."""
-    try:
-        paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)",
-                                      files.read_local_text("/proc/self/maps"))))
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_", ""):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    get.restype = ctypes.c_int
-                    put.argtypes = [ctypes.c_int]
-                    return get, put
-    return None
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """OpenBLAS at one thread inside the block (restored after; a no-op without OpenBLAS).
-
-    The re-ranking's products are small (M x D): OpenBLAS's threads cost more than they
-    give, and on a busy machine their spinning made re-ranking 6x slower (bench/rerank.py);
-    the queries are spread over Python threads instead. Process-wide while it lasts.
-    """
-    threads = _openblas_threads()
-    if threads is None:
-        yield
-        return
-    get, put = threads
-    before = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(before)
 
 
 def l2_normalize(x, axis=-1):
@@ -302,7 +252,7 @@ def rerank_search_result(queries, database, result, *, m=400, k=9, beta=0.15,
 
     jobs = [(rows[s:s + query_block], mq) for rows, mq in groups
             for s in range(0, rows.size, query_block)]
-    with single_threaded_blas():   # one BLAS thread per query block, blocks in threads
+    with search.single_threaded_blas():  # one BLAS thread per query block, blocks in threads
         pool = search._row_pool()  # pylint: disable=protected-access
         for future in [pool.submit(run, qs, mq) for qs, mq in jobs]:
             future.result()

@@ -13,17 +13,19 @@ recall@k against the exact top-k.
 
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import gc
 import os
+import re
 import threading
 import time
 
 import numpy as np
-import threadpoolctl
 from absl import logging
 
+from glam_tf import files
 from glam_tf.eval import rank_kernel
 
 # Per (query, database) pair: the chunk's scores, pass A's kept product, the first chunk's
@@ -120,17 +122,52 @@ def _gc_paused():
             gc.enable()
 
 
+@functools.cache
+def _openblas_threads():
+    """(get, set) of the loaded OpenBLAS's thread count (numpy's bundled one), or None."""
+    try:
+        paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)",
+                                      files.read_local_text("/proc/self/maps"))))
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_", ""):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype = ctypes.c_int
+                    put.argtypes = [ctypes.c_int]
+                    return get, put
+    return None
+
+
 @contextlib.contextmanager
-def _one_blas_thread(active):
-    """While `active`: one BLAS thread per matrix product. Each search worker multiplies its
-    own chunk and counts it on its core; BLAS's own threads beside them would take turns
-    with the counting on the same cores (and spin while waiting for the next product), so
-    pass A's products are shared among the workers too."""
-    if not active:
+def single_threaded_blas(active=True):
+    """OpenBLAS at one thread inside the block while `active` (restored after; a no-op
+    without OpenBLAS). Process-wide while it lasts.
+
+    The search's workers multiply their own chunks, one per core, and count them there:
+    OpenBLAS's threads beside them would take turns with the counting on the same cores and
+    spin while waiting for the next product. Re-ranking's products are small (M x D):
+    OpenBLAS's threads cost more than they give (6x slower on a busy machine,
+    bench/rerank.py); its queries are spread over Python threads instead.
+    """
+    threads = _openblas_threads() if active else None
+    if threads is None:
         yield
         return
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    get, put = threads
+    before = get()
+    put(1)
+    try:
         yield
+    finally:
+        put(before)
 
 
 def _chunk_scores(queries, database, start, stop, valid):
@@ -287,8 +324,8 @@ def _count_finite(row, tscores, tracked, a, b, kth):
     When few entries reach the lowest tracked score (tracked images near the top, as real
     positives mostly are), those are sorted and searched; otherwise one pass counts the
     entries into bins and compares only those sharing a tracked score's bin
-    (`rank_kernel.rank_count`; NumPy searches every entry among the tracked scores). Either
-    way the pass collects the columns scoring >= `kth` (`_count_above`).
+    (`rank_kernel.rank_count`, or `_rank_count_numpy`). Either way the pass collects the
+    columns scoring >= `kth` (`_count_above`).
     """
     low = tscores.min()
     if not _binned_rows(row[None, ::16], low[None], row.size)[0]:  # both exact
@@ -382,7 +419,7 @@ def _count_chunk(scores, a, b, qtracked, tscores, rows, kth, prepared):
     """`_count_above` of every row in `rows` of a chunk's `scores`: the rows of `prepared`
     that take the counting pass in one compiled call, the others one by one."""
     done = {}
-    kernel = rank_kernel.load() if prepared is not None and prepared.rows.size else None
+    kernel = rank_kernel.load() if prepared.rows.size else None
     if kernel is not None:
         which = np.flatnonzero(_binned_rows(scores[:, ::16][prepared.rows], prepared.low,
                                             b - a))
@@ -624,7 +661,7 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
     query_block, bounds = _plan(nq, n, database.nbytes, memory_budget_bytes, chunk_size,
                                 _num_workers())
     progress = _Progress(len(bounds) * -(-nq // query_block), log_every_s)
-    with _one_blas_thread(min(_num_workers(), len(bounds)) > 1), _gc_paused():
+    with single_threaded_blas(min(_num_workers(), len(bounds)) > 1), _gc_paused():
         return _search_blocks(queries, database, tracked, valid, k, query_block, bounds,
                               progress)
 
