@@ -28,8 +28,8 @@ from absl import logging
 from glam_tf import files
 from glam_tf.eval import rank_kernel
 
-# Per (query, database) pair: the chunk's scores, pass A's kept product, the first chunk's
-# partition indices and the candidate mask (24 bytes: the bound of the budget).
+# Per (query, database) pair of a worker's chunk: its scores, pass A's kept product and the
+# first chunk's partition indices (24 bytes: the bound of the budget, with room to spare).
 _BYTES_PER_SCORE = 24
 # Rank counting: sort the entries reaching the lowest tracked score when at most
 # 1/_SORT_FRACTION of a row does, else count the row into a quarter as many bins, at
