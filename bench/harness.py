@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from glam_tf import cpu  # noqa: E402  pylint: disable=wrong-import-position
@@ -104,22 +105,23 @@ class Ratio:
     value: float
     low: float
     high: float
-    cpu: float
+    cpu: Optional[float]  # None: den's CPU time below the clock's resolution
 
     def __str__(self):
-        return (f"{self.value:.3f}x (per round {self.low:.3f}-{self.high:.3f}; "
-                f"CPU time {self.cpu:.3f}x)")
+        cpu = "below the clock's resolution" if self.cpu is None else f"{self.cpu:.3f}x"
+        return f"{self.value:.3f}x (per round {self.low:.3f}-{self.high:.3f}; CPU time {cpu})"
 
     def summary(self):
         return {"ratio": round(self.value, 3), "per_round_min": round(self.low, 3),
-                "per_round_max": round(self.high, 3), "cpu_ratio": round(self.cpu, 3)}
+                "per_round_max": round(self.high, 3),
+                "cpu_ratio": None if self.cpu is None else round(self.cpu, 3)}
 
 
 def ratio(num, den):
     """`Ratio` of two legs' `Timings` (num's times over den's)."""
     per_round = [a / b for a, b in zip(num.wall, den.wall)]
     return Ratio(value=num.median / den.median, low=min(per_round), high=max(per_round),
-                 cpu=num.cpu_median / den.cpu_median)
+                 cpu=num.cpu_median / den.cpu_median if den.cpu_median > 0 else None)
 
 
 def machine():
