@@ -165,13 +165,14 @@ def _results(train_dir: str, step: int, dataset: str) -> dict:
         return json.load(f)
 
 
-def _map_ranges(train_dir: str, step: int, dataset: str):
-    """The attention map ranges the evaluation at `step` recorded ({map: [min, max]}), or
-    None (no evaluation there, or a model without GLAM)."""
+def _attention_record(train_dir: str, step: int, dataset: str, key: str):
+    """What the evaluation at `step` recorded under "attention_ranges" `key`: "maps"
+    ({map: [min, max]}) or "global_spatial_spread"; None when there is no evaluation there
+    or no such entry (a model without GLAM, or without global spatial attention)."""
     path = os.path.join(train_dir, "eval", f"step_{step}", f"results-{dataset}.json")
     if not os.path.isfile(path):
         return None
-    return _results(train_dir, step, dataset).get("attention_ranges", {}).get("maps")
+    return _results(train_dir, step, dataset).get("attention_ranges", {}).get(key)
 
 
 def run_one(args, variant: str, seed: int) -> dict:
@@ -210,8 +211,11 @@ def run_one(args, variant: str, seed: int) -> dict:
         "tail_loss": summary["tail_loss"], "num_classes": summary["num_classes"],
         "mAP": {s: metrics[s]["mAP"] for s in SUBSETS},
         "attention": summary["attention"], "wall_s": round(wall, 1),
-        "map_ranges": {"start": _map_ranges(train_dir, 0, dataset),
-                       "end": _map_ranges(train_dir, summary["final_step"], dataset)},
+        "map_ranges": {when: _attention_record(train_dir, step, dataset, "maps")
+                       for when, step in (("start", 0), ("end", summary["final_step"]))},
+        "global_spatial_spread": {
+            when: _attention_record(train_dir, step, dataset, "global_spatial_spread")
+            for when, step in (("start", 0), ("end", summary["final_step"]))},
         "data_manifest": manifest_hash(args.work_dir), "command": command,
         "pretrained": args.pretrained_hash,
     }
@@ -288,6 +292,15 @@ def format_ranges(records: list) -> str:
                 lines.append(f"- {variant}, {label}: " + ", ".join(
                     f"{m} [{min(x[m][0] for x in maps if m in x):.3g}, "
                     f"{max(x[m][1] for x in maps if m in x):.3g}]" for m in names))
+        spreads = {when: [r.get("global_spatial_spread", {}).get(when) for r in records
+                          if r["variant"] == variant] for when in ("start", "end")}
+        if all(spreads["start"] + spreads["end"]):
+            lines.append(f"- {variant}, global spatial attention, effective positions "
+                         "attended (exp entropy of a[:, n]) of hw, step 0 -> end, per seed: "
+                         + "; ".join(
+                             f"{s['effective_positions']:.2f} -> {e['effective_positions']:.2f}"
+                             f" of {e['positions']:.1f}"
+                             for s, e in zip(spreads["start"], spreads["end"])))
     return ("Attention map ranges (first evaluation queries, over the seeds):\n"
             + "\n".join(lines)) if lines else ""
 

@@ -74,3 +74,12 @@ def test_map_ranges_span_the_seeds_at_start_and_end():
         "- global+local, step 0: local_spatial [-400, 390], global_channel [0.1, 0.9]",
         "- global+local, end: local_spatial [-2, 4], global_channel [0.2, 0.8]"]
     assert bench.format_ranges(records[2:]) == ""
+    # The global spatial map's spread per seed, when every run of the variant has it.
+    for s, r in enumerate(records[:2]):
+        r["global_spatial_spread"] = {
+            "start": {"positions": 30.0, "top_weight": 1.0, "effective_positions": 1.0 + s},
+            "end": {"positions": 30.0, "top_weight": 0.9, "effective_positions": 1.25}}
+    assert bench.format_ranges(records).splitlines()[-1] == (
+        "- global+local, global spatial attention, effective positions attended (exp "
+        "entropy of a[:, n]) of hw, step 0 -> end, per seed: 1.00 -> 1.25 of 30.0; "
+        "2.00 -> 1.25 of 30.0")

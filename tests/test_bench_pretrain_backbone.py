@@ -109,6 +109,11 @@ def test_quick_table_from_the_pretrained_file(pretrained, tmp_path):
                              "global_spatial"}
         assert all(lo <= hi for lo, hi in maps.values())
     assert "- global+local, step 0: local_channel [" in proc.stdout
+    spreads = {r["variant"]: r["global_spatial_spread"] for r in saved["records"]}
+    assert spreads["baseline"] == {"start": None, "end": None}
+    for spread in spreads["global+local"].values():
+        assert 1.0 <= spread["effective_positions"] <= spread["positions"]
+    assert "- global+local, global spatial attention, effective positions" in proc.stdout
     assert "- global+local, end: " in proc.stdout and "- baseline" not in proc.stdout
     # Every run started from the file, its hash recorded; the new layers from their init.
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]

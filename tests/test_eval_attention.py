@@ -193,6 +193,20 @@ def test_top10_png_has_title_rows_and_legend(tmp_path):
     assert "junk (ignored)" in pathlib.Path(page).read_text()
 
 
+def test_spread_counts_the_positions_each_column_attends_to():
+    # Columns n of a[m, n] (softmax over m): one-hot, uniform over 4, and (0.5, 0.5, 0, 0).
+    a = np.array([[1.0, 0.25, 0.5], [0.0, 0.25, 0.5], [0.0, 0.25, 0.0], [0.0, 0.25, 0.0]])
+    got = attention_vis.spread(a)
+    assert got["positions"] == 4
+    np.testing.assert_allclose(got["top_weight"], (1.0 + 0.25 + 0.5) / 3)
+    np.testing.assert_allclose(got["effective_positions"], (1.0 + 4.0 + 2.0) / 3)
+    # A model without global spatial attention has no spread; its ranges are still there.
+    local = tiny_descriptor_model(ModelConfig(variant="local", reduced_channels=4,
+                                              embedding_dim=8))
+    ranges, spread = attention_vis.attention_statistics(local, [_image(2)])
+    assert spread == {} and set(ranges) == {"local_channel", "local_spatial"}
+
+
 def test_map_ranges_are_the_layers_maps_over_the_queries(tmp_path, model):
     # Recorded with a Keras model's results (the ablation reads them at step 0 and at the
     # end): each map's min and max over the first queries as the evaluation sees them,
@@ -206,7 +220,7 @@ def test_map_ranges_are_the_layers_maps_over_the_queries(tmp_path, model):
     ranges = results["attention_ranges"]
     ts = testsets.load_testset(str(tmp_path / "data"), "roxford5k")
     glam = model.get_layer("glam")
-    want, used = {}, 0
+    want, want_spread, used = {}, [], 0
     for q in range(min(evaluator.RANGE_QUERIES, len(ts.qimlist))):
         item = extract.ImageItem(ts.qimlist[q], ts.query_path(ts.qimlist[q]),
                                  tuple(ts.gnd[q]["bbx"]))
@@ -223,8 +237,15 @@ def test_map_ranges_are_the_layers_maps_over_the_queries(tmp_path, model):
             a = keras.ops.convert_to_numpy(getattr(glam, name).attention(f))
             lo, hi = want.get(name, (np.inf, -np.inf))
             want[name] = (min(lo, a.min()), max(hi, a.max()))
+        want_spread.append(attention_vis.spread(
+            keras.ops.convert_to_numpy(glam.global_spatial.attention(f))[0]))
     assert ranges["queries"] == used == 2
     assert set(ranges["maps"]) == set(attention_vis.RANGE_MAPS)
+    spread = ranges["global_spatial_spread"]
+    assert spread["images"] == 2
+    for key in ("positions", "top_weight", "effective_positions"):
+        np.testing.assert_allclose(spread[key], np.mean([s[key] for s in want_spread]),
+                                   rtol=1e-5, err_msg=key)
     for name, (lo, hi) in want.items():
         np.testing.assert_allclose(ranges["maps"][name], [lo, hi], rtol=1e-5, atol=1e-7,
                                    err_msg=name)

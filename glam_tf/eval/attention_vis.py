@@ -100,11 +100,31 @@ def map_ranges(model, images) -> dict:
         model: a descriptor model of build_descriptor_model's layout.
         images: uint8 or float `(H, W, 3)` RGB images in [0, 255], as served.
     """
+    return attention_statistics(model, images)[0]
+
+
+def spread(a) -> dict:
+    """How many positions each output position of G_s attends to, from a `(hw, hw)`
+    (a[m, n], softmax over m; eq. 6): the mean over n of the largest weight max_m a[m, n]
+    and of the effective number of positions exp(-sum_m a[m, n] log a[m, n]) (1 for a
+    one-hot column, hw for a uniform one). A range of [0, 1] alone cannot tell one
+    saturated column from all of them saturated."""
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(a > 0, a * np.log(a), 0.0)
+    return {"positions": int(a.shape[0]), "top_weight": float(a.max(axis=0).mean()),
+            "effective_positions": float(np.exp(-plogp.sum(axis=0)).mean())}
+
+
+def attention_statistics(model, images) -> tuple:
+    """(`map_ranges`' dict, the global spatial map's `spread` averaged over `images`:
+    {"images", "positions" (mean hw), "top_weight", "effective_positions"}, or {} when the
+    variant has no global spatial attention), from one pass over `images`."""
     import keras  # pylint: disable=import-outside-toplevel
 
     if not has_glam(model):
-        return {}
-    low, high = {}, {}
+        return {}, {}
+    low, high, spreads = {}, {}, []
     for image in images:
         _, maps = _glam_outputs(model, image)
         for name in RANGE_MAPS:
@@ -112,7 +132,14 @@ def map_ranges(model, images) -> dict:
                 a = keras.ops.convert_to_numpy(maps[name])
                 low[name] = min(low.get(name, np.inf), float(np.min(a)))
                 high[name] = max(high.get(name, -np.inf), float(np.max(a)))
-    return {name: [low[name], high[name]] for name in RANGE_MAPS if name in low}
+                if name == "global_spatial":
+                    spreads.append(spread(a[0]))
+    ranges = {name: [low[name], high[name]] for name in RANGE_MAPS if name in low}
+    if not spreads:
+        return ranges, {}
+    return ranges, {"images": len(spreads), **{
+        key: float(np.mean([s[key] for s in spreads]))
+        for key in ("positions", "top_weight", "effective_positions")}}
 
 
 def check_model(model) -> tuple:

@@ -298,19 +298,25 @@ class Evaluator:
         return results
 
     def _attention_ranges(self, ts, model):
-        """`attention_vis.map_ranges` over the first RANGE_QUERIES queries as the model sees
-        them (client resize at max_image_size, scale 1); None without a Keras model with a
-        GLAM module (a SavedModel, the baseline)."""
+        """`attention_vis.attention_statistics` over the first RANGE_QUERIES queries as the
+        model sees them (client resize at max_image_size, scale 1): each map's range, and
+        the global spatial map's spread when the variant has one; None without a Keras
+        model with a GLAM module (a SavedModel, the baseline)."""
         if model is None or not attention_vis.has_glam(model):
             return None
         images = [self._image_as_seen(extract.ImageItem(
             name, ts.query_path(name), None if g["bbx"] is None else tuple(g["bbx"])))
             for name, g in list(zip(ts.qimlist, ts.gnd))[:RANGE_QUERIES]]
         images = [image for image in images if image is not None]
-        ranges = attention_vis.map_ranges(model, images)
+        ranges, spread = attention_vis.attention_statistics(model, images)
         logging.info("attention map ranges over %d queries: %s", len(images), ", ".join(
             f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in ranges.items()))
-        return {"queries": len(images), "maps": ranges}
+        if not spread:
+            return {"queries": len(images), "maps": ranges}
+        logging.info("global spatial attention: %.2f effective positions of %.1f, top "
+                     "weight %.3f", spread["effective_positions"], spread["positions"],
+                     spread["top_weight"])
+        return {"queries": len(images), "maps": ranges, "global_spatial_spread": spread}
 
     def _image_as_seen(self, item):
         """`item`'s image as the model sees it (client resize at max_image_size, scale 1),
