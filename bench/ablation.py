@@ -34,7 +34,8 @@ never left the loss plateau (mean loss of the last tenth of the steps within 0.2
 ln(classes); left out of the means, which `seeds` counts), and the wall time. The rows are
 `| variant | seeds | E | M | H | fusion | gem p | plateaued | wall |` Markdown lines; then
 each attention map's range (min, max) at step 0 and at the end over the first evaluation
-queries of every seed (the evaluation records them: glam_tf.eval.attention_vis.map_ranges).
+queries of every seed, and per seed the global spatial map's spread (effective positions
+attended) at both (the evaluation records them: glam_tf.eval.attention_vis.attention_statistics).
 """
 
 from __future__ import annotations
