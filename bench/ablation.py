@@ -166,14 +166,14 @@ def _results(train_dir: str, step: int, dataset: str) -> dict:
         return json.load(f)
 
 
-def _attention_record(train_dir: str, step: int, dataset: str, key: str):
-    """What the evaluation at `step` recorded under "attention_ranges" `key`: "maps"
-    ({map: [min, max]}) or "global_spatial_spread"; None when there is no evaluation there
-    or no such entry (a model without GLAM, or without global spatial attention)."""
+def _attention_ranges(train_dir: str, step: int, dataset: str) -> dict:
+    """What the evaluation at `step` recorded under "attention_ranges" ("maps": {map: [min,
+    max]}, "global_spatial_spread"); {} when there is no evaluation there or the model has
+    no GLAM module."""
     path = os.path.join(train_dir, "eval", f"step_{step}", f"results-{dataset}.json")
     if not os.path.isfile(path):
-        return None
-    return _results(train_dir, step, dataset).get("attention_ranges", {}).get(key)
+        return {}
+    return _results(train_dir, step, dataset).get("attention_ranges", {})
 
 
 def run_one(args, variant: str, seed: int) -> dict:
@@ -206,17 +206,17 @@ def run_one(args, variant: str, seed: int) -> dict:
     summary = _train_result(proc.stdout)
     dataset = SPLIT_DATASETS[args.split]
     metrics = _results(train_dir, summary["final_step"], dataset)["metrics"]
+    attention = {when: _attention_ranges(train_dir, step, dataset)
+                 for when, step in (("start", 0), ("end", summary["final_step"]))}
     record = {
         "variant": variant, "seed": seed, "train_dir": train_dir, "split": args.split,
         "final_step": summary["final_step"], "final_loss": summary["final_loss"],
         "tail_loss": summary["tail_loss"], "num_classes": summary["num_classes"],
         "mAP": {s: metrics[s]["mAP"] for s in SUBSETS},
         "attention": summary["attention"], "wall_s": round(wall, 1),
-        "map_ranges": {when: _attention_record(train_dir, step, dataset, "maps")
-                       for when, step in (("start", 0), ("end", summary["final_step"]))},
-        "global_spatial_spread": {
-            when: _attention_record(train_dir, step, dataset, "global_spatial_spread")
-            for when, step in (("start", 0), ("end", summary["final_step"]))},
+        "map_ranges": {when: a.get("maps") for when, a in attention.items()},
+        "global_spatial_spread": {when: a.get("global_spatial_spread")
+                                  for when, a in attention.items()},
         "data_manifest": manifest_hash(args.work_dir), "command": command,
         "pretrained": args.pretrained_hash,
     }

@@ -1,5 +1,6 @@
-"""bench/search.py: its three default cases, the --tracked shorthand and a bad --cases, on a
-small database (the ratios themselves are the benchmark's, not checked here)."""
+"""bench/search.py: the --tracked=whole shorthand (both kinds of data, both ratios, the spot
+check) and a bad --cases, on a small database (the ratios themselves are the benchmark's,
+not checked here)."""
 
 import json
 import pathlib

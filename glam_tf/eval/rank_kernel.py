@@ -4,8 +4,9 @@
 entries ranked before it (the scores counted into bins, and only those sharing a tracked
 score's bin compared with it: no sort) and the columns that may enter the top-k, for every
 row of a chunk in one call; NumPy needs several passes and temporaries the size of the
-row for the same counts (`search._rank_count_numpy`). The source ships with the package and is compiled with the system C compiler ($CC, else gcc, else cc) the first
-time a search needs it, into a cache folder ($GLAM_TF_CACHE, else
+row for the same counts (`search._rank_count_numpy`). The source ships with the package
+and is compiled with the system C compiler ($CC, else gcc, else cc) the first time a
+search needs it, into a cache folder ($GLAM_TF_CACHE, else
 $XDG_CACHE_HOME/glam_tf, else ~/.cache/glam_tf; a private temporary folder when that is
 not writable), named by a hash of the source and the command, so an edit or another
 machine type rebuilds. Without a compiler, or with GLAM_TF_RANK_KERNEL=numpy,
