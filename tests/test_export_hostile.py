@@ -1,6 +1,6 @@
 """Hostile and damaged inputs to the serving signatures: refused cheaply, with the input named.
 
-The header parser (glam_tf.export.image_header) is checked against PIL on generated and real
+The header parser (glam_tf.encoded_image) is checked against PIL on generated and real
 files; the signatures on a tiny exported model (global average pooling + dense), in this
 process and, for the memory bound, in a process of their own.
 """
@@ -21,8 +21,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from glam_tf import encoded_image
 from glam_tf.config import ExportConfig, contract
-from glam_tf.export import image_header, serving
+from glam_tf.export import serving
 from helpers import huge_png
 
 MAX_SIZE = 64
@@ -106,13 +107,13 @@ def reblock_gif(data, size):
 # ---- header parser vs PIL ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def header():
-    return tf.function(image_header.encoded_image_size, autograph=False,
+    return tf.function(encoded_image.encoded_image_size, autograph=False,
                        input_signature=[tf.TensorSpec([], tf.string)])
 
 
 def _parsed(header, data):
     fmt, h, w, end = (int(v) for v in header(tf.constant(data)))
-    return image_header.FORMAT_NAMES[fmt], h, w, end
+    return encoded_image.FORMAT_NAMES[fmt], h, w, end
 
 
 def _exif_jpeg(image):
@@ -188,7 +189,7 @@ def test_gif_first_frame_end_with_any_sub_block_size(header, size):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))),
                           np.asarray(Image.open(io.BytesIO(gif))))
     assert _parsed(header, data) == ("GIF", 300, 400, len(data) - 1)
-    cut = image_header.first_gif_frame(tf.constant(data + b"garbage"), len(data) - 1).numpy()
+    cut = encoded_image.first_gif_frame(tf.constant(data + b"garbage"), len(data) - 1).numpy()
     assert cut == data
 
 

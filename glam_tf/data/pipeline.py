@@ -33,10 +33,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from glam_tf import encoded_image
 from glam_tf import files as glam_files
 from glam_tf.config import DataConfig
 from glam_tf.data import framing, records
-from glam_tf.export import image_header
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -313,28 +313,6 @@ def _try(fn, arg, fallback):
     return good.concatenate(bad).take(1).get_single_element()
 
 
-def _decodable(data):
-    """Encoded bytes -> (bytes to decode, fits): the size is read from the header first.
-
-    `fits` is False for an unknown format, an unreadable header, an animated WebP or a size
-    over the cap, checked by the caller before decoding; a GIF is cut after its first frame
-    (TF's decoder decodes every frame). The same header reading as the serving signatures
-    (glam_tf.export.image_header; a JPEG's size read by libjpeg itself).
-    """
-    fmt, height, width, frame_end = image_header.encoded_image_size(data)
-    is_gif = tf.equal(fmt, image_header.GIF)
-    is_jpeg = tf.equal(fmt, image_header.JPEG)
-    # A JPEG's size as libjpeg reads it (a header it cannot read raises: dropped by _try).
-    height, width = tf.cond(is_jpeg, lambda: image_header.jpeg_size_as_decoded(data),
-                            lambda: (height, width))
-    readable = ((fmt != image_header.UNKNOWN) & (height >= 1) & ~(is_gif & (frame_end < 0))
-                & ~image_header.is_animated_webp(data)
-                & (tf.not_equal(fmt, image_header.BMP) | image_header.bmp_decodable(data)[0]))
-    data = tf.cond(is_gif & readable, lambda: image_header.first_gif_frame(data, frame_end),
-                   lambda: tf.identity(data))
-    return data, readable, height * width
-
-
 def _make_parse_and_decode(max_decoded_pixels: int, num_classes: int | None,
                            skip_bad_labels: bool):
     """(index, serialized) -> (index, image uint8 (H, W, 3), label int64, id, ok bool).
@@ -347,7 +325,7 @@ def _make_parse_and_decode(max_decoded_pixels: int, num_classes: int | None,
 
     def parse_and_decode(s):
         f = records.parse_example(s)
-        data, readable, pixels = _decodable(f[records.KEY_ENCODED])
+        data, readable, pixels = encoded_image.decodable(f[records.KEY_ENCODED])
         checks = [tf.debugging.Assert(readable & (pixels <= max_decoded_pixels),
                                       ["unreadable header or too many pixels"])]
         if num_classes is not None and skip_bad_labels:

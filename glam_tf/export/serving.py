@@ -41,7 +41,7 @@ message naming the input (never crash the server), before any large allocation:
 - in `global_descriptor_from_bytes`, more than `max_images_per_request` images; naming
   `image_bytes[i]`: a file over
   `max_image_bytes`, an unknown format, an unreadable header, an animated WebP, a size
-  (read from the header, image_header.encoded_image_size) over `max_decoded_pixels`, data
+  (read from the header, encoded_image.encoded_image_size) over `max_decoded_pixels`, data
   the decoder rejects.
 """
 
@@ -58,9 +58,8 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from glam_tf import cpu, files
+from glam_tf import cpu, encoded_image, files
 from glam_tf.config import ExportConfig, contract
-from glam_tf.export import image_header
 from glam_tf.export import precision as precision_lib
 from glam_tf.export import warmup
 from glam_tf.model.builder import inference_model
@@ -304,22 +303,22 @@ class GlamServingModule(tf.Module):
             name, " has ", tf.strings.as_string(num_bytes), " bytes, over the export setting "
             f"max_image_bytes={self.max_image_bytes}; downsize or recompress it."])])
         with tf.control_dependencies([small]):
-            fmt, height, width, frame_end = image_header.encoded_image_size(data)
-        format_name = tf.gather(image_header.FORMAT_NAMES, fmt)
-        known = tf.debugging.Assert(tf.not_equal(fmt, image_header.UNKNOWN), [
+            header = encoded_image.read_header(data)
+        format_name = header.format_name
+        known = tf.debugging.Assert(tf.not_equal(header.format, encoded_image.UNKNOWN), [
             tf.strings.join([name, " is not a JPEG, PNG, GIF, BMP or WebP file (its first "
                              "bytes match none of their signatures)."])])
-        is_gif = tf.equal(fmt, image_header.GIF)
         # A JPEG's size is read by libjpeg itself, just before decoding (see `decode`).
-        is_jpeg = tf.equal(fmt, image_header.JPEG)
+        is_jpeg = header.is_jpeg
         readable = tf.debugging.Assert(
-            is_jpeg | ((height >= 1) & ~(is_gif & (frame_end < 0))),
+            is_jpeg | header.size_readable,
             [tf.strings.join([name, ": could not read the image size from its ", format_name,
                               " header (a truncated or damaged file)."])])
         # TF decodes an animated WebP only to RGBA with every frame; a still one decodes.
-        still = tf.debugging.Assert(~image_header.is_animated_webp(data), [tf.strings.join([
+        still = tf.debugging.Assert(~header.animated_webp, [tf.strings.join([
             name, " is an animated WebP, which is not supported; send a still image (e.g. "
             "its first frame)."])])
+        width, height = header.width, header.height
         pixels = height * width
         within = tf.debugging.Assert(is_jpeg | (pixels <= self.max_decoded_pixels), [
             tf.strings.join([
@@ -327,16 +326,15 @@ class GlamServingModule(tf.Module):
             " ", format_name, " image (", tf.strings.as_string(pixels), " pixels), over the "
             f"export setting max_decoded_pixels={self.max_decoded_pixels}; downsize it before "
                 "sending."])])
-        bmp_ok, bmp_header, bmp_bits = image_header.bmp_decodable(data)
-        bmp = tf.debugging.Assert(tf.not_equal(fmt, image_header.BMP) | bmp_ok, [
-            tf.strings.join([name, " is a BMP with a ", tf.strings.as_string(bmp_header),
-                             "-byte header and ", tf.strings.as_string(bmp_bits), " bits per "
-                             "pixel; the TensorFlow BMP decoder reads only Windows BMPs (a header "
-                             "of 40 bytes or more) with 8, 24 or 32 bits per pixel (not OS/2 "
-                             "or 1- and 4-bit ones): convert it to PNG."])])
+        bmp = tf.debugging.Assert(header.bmp_ok, [
+            tf.strings.join([name, " is a BMP with a ",
+                             tf.strings.as_string(header.bmp_header_size),
+                             "-byte header and ", tf.strings.as_string(header.bmp_bits),
+                             " bits per pixel; the TensorFlow BMP decoder reads only Windows "
+                             "BMPs (a header of 40 bytes or more) with 8, 24 or 32 bits per "
+                             "pixel (not OS/2 or 1- and 4-bit ones): convert it to PNG."])])
         with tf.control_dependencies([known, readable, still, within, bmp]):
-            data = tf.cond(is_gif, lambda: image_header.first_gif_frame(data, frame_end),
-                           lambda: tf.identity(data))
+            data = encoded_image.first_frame(data, header, header.is_gif)
         return data, format_name
 
     # ---- signatures ----------------------------------------------------------------------
@@ -437,7 +435,7 @@ class GlamServingModule(tf.Module):
             lambda args: self._checked_encoded(*args), (image_bytes, names),
             parallel_iterations=1, fn_output_signature=(tf.string, tf.string))
 
-        is_jpeg = tf.equal(formats, image_header.FORMAT_NAMES[image_header.JPEG])
+        is_jpeg = tf.equal(formats, encoded_image.FORMAT_NAMES[encoded_image.JPEG])
         max_pixels = self.max_decoded_pixels
 
         def decode(index, data, jpeg):
@@ -445,7 +443,7 @@ class GlamServingModule(tf.Module):
             # it is not decoded and the flag says so. A header libjpeg cannot read fails
             # here, which ignore_errors() reports as "could not be decoded".
             height, width = tf.cond(
-                jpeg, lambda: image_header.jpeg_size_as_decoded(data),
+                jpeg, lambda: encoded_image.jpeg_size_as_decoded(data),
                 lambda: (tf.constant(0, tf.int64), tf.constant(0, tf.int64)))
             over = height * width > max_pixels
             image = tf.cond(over, lambda: tf.zeros([1, 1, 3], tf.uint8),

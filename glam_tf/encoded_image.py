@@ -1,4 +1,8 @@
-"""Image size from the encoded header, in the graph (no decoding), and a GIF's first frame.
+"""The encoded-image rules shared by the input pipeline and the serving signatures.
+
+The size, format and decodability of an encoded image read from its header, in the graph
+(no decoding), and a GIF cut to its first frame: `read_header` gathers what both users
+check, `decodable` is the pipeline's whole rule.
 
 TensorFlow ops only (tf.strings.substr, tf.io.decode_raw, integer arithmetic), so the
 SavedModel signatures that use them run in TF Serving without Python. They read a few bytes
@@ -7,6 +11,8 @@ declares a huge canvas is refused before a decoder allocates it.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -288,3 +294,65 @@ def bmp_decodable(data: tf.Tensor):
     ok = (header_size >= 40) & tf.reduce_any(tf.equal(bits, tf.constant([8, 24, 32], tf.int64)))
     return ok, header_size, bits
 
+
+
+class Header(NamedTuple):
+    """What an encoded image's header says, as int64/bool scalars (`read_header`)."""
+
+    format: tf.Tensor          # UNKNOWN, JPEG, PNG, GIF, BMP or WEBP
+    height: tf.Tensor          # -1 when unreadable (encoded_image_size)
+    width: tf.Tensor
+    frame_end: tf.Tensor       # a GIF's first frame's end, else -1
+    animated_webp: tf.Tensor   # an animated WebP (TF decodes it only to RGBA, every frame)
+    bmp_ok: tf.Tensor          # not a BMP, or one TF's BMP decoder reads
+    bmp_header_size: tf.Tensor
+    bmp_bits: tf.Tensor
+
+    @property
+    def is_gif(self) -> tf.Tensor:
+        return tf.equal(self.format, GIF)
+
+    @property
+    def is_jpeg(self) -> tf.Tensor:
+        return tf.equal(self.format, JPEG)
+
+    @property
+    def format_name(self) -> tf.Tensor:
+        return tf.gather(FORMAT_NAMES, self.format)
+
+    @property
+    def size_readable(self) -> tf.Tensor:
+        """The header gave a size (and, for a GIF, found the first frame's end)."""
+        return (self.height >= 1) & ~(self.is_gif & (self.frame_end < 0))
+
+
+def read_header(data: tf.Tensor) -> Header:
+    """Everything the decodability rules need from one encoded image (scalar tf.string)."""
+    fmt, height, width, frame_end = encoded_image_size(data)
+    bmp_ok, bmp_header_size, bmp_bits = bmp_decodable(data)
+    return Header(fmt, height, width, frame_end, is_animated_webp(data),
+                  tf.not_equal(fmt, BMP) | bmp_ok, bmp_header_size, bmp_bits)
+
+
+def first_frame(data: tf.Tensor, header: Header, cut) -> tf.Tensor:
+    """The bytes to decode: a GIF cut to its first frame where `cut`, else `data` as is."""
+    return tf.cond(cut, lambda: first_gif_frame(data, header.frame_end),
+                   lambda: tf.identity(data))
+
+
+def decodable(data):
+    """Encoded bytes -> (bytes to decode, fits, pixels): the size is read from the header first.
+
+    `fits` is False for an unknown format, an unreadable header, an animated WebP or a BMP
+    TF's decoder does not read, checked by the caller before decoding (with `pixels`
+    against its cap); a GIF is cut after its first frame (TF's decoder decodes every frame).
+    A JPEG's size is read by libjpeg itself (`jpeg_size_as_decoded`), which raises on a
+    header it cannot read.
+    """
+    header = read_header(data)
+    height, width = tf.cond(header.is_jpeg, lambda: jpeg_size_as_decoded(data),
+                            lambda: (header.height, header.width))
+    readable = ((header.format != UNKNOWN) & (height >= 1)
+                & ~(header.is_gif & (header.frame_end < 0))
+                & ~header.animated_webp & header.bmp_ok)
+    return first_frame(data, header, header.is_gif & readable), readable, height * width
