@@ -174,7 +174,7 @@ def test_export_main_program_reports_usage_errors(tmp_path):
 def test_latest_checkpoint_is_the_newest_that_restores(tmp_path, caplog):
     """Without a state file, with the newest checkpoint's data truncated: export and
     evaluation (--train_dir) read the newest checkpoint whose tensors all read back."""
-    from glam_tf.export.checkpoint import latest_checkpoint  # noqa: PLC0415
+    from glam_tf.config.contract import latest_checkpoint  # noqa: PLC0415
 
     folder = tmp_path / "checkpoints"
     variable = tf.Variable(np.arange(100, dtype=np.float32))

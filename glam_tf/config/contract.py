@@ -1,10 +1,14 @@
 """The inference contract and the run-directory layout, shared by train, export and eval.
 
 No TensorFlow at import: flag checks and the evaluator's pure parts read these without loading
-it; the path checks load it (through glam_tf.files) when they touch a path.
+it; the path and checkpoint checks load it (through glam_tf.files) when they touch a path.
 """
 
 import os
+import re
+from typing import Optional
+
+from absl import logging
 
 from glam_tf import files
 
@@ -27,6 +31,79 @@ def checkpoints_dir(train_dir: str, worker_index: int = 0) -> str:
     if worker_index == 0:
         return files.join(train_dir, "checkpoints")
     return files.join(train_dir, "worker_checkpoints", f"worker_{worker_index}")
+
+
+# Training saves <train_dir>/checkpoints/ckpt-<step>.{index,data-*}; export, evaluation and
+# resumption find them by this name.
+CHECKPOINT_NAME = "ckpt"
+_CHECKPOINT_FILE = re.compile(rf"^{CHECKPOINT_NAME}-(\d+)\.(index|data-\d+-of-\d+)$")
+
+
+def checkpoint_files(directory: str) -> dict:
+    """step -> names of the `ckpt-<step>.index` / `.data-*` files in `directory`."""
+    found = {}
+    if files.isdir(directory):
+        for name in files.listdir(directory):
+            match = _CHECKPOINT_FILE.match(name)
+            if match:
+                found.setdefault(int(match.group(1)), []).append(name)
+    return found
+
+
+def verify_checkpoint(prefix: str) -> Optional[str]:
+    """Why the checkpoint `prefix` cannot be restored, or None when it can.
+
+    Reads the index and every tensor back in one RestoreV2 (the iterator's variant state
+    included), which checks each tensor's length and CRC32C against the index: a truncated
+    or empty data file, a missing or truncated index, or changed bytes all fail here, before
+    anything is restored into the live objects.
+
+    Raises:
+        tf.errors.PermissionDeniedError: the files cannot be read (not damage: fix access).
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    try:
+        # The reader of the prefix itself: tf.train.load_checkpoint first asks whether the
+        # prefix is a folder, which ram:// (listing by name prefix) answers yes.
+        dtypes = tf.compat.v1.train.NewCheckpointReader(prefix).get_variable_to_dtype_map()
+        names = sorted(dtypes)
+        tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=names,
+                             shape_and_slices=[""] * len(names),
+                             dtypes=[dtypes[n] for n in names])
+    except tf.errors.PermissionDeniedError:
+        raise
+    except (tf.errors.OpError, IndexError, ValueError) as e:
+        text = e.message if isinstance(e, tf.errors.OpError) else str(e)
+        text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", text)
+        return f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else '-'}"
+    return None
+
+
+def latest_checkpoint(train_dir) -> str:
+    """Prefix of the newest checkpoint under `<train_dir>/checkpoints/` that restores.
+
+    Lists the `ckpt-<step>` files (the `checkpoint` state file may be missing or stale) and
+    returns the newest that `verify_checkpoint` reads back whole; a damaged newer one is
+    logged and skipped (left in place: the next training run moves it aside).
+    """
+    ckpt_dir = checkpoints_dir(os.fspath(train_dir))
+    if not files.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} does not exist: training writes its "
+                                "tf.train.Checkpoint files there.")
+    damaged = []
+    for step in sorted(checkpoint_files(ckpt_dir), reverse=True):
+        prefix = files.join(ckpt_dir, f"{CHECKPOINT_NAME}-{step}")
+        why = verify_checkpoint(prefix)
+        if why is None:
+            return prefix
+        damaged.append(f"{CHECKPOINT_NAME}-{step} ({why})")
+        logging.warning("Checkpoint %s is damaged (%s): using an older one.", prefix, why)
+    if damaged:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} restores: damaged "
+                                f"{', '.join(damaged)}")
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no ckpt-<step>.index / .data "
+                            "files); has training saved one yet?")
 
 
 def model_config_path(train_dir: str) -> str:

@@ -1,9 +1,8 @@
 """SavedModel export of the GLAM descriptor model (TF Serving / DELG-compatible signatures)."""
 
-from glam_tf.config.contract import next_version, resolve_version
+from glam_tf.config.contract import latest_checkpoint, next_version, resolve_version
 from glam_tf.export.checkpoint import (
     export_from_checkpoint,
-    latest_checkpoint,
     read_model_config,
     restore_descriptor_model,
 )

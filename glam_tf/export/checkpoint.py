@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-from typing import Optional
 
 import tensorflow as tf
 from absl import logging
@@ -16,8 +14,6 @@ from glam_tf.config import contract
 from glam_tf.export import serving
 from glam_tf.model import ModelConfig, build_descriptor_model
 
-CHECKPOINT_NAME = "ckpt"  # training saves <train_dir>/checkpoints/ckpt-<step>.{index,data-*}
-_FILE = re.compile(rf"^{CHECKPOINT_NAME}-(\d+)\.(index|data-\d+-of-\d+)$")
 
 def read_model_config(train_dir) -> ModelConfig:
     """`<train_dir>/model_config.json` as a validated ModelConfig with weights="none".
@@ -51,71 +47,6 @@ def read_model_config(train_dir) -> ModelConfig:
     return config
 
 
-def checkpoint_files(directory: str) -> dict:
-    """step -> names of the `ckpt-<step>.index` / `.data-*` files in `directory`."""
-    found = {}
-    if files.isdir(directory):
-        for name in files.listdir(directory):
-            match = _FILE.match(name)
-            if match:
-                found.setdefault(int(match.group(1)), []).append(name)
-    return found
-
-
-def verify_checkpoint(prefix: str) -> Optional[str]:
-    """Why the checkpoint `prefix` cannot be restored, or None when it can.
-
-    Reads the index and every tensor back in one RestoreV2 (the iterator's variant state
-    included), which checks each tensor's length and CRC32C against the index: a truncated
-    or empty data file, a missing or truncated index, or changed bytes all fail here, before
-    anything is restored into the live objects.
-
-    Raises:
-        tf.errors.PermissionDeniedError: the files cannot be read (not damage: fix access).
-    """
-    try:
-        # The reader of the prefix itself: tf.train.load_checkpoint first asks whether the
-        # prefix is a folder, which ram:// (listing by name prefix) answers yes.
-        dtypes = tf.compat.v1.train.NewCheckpointReader(prefix).get_variable_to_dtype_map()
-        names = sorted(dtypes)
-        tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=names,
-                             shape_and_slices=[""] * len(names),
-                             dtypes=[dtypes[n] for n in names])
-    except tf.errors.PermissionDeniedError:
-        raise
-    except (tf.errors.OpError, IndexError, ValueError) as e:
-        text = e.message if isinstance(e, tf.errors.OpError) else str(e)
-        text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", text)
-        return f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else '-'}"
-    return None
-
-
-def latest_checkpoint(train_dir) -> str:
-    """Prefix of the newest checkpoint under `<train_dir>/checkpoints/` that restores.
-
-    Lists the `ckpt-<step>` files (the `checkpoint` state file may be missing or stale) and
-    returns the newest that `verify_checkpoint` reads back whole; a damaged newer one is
-    logged and skipped (left in place: the next training run moves it aside).
-    """
-    ckpt_dir = contract.checkpoints_dir(os.fspath(train_dir))
-    if not files.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir} does not exist: training writes its "
-                                "tf.train.Checkpoint files there.")
-    damaged = []
-    for step in sorted(checkpoint_files(ckpt_dir), reverse=True):
-        prefix = files.join(ckpt_dir, f"{CHECKPOINT_NAME}-{step}")
-        why = verify_checkpoint(prefix)
-        if why is None:
-            return prefix
-        damaged.append(f"{CHECKPOINT_NAME}-{step} ({why})")
-        logging.warning("Checkpoint %s is damaged (%s): using an older one.", prefix, why)
-    if damaged:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} restores: damaged "
-                                f"{', '.join(damaged)}")
-    raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no ckpt-<step>.index / .data "
-                            "files); has training saved one yet?")
-
-
 def restore_descriptor_model(train_dir, *, config=None, prefix=None):
     """Rebuilds a training run's descriptor model (weights "none") and restores its weights.
 
@@ -127,7 +58,7 @@ def restore_descriptor_model(train_dir, *, config=None, prefix=None):
         `(model, config, prefix)`: the restored keras.Model, its ModelConfig, the checkpoint.
     """
     config = read_model_config(train_dir) if config is None else config
-    prefix = latest_checkpoint(train_dir) if prefix is None else prefix
+    prefix = contract.latest_checkpoint(train_dir) if prefix is None else prefix
     logging.info("Building %s / %s and restoring %s", config.backbone, config.variant, prefix)
     model = build_descriptor_model(config)
     status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
@@ -162,7 +93,7 @@ def export_from_checkpoint(train_dir, export_dir, config=None, *, version=None,
         The version folder path.
     """
     model_config = read_model_config(train_dir)
-    prefix = latest_checkpoint(train_dir)
+    prefix = contract.latest_checkpoint(train_dir)
     config = serving.export_config(config, **settings)
     version = contract.resolve_version(export_dir, version)
 

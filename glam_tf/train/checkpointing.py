@@ -44,7 +44,7 @@ from tensorflow.python.checkpoint import checkpoint_management
 
 from glam_tf import files
 from glam_tf.config import contract
-from glam_tf.export.checkpoint import CHECKPOINT_NAME, checkpoint_files, verify_checkpoint
+from glam_tf.config.contract import CHECKPOINT_NAME, checkpoint_files, verify_checkpoint
 from glam_tf.train.distribute import WorkerInfo
 
 STATE_FILE = "checkpoint"
