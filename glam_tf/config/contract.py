@@ -23,6 +23,11 @@ MIN_IMAGE_SIZE = 32
 EXPORT_INFO_FILE = "assets.extra/glam_export.json"
 # Written by the GLDv2 converter beside its shards: class and image counts.
 CONVERTER_SUMMARY_FILE = "summary.json"
+# The test sets the evaluator reads (glam_tf.data.testsets): the revisited protocol's, with
+# the synthetic splits in its layout; the original Oxford5k/Paris6k; the 1M distractors.
+REVISITED = ("roxford5k", "rparis6k", "synth", "synth_val")
+ORIGINAL = ("oxford5k", "paris6k")
+DISTRACTORS = "revisitop1m"
 
 
 def checkpoints_dir(train_dir: str, worker_index: int = 0) -> str:

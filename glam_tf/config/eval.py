@@ -10,9 +10,8 @@ from glam_tf.config.export import INFERENCE_OPTIONS, ExportConfig
 from glam_tf.config.refine import RefineConfig
 from glam_tf.config.settings import (NONEMPTY, SettingError, check, fail, integer, names_of,
                                      nested, number, numbers_list, one_of, reachable, setting)
-from glam_tf.data.testsets import ORIGINAL, REVISITED
 
-DATASETS = REVISITED + ORIGINAL
+DATASETS = contract.REVISITED + contract.ORIGINAL
 STAGES = ("all", "extract", "evaluate")
 # Which global spatial attention is drawn: G_s is (HW, HW), a[m, n] = weight of position
 # m in the output at position n (softmax over m). "mean": the mean over n (how much each
