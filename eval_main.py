@@ -36,8 +36,9 @@ def main(argv):
         beam_options.check_args(argv[1:])
     except (SettingError, ValueError) as e:
         settings.exit_with_usage_error("eval_main", e)
-    from glam_tf.data.testsets import MissingDataError, UnsafePickleError  # noqa: PLC0415
+    from glam_tf.data.testsets import MissingDataError  # noqa: PLC0415
     from glam_tf.eval import evaluator  # noqa: PLC0415
+    from glam_tf.safe_pickle import UnsafePickleError  # noqa: PLC0415
 
     try:
         with refusal.refusals("eval_main", verbose=FLAGS.verbosity >= 1):

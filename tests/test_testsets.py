@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from glam_tf import safe_pickle
 from glam_tf.data import testsets
 
 
@@ -50,7 +51,7 @@ def test_old_numpy_module_names_load(tmp_path):
     assert b"numpy.core.multiarray" in data
     path = tmp_path / "old.pkl"
     path.write_bytes(data)
-    out = testsets.safe_load_pickle(str(path))
+    out = safe_pickle.safe_load_pickle(str(path))
     np.testing.assert_array_equal(out["a"], [0, 1, 2])
     assert out["s"] == 2.5
 
@@ -68,7 +69,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     (tmp_path / "roxford5k" / "jpg").mkdir(parents=True)
     path = tmp_path / "roxford5k" / "gnd_roxford5k.pkl"
     path.write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [_Evil(target)]}))
-    with pytest.raises(testsets.UnsafePickleError) as err:
+    with pytest.raises(safe_pickle.UnsafePickleError) as err:
         testsets.load_revisited(str(tmp_path), "roxford5k")
     assert str(path) in str(err.value)
     assert "system" in str(err.value) and "refused" in str(err.value)
@@ -77,8 +78,8 @@ def test_malicious_pickle_is_refused(tmp_path):
     for payload in (pickle.dumps(_Evil(target), protocol=0),
                     pickle.dumps(pickle.loads)):
         path.write_bytes(payload)
-        with pytest.raises(testsets.UnsafePickleError, match="refused"):
-            testsets.safe_load_pickle(str(path))
+        with pytest.raises(safe_pickle.UnsafePickleError, match="refused"):
+            safe_pickle.safe_load_pickle(str(path))
     assert not target.exists()
 
 
@@ -121,8 +122,8 @@ def test_pickle_that_sizes_memory_is_refused(tmp_path, case, protocol):
     assert len(data) < 2000
     path = tmp_path / "gnd.pkl"
     path.write_bytes(data)
-    with pytest.raises(testsets.UnsafePickleError, match="refused") as err:
-        testsets.safe_load_pickle(str(path))
+    with pytest.raises(safe_pickle.UnsafePickleError, match="refused") as err:
+        safe_pickle.safe_load_pickle(str(path))
     assert str(path) in str(err.value)
 
 
@@ -131,8 +132,8 @@ def test_many_small_allocations_share_one_budget(tmp_path):
     data = pickle.dumps([_Call(bytearray, (2**20,)) for _ in range(64)], protocol=2)
     path = tmp_path / "gnd.pkl"
     path.write_bytes(data)
-    with pytest.raises(testsets.UnsafePickleError, match="over its budget"):
-        testsets.safe_load_pickle(str(path))
+    with pytest.raises(safe_pickle.UnsafePickleError, match="over its budget"):
+        safe_pickle.safe_load_pickle(str(path))
 
 
 @pytest.mark.parametrize("protocol", [0, 2, 5])
@@ -143,7 +144,7 @@ def test_large_honest_pickle_loads_within_budget(tmp_path, protocol):
            "o": np.array([None, "s", 3], dtype=object), "f": np.float32(1.5)}
     path = tmp_path / "big.pkl"
     path.write_bytes(pickle.dumps(obj, protocol=protocol))
-    out = testsets.safe_load_pickle(str(path))
+    out = safe_pickle.safe_load_pickle(str(path))
     np.testing.assert_array_equal(out["a"], obj["a"])
     assert out["b"] == obj["b"] and out["ba"] == obj["ba"] and out["set"] == {1, 2}
     assert out["c"] == 2j and list(out["o"]) == [None, "s", 3] and out["f"] == 1.5
