@@ -1,13 +1,27 @@
-"""This CPU: model, instruction-set level and native bfloat16, read from /proc/cpuinfo.
+"""This CPU and the native code run on it.
 
-One place for what the benches print in their header and what an export logs before
-choosing a precision: a bfloat16 export is fast only where the CPU computes bfloat16
-natively (AVX512_BF16 or AMX); elsewhere TensorFlow emulates it in float32.
+- What it is: model, instruction-set level and native bfloat16, read from /proc/cpuinfo
+  (what the benches print in their header and what an export logs before choosing a
+  precision: a bfloat16 export is fast only where the CPU computes bfloat16 natively,
+  AVX512_BF16 or AMX; elsewhere TensorFlow emulates it in float32).
+- OpenBLAS's thread count, held at one while the search's own workers use the cores.
+- The system C compiler and the cached build of the project's C sources (the search's
+  rank kernel; serving_check/ builds its own binary with the same compiler).
 """
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
+import hashlib
 import os
 import platform
+import re
+import shutil
+import subprocess
+import time
+
+from absl import logging
 
 from glam_tf import files
 
@@ -85,3 +99,116 @@ def load_average():
         return os.getloadavg()
     except OSError:
         return (0.0, 0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# OpenBLAS threads.
+
+@functools.cache
+def _openblas_threads():
+    """(get, set) of the loaded OpenBLAS's thread count (numpy's bundled one), or None."""
+    try:
+        paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)",
+                                      files.read_local_text("/proc/self/maps"))))
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_", ""):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype = ctypes.c_int
+                    put.argtypes = [ctypes.c_int]
+                    return get, put
+    return None
+
+
+@contextlib.contextmanager
+def single_threaded_blas(active=True):
+    """OpenBLAS at one thread inside the block while `active` (restored after; a no-op
+    without OpenBLAS). Process-wide while it lasts.
+
+    The search's workers multiply their own chunks, one per core, and count them there:
+    OpenBLAS's threads beside them would take turns with the counting on the same cores and
+    spin while waiting for the next product. Re-ranking's products are small (M x D):
+    OpenBLAS's threads cost more than they give (6x slower on a busy machine,
+    bench/rerank.py); its queries are spread over Python threads instead.
+    """
+    threads = _openblas_threads() if active else None
+    if threads is None:
+        yield
+        return
+    get, put = threads
+    before = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(before)
+
+
+# ----------------------------------------------------------------------------------------
+# Native code.
+
+def c_compiler():
+    """Path of the C compiler ($CC, else gcc, else cc) on $PATH, or None: the search's
+    rank-count kernel (glam_tf.eval.rank_kernel) and serving_check/ are built with it."""
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        found = name and shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def cache_dir() -> str:
+    """Where compiled libraries are kept: $GLAM_TF_CACHE, else $XDG_CACHE_HOME/glam_tf,
+    else ~/.cache/glam_tf."""
+    if os.environ.get("GLAM_TF_CACHE"):
+        return os.environ["GLAM_TF_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or files.join(files.expanduser("~"), ".cache")
+    return files.join(base, "glam_tf")
+
+
+def build_shared_library(source: str, cflags, cc: str, name: str) -> str:
+    """The shared library `<name>-<key>.so` built from `source` with `cc` and `cflags`.
+
+    Built atomically (under a temporary name, then renamed) unless the cache (`cache_dir`;
+    a private temporary folder when that is not writable) already holds it; the key is a
+    hash of the source, the command and the machine type, so an edit or another machine
+    type rebuilds.
+
+    Raises:
+        OSError: the compiler failed (its output in the message).
+    """
+    code = files.read_bytes(source)
+    key = hashlib.sha256(b"\0".join([code, cc.encode(), " ".join(cflags).encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    folder = cache_dir()
+    try:
+        files.makedirs(folder)
+        writable = files.local_writable(folder)
+    except OSError:
+        writable = False
+    if not writable:
+        folder = files.scratch_dir(f"glam_tf_{name}_")
+    path = files.join(folder, f"{name}-{key}.so")
+    if files.exists(path):
+        return path
+    tmp = files.temporary_path(path)
+    t0 = time.time()
+    done = subprocess.run([cc, *cflags, "-o", tmp, source], capture_output=True, text=True,
+                          check=False)
+    if done.returncode:
+        if files.exists(tmp):
+            files.remove(tmp)
+        raise OSError(f"{cc} {' '.join(cflags)} {source} failed (exit {done.returncode}): "
+                      f"{done.stderr.strip()[:500]}")
+    files.rename(tmp, path)
+    logging.info("compiled %s with %s in %.1f s: %s", files.basename(source), cc,
+                 time.time() - t0, path)
+    return path

@@ -52,7 +52,6 @@ import glob as glob_lib
 import json
 import os
 import posixpath
-import shutil
 import socket
 import tempfile
 import uuid
@@ -354,16 +353,6 @@ def read_local_text(path) -> str:
 def local_writable(path) -> bool:
     """Whether this process may write into the local folder `path` (e.g. the Keras cache)."""
     return os.access(os.fspath(path), os.W_OK)
-
-
-def c_compiler():
-    """Path of the C compiler ($CC, else gcc, else cc) on $PATH, or None: the search's
-    rank-count kernel (glam_tf.eval.rank_kernel) and serving_check/ are built with it."""
-    for name in (os.environ.get("CC"), "gcc", "cc"):
-        found = name and shutil.which(name)
-        if found:
-            return found
-    return None
 
 
 @contextlib.contextmanager

@@ -21,14 +21,14 @@ from typing import Optional
 
 import numpy as np
 
-from glam_tf import files
+from glam_tf import cpu
 
 SOURCE = pathlib.Path(__file__).resolve().with_name("serving_check.c")
 CACHE_DIR = SOURCE.parents[1] / "build" / "serving_check"
 LIBRARIES = ("libtensorflow_cc.so.2", "libtensorflow_framework.so.2")
 
 
-compiler = files.c_compiler  # $CC, else gcc, else cc; None when there is none
+compiler = cpu.c_compiler  # $CC, else gcc, else cc; None when there is none
 
 
 def tensorflow_dir() -> pathlib.Path:

@@ -6,6 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from glam_tf import cpu
 from glam_tf.eval import rank_kernel, search
 
 
@@ -312,9 +313,9 @@ def test_workers_use_one_blas_thread_and_restore_blas_and_gc(monkeypatch):
     # with the counting); the caller's BLAS threads and garbage collector are restored.
     import gc
 
-    if search._openblas_threads() is None:
+    if cpu._openblas_threads() is None:
         pytest.skip("numpy's BLAS is not OpenBLAS: its threads are left alone")
-    blas_threads = search._openblas_threads()[0]
+    blas_threads = cpu._openblas_threads()[0]
     before = blas_threads()
     seen = []
     chunk_scores = search._chunk_scores

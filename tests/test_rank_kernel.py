@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from glam_tf import cpu
 from glam_tf.eval import rank_kernel, search
 
 
@@ -128,7 +129,7 @@ def test_build_is_cached_under_a_name_of_the_source(kernel, tmp_path, monkeypatc
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again although the cache holds the library")
 
-    monkeypatch.setattr(rank_kernel.subprocess, "run", no_compiling)
+    monkeypatch.setattr(cpu.subprocess, "run", no_compiling)
     assert rank_kernel._build(cc) == path
 
 

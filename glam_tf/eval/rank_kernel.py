@@ -6,28 +6,23 @@ score's bin compared with it: no sort) and the columns that may enter the top-k,
 row of a chunk in one call; NumPy needs several passes and temporaries the size of the
 row for the same counts (`search._rank_count_numpy`). The source ships with the package
 and is compiled with the system C compiler ($CC, else gcc, else cc) the first time a
-search needs it, into a cache folder ($GLAM_TF_CACHE, else
-$XDG_CACHE_HOME/glam_tf, else ~/.cache/glam_tf; a private temporary folder when that is
-not writable), named by a hash of the source and the command, so an edit or another
-machine type rebuilds. Without a compiler, or with GLAM_TF_RANK_KERNEL=numpy,
-NumPy counts the same ranks, more slowly; the reason is logged once.
+search needs it, into the cache of glam_tf.cpu.build_shared_library (named by a hash of
+the source and the command, so an edit or another machine type rebuilds). Without a
+compiler, or with GLAM_TF_RANK_KERNEL=numpy, NumPy counts the same ranks, more slowly; the
+reason is logged once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import subprocess
 import threading
-import time
 
 import numpy as np
 from absl import logging
 
-from glam_tf import files
+from glam_tf import cpu, files
 
 SOURCE = files.join(files.dirname(files.absolute(__file__)), "rank_kernel.c")
 # No fused multiply-adds (aarch64 and -march builds contract `v * scale + offset` into one
@@ -38,47 +33,12 @@ _lock = threading.Lock()
 _buffers = threading.local()
 
 
-compiler = files.c_compiler
-
-
-def cache_dir() -> str:
-    """Where the compiled kernel is kept (module doc)."""
-    if os.environ.get("GLAM_TF_CACHE"):
-        return os.environ["GLAM_TF_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or files.join(files.expanduser("~"), ".cache")
-    return files.join(base, "glam_tf")
+compiler = cpu.c_compiler
 
 
 def _build(cc: str) -> str:
-    """The shared library for this source and compiler: built (atomically: under a temporary
-    name, then renamed) unless the cache already holds it."""
-    source = files.read_bytes(SOURCE)
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(CFLAGS).encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
-    folder = cache_dir()
-    try:
-        files.makedirs(folder)
-        writable = files.local_writable(folder)
-    except OSError:
-        writable = False
-    if not writable:
-        folder = files.scratch_dir("glam_tf_kernel_")
-    path = files.join(folder, f"rank_kernel-{key}.so")
-    if files.exists(path):
-        return path
-    tmp = files.temporary_path(path)
-    t0 = time.time()
-    done = subprocess.run([cc, *CFLAGS, "-o", tmp, SOURCE], capture_output=True, text=True,
-                          check=False)
-    if done.returncode:
-        if files.exists(tmp):
-            files.remove(tmp)
-        raise OSError(f"{cc} {' '.join(CFLAGS)} {SOURCE} failed (exit {done.returncode}): "
-                      f"{done.stderr.strip()[:500]}")
-    files.rename(tmp, path)
-    logging.info("search: compiled the rank-count kernel with %s in %.1f s: %s", cc,
-                 time.time() - t0, path)
-    return path
+    """The shared library for this source and compiler, from the cache or built now."""
+    return cpu.build_shared_library(SOURCE, CFLAGS, cc, "rank_kernel")
 
 
 @functools.cache

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from glam_tf import cpu
 from glam_tf.eval import search
 
 _EPS = 1e-12
@@ -252,7 +253,7 @@ def rerank_search_result(queries, database, result, *, m=400, k=9, beta=0.15,
 
     jobs = [(rows[s:s + query_block], mq) for rows, mq in groups
             for s in range(0, rows.size, query_block)]
-    with search.single_threaded_blas():  # one BLAS thread per query block, blocks in threads
+    with cpu.single_threaded_blas():  # one BLAS thread per query block, blocks in threads
         pool = search._row_pool()  # pylint: disable=protected-access
         for future in [pool.submit(run, qs, mq) for qs, mq in jobs]:
             future.result()

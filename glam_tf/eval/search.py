@@ -13,19 +13,17 @@ recall@k against the exact top-k.
 
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import gc
 import os
-import re
 import threading
 import time
 
 import numpy as np
 from absl import logging
 
-from glam_tf import files
+from glam_tf import cpu
 from glam_tf.eval import rank_kernel
 
 # Per (query, database) pair of a worker's chunk: its scores, pass A's kept product and the
@@ -120,54 +118,6 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-@functools.cache
-def _openblas_threads():
-    """(get, set) of the loaded OpenBLAS's thread count (numpy's bundled one), or None."""
-    try:
-        paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)",
-                                      files.read_local_text("/proc/self/maps"))))
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_", ""):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    get.restype = ctypes.c_int
-                    put.argtypes = [ctypes.c_int]
-                    return get, put
-    return None
-
-
-@contextlib.contextmanager
-def single_threaded_blas(active=True):
-    """OpenBLAS at one thread inside the block while `active` (restored after; a no-op
-    without OpenBLAS). Process-wide while it lasts.
-
-    The search's workers multiply their own chunks, one per core, and count them there:
-    OpenBLAS's threads beside them would take turns with the counting on the same cores and
-    spin while waiting for the next product. Re-ranking's products are small (M x D):
-    OpenBLAS's threads cost more than they give (6x slower on a busy machine,
-    bench/rerank.py); its queries are spread over Python threads instead.
-    """
-    threads = _openblas_threads() if active else None
-    if threads is None:
-        yield
-        return
-    get, put = threads
-    before = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(before)
 
 
 def _chunk_scores(queries, database, start, stop, valid):
@@ -661,7 +611,7 @@ def exact_search(queries, database, *, k=100, tracked=None, valid=None,
     query_block, bounds = _plan(nq, n, database.nbytes, memory_budget_bytes, chunk_size,
                                 _num_workers())
     progress = _Progress(len(bounds) * -(-nq // query_block), log_every_s)
-    with single_threaded_blas(min(_num_workers(), len(bounds)) > 1), _gc_paused():
+    with cpu.single_threaded_blas(min(_num_workers(), len(bounds)) > 1), _gc_paused():
         return _search_blocks(queries, database, tracked, valid, k, query_block, bounds,
                               progress)
 
