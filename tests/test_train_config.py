@@ -37,7 +37,13 @@ def test_defaults_are_the_paper_recipe():
 def test_export_and_evaluation_settings_are_their_configs():
     c = TrainConfig(train_dir="x")
     assert c.export_settings == ExportConfig()
-    assert c.evaluation == EvalConfig(scales=ExportConfig().scales)
+    assert c.evaluation == EvalConfig()
+    # the evaluation describes images at the export's scales unless --eval_scales names others
+    assert c.evaluation_at(0).scales == ExportConfig().scales
+    exported = TrainConfig(train_dir="x", export_settings=ExportConfig(scales=(1.0,)))
+    assert exported.evaluation_at(3).scales == (1.0,)
+    own = dataclasses.replace(exported, evaluation=EvalConfig(scales=(0.5, 1.0)))
+    assert own.evaluation_at(3).scales == (0.5, 1.0)
     assert TrainConfig(train_dir="x", seed=7).data.seed == 7   # one seed for the run
 
 

@@ -95,8 +95,7 @@ class EvalConfig:
         self.refine.validate({f: names.get(f, f) for f in names_of(RefineConfig)})
         inference_names = {f: names.get(f, f) for f in INFERENCE_OPTIONS}
         self.inference.validate(inference_names)
-        changed = [f for f in INFERENCE_OPTIONS
-                   if getattr(self.inference, f) != getattr(ExportConfig(), f)]
+        changed = list(self.inference.inference_changes())
         if changed and self.model:
             fail(inference_names[changed[0]], "applies to a --train_dir (a SavedModel's "
                  "inference options are fixed at export: see its glam_export.json)",

@@ -123,3 +123,20 @@ class ExportConfig:
     def info(self) -> dict:
         """The settings as recorded in the SavedModel's glam_export.json."""
         return to_json(self)
+
+    def inference_changes(self) -> dict:
+        """{field: value} of the inference options (INFERENCE_OPTIONS) set away from their
+        defaults: what an evaluation records of them, and refuses for a SavedModel."""
+        default = ExportConfig()
+        return {f: getattr(self, f) for f in INFERENCE_OPTIONS
+                if getattr(self, f) != getattr(default, f)}
+
+    def for_evaluation(self, *, scales, max_image_size) -> "ExportConfig":
+        """The serving module an evaluation builds around a Keras model: these inference
+        options at `scales` and `max_image_size`, every request limit at its default (the
+        evaluation client sends what it resized itself). Validated."""
+        config = ExportConfig(scales=tuple(float(s) for s in scales),
+                              max_image_size=max_image_size,
+                              **{f: getattr(self, f) for f in INFERENCE_OPTIONS})
+        config.validate()
+        return config

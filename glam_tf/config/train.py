@@ -116,10 +116,13 @@ class TrainConfig:
     export_settings: ExportConfig = nested(ExportConfig, "The exported signatures and their "
                                            "request limits.", prefix="export_")
     evaluation: EvalConfig = nested(
-        EvalConfig, "The evaluation at the end (and at step 0 with --eval_untrained).",
+        EvalConfig, "The evaluation at the end (and at step 0 with --eval_untrained): the "
+        "model through the export's signatures, with the export's inference options, at "
+        "--eval_scales (empty: --export_scales, what the export serves) on images resized to "
+        "--eval_max_image_size.",
         prefix="eval_", only=("dataset", "data_root", "max_image_size", "scales", "visualize",
                               "visualize_attention", "attention_position"),
-        rename={"data_root": "root"}, default=EvalConfig(scales=contract.DEFAULT_SCALES))
+        rename={"data_root": "root"}, default=EvalConfig())
     eval_untrained: bool = setting(False, "Also evaluate the untrained model at step 0 (same "
                                    "evaluation path; only when the run starts at step 0).")
     inject_nan_at_step: int = setting(-1, "Testing hook: make the loss of this step (1-based) "
@@ -225,8 +228,10 @@ class TrainConfig:
 
     def evaluation_at(self, step: int) -> EvalConfig:
         """The EvalConfig of the evaluation at `step`: outputs in <train_dir>/eval/step_N;
-        the model evaluated with the export's inference options (what the export serves)."""
-        return dataclasses.replace(self.evaluation,
+        the model evaluated with the export's inference options, at the export's scales
+        unless --eval_scales names others (what the export serves)."""
+        scales = self.evaluation.scales or self.export_settings.scales
+        return dataclasses.replace(self.evaluation, scales=tuple(scales),
                                    output_dir=contract.eval_dir(self.train_dir, step),
                                    inference=self.export_settings)
 

@@ -31,6 +31,7 @@ from glam_tf.config.contract import (
     model_config_path,
     resolve_saved_model_dir,
 )
+from glam_tf.config.export import ExportConfig
 from glam_tf.config.settings import fail, numbers_list
 
 _SCALES_RULE = numbers_list()
@@ -204,25 +205,12 @@ def from_serving_module(module, *, info=None, fingerprint="module"):
         out = module.batched_global_descriptors(tf.constant(images, tf.uint8))
         return out["global_descriptors"].numpy()
 
-    scales = tuple(float(s) for s in module.scales)
+    scales = tuple(float(s) for s in module.config.scales)
     info = dict(info or {"kind": "module"}, signature="batched_global_descriptors",
                 scales=list(scales), scales_source="module")
     return DescriptorBackend(fn=fn, scales=scales, info=info,
                              fingerprint=f"{fingerprint}:{scales}",
-                             min_image_size=int(getattr(module, "min_image_size",
-                                                        MIN_IMAGE_SIZE)))
-
-
-def _inference_settings(inference) -> dict:
-    """{field: value} of the inference options (glam_tf.config.export.INFERENCE_OPTIONS)
-    set in `inference` (an ExportConfig or None) away from their defaults."""
-    from glam_tf.config.export import INFERENCE_OPTIONS, ExportConfig  # noqa: PLC0415
-
-    if inference is None:
-        return {}
-    default = ExportConfig()
-    return {f: getattr(inference, f) for f in INFERENCE_OPTIONS
-            if getattr(inference, f) != getattr(default, f)}
+                             min_image_size=int(module.config.min_image_size))
 
 
 def from_keras_model(model, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_SIZE, info=None,
@@ -236,9 +224,10 @@ def from_keras_model(model, *, scales=None, max_image_size=DEFAULT_MAX_IMAGE_SIZ
     from glam_tf import export  # pylint: disable=import-outside-toplevel
 
     scales = check_scales(DEFAULT_SCALES if scales is None else scales)
-    options = _inference_settings(inference)
-    module = export.build_serving_module(model, scales=scales, max_image_size=max_image_size,
-                                         **options)
+    config = (inference or ExportConfig()).for_evaluation(scales=scales,
+                                                          max_image_size=max_image_size)
+    module = export.build_serving_module(model, config)
+    options = config.inference_changes()
     if options:
         info = dict(info or {"kind": "module"}, inference=options)
         fingerprint += ":" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
@@ -279,8 +268,8 @@ def build_backend(*, model=None, train_dir=None, scales=None,
     if err:
         raise ValueError(err)
     if model:
-        if _inference_settings(inference):
-            raise ValueError(f"inference options {_inference_settings(inference)} apply to a "
+        if inference is not None and inference.inference_changes():
+            raise ValueError(f"inference options {inference.inference_changes()} apply to a "
                              "training directory; a SavedModel's are fixed at export")
         return load_saved_model(model, scales=scales)
     return load_checkpoint(train_dir, scales=scales, max_image_size=max_image_size,

@@ -177,7 +177,6 @@ class GlamServingModule(tf.Module):
         super().__init__(name=name)
         config = export_config(config, **settings)
         self.config = config
-        self.precision = config.precision
         # bfloat16/float16: a clone computing in that precision (float32 variables, float32
         # softmaxes, GeM and head: glam_tf.export.precision); float32: the model itself.
         model = inference_model(model, gem_p=config.inference_gem_p,
@@ -189,13 +188,6 @@ class GlamServingModule(tf.Module):
             raise ValueError(f"model must map (B, H, W, 3) images to (B, D) descriptors; a "
                              f"(1, {side}, {side}, 3) input gave shape {tuple(probe.shape)}.")
         self.descriptor_dim = int(probe.shape[-1])
-        self.scales = tuple(config.scales)
-        self.max_image_size = config.max_image_size
-        self.min_image_size = config.min_image_size
-        self.max_scaled_pixels = config.max_scaled_pixels
-        self.max_batch_pixels = config.max_batch_pixels
-        self.max_decoded_pixels = config.max_decoded_pixels
-        self.max_image_bytes = config.max_image_bytes
         # Only the variables are tracked (saved); the Keras model object is kept out of the
         # object graph (a plain closure is not tracked) so loading needs no Keras classes.
         # The tf.Variables inside the keras.Variables are tracked, not the keras.Variables:
@@ -237,9 +229,9 @@ class GlamServingModule(tf.Module):
         return out.stack()
 
     def _fixed_scale_sizes(self, hw: tf.Tensor, what):
-        sizes = scaled_sizes(hw, tf.constant(self.scales, tf.float32))
-        check = _check_sizes(sizes, min_size=self.min_image_size,
-                             max_pixels=self.max_scaled_pixels, what=what)
+        sizes = scaled_sizes(hw, tf.constant(self.config.scales, tf.float32))
+        check = _check_sizes(sizes, min_size=self.config.min_image_size,
+                             max_pixels=self.config.max_scaled_pixels, what=what)
         with tf.control_dependencies([check]):
             return tf.identity(sizes)
 
@@ -255,7 +247,7 @@ class GlamServingModule(tf.Module):
                                                          ">= 1; received shape"]),
                                         tf.shape(image)])
         with tf.control_dependencies([nonempty]):
-            factor = tf.constant(float(self.max_image_size), tf.float32) / tf.reduce_max(hw)
+            factor = tf.constant(float(self.config.max_image_size), tf.float32) / tf.reduce_max(hw)
         target = tf.maximum(tf.cast(tf.round(hw * factor), tf.int32), 1)
         return tf.image.resize(image[tf.newaxis], target, method="bilinear", antialias=True)[0]
 
@@ -282,9 +274,9 @@ class GlamServingModule(tf.Module):
         batch = tf.cast(tf.shape(images)[0], tf.float64)
         pixels = batch * tf.reduce_max(tf.reduce_prod(tf.cast(sizes, tf.float64), axis=1))
         bounded = tf.debugging.Assert(
-            pixels <= float(self.max_batch_pixels),
+            pixels <= float(self.config.max_batch_pixels),
             [f"{what}: the images of the request at the largest scale have more than "
-             f"{self.max_batch_pixels} pixels in all (the export setting max_batch_pixels); send "
+             f"{self.config.max_batch_pixels} pixels in all (the export setting max_batch_pixels); send "
              "fewer images per request. input_images shape, pixels in all:",
              tf.shape(images), tf.cast(pixels, tf.int64)])
         with tf.control_dependencies([bounded]):
@@ -299,9 +291,9 @@ class GlamServingModule(tf.Module):
         declared size over max_decoded_pixels. A GIF is cut to its first frame.
         """
         num_bytes = tf.strings.length(data)
-        small = tf.debugging.Assert(num_bytes <= self.max_image_bytes, [tf.strings.join([
+        small = tf.debugging.Assert(num_bytes <= self.config.max_image_bytes, [tf.strings.join([
             name, " has ", tf.strings.as_string(num_bytes), " bytes, over the export setting "
-            f"max_image_bytes={self.max_image_bytes}; downsize or recompress it."])])
+            f"max_image_bytes={self.config.max_image_bytes}; downsize or recompress it."])])
         with tf.control_dependencies([small]):
             header = encoded_image.read_header(data)
         format_name = header.format_name
@@ -320,11 +312,11 @@ class GlamServingModule(tf.Module):
             "its first frame)."])])
         width, height = header.width, header.height
         pixels = height * width
-        within = tf.debugging.Assert(is_jpeg | (pixels <= self.max_decoded_pixels), [
+        within = tf.debugging.Assert(is_jpeg | (pixels <= self.config.max_decoded_pixels), [
             tf.strings.join([
             name, " is a ", tf.strings.as_string(width), " x ", tf.strings.as_string(height),
             " ", format_name, " image (", tf.strings.as_string(pixels), " pixels), over the "
-            f"export setting max_decoded_pixels={self.max_decoded_pixels}; downsize it before "
+            f"export setting max_decoded_pixels={self.config.max_decoded_pixels}; downsize it before "
                 "sending."])])
         bmp = tf.debugging.Assert(header.bmp_ok, [
             tf.strings.join([name, " is a BMP with a ",
@@ -382,12 +374,12 @@ class GlamServingModule(tf.Module):
         with tf.control_dependencies([valid]):
             sizes = scaled_sizes(tf.shape(image)[:2], scales)
         what = "serving_default (input_image * input_scales)"
-        check = _check_sizes(sizes, min_size=self.min_image_size,
-                             max_pixels=self.max_scaled_pixels, what=what)
+        check = _check_sizes(sizes, min_size=self.config.min_image_size,
+                             max_pixels=self.config.max_scaled_pixels, what=what)
         with tf.control_dependencies([check]):
             pixels = tf.reduce_sum(tf.reduce_prod(tf.cast(sizes, tf.float64), axis=1))
-            work = tf.debugging.Assert(pixels <= float(self.max_batch_pixels), [
-                f"{what}: the selected scaled images have more than {self.max_batch_pixels} "
+            work = tf.debugging.Assert(pixels <= float(self.config.max_batch_pixels), [
+                f"{what}: the selected scaled images have more than {self.config.max_batch_pixels} "
                 "pixels in all (the export setting max_batch_pixels); select fewer or smaller "
                 "scales. Scaled [height, width] per scale:", sizes], summarize=64)
         with tf.control_dependencies([work]):
@@ -436,7 +428,7 @@ class GlamServingModule(tf.Module):
             parallel_iterations=1, fn_output_signature=(tf.string, tf.string))
 
         is_jpeg = tf.equal(formats, encoded_image.FORMAT_NAMES[encoded_image.JPEG])
-        max_pixels = self.max_decoded_pixels
+        max_pixels = self.config.max_decoded_pixels
 
         def decode(index, data, jpeg):
             # A JPEG's size as libjpeg reads it (one reading with the decoder); over the cap
@@ -578,7 +570,7 @@ def export_saved_model(model, export_dir, config: Optional[ExportConfig] = None,
     version = contract.resolve_version(export_dir, version)
     final = files.join(export_dir, str(version))
     module = build_serving_module(model, config, **settings)
-    advice = precision_lib.precision_advice(module.precision, cpu.cpu_info())
+    advice = precision_lib.precision_advice(module.config.precision, cpu.cpu_info())
     if advice:
         (logging.warning if advice[0] else logging.info)("%s", advice[1])
     files.makedirs(export_dir)
