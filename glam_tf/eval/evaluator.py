@@ -11,6 +11,7 @@ the metrics are those of the refined ranking, next to the plain ones (`refinemen
 calls); eval_main.py is the command line. EvalConfig lives in glam_tf.config.
 """
 
+import dataclasses
 import json
 import time
 
@@ -170,132 +171,53 @@ class Evaluator:
         return self._score(ts, splits, extraction, vis, t_start)
 
     def _score(self, ts, splits, extraction, vis, t_start):
+        """The stages after extraction: merge -> search -> refine -> score -> report."""
         cfg = self.config
-        manifests = [extract.read_manifest(out_dir) for _, out_dir, _ in splits]
-        keys = ("backend", "max_image_size", "min_side", "settings")
-        for (split, out_dir, _), man in zip(splits[1:], manifests[1:]):
-            diff = [k for k in keys if man.get(k) != manifests[0].get(k)]
-            if diff:
-                raise ValueError(f"features in {out_dir} ({split}) and {splits[0][1]} "
-                                 f"(queries) were extracted differently ({', '.join(diff)}); "
-                                 "extract every split with the same model and settings")
-        model_info = manifests[0]["settings"].get("model")
-        scales = manifests[0]["settings"].get("scales")
-        merged_q = extract.merge_shards(splits[0][1], [it.id for it in splits[0][2]],
-                                        num_hosts=cfg.num_shards)
-        dim = merged_q.descriptors.shape[1]
-        db = np.zeros((ts.num_database, dim), dtype=np.float32)
-        db_valid = np.ones(ts.num_database, dtype=bool)
-        undecodable = [dict(u, split="queries") for u in merged_q.undecodable]
-        enlarged = list(merged_q.enlarged)
-        offset = 0
-        for split, out_dir, items in splits[1:]:
-            n = len(items)
-            m = extract.merge_shards(out_dir, [it.id for it in items], num_hosts=cfg.num_shards,
-                                     out=db[offset:offset + n])
-            db_valid[offset:offset + n] = m.valid
-            undecodable += [dict(u, split=split, index=u["index"] + offset)
-                            for u in m.undecodable]
-            enlarged += m.enlarged
-            offset += n
-        bad_queries = np.flatnonzero(~merged_q.valid).tolist()
-        for q in bad_queries:
-            logging.warning("query %d (%s) is undecodable: left out of the means", q,
-                            ts.qimlist[q])
-
-        tracked = [np.concatenate([g["easy"], g["hard"], g["junk"]]) for g in ts.gnd]
-        rcfg = cfg.refine
-        k = max(cfg.topk, 10, cfg.approx_k if cfg.approx_index else 0,
-                rcfg.rerank_m if rcfg.rerank else 0,
-                rcfg.qe_neighbors if rcfg.query_expansion else 0)
-        budget = (cfg.memory_budget_mb << 20) or None
-        t0 = time.time()
-        res = search.exact_search(
-            merged_q.descriptors, db, k=k, tracked=tracked, valid=db_valid,
-            memory_budget_bytes=budget, log_every_s=cfg.log_every_s)
-        search_s = time.time() - t0
-        setups = metrics.SETUPS if ts.protocol == "revisited" else (metrics.ORIGINAL_SETUP,)
-        scores = metrics.evaluate_setups(ts.gnd, res.rank_of, setups=setups,
-                                         excluded_queries=bad_queries)
-        base_scores, refinement, exact = None, None, res
-        if rcfg.enabled:
-            res, seconds = refine.refine_and_search(
-                merged_q.descriptors, db, rcfg, tracked=tracked, valid=db_valid, k=k,
-                memory_budget_bytes=budget, log_every_s=cfg.log_every_s, base=res)
-            base_scores, scores = scores, metrics.evaluate_setups(
-                ts.gnd, res.rank_of, setups=setups, excluded_queries=bad_queries)
-            refinement = refinement_record(rcfg, seconds, len(ts.qimlist), ts.num_database,
-                                           base_scores)
-
-        results = {
-            "status": "complete",
-            "dataset": cfg.dataset,
-            "protocol": ts.protocol,
-            "distractors": bool(ts.distractors),
-            "model": model_info,
-            "settings": {
-                "max_image_size": manifests[0]["max_image_size"],
-                "scales": scales,
-                "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
-                "num_shards": cfg.num_shards, "descriptor_dim": dim,
-                "data_root": files.absolute(cfg.data_root), "resize": RESIZE_POLICY,
-                "undecodable_policy": UNDECODABLE_POLICY, "similarity": "inner product",
-                "search": "exact, chunked",
-            },
-            "counts": {
-                "queries": len(ts.qimlist),
-                "queries_evaluated": len(ts.qimlist) - len(bad_queries),
-                "database": ts.num_database, "distractors": len(ts.distractors),
-                "undecodable_queries": len(bad_queries),
-                "undecodable_database": int(np.count_nonzero(~db_valid)),
-                "enlarged_to_model_minimum": len(enlarged),
-            },
-            "metrics": _metrics_record(scores),
-            "undecodable": undecodable,
-            "extraction": extraction,
-            "search": {"seconds": round(search_s, 3), "k": k,
-                       "chunk_size": exact.chunk_size, "query_block": exact.query_block},
-        }
-        if refinement is not None:
-            results["refinement"] = refinement
-        results["per_query"] = [
-            {"query": name, "valid": q not in bad_queries,
-             "ap": {s: (None if scores[s]["ap"][q] is None else round(scores[s]["ap"][q], 6))
-                    for s in setups},
-             **({} if base_scores is None else {"ap_without_refinement": {
-                 s: (None if base_scores[s]["ap"][q] is None
-                     else round(base_scores[s]["ap"][q], 6)) for s in setups}}),
-             "top": [[ts.database_id(int(i)), round(float(sc), 6)] for i, sc in
-                     zip(res.topk_indices[q, :cfg.topk], res.topk_scores[q, :cfg.topk])]}
-            for q, name in enumerate(ts.qimlist)]
+        features = merge_features(ts, splits, num_hosts=cfg.num_shards)
+        tracked = tracked_images(ts)
+        ranking = refine_ranking(features, tracked, cfg.refine,
+                                 search_features(features, tracked, cfg),
+                                 memory_budget_bytes=_budget(cfg), log_every_s=cfg.log_every_s)
+        scores = score_ranking(ts, features, ranking)
+        results = results_record(cfg, ts, features, ranking, scores, extraction)
         if cfg.approx_index:
-            results["approx_index"] = self._approximate(merged_q.descriptors, db, db_valid, exact)
-        label = cfg.label
-        outputs = {"json": results_path(cfg)}
-        if vis:
-            entries = []
-            for q in vis:
-                entries.append({
-                    "query": ts.qimlist[q], "query_path": ts.query_path(ts.qimlist[q]),
-                    "box": ts.gnd[q]["bbx"],
-                    "results": [{"id": ts.database_id(int(i)), "path": ts.database_path(int(i)),
-                                 "score": float(sc),
-                                 "status": report.result_status(ts.gnd[q], int(i), db_valid)}
-                                for i, sc in zip(res.topk_indices[q, :10],
-                                                 res.topk_scores[q, :10])]})
-            png, page = report.write_visualization(
-                entries, files.join(cfg.output_dir, f"vis-{label}"),
-                title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: each query and its "
-                      "top 10, framed by status under the Medium setup")
-            outputs.update(png=png, html=page)
-            if self._attention is not None:
-                outputs["attention_png"] = self._draw_attention(ts, entries, vis)
+            results["approx_index"] = self._approximate(
+                features.queries, features.database, features.database_valid, ranking.exact)
+        outputs = self._draw(ts, features, ranking, vis)
         if self._map_ranges is not None:
             results["attention_ranges"] = self._map_ranges
         results["outputs"] = outputs
         results["seconds_total"] = round(time.time() - t_start, 2)
         report.write_json(results, outputs["json"])
         return results
+
+    def _draw(self, ts, features, ranking, vis) -> dict:
+        """The report's pictures: each --visualize query and its top 10 (and, with
+        --visualize_attention, their attention maps); returns the outputs' paths."""
+        cfg = self.config
+        outputs = {"json": results_path(cfg)}
+        if not vis:
+            return outputs
+        res = ranking.final
+        entries = []
+        for q in vis:
+            entries.append({
+                "query": ts.qimlist[q], "query_path": ts.query_path(ts.qimlist[q]),
+                "box": ts.gnd[q]["bbx"],
+                "results": [{"id": ts.database_id(int(i)), "path": ts.database_path(int(i)),
+                             "score": float(sc),
+                             "status": report.result_status(ts.gnd[q], int(i),
+                                                            features.database_valid)}
+                            for i, sc in zip(res.topk_indices[q, :10],
+                                             res.topk_scores[q, :10])]})
+        png, page = report.write_visualization(
+            entries, files.join(cfg.output_dir, f"vis-{cfg.label}"),
+            title=f"{report.dataset_label(cfg.dataset, cfg.distractors)}: each query and its "
+                  "top 10, framed by status under the Medium setup")
+        outputs.update(png=png, html=page)
+        if self._attention is not None:
+            outputs["attention_png"] = self._draw_attention(ts, entries, vis)
+        return outputs
 
     def _attention_ranges(self, ts, model):
         """`attention_vis.attention_statistics` over the first RANGE_QUERIES queries as the
@@ -368,6 +290,213 @@ class Evaluator:
         return {"index": cfg.approx_index, "params": cfg.approx_params, "k": cfg.approx_k,
                 "recall_at_k": round(search.recall_at_k(idx, exact.topk_indices, cfg.approx_k), 4),
                 "build_seconds": round(build_s, 3), "search_seconds": round(search_s, 3)}
+
+
+# ----------------------------------------------------------------------------------------
+# The stages after extraction, each callable alone: merge -> search -> refine -> score ->
+# report (results_record; Evaluator._draw adds the pictures).
+
+@dataclasses.dataclass
+class Features:
+    """The extracted descriptors of one test set, merged from every host's shards.
+
+    Attributes:
+        queries: (Q, D) float32 unit descriptors (zeros for an undecodable query).
+        database: (N, D) float32, the database then the distractors.
+        database_valid: (N,) bool, False for an undecodable database image.
+        bad_queries: indices of the undecodable queries (left out of the means).
+        undecodable: one record per undecodable image (split, index, id, reason).
+        enlarged: the images raised to the model's minimum side.
+        manifest: the queries' extraction manifest (model, resize and settings).
+    """
+
+    queries: np.ndarray
+    database: np.ndarray
+    database_valid: np.ndarray
+    bad_queries: list
+    undecodable: list
+    enlarged: list
+    manifest: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.queries.shape[1])
+
+
+@dataclasses.dataclass
+class Ranking:
+    """The search stage's rankings: `exact` from search_features, `final` after
+    refine_ranking (the exact one when no refinement ran), with their costs."""
+
+    exact: search.SearchResult
+    k: int
+    search_seconds: float
+    final: search.SearchResult = None
+    refine_seconds: dict = None
+
+    def __post_init__(self):
+        if self.final is None:
+            self.final = self.exact
+
+
+@dataclasses.dataclass
+class Scores:
+    """Per setup (metrics.evaluate_setups) the scores of the final ranking, and of the
+    exact one when a refinement ran."""
+
+    setups: tuple
+    final: dict
+    without_refinement: dict = None
+
+
+def merge_features(ts, splits, *, num_hosts: int) -> Features:
+    """Reads every split's shards (queries first, then database and distractors) into one
+    `Features`; refuses splits extracted with other models or settings."""
+    manifests = [extract.read_manifest(out_dir) for _, out_dir, _ in splits]
+    keys = ("backend", "max_image_size", "min_side", "settings")
+    for (split, out_dir, _), man in zip(splits[1:], manifests[1:]):
+        diff = [k for k in keys if man.get(k) != manifests[0].get(k)]
+        if diff:
+            raise ValueError(f"features in {out_dir} ({split}) and {splits[0][1]} "
+                             f"(queries) were extracted differently ({', '.join(diff)}); "
+                             "extract every split with the same model and settings")
+    merged_q = extract.merge_shards(splits[0][1], [it.id for it in splits[0][2]],
+                                    num_hosts=num_hosts)
+    dim = merged_q.descriptors.shape[1]
+    db = np.zeros((ts.num_database, dim), dtype=np.float32)
+    db_valid = np.ones(ts.num_database, dtype=bool)
+    undecodable = [dict(u, split="queries") for u in merged_q.undecodable]
+    enlarged = list(merged_q.enlarged)
+    offset = 0
+    for split, out_dir, items in splits[1:]:
+        n = len(items)
+        m = extract.merge_shards(out_dir, [it.id for it in items], num_hosts=num_hosts,
+                                 out=db[offset:offset + n])
+        db_valid[offset:offset + n] = m.valid
+        undecodable += [dict(u, split=split, index=u["index"] + offset)
+                        for u in m.undecodable]
+        enlarged += m.enlarged
+        offset += n
+    bad_queries = np.flatnonzero(~merged_q.valid).tolist()
+    for q in bad_queries:
+        logging.warning("query %d (%s) is undecodable: left out of the means", q,
+                        ts.qimlist[q])
+    return Features(queries=merged_q.descriptors, database=db, database_valid=db_valid,
+                    bad_queries=bad_queries, undecodable=undecodable, enlarged=enlarged,
+                    manifest=manifests[0])
+
+
+def tracked_images(ts) -> list:
+    """Per query the database indices whose ranks AP needs: easy, hard and junk."""
+    return [np.concatenate([g["easy"], g["hard"], g["junk"]]) for g in ts.gnd]
+
+
+def search_depth(cfg) -> int:
+    """k of the search: enough for the stored top, the pictures, the approximate search's
+    recall and the refinements' neighbours."""
+    rcfg = cfg.refine
+    return max(cfg.topk, 10, cfg.approx_k if cfg.approx_index else 0,
+               rcfg.rerank_m if rcfg.rerank else 0,
+               rcfg.qe_neighbors if rcfg.query_expansion else 0)
+
+
+def _budget(cfg):
+    return (cfg.memory_budget_mb << 20) or None
+
+
+def search_features(features: Features, tracked, cfg) -> Ranking:
+    """Exact search of the queries in the database (glam_tf.eval.search)."""
+    k = search_depth(cfg)
+    t0 = time.time()
+    res = search.exact_search(
+        features.queries, features.database, k=k, tracked=tracked,
+        valid=features.database_valid, memory_budget_bytes=_budget(cfg),
+        log_every_s=cfg.log_every_s)
+    return Ranking(exact=res, k=k, search_seconds=time.time() - t0)
+
+
+def refine_ranking(features: Features, tracked, cfg, ranking: Ranking, *,
+                   memory_budget_bytes=None, log_every_s=30.0) -> Ranking:
+    """`ranking` with the search-time refinements of `cfg` (a RefineConfig: alpha-DBA,
+    alpha-QE, re-ranking; glam_tf.eval.refine) applied, or as it is when none is on."""
+    if not cfg.enabled:
+        return ranking
+    res, seconds = refine.refine_and_search(
+        features.queries, features.database, cfg, tracked=tracked,
+        valid=features.database_valid, k=ranking.k, memory_budget_bytes=memory_budget_bytes,
+        log_every_s=log_every_s, base=ranking.exact)
+    return dataclasses.replace(ranking, final=res, refine_seconds=seconds)
+
+
+def score_ranking(ts, features: Features, ranking: Ranking) -> Scores:
+    """mAP and mP@k per setup of EVAL_PROTOCOL.md (the revisited Easy/Medium/Hard, or the
+    original protocol's one) of the final ranking, and of the exact one when refined."""
+    setups = metrics.SETUPS if ts.protocol == "revisited" else (metrics.ORIGINAL_SETUP,)
+
+    def scored(res):
+        return metrics.evaluate_setups(ts.gnd, res.rank_of, setups=setups,
+                                       excluded_queries=features.bad_queries)
+
+    if ranking.final is ranking.exact:
+        return Scores(setups=setups, final=scored(ranking.exact))
+    return Scores(setups=setups, final=scored(ranking.final),
+                  without_refinement=scored(ranking.exact))
+
+
+def _ap(scores, setups, q):
+    return {s: (None if scores[s]["ap"][q] is None else round(scores[s]["ap"][q], 6))
+            for s in setups}
+
+
+def results_record(cfg, ts, features: Features, ranking: Ranking, scores: Scores,
+                   extraction) -> dict:
+    """The results JSON (module doc): settings, counts, metrics, refinement, search costs
+    and the per-query records with the stored top."""
+    bad_queries, db_valid = features.bad_queries, features.database_valid
+    results = {
+        "status": "complete",
+        "dataset": cfg.dataset,
+        "protocol": ts.protocol,
+        "distractors": bool(ts.distractors),
+        "model": features.manifest["settings"].get("model"),
+        "settings": {
+            "max_image_size": features.manifest["max_image_size"],
+            "scales": features.manifest["settings"].get("scales"),
+            "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
+            "num_shards": cfg.num_shards, "descriptor_dim": features.dim,
+            "data_root": files.absolute(cfg.data_root), "resize": RESIZE_POLICY,
+            "undecodable_policy": UNDECODABLE_POLICY, "similarity": "inner product",
+            "search": "exact, chunked",
+        },
+        "counts": {
+            "queries": len(ts.qimlist),
+            "queries_evaluated": len(ts.qimlist) - len(bad_queries),
+            "database": ts.num_database, "distractors": len(ts.distractors),
+            "undecodable_queries": len(bad_queries),
+            "undecodable_database": int(np.count_nonzero(~db_valid)),
+            "enlarged_to_model_minimum": len(features.enlarged),
+        },
+        "metrics": _metrics_record(scores.final),
+        "undecodable": features.undecodable,
+        "extraction": extraction,
+        "search": {"seconds": round(ranking.search_seconds, 3), "k": ranking.k,
+                   "chunk_size": ranking.exact.chunk_size,
+                   "query_block": ranking.exact.query_block},
+    }
+    if ranking.refine_seconds is not None:
+        results["refinement"] = refinement_record(
+            cfg.refine, ranking.refine_seconds, len(ts.qimlist), ts.num_database,
+            scores.without_refinement)
+    res, setups, top = ranking.final, scores.setups, cfg.topk
+    results["per_query"] = [
+        {"query": name, "valid": q not in bad_queries,
+         "ap": _ap(scores.final, setups, q),
+         **({} if scores.without_refinement is None else {
+             "ap_without_refinement": _ap(scores.without_refinement, setups, q)}),
+         "top": [[ts.database_id(int(i)), round(float(sc), 6)] for i, sc in
+                 zip(res.topk_indices[q, :top], res.topk_scores[q, :top])]}
+        for q, name in enumerate(ts.qimlist)]
+    return results
 
 
 def _metrics_record(scores):
