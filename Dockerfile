@@ -1,6 +1,6 @@
 # The Beam worker image of glam-tf: Beam's Python 3.11 SDK container (its boot program and
 # Apache Beam 2.77.0) with glam_tf and its pinned requirements installed. One image for
-# every remote runner (README, "GLDv2 on a cluster"):
+# every remote runner (docs/scale-out.md, "Runners"):
 #   Dataflow        --sdk_container_image=IMAGE
 #   Flink, Spark    --environment_type=DOCKER --environment_options=docker_container_image=IMAGE
 #   worker pools    docker run IMAGE --worker_pool   (then --environment_type=EXTERNAL)

@@ -1,7 +1,7 @@
 """The paper's Table 5 at the demo's recipe: baseline, local, global, global+local x seeds.
 
     python bench/ablation.py --work_dir=runs/ablation                 # 4 variants x 3 seeds
-    python bench/ablation.py --work_dir=/tmp/abl --quick              # CI: tiny sizes, ~1 min
+    python bench/ablation.py --work_dir=runs/abl_quick --quick        # CI: tiny sizes, ~1 min
     python bench/ablation.py --work_dir=runs/street_val --flagfile=configs/street.flags \
         --split=val                                                   # choose settings
 

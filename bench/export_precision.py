@@ -25,8 +25,7 @@ starting with "JSON ".
 
   python bench/export_precision.py                                  # resnet101, 1024 px
   python bench/export_precision.py --backbone=resnet50 --reps=3 --precisions=float32,bfloat16
-  python bench/export_precision.py --train_dir=/tmp/demo_spine/runs/demo \\
-      --synth_root=/tmp/demo_spine/data/synth_demo
+  python bench/export_precision.py --train_dir=runs/demo --synth_root=data/synth_demo
 """
 
 import glob

@@ -22,7 +22,7 @@ run, median of --beam_repeats. Both include their start-up (the in-process path'
 the clock starts, as eval_main loads it in the driver before the pipeline); the Beam legs
 also report their time in shards (Beam distribution shard_ms, over the workers) and the rest
 (worker processes, TensorFlow imports, model loads: start-up and overhead), and the
-descriptors are checked against the in-process ones (goal: ratio >= 0.9, issue 13).
+descriptors are checked against the in-process ones (goal: ratio >= 0.9).
 
   .venv/bin/python bench/extract.py --num_images=8 --num_real=0 --repeats=1 --max_image_size=192 \
       --beam_images=240 --beam_workers=0,2 --beam_repeats=2

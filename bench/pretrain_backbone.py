@@ -1,7 +1,7 @@
 """Pretrains a backbone for the pretrained regime: the baseline on a synthetic set of its own.
 
     python bench/pretrain_backbone.py --work_dir=runs/pretrain        # configs/pretrain.flags
-    python bench/pretrain_backbone.py --work_dir=/tmp/pre --quick     # CI: tiny, < 1 min
+    python bench/pretrain_backbone.py --work_dir=runs/pre_quick --quick # CI: tiny, < 1 min
     python train_main.py --flagfile=configs/street160.flags \
         --weights=runs/pretrain/backbone.weights.h5 ...               # start from it
 

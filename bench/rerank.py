@@ -2,7 +2,7 @@
 
 - re-ranking (SuperGlobal, `glam_tf.eval.refine.rerank_search_result`) of each query's top
   --rerank_m among --num_db synthetic 512-d descriptors: ms per query (best of --rounds;
-  the issue's goal: under 10 ms at M = 400);
+  goal: under 10 ms at M = 400);
 - alpha-QE: the expansion plus the second exact search, ms per query;
 - alpha-DBA of a --dba_num_db database (exact_search in blocks): seconds, ms per database
   image, tracemalloc peak of its own temporaries and the output's size; with the quadratic

@@ -3,10 +3,10 @@
 `tests/test_data_gldv2.py` checks that the Beam pipeline of `glam_tf.data.gldv2` writes
 byte-identical shards, label map, lists and summary to this code on the same input. It is
 the serial path of the pre-Beam `convert_gldv2` (commit 786912e), without the progress bar
-and the process pool (which wrote the same bytes: the old test compared them). The csv
+and the process pool (which wrote the same bytes). The csv
 reader, relabelling, split and example encoding it calls are the library's, unchanged. One
 deliberate change since: summary.json names the patterns and the label map relative to its
-folder (issue 21: the file no longer embeds the output path).
+folder, so that the file does not embed the output path.
 """
 
 import concurrent.futures

@@ -6,7 +6,9 @@ found by tests/program_flags.py; for the Beam pipeline programs, flags they do n
 must be Apache Beam pipeline options), every flagfile and repository path named exists and
 a flagfile's own flags belong to the program too. Every Python block compiles, every
 relative link (and #anchor) between the pages resolves, and the two set-up commands of the
-README are the ones .ci/run runs.
+README are the ones .ci/run runs. The run folders the pages name are the flagfiles'
+(`--train_dir`, the export folder training writes in it, or a bench's `--work_dir`), and
+the Dockerfile's and flagfiles' pointers (`docs/x.md, "Section"`) name sections that exist.
 """
 
 from __future__ import annotations
@@ -388,3 +390,115 @@ def test_what_next_offers_only_what_the_run_has():
     no_export = what_next(_demo_config("--noexport", "--eval_dataset="), export_dir=None,
                           outputs=None)
     assert no_export == ""
+
+
+# ---- the guides' run folders are the flagfiles' ---------------------------------------
+
+RUN_FOLDER = re.compile(r"(?<![\w.-])runs/[\w.-]+")
+# `--model` / `--export_dir` of a run: the folder training exports to (`<train_dir>/export`,
+# glam_tf.config.contract.export_dir) or a sibling `export_<what>` beside it.
+EXPORT_FOLDER = re.compile(r"^(?P<train_dir>runs/[\w.-]+)/export(_[\w.-]+)?/?$")
+
+
+def flagfile_train_dirs() -> set:
+    """The `--train_dir` of every flagfile under configs/."""
+    return {line.split("=", 1)[1] for path in (REPO_ROOT / "configs").glob("*.flags")
+            for line in _flagfile_flags(path) if line.startswith("--train_dir=")}
+
+
+def unknown_run_folders(text: str, train_dirs: set) -> list:
+    """`runs/<name>` folders a page names that are neither a flagfile's `--train_dir` nor
+    a bench's `--work_dir` given on the same page."""
+    work_dirs = set(re.findall(r"--work_dir=(runs/[\w.-]+)", text))
+    return sorted({m.group(0) for m in RUN_FOLDER.finditer(text)}
+                  - train_dirs - work_dirs)
+
+
+def run_paths_off_the_flagfiles(command, train_dirs: set) -> list:
+    """The `--train_dir`, `--model` and `--export_dir` values of a `*_main.py` command that
+    are not a flagfile's run folder or the export folder training writes in it."""
+    found = program_of(command)
+    if not found or not found[0].endswith("_main.py"):
+        return []
+    problems = []
+    for arg in found[1]:
+        name, _, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not value or re.search(r"[<$]", value) \
+                or value.startswith("/") or "://" in value:
+            continue
+        if name == "train_dir" and value.rstrip("/") not in train_dirs:
+            problems.append(f"--train_dir={value} is no flagfile's --train_dir")
+        elif name in ("model", "export_dir"):
+            m = EXPORT_FOLDER.match(value)
+            if not m or m.group("train_dir") not in train_dirs:
+                problems.append(f"--{name}={value} is not <a flagfile's train_dir>/export")
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_name)
+def test_the_guides_run_folders_are_the_flagfiles(page):
+    """A guide's paths are those a flagfile's run writes: `runs/glam_r101_gldv2clean` and
+    its `export/` folder, not a name of the guide's own."""
+    train_dirs = flagfile_train_dirs()
+    text = page.read_text()
+    problems = [f"names {folder}" for folder in unknown_run_folders(text, train_dirs)]
+    problems += [f"block at line {line}: `{' '.join(c)}`: {p}"
+                 for lang, line, body in fenced_blocks(text) if lang in SHELL_LANGS
+                 for c in shell_commands(body)
+                 for p in run_paths_off_the_flagfiles(c, train_dirs)]
+    assert not problems, f"{page_name(page)}: " + "\n".join(problems)
+
+
+# ---- pointers from comments to a guide's section ---------------------------------------
+
+SECTION_POINTER = re.compile(r"(docs/[\w-]+\.md|README(?:\.md)?)[,:]? \"([^\"]+)\"")
+
+
+def missing_sections(comment_text: str) -> list:
+    """`docs/x.md, "Section"` pointers whose page has no heading starting with Section."""
+    missing = []
+    for page, section in SECTION_POINTER.findall(comment_text):
+        page = "README.md" if page == "README" else page
+        path = REPO_ROOT / page
+        headings = re.findall(r"^#{1,6} +(.+?) *$", FENCE.sub("", path.read_text()), re.M) \
+            if path.is_file() else []
+        if not any(h.startswith(section) for h in headings):
+            missing.append(f'{page}, "{section}"')
+    return missing
+
+
+def _comments(path: pathlib.Path) -> str:
+    """A file's `#` comment lines joined into one text (a pointer may wrap)."""
+    return " ".join(line.lstrip()[1:].strip() for line in path.read_text().splitlines()
+                    if line.lstrip().startswith("#"))
+
+
+@pytest.mark.parametrize("path", [REPO_ROOT / "Dockerfile"]
+                         + sorted((REPO_ROOT / "configs").glob("*.flags")),
+                         ids=lambda p: p.name)
+def test_pointers_to_sections_name_sections_that_exist(path):
+    assert not missing_sections(_comments(path)), \
+        f"{path.name} points at sections that do not exist: {missing_sections(_comments(path))}"
+
+
+def test_the_dockerfile_points_at_the_runners_guide():
+    assert SECTION_POINTER.search(_comments(REPO_ROOT / "Dockerfile"))
+
+
+def test_the_path_and_pointer_checks_catch_drift():
+    train_dirs = flagfile_train_dirs()
+    assert "runs/glam_r101_gldv2clean" in train_dirs and "runs/demo" in train_dirs
+    assert unknown_run_folders("`runs/glam_r101` and runs/demo/export", train_dirs) == [
+        "runs/glam_r101"]
+    assert unknown_run_folders("--work_dir=runs/ablation; runs/ablation/x", train_dirs) == []
+    command = ["python", "eval_main.py", "--model=exports/glam",
+               "--train_dir=runs/glam_r101", "--output_dir=runs/demo/eval"]
+    assert run_paths_off_the_flagfiles(command, train_dirs) == [
+        "--model=exports/glam is not <a flagfile's train_dir>/export",
+        "--train_dir=runs/glam_r101 is no flagfile's --train_dir"]
+    assert run_paths_off_the_flagfiles(
+        ["python", "export_main.py", "--train_dir=runs/glam_r101_gldv2clean",
+         "--export_dir=runs/glam_r101_gldv2clean/export"], train_dirs) == []
+    assert missing_sections('(README, "GLDv2 on a cluster") (docs/scale-out.md, "Runners")'
+                            ' (docs/nope.md: "Runners")') == [
+        'README.md, "GLDv2 on a cluster"', 'docs/nope.md, "Runners"']

@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import SHARED_DATA
 from glam_tf import encoded_image
 from glam_tf.config import ExportConfig, contract
 from glam_tf.export import serving
@@ -28,7 +29,7 @@ from helpers import huge_png
 
 MAX_SIZE = 64
 DIM = 8
-PHOTOS = pathlib.Path("/work/shared/data/oxford_query_crops")
+PHOTOS = SHARED_DATA / "oxford_query_crops"
 
 
 def random_image(h, w, seed=0):

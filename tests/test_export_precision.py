@@ -1,4 +1,4 @@
-"""Export precision (issue 14): bfloat16 / float16 signatures against float32.
+"""Export precision: bfloat16 / float16 signatures against float32.
 
 A tiny GLAM model (tests/keras_helpers.tiny_descriptor_model: real GLAM, GeM and head on a
 two-conv backbone) is exported once in bfloat16; a ResNet50 GLAM model (weights none) at

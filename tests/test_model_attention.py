@@ -1,6 +1,6 @@
 """GLAM attention layers and fusion against an independent NumPy implementation of the spec.
 
-Every reference below is written from /work/shared/GLAM_SPEC.md with explicit loops /
+Every reference below is written from the spec (../shared/GLAM_SPEC.md) with explicit loops /
 einsum and its own convolutions, fed with the layer's own weights; random non-square
 inputs (B=2, h=5, w=7, c=16, c'=4).
 """

@@ -1,4 +1,4 @@
-"""The descriptor model rebuilt to compute in bfloat16 or float16 for export (issue 14).
+"""The descriptor model rebuilt to compute in bfloat16 or float16 for export.
 
 `with_precision(model, "bfloat16")` clones a float32 Keras descriptor model layer by layer
 under the Keras dtype policy "mixed_bfloat16" (float32 variables holding the same values,
