@@ -17,7 +17,6 @@ import hashlib
 import os
 import platform
 import re
-import shutil
 import subprocess
 import time
 
@@ -159,7 +158,7 @@ def c_compiler():
     """Path of the C compiler ($CC, else gcc, else cc) on $PATH, or None: the search's
     rank-count kernel (glam_tf.eval.rank_kernel) and serving_check/ are built with it."""
     for name in (os.environ.get("CC"), "gcc", "cc"):
-        found = name and shutil.which(name)
+        found = name and files.which(name)
         if found:
             return found
     return None

@@ -52,6 +52,7 @@ import glob as glob_lib
 import json
 import os
 import posixpath
+import shutil
 import socket
 import tempfile
 import uuid
@@ -353,6 +354,11 @@ def read_local_text(path) -> str:
 def local_writable(path) -> bool:
     """Whether this process may write into the local folder `path` (e.g. the Keras cache)."""
     return os.access(os.fspath(path), os.W_OK)
+
+
+def which(program):
+    """Path of the executable `program` on $PATH, or None."""
+    return shutil.which(program)
 
 
 @contextlib.contextmanager
