@@ -1,0 +1,247 @@
+"""glam_tf.data.download against a local HTTP server with injected faults (no internet)."""
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from glam_tf import files, refusal
+from glam_tf.data import download
+from glam_tf.refusal import Refused
+import http_fixture
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IDS_0 = ["0a1b2c3d4e5f6a7b", "0a1fffffffffffff", "1b2c3d4e5f6a7b8c"]
+IDS_1 = ["9f8e7d6c5b4a3f2e", "abcdef0123456789"]
+CSV = ("landmark_id,images\n7,0a1b2c3d4e5f6a7b 0a1fffffffffffff\n"
+       "9,1b2c3d4e5f6a7b8c 9f8e7d6c5b4a3f2e abcdef0123456789\n").encode()
+
+
+@pytest.fixture
+def server():
+    srv = http_fixture.FileServer(stall_s=1.0)
+    srv.tar0 = http_fixture.make_tar(http_fixture.gldv2_members(IDS_0))
+    srv.tar1 = http_fixture.make_tar(http_fixture.gldv2_members(IDS_1))
+    srv.add_gldv2_tar(0, srv.tar0)
+    srv.add_gldv2_tar(1, srv.tar1)
+    srv.files["/gldv2/metadata/train_clean.csv"] = CSV
+    yield srv
+    srv.close()
+
+
+def _config(server, out, **kw):
+    base = dict(datasets=("gldv2_train_clean",), output_dir=str(out), base_url=server.url,
+                gldv2_tars=(0, 1), backoff_s=0.01, timeout_s=0.3, tries=3, parallel=2,
+                log_every_s=0.0)
+    base.update(kw)
+    return download.DownloadConfig(**base)
+
+
+def _tar_requests(server, index=0):
+    return [start for path, start in server.requests
+            if path == f"/gldv2/train/images_{index:03d}.tar"]
+
+
+def test_fetches_verifies_extracts_and_a_rerun_fetches_nothing(server, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    summary = download.download(_config(server, tmp_path / "out"))
+    root = tmp_path / "out" / "gldv2"
+    assert (root / "train_clean.csv").read_bytes() == CSV
+    for i in IDS_0 + IDS_1:
+        assert (root / "train" / i[0] / i[1] / i[2] / f"{i}.jpg").is_file()
+    assert (root / "archive_members" / "images_000.tar.txt").read_text().split() == [
+        f"{i[0]}/{i[1]}/{i[2]}/{i}.jpg" for i in IDS_0]
+    manifest = json.loads((tmp_path / "out" / download.MANIFEST_NAME).read_text())
+    tar0 = manifest["gldv2/train/images_000.tar"]
+    assert tar0["md5"] == hashlib.md5(server.tar0).hexdigest()
+    assert tar0["check"] == "published md5" and tar0["members"] == 3
+    csv_entry = manifest["gldv2/metadata/train_clean.csv"]
+    assert csv_entry["sha256"] == hashlib.sha256(CSV).hexdigest()
+    assert csv_entry["size"] == len(CSV) and csv_entry["md5"] is None
+    assert len(summary.fetched) == 3 and summary.bytes_fetched >= len(server.tar0)
+    assert not list((tmp_path / "out" / "downloads").rglob("*.tar"))  # archives deleted
+    assert any("/s ETA" in r.getMessage() for r in caplog.records)
+    # Rerun: everything is recorded and present, so nothing is requested.
+    count = len(server.requests)
+    again = download.download(_config(server, tmp_path / "out"))
+    assert len(server.requests) == count and not again.fetched and len(again.skipped) == 3
+    # An extracted image deleted: only its tar is fetched again.
+    (root / "train" / "1" / "b" / "2" / "1b2c3d4e5f6a7b8c.jpg").unlink()
+    download.download(_config(server, tmp_path / "out"))
+    fetched = {p for p, _ in server.requests[count:] if p.endswith(".tar")}
+    assert fetched == {"/gldv2/train/images_000.tar"}
+    assert (root / "train" / "1" / "b" / "2" / "1b2c3d4e5f6a7b8c.jpg").is_file()
+
+
+def test_an_interrupted_file_resumes_to_identical_bytes(server, tmp_path):
+    # A killed run left half of tar 0: the rerun asks only for the rest.
+    dl = tmp_path / "out" / "downloads" / "gldv2" / "train"
+    dl.mkdir(parents=True)
+    half = len(server.tar0) // 2
+    (dl / ("images_000.tar" + download.PARTIAL_SUFFIX)).write_bytes(server.tar0[:half])
+    download.download(_config(server, tmp_path / "out", keep_archives=True))
+    assert _tar_requests(server) == [half]
+    assert (dl / "images_000.tar").read_bytes() == server.tar0
+    # A connection cut mid-file: retried from where it stopped, in the same run.
+    server.faults["/gldv2/train/images_001.tar"] = ["cut"]
+    download.download(_config(server, tmp_path / "out2", keep_archives=True))
+    starts = _tar_requests(server, 1)
+    assert starts[-2:] == [0, (len(server.tar1)) // 2]
+    assert (tmp_path / "out2" / "downloads" / "gldv2" / "train" /
+            "images_001.tar").read_bytes() == server.tar1
+
+
+@pytest.mark.parametrize("faults", [["500", "500"], ["stall"], ["cut", "cut", "500"]])
+def test_transient_errors_are_retried(server, tmp_path, faults):
+    server.faults["/gldv2/train/images_000.tar"] = list(faults)
+    download.download(_config(server, tmp_path / "out", keep_archives=True))
+    assert (tmp_path / "out" / "downloads" / "gldv2" / "train" /
+            "images_000.tar").read_bytes() == server.tar0
+
+
+def test_wrong_bytes_are_fetched_again_then_refused_naming_the_file(server, tmp_path):
+    server.faults["/gldv2/train/images_000.tar"] = ["wrong"]
+    download.download(_config(server, tmp_path / "out"))
+    assert _tar_requests(server) == [0, 0]
+    assert (tmp_path / "out" / "gldv2" / "train" / "0" / "a" / "1").is_dir()
+
+    server.faults["/gldv2/train/images_001.tar"] = ["wrong"] * 3
+    with pytest.raises(Refused) as caught:
+        download.download(_config(server, tmp_path / "out3", datasets=("gldv2_train_clean",)))
+    line = refusal.describe(caught.value)
+    assert line.startswith("images_001.tar: md5 ") and "after 3 tries" in line
+    assert "\n" not in line
+    assert not (tmp_path / "out3" / "gldv2" / "train" / "9").exists()
+
+
+def test_http_errors_refuse_in_one_line(server, tmp_path):
+    server.faults["/gldv2/train/images_001.tar"] = ["500"] * 5
+    with pytest.raises(Refused, match=r"images_001\.tar: .* failed 3 times in a row "
+                                      r"\(last: HTTP 500"):
+        download.download(_config(server, tmp_path / "a"))
+    server.faults["/gldv2/train/images_001.tar"] = ["404"]
+    with pytest.raises(Refused, match=r"/gldv2/train/images_001\.tar: HTTP 404"):
+        download.download(_config(server, tmp_path / "b"))
+
+
+HOSTILE = {
+    "absolute path": ("/tmp/evil.jpg", b"x"),
+    "'..'": ("0/../../evil.jpg", b"x"),
+    "symbolic link": "sym",
+    "hard link": "hard",
+    "character device": "chr",
+    "fifo": "fifo",
+    "oversized member": ("0/1/2/big.jpg", b"y" * 4096),
+}
+
+
+def _hostile_member(kind):
+    value = HOSTILE[kind]
+    if isinstance(value, tuple):
+        return value
+    info = tarfile.TarInfo("0/1/2/odd.jpg")
+    info.type = {"sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE,
+                 "fifo": tarfile.FIFOTYPE}[value]
+    info.linkname = "../../../etc/passwd" if value in ("sym", "hard") else ""
+    return info, None
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_archives_are_refused_and_nothing_is_written(server, tmp_path, kind):
+    members = http_fixture.gldv2_members(IDS_0[:1]) + [_hostile_member(kind)]
+    server.add_gldv2_tar(0, http_fixture.make_tar(members))
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(Refused) as caught:
+        download.download(_config(server, out, gldv2_tars=(0,), max_member_bytes=1024,
+                                  parallel=1))
+    line = refusal.describe(caught.value)
+    assert line.startswith("images_000.tar: archive member "), line
+    assert repr(members[-1][0].name if members[-1][1] is None else members[-1][0]) in line
+    assert not (out / "gldv2" / "train").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "downloads" not in
+                  str(p)) == ["download_manifest.json", "train_clean.csv"]
+
+
+def test_revisited_archives_flatten_and_record_sha256(server, tmp_path):
+    tgz = http_fixture.make_tar([("oxbuild/all_souls_000001.jpg", http_fixture.jpeg(1)),
+                                 ("oxbuild/radcliffe_camera_000002.jpg", http_fixture.jpeg(2))],
+                                gzip=True)
+    server.files["/oxbuildings/oxbuild_images-v1.tgz"] = tgz
+    server.files["/revisitop/roxford5k/gnd_roxford5k.pkl"] = b"pickle bytes"
+    config = _config(server, tmp_path / "out", datasets=("roxford5k",))
+    download.download(config)
+    assert sorted(os.listdir(tmp_path / "out" / "roxford5k" / "jpg")) == [
+        "all_souls_000001.jpg", "radcliffe_camera_000002.jpg"]
+    manifest = json.loads((tmp_path / "out" / download.MANIFEST_NAME).read_text())
+    entry = manifest["oxbuildings/oxbuild_images-v1.tgz"]
+    assert entry["sha256"] == hashlib.sha256(tgz).hexdigest() and entry["size"] == len(tgz)
+    assert entry["check"] == "read whole, size and sha256 recorded"
+    # A damaged gzip (bad CRC) is fetched again; served damaged every time, it is refused.
+    server.faults["/oxbuildings/oxbuild_images-v1.tgz"] = ["wrong"] * 3
+    with pytest.raises(Refused, match=r"oxbuild_images-v1\.tgz: not a readable archive"):
+        download.download(dataclasses.replace(config, output_dir=str(tmp_path / "o2")))
+
+
+def test_ram_output(server, tmp_path):
+    out = "ram://download_test/out"
+    download.download(_config(server, out))
+    assert files.read_bytes(f"{out}/gldv2/train_clean.csv") == CSV
+    assert files.exists(f"{out}/gldv2/train/a/b/c/abcdef0123456789.jpg")
+    count = len(server.requests)
+    download.download(_config(server, out))
+    assert len(server.requests) == count
+    files.rmtree("ram://download_test")
+
+
+def test_a_full_disk_is_a_one_line_refusal(server, tmp_path, monkeypatch):
+    real_open = files.open_file
+
+    class Full:
+        def __init__(self, path):
+            self.path = path
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            if data:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(path, mode="r"):
+        if "w" in mode and "/gldv2/train/" in str(path) and "downloads" not in str(path):
+            return Full(path)
+        return real_open(path, mode)
+
+    monkeypatch.setattr(files, "open_file", fake_open)
+    with pytest.raises(OSError) as caught:
+        download.download(_config(server, tmp_path / "out", gldv2_tars=(0,), parallel=1))
+    line = refusal.describe(caught.value)
+    assert "no space left on the device" in line and "/gldv2/train/" in line
+    assert not [p for p in (tmp_path / "out").rglob("*") if files.TEMPORARY_TAG in p.name]
+
+
+def test_program_exit_codes(server, tmp_path):
+    server.faults["/gldv2/train/images_000.tar"] = ["404"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "download_main.py"), "--datasets=gldv2_train_clean",
+         f"--output_dir={tmp_path / 'out'}", f"--base_url={server.url}", "--gldv2_tars=0",
+         "--backoff_s=0.01"], capture_output=True, text=True, env=env, cwd=REPO, check=False)
+    assert run.returncode == refusal.EXIT_REFUSED, run.stderr
+    lines = [l for l in run.stderr.splitlines() if l.startswith("download_main:")]
+    assert len(lines) == 1 and "images_000.tar: HTTP 404" in lines[0]
+    bad = subprocess.run(
+        [sys.executable, os.path.join(REPO, "download_main.py"), "--datasets=gldv3",
+         f"--output_dir={tmp_path / 'o'}"], capture_output=True, text=True, env=env, cwd=REPO,
+        check=False)
+    assert bad.returncode == refusal.EXIT_USAGE and "--datasets must name" in bad.stderr
