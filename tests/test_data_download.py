@@ -245,3 +245,63 @@ def test_program_exit_codes(server, tmp_path):
          f"--output_dir={tmp_path / 'o'}"], capture_output=True, text=True, env=env, cwd=REPO,
         check=False)
     assert bad.returncode == refusal.EXIT_USAGE and "--datasets must name" in bad.stderr
+
+
+# ---------------------------------------------------------------------------- converter
+
+IN_MEMORY = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory):
+    """GLDv2 tars 0 and 1 fetched from the local server; one image of tar 1 then deleted."""
+    srv = http_fixture.FileServer()
+    srv.add_gldv2_tar(0, http_fixture.make_tar(http_fixture.gldv2_members(IDS_0)))
+    srv.add_gldv2_tar(1, http_fixture.make_tar(http_fixture.gldv2_members(IDS_1)))
+    srv.files["/gldv2/metadata/train_clean.csv"] = CSV
+    out = tmp_path_factory.mktemp("downloaded")
+    try:
+        download.download(_config(srv, out))
+    finally:
+        srv.close()
+    (out / "gldv2" / "train" / "9" / "f" / "8" / "9f8e7d6c5b4a3f2e.jpg").unlink()
+    return out / "gldv2"
+
+
+def test_converter_refuses_missing_images_naming_their_tar(downloaded, tmp_path):
+    from glam_tf.data import gldv2  # pylint: disable=import-outside-toplevel
+
+    out = tmp_path / "tfr"
+    with pytest.raises(gldv2.MissingImagesError) as caught:
+        gldv2.convert_gldv2(str(downloaded), str(out), beam_args=IN_MEMORY)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("1 of the 5 images listed in ")
+    assert "9f8e7d6c5b4a3f2e is in images_001.tar" in message and "--allow_missing" in message
+    assert (out / gldv2.MISSING_BY_TAR_NAME).read_text().split("\t")[:2] == [
+        "images_001.tar", "9f8e7d6c5b4a3f2e"]
+    assert not list(out.glob("*.tfrecord"))
+
+
+@pytest.fixture(scope="module")
+def converted(downloaded, tmp_path_factory):
+    """The download converted with --allow_missing and landmark 7 excluded."""
+    from glam_tf.data import gldv2  # pylint: disable=import-outside-toplevel
+
+    folder = tmp_path_factory.mktemp("converted")
+    exclude = folder / "exclude.txt"
+    exclude.write_text("# landmarks also in the test sets\n7\n123456\n")
+    out = folder / "tfr"
+    summary = gldv2.convert_gldv2(str(downloaded), str(out), num_shards=2, allow_missing=True,
+                                  exclude_landmarks=str(exclude), beam_args=IN_MEMORY)
+    return summary, out, exclude
+
+
+def test_allow_missing_and_excluded_landmarks_are_counted(converted):
+    summary, out, exclude = converted
+    done = json.loads((out / "summary.json").read_text())
+    assert done["missing"] == 1 and done["missing_by_tar"] == {"images_001.tar": 1}
+    assert done["excluded"] == {
+        "file": "exclude.txt", "sha256": hashlib.sha256(exclude.read_bytes()).hexdigest(),
+        "landmarks_listed": 2, "landmarks_left_out": [7], "images_left_out": 2}
+    assert summary.total_written == 2 and summary.num_classes == 1
