@@ -305,3 +305,60 @@ def test_allow_missing_and_excluded_landmarks_are_counted(converted):
         "file": "exclude.txt", "sha256": hashlib.sha256(exclude.read_bytes()).hexdigest(),
         "landmarks_listed": 2, "landmarks_left_out": [7], "images_left_out": 2}
     assert summary.total_written == 2 and summary.num_classes == 1
+
+
+def test_the_converted_folder_is_a_tfds_dataset_with_the_same_records(converted):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    from glam_tf.data import records, tfds_folder  # pylint: disable=import-outside-toplevel
+
+    summary, out, _ = converted
+    builder = tfds.builder_from_directory(str(out))
+    assert builder.info.splits["train"].num_examples == summary.total_written
+    assert list(builder.info.splits) == ["train"]
+    via_tfds = {}
+    for example in tfds.as_numpy(builder.as_dataset(split="train")):
+        flat = tfds_folder.flatten(example)
+        assert sorted(flat) == sorted(records.FEATURE_SPEC)
+        via_tfds[flat[records.KEY_ID]] = flat
+    own = {}
+    shards = sorted(tf.io.gfile.glob(summary.train_pattern))
+    for serialized in tf.data.TFRecordDataset(shards):
+        parsed = {k: v.numpy() for k, v in records.parse_example(serialized).items()}
+        own[parsed[records.KEY_ID]] = parsed
+    assert sorted(own) == sorted(via_tfds) == [b"1b2c3d4e5f6a7b8c", b"abcdef0123456789"]
+    for key, record in own.items():
+        assert {k: via_tfds[key][k] for k in record} == record
+    paths, count = tfds_folder.split_files(str(out))
+    assert paths == shards and count == 2
+
+
+def test_training_reads_the_tfds_folder(converted, tmp_path):
+    from glam_tf.config import DataConfig, SettingError, TrainConfig  # pylint: disable=C0415
+    from glam_tf.refusal import Refused as Refusal  # pylint: disable=import-outside-toplevel
+    from glam_tf.train import data, distribute  # pylint: disable=import-outside-toplevel
+
+    summary, out, _ = converted
+    config = TrainConfig(train_dir=str(tmp_path / "run"), data_source="tfds",
+                         tfds_dir=str(out), train_steps=2,
+                         data=DataConfig(global_batch_size=2, size_scale=1 / 16,
+                                         shuffle_buffer=4, deterministic=True))
+    config.validate()
+    worker = distribute.WorkerInfo(num_workers=1, worker_index=0, is_chief=True,
+                                   num_replicas=1, local_replicas=1)
+    source = data.prepare(config, worker)
+    assert (source.num_examples, source.num_classes) == (2, 1)
+    assert str(out) in source.description
+    images, labels = next(iter(source.dataset))
+    assert images.shape[0] == 2 and labels.numpy().tolist() == [0, 0]
+    with pytest.raises(SettingError, match="--tfds_dir holds no dataset_info.json"):
+        TrainConfig(**{**config.__dict__, "tfds_dir": str(tmp_path)}).validate()
+    # Metadata naming a shard that is gone: refused before reading.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("dataset_info.json", "features.json", "summary.json",
+                 "train-00000-of-00002.tfrecord"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    with pytest.raises(Refusal, match=r"names 2 'train' shards but 1 match"):
+        data.tfds_train_pattern(str(copy))

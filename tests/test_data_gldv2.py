@@ -77,8 +77,10 @@ def _same_outputs(got_dir, reference_dir, shards_skipped=0):
     norm = lambda b: re.sub(rb" at 0x[0-9a-f]+>", b" at 0x?>", b)  # noqa: E731
     got = gldv2_reference.output_files(str(got_dir))
     want = gldv2_reference.output_files(str(reference_dir))
-    # What the reference (older) converter did not write: the missing images' tars.
-    got.pop(gldv2.MISSING_BY_TAR_NAME, None)
+    # What the reference (older) converter did not write: the missing images' tars and the
+    # tensorflow-datasets metadata.
+    for name in (gldv2.MISSING_BY_TAR_NAME, "dataset_info.json", "features.json"):
+        got.pop(name, None)
     summary = json.loads(got["summary.json"])
     summary.pop("missing_by_tar", None)
     got["summary.json"] = json.dumps(summary, indent=1, sort_keys=True).encode()
@@ -173,7 +175,7 @@ def test_convert_writes_delg_records_label_map_and_reports(tmp_path, shared_data
     assert not set(train) & set(val) and set(train) | set(val) == good
     assert sorted(os.listdir(out)) == sorted([
         ".shard_reports", "conversion_plan.json", "label_map.csv", "missing_images.txt",
-        "missing_by_tar.txt",
+        "missing_by_tar.txt", "dataset_info.json", "features.json",
         "summary.json", "undecodable_images.txt", "train-00000-of-00002.tfrecord",
         "train-00001-of-00002.tfrecord", "validation-00000-of-00001.tfrecord"])
     # 20% per class of the present files: 90017 (4) -> 1, 5003 (6) -> 1, 12 (6) -> 1, 777 (1)

@@ -13,6 +13,8 @@ Output (in `output_dir`):
   missing_by_tar.txt                      tar<TAB>id<TAB>path of each image absent when
                                           planning (only with allow_missing)
   conversion_plan.json                    what a resumed run must match
+  dataset_info.json, features.json        tensorflow-datasets metadata: the folder is also a
+                                          TFDS dataset (glam_tf.data.tfds_folder)
 
 Completeness is checked before anything is converted: images listed in the csv but absent
 refuse the run (`MissingImagesError`, one line; the list goes to missing_by_tar.txt, each id
@@ -48,7 +50,7 @@ from absl import logging
 
 from glam_tf import beam_options, files
 from glam_tf.config import contract
-from glam_tf.data import download
+from glam_tf.data import download, tfds_folder
 
 CSV_CLEAN = "train_clean.csv"
 CSV_FULL = "train.csv"
@@ -688,6 +690,11 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
                                       label_map_path=label_map_path, skipped=skipped,
                                       missing_by_tar=missing_by_tar, excluded=excluded))
     result = p.result
+    lengths = {"train": [], "validation": []}
+    for split, name in shards:
+        with files.open_file(_report_path(output_dir, name)) as f:
+            lengths[split].append((name, json.load(f)["written"]))
+    tfds_folder.write_metadata(output_dir, lengths)
     summary = read_summary(output_dir)
     summary.counters = beam_options.counters(result, COUNTERS)
     logging.info(
