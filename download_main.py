@@ -12,7 +12,7 @@ safely extracted, or a full disk, is one line on stderr (exit 3); a bad flag exi
 
 from absl import app, flags, logging
 
-from glam_tf import refusal
+from glam_tf import files, refusal
 from glam_tf.config import settings
 from glam_tf.data import download
 
@@ -76,6 +76,7 @@ def main(argv):
         config.validate()
         settings.reachable("output_dir", config.output_dir)
         with refusal.refusals("download_main", verbose=flags.FLAGS.verbosity >= 1):
+            files.ensure_writable_dir(config.output_dir, "--output_dir")
             summary = download.download(config)
     except ValueError as e:
         settings.exit_with_usage_error("download_main", e)

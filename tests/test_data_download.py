@@ -132,7 +132,7 @@ def test_http_errors_refuse_in_one_line(server, tmp_path):
 
 
 HOSTILE = {
-    "absolute path": ("/tmp/evil.jpg", b"x"),
+    "absolute path": ("{tmp}/evil.jpg", b"x"),
     "'..'": ("0/../../evil.jpg", b"x"),
     "symbolic link": "sym",
     "hard link": "hard",
@@ -142,10 +142,10 @@ HOSTILE = {
 }
 
 
-def _hostile_member(kind):
+def _hostile_member(kind, tmp):
     value = HOSTILE[kind]
     if isinstance(value, tuple):
-        return value
+        return value[0].format(tmp=tmp), value[1]
     info = tarfile.TarInfo("0/1/2/odd.jpg")
     info.type = {"sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE,
                  "fifo": tarfile.FIFOTYPE}[value]
@@ -155,7 +155,7 @@ def _hostile_member(kind):
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_hostile_archives_are_refused_and_nothing_is_written(server, tmp_path, kind):
-    members = http_fixture.gldv2_members(IDS_0[:1]) + [_hostile_member(kind)]
+    members = http_fixture.gldv2_members(IDS_0[:1]) + [_hostile_member(kind, tmp_path)]
     server.add_gldv2_tar(0, http_fixture.make_tar(members))
     out = tmp_path / "deep" / "out"
     with pytest.raises(Refused) as caught:

@@ -278,6 +278,12 @@ class ByteProgress:
             self._fetched += count
         self._maybe_log()
 
+    @property
+    def fetched(self) -> int:
+        """Bytes fetched so far by every thread."""
+        with self._lock:
+            return self._fetched
+
     def file_done(self, key: str, fetched_before: int = 0) -> None:
         """A file needs no more bytes (`fetched_before`: bytes of it present already)."""
         with self._lock:
@@ -363,8 +369,9 @@ def _request(url: str, offset: int, timeout_s: float):
 
 
 def fetch(url: str, dest: str, *, config: DownloadConfig, meter: ByteProgress,
-          key: str) -> int:
-    """Fetches `url` into the local file `dest` (resuming `dest`; the caller renames it).
+          key: str, name: str) -> int:
+    """Fetches `url` into the local file `dest` (resuming `dest`; the caller renames it);
+    `name` is the file's name in messages.
 
     Returns the file's size. A try is spent on each failure that brought no new bytes.
 
@@ -405,8 +412,7 @@ def fetch(url: str, dest: str, *, config: DownloadConfig, meter: ByteProgress,
                 http.client.HTTPException) as e:
             failures = 0 if received else failures + 1
             if failures >= config.tries:
-                raise Refused(files.basename(dest.removesuffix(PARTIAL_SUFFIX)),
-                              f"{url} failed {failures} times in a row (last: "
+                raise Refused(name, f"{url} failed {failures} times in a row (last: "
                               f"{_reason(e)})",
                               "check the network and rerun the same command (it resumes)"
                               ) from e
@@ -442,7 +448,8 @@ def published_md5(url: str, *, config: DownloadConfig, scratch: str) -> str:
     path = files.join(scratch, "md5-" + hashlib.sha1(url.encode()).hexdigest() + ".txt")
     if files.exists(path):
         files.remove(path)
-    fetch(url, path, config=config, meter=ByteProgress(1, log_every_s=None), key=url)
+    fetch(url, path, config=config, meter=ByteProgress(1, log_every_s=None), key=url,
+          name=url.rsplit("/", 1)[-1])
     text = files.read_bytes(path).decode("utf-8", "replace")
     files.remove(path)
     match = _MD5_RE.match(text)
@@ -533,10 +540,12 @@ def extract(path: str, members: list, install: Install, output_dir: str) -> list
                             break
                         out.write(chunk)
                 files.rename(tmp, final)
-            except OSError as e:
+            except BaseException as e:
                 if files.exists(tmp):
                     files.remove(tmp)
-                raise _full_disk(e, final) from e
+                if isinstance(e, OSError):
+                    raise _full_disk(e, final) from e
+                raise
             written.append(relative)
     return written
 
@@ -563,7 +572,9 @@ class _Manifest:
 
 
 def _installed(entry: Optional[dict], remote: Remote, output_dir: str) -> bool:
-    """Whether the manifest says `remote` is installed and its files are all there."""
+    """Whether the manifest says `remote` is installed and its files are all there (every
+    member of an archive on a local disk; on an object store, where each check is a
+    request, the member list and the first and last member)."""
     if not entry or sorted(entry.get("installed", [])) != sorted(i.target for i in
                                                                  remote.installs):
         return False
@@ -577,8 +588,11 @@ def _installed(entry: Optional[dict], remote: Remote, output_dir: str) -> bool:
         if not files.exists(listing):
             return False
         root = files.join(output_dir, install.target)
-        for line in files.read_text(listing).splitlines():
-            if line and not files.exists(files.join(root, *line.split("/"))):
+        members = [line for line in files.read_text(listing).splitlines() if line]
+        if not files.is_local(output_dir):
+            members = members[:1] + members[-1:]
+        for line in members:
+            if not files.exists(files.join(root, *line.split("/"))):
                 logging.info("%s: %s is gone; fetching the archive again", remote.key, line)
                 return False
     return True
@@ -615,7 +629,8 @@ def _process(remote: Remote, *, config: DownloadConfig, download_dir: str,
         if not (files.exists(partial) and entry and "sha256" in entry and md5 is None
                 and files.getsize(partial) == entry["size"]):
             before = files.getsize(partial) if files.exists(partial) else 0
-            size = fetch(url, partial, config=config, meter=meter, key=remote.key)
+            size = fetch(url, partial, config=config, meter=meter, key=remote.key,
+                         name=files.basename(local))
             fetched_any = fetched_any or size > before
         got_md5, got_sha = _digests(partial)
         problem = None
@@ -659,10 +674,12 @@ def _process(remote: Remote, *, config: DownloadConfig, download_dir: str,
             try:
                 files.copy(local, tmp)
                 files.rename(tmp, target)
-            except OSError as e:
+            except BaseException as e:
                 if files.exists(tmp):
                     files.remove(tmp)
-                raise _full_disk(e, target) from e
+                if isinstance(e, OSError):
+                    raise _full_disk(e, target) from e
+                raise
         record["installed"].append(install.target)
     if not config.keep_archives:
         files.remove(local)
@@ -712,5 +729,4 @@ def download(config: DownloadConfig, *,
         pool.shutdown(wait=True, cancel_futures=True)
     logging.info("%s", meter.line())
     return DownloadSummary(fetched=sorted(fetched), skipped=sorted(skipped),
-                           bytes_fetched=meter._fetched,  # pylint: disable=protected-access
-                           manifest_path=manifest.path)
+                           bytes_fetched=meter.fetched, manifest_path=manifest.path)
