@@ -194,6 +194,11 @@ def test_convert_writes_delg_records_label_map_and_reports(tmp_path, shared_data
             assert r[records.KEY_FORMAT].decode() == image.format.lower()
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["written"] == {"train": len(train), "validation": len(val)}
+    # The tensorflow-datasets metadata names both splits with their shard lengths.
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        splits = {s["name"]: [int(n) for n in s["shardLengths"]] for s in json.load(f)["splits"]}
+    assert splits == {"train": [len(_read_records(p)) for p in sorted(
+        tf.io.gfile.glob(summary.train_pattern))], "validation": [len(val)]}
     with open(os.path.join(out, "undecodable_images.txt")) as f:
         assert sorted(line.split("\t")[0] for line in f) == sorted([truncated, garbage])
     with open(os.path.join(out, "missing_images.txt")) as f:
