@@ -183,7 +183,12 @@ def test_revisited_archives_flatten_and_record_sha256(server, tmp_path):
     entry = manifest["oxbuildings/oxbuild_images-v1.tgz"]
     assert entry["sha256"] == hashlib.sha256(tgz).hexdigest() and entry["size"] == len(tgz)
     assert entry["check"] == "read whole, size and sha256 recorded"
-    # A damaged gzip (bad CRC) is fetched again; served damaged every time, it is refused.
+    # A gzip whose CRC does not match its content is not a readable archive.
+    damaged = tmp_path / "damaged.tgz"
+    damaged.write_bytes(tgz[:-8] + bytes(b ^ 0xFF for b in tgz[-8:-4]) + tgz[-4:])
+    with pytest.raises(OSError, match="CRC"):
+        download.check_archive(str(damaged), max_member_bytes=2**20, name="damaged.tgz")
+    # A damaged archive is fetched again; served damaged every time, it is refused.
     server.faults["/oxbuildings/oxbuild_images-v1.tgz"] = ["wrong"] * 3
     with pytest.raises(Refused, match=r"oxbuild_images-v1\.tgz: not a readable archive"):
         download.download(dataclasses.replace(config, output_dir=str(tmp_path / "o2")))

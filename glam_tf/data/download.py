@@ -43,7 +43,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import errno
-import gzip
 import hashlib
 import http.client
 import re
@@ -481,13 +480,16 @@ def _member_problem(member: tarfile.TarInfo, max_bytes: int) -> Optional[str]:
 
 
 def check_archive(path: str, *, max_member_bytes: int, name: str) -> list:
-    """Reads the whole archive `path` (gzip CRC included) and checks every member.
+    """Reads the whole archive `path` once and checks every member.
 
-    Returns the regular members (TarInfo), in order.
+    The stream is read to its end, so a gzip archive's CRC and length are verified too.
+
+    Returns:
+      The regular members (TarInfo), in order.
 
     Raises:
       Refused: a member that must not be extracted (names archive and member).
-      tarfile.TarError / EOFError / OSError (zlib): a damaged archive.
+      tarfile.TarError / EOFError / OSError (zlib, gzip): a damaged archive.
     """
     regular = []
     with files.open_file(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
@@ -499,11 +501,8 @@ def check_archive(path: str, *, max_member_bytes: int, name: str) -> list:
                               "publisher")
             if member.isfile():
                 regular.append(member)
-    # A gzip stream is only verified (CRC, length) once read to its end: list it again raw.
-    if path.removesuffix(PARTIAL_SUFFIX).endswith((".gz", ".tgz")):
-        with files.open_file(path, "rb") as f, gzip.GzipFile(fileobj=f) as z:
-            while z.read(8 * CHUNK_BYTES):
-                pass
+        while tar.fileobj.read(8 * CHUNK_BYTES):
+            pass
     return regular
 
 
