@@ -80,6 +80,17 @@ def test_fetches_verifies_extracts_and_a_rerun_fetches_nothing(server, tmp_path,
     assert (root / "train" / "1" / "b" / "2" / "1b2c3d4e5f6a7b8c.jpg").is_file()
 
 
+def test_progress_counts_bytes_present_and_estimates_the_rest():
+    meter = download.ByteProgress(3, log_every_s=None)
+    meter.expect("a", 3 * 2**20, present=2**20)   # resumed: 1 MiB there already
+    meter.add(2**20)
+    meter.file_done("b", 2 * 2**20)                # installed before: nothing to fetch
+    line = meter.line()
+    # Total: a 3 MiB + b 2 MiB + c (not started) at their mean, 2.5 MiB.
+    assert line.startswith("download: fetched 1.0 MiB of ~7.5 MiB (1/3 files done) ")
+    assert "/s ETA 0:00:0" in line   # 3.5 MiB left at the rate of a fast test
+
+
 def test_an_interrupted_file_resumes_to_identical_bytes(server, tmp_path):
     # A killed run left half of tar 0: the rerun asks only for the rest.
     dl = tmp_path / "out" / "downloads" / "gldv2" / "train"

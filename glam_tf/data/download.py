@@ -52,7 +52,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Optional
+from typing import Optional
 
 from absl import logging
 
@@ -262,15 +262,17 @@ class ByteProgress:
         self._num_files = num_files
         self._sizes = {}
         self._fetched = 0
-        self._present = 0
+        self._present = {}  # key -> bytes there before this run (a resumed or kept file)
         self._done = 0
         self._start = time.monotonic()
         self._log_every_s = log_every_s
         self._last = -float("inf")
 
-    def expect(self, key: str, size: int) -> None:
+    def expect(self, key: str, size: int, present: int = 0) -> None:
+        """File `key` is `size` bytes, `present` of them there before this run."""
         with self._lock:
             self._sizes[key] = size
+            self._present.setdefault(key, present)
 
     def add(self, count: int) -> None:
         with self._lock:
@@ -287,7 +289,7 @@ class ByteProgress:
         """A file needs no more bytes (`fetched_before`: bytes of it present already)."""
         with self._lock:
             self._done += 1
-            self._present += fetched_before
+            self._present.setdefault(key, fetched_before)
             self._sizes.setdefault(key, fetched_before)
         self._maybe_log(force=self._done == self._num_files)
 
@@ -296,7 +298,7 @@ class ByteProgress:
             known = list(self._sizes.values())
             estimate = sum(known) + (self._num_files - len(known)) * (
                 sum(known) / len(known) if known else 0)
-            fetched, done, present = self._fetched, self._done, self._present
+            fetched, done, present = self._fetched, self._done, sum(self._present.values())
         elapsed = max(time.monotonic() - self._start, 1e-9)
         rate = fetched / elapsed
         left = max(estimate - present - fetched, 0)
@@ -317,11 +319,14 @@ class ByteProgress:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """`n` bytes in B, KiB, ... TiB."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-    return f"{n:.1f} TiB"
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 # ---------------------------------------------------------------------------- fetching
@@ -389,7 +394,7 @@ def fetch(url: str, dest: str, *, config: DownloadConfig, meter: ByteProgress,
                 length = response.headers.get("Content-Length")
                 total = start + int(length) if length is not None else None
                 if total is not None:
-                    meter.expect(key, total)
+                    meter.expect(key, total, present=start)
                 try:
                     with files.open_file(dest, "ab" if start else "wb") as out:
                         while True:
@@ -642,8 +647,6 @@ def _process(remote: Remote, *, config: DownloadConfig, download_dir: str,
             try:
                 members = check_archive(partial, max_member_bytes=config.max_member_bytes,
                                         name=files.basename(local))
-            except Refused:
-                raise
             except (tarfile.TarError, EOFError, OSError, ValueError) as e:
                 problem = f"not a readable archive ({type(e).__name__}: {e})"
         if problem is None:
@@ -689,13 +692,11 @@ def _process(remote: Remote, *, config: DownloadConfig, download_dir: str,
     return fetched_any
 
 
-def download(config: DownloadConfig, *,
-             on_start: Optional[Callable[[list], None]] = None) -> DownloadSummary:
+def download(config: DownloadConfig) -> DownloadSummary:
     """Fetches, verifies and installs everything `config.datasets` needs (see module doc).
 
     Args:
       config: what and how (validated here).
-      on_start: called with the list of `Remote`s before any fetch (for tests and logs).
 
     Returns:
       A `DownloadSummary`.
@@ -706,8 +707,6 @@ def download(config: DownloadConfig, *,
     """
     config.validate()
     wanted = remotes(config)
-    if on_start is not None:
-        on_start(wanted)
     files.makedirs(config.output_dir)
     download_dir = config.download_dir or (
         files.join(config.output_dir, "downloads") if files.is_local(config.output_dir)
