@@ -378,3 +378,34 @@ def test_training_reads_the_tfds_folder(converted, tmp_path):
         (copy / name).write_bytes((out / name).read_bytes())
     with pytest.raises(Refusal, match=r"names 2 'train' shards but 1 match"):
         data.tfds_train_pattern(str(copy))
+
+
+def test_addresses_are_the_published_ones():
+    config = download.DownloadConfig(datasets=download.DATASETS, output_dir="out")
+    urls = {}
+    for remote in download.remotes(config):
+        urls[config.url(remote.host, remote.path)] = (
+            config.url(remote.host, remote.md5_path) if remote.md5_path else None,
+            sorted(i.target for i in remote.installs))
+    s3 = "https://s3.amazonaws.com/google-landmark"
+    assert urls[f"{s3}/train/images_499.tar"] == (
+        f"{s3}/md5sum/train/md5.images_499.txt", ["gldv2/train"])
+    assert urls[f"{s3}/metadata/train_clean.csv"] == (None, ["gldv2/train_clean.csv"])
+    assert urls[f"{s3}/metadata/train.csv"] == (None, ["gldv2/train.csv"])
+    vgg = "https://www.robots.ox.ac.uk/~vgg/data"
+    assert urls[f"{vgg}/oxbuildings/oxbuild_images-v1.tgz"] == (
+        None, ["oxford5k/jpg", "roxford5k/jpg"])  # fetched once for both
+    assert urls[f"{vgg}/parisbuildings/paris_2-v1.tgz"][1] == ["paris6k/jpg", "rparis6k/jpg"]
+    assert urls[f"{vgg}/oxbuildings/gt_files_170407.tgz"][1] == ["oxford5k/gt_files"]
+    assert urls[f"{vgg}/parisbuildings/paris_120310.tgz"][1] == ["paris6k/gt_files"]
+    cmp = "http://cmp.felk.cvut.cz/revisitop/data/datasets"
+    assert urls[f"{cmp}/rparis6k/gnd_rparis6k.pkl"][1] == ["rparis6k/gnd_rparis6k.pkl"]
+    ptak = "http://ptak.felk.cvut.cz/revisitop/revisitop1m"
+    assert urls[f"{ptak}/jpg/revisitop1m.100.tar.gz"][1] == ["revisitop1m/jpg"]
+    assert urls[f"{ptak}/revisitop1m.txt"][1] == ["revisitop1m/revisitop1m.txt"]
+    assert len(urls) == 500 + 2 + 100 + 1 + 2 + 3 + 2  # tars, csvs, 1M, list, Ox, Pa, gnd
+    mirrored = dataclasses.replace(config, mirrors=(("gldv2", "http://mirror/gl"),))
+    assert mirrored.url("gldv2", "train/images_000.tar") == "http://mirror/gl/train/images_000.tar"
+    with pytest.raises(ValueError, match="--gldv2_tars must be numbers in"):
+        dataclasses.replace(config, gldv2_tars=(500,)).validate()
+    assert download.parse_ranges("0-2,7") == (0, 1, 2, 7)
