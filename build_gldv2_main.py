@@ -62,6 +62,12 @@ def main(argv):
     print(f"written: {summary.total_written} (train {summary.written['train']}, validation "
           f"{summary.written['validation']}); missing: {len(summary.missing)}; undecodable: "
           f"{len(summary.undecodable)}; classes: {summary.num_classes}")
+    if summary.missing_by_tar:
+        print(f"missing by tar (--allow_missing): {summary.missing_by_tar}")
+    if summary.excluded:
+        ex = summary.excluded
+        print(f"left out: {len(ex['landmarks_left_out'])} landmarks ({ex['images_left_out']} "
+              f"images) of the {ex['landmarks_listed']} in {ex['file']} (sha256 {ex['sha256']})")
     print(f"train files: {summary.train_pattern}")
     print(f"label map:   {summary.label_map_path}")
     print(f"counters of this run: {summary.counters}")

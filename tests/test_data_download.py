@@ -409,3 +409,14 @@ def test_addresses_are_the_published_ones():
     with pytest.raises(ValueError, match="--gldv2_tars must be numbers in"):
         dataclasses.replace(config, gldv2_tars=(500,)).validate()
     assert download.parse_ranges("0-2,7") == (0, 1, 2, 7)
+
+
+def test_converter_program_refuses_in_one_line(downloaded, tmp_path):
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "build_gldv2_main.py"),
+         f"--gldv2_root={downloaded}", f"--output_dir={tmp_path / 'tfr'}"],
+        capture_output=True, text=True, cwd=REPO, check=False,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert run.returncode == refusal.EXIT_USAGE, run.stderr[-2000:]
+    line = [l for l in run.stderr.splitlines() if l.startswith("build_gldv2_main: error:")]
+    assert len(line) == 1 and "9f8e7d6c5b4a3f2e is in images_001.tar" in line[0]
