@@ -11,6 +11,9 @@ any other flag goes to Beam, e.g. --runner=DataflowRunner --project=P --region=R
 A flag that is neither this program's nor Beam's is an error.
 
 Reads <gldv2_root>/train_clean.csv (or train.csv) and <gldv2_root>/train/<a>/<b>/<c>/<id>.jpg.
+Images the csv lists but absent refuse the run in one line (exit 2; missing_by_tar.txt in
+--output_dir lists them with their tar) unless --allow_missing. --exclude_landmarks=FILE
+leaves the landmark ids listed there out (summary.json records the file's sha256).
 Re-running with the same flags resumes: finished shards are kept. Train with
 --train_file_pattern=<output_dir>/train-*-of-*.tfrecord; label_map.csv maps class -> landmark
 id. A missing folder or file is one line on stderr (exit 2), not a traceback.
@@ -34,11 +37,17 @@ _VAL_FRACTION = flags.DEFINE_float("validation_fraction", 0.0,
 _SEED = flags.DEFINE_integer("seed", 0, "Shard shuffle and validation split seed.")
 _FULL_DECODE = flags.DEFINE_bool("full_decode", True,
                                  "Decode every image to catch truncated files.")
+_ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False,
+                                   "Convert even when images the csv lists are absent (counted "
+                                   "in summary.json); else the run refuses, naming them.")
+_EXCLUDE = flags.DEFINE_string("exclude_landmarks", None,
+                               "File of landmark ids (one per line, '#' comments) left out, e.g. "
+                               "those that also appear in the test sets.")
 
 def main(argv):
     try:
         with refusal.refusals("build_gldv2_main", verbose=flags.FLAGS.verbosity >= 1):
-            for flag in (_ROOT, _OUTPUT_DIR, _CSV, _IMAGE_DIR):
+            for flag in (_ROOT, _OUTPUT_DIR, _CSV, _IMAGE_DIR, _EXCLUDE):
                 settings.reachable(flag.name, flag.value)
             files.ensure_writable_dir(_OUTPUT_DIR.value, "--output_dir")  # before any image is read
             summary = gldv2.convert_gldv2(
@@ -46,12 +55,19 @@ def main(argv):
                 image_dir=_IMAGE_DIR.value, num_shards=_NUM_SHARDS.value,
                 num_validation_shards=_NUM_VAL_SHARDS.value,
                 validation_fraction=_VAL_FRACTION.value, seed=_SEED.value,
-                full_decode=_FULL_DECODE.value, beam_args=argv[1:])
+                full_decode=_FULL_DECODE.value, allow_missing=_ALLOW_MISSING.value,
+                exclude_landmarks=_EXCLUDE.value, beam_args=argv[1:])
     except (ValueError, FileNotFoundError) as e:
         settings.exit_with_usage_error("build_gldv2_main", e)
     print(f"written: {summary.total_written} (train {summary.written['train']}, validation "
           f"{summary.written['validation']}); missing: {len(summary.missing)}; undecodable: "
           f"{len(summary.undecodable)}; classes: {summary.num_classes}")
+    if summary.missing_by_tar:
+        print(f"missing by tar (--allow_missing): {summary.missing_by_tar}")
+    if summary.excluded:
+        ex = summary.excluded
+        print(f"left out: {len(ex['landmarks_left_out'])} landmarks ({ex['images_left_out']} "
+              f"images) of the {ex['landmarks_listed']} in {ex['file']} (sha256 {ex['sha256']})")
     print(f"train files: {summary.train_pattern}")
     print(f"label map:   {summary.label_map_path}")
     print(f"counters of this run: {summary.counters}")

@@ -1,8 +1,8 @@
 """The installed package's commands: each runs one `*_main.py` program.
 
 `pip install .` installs the programs as top-level modules (`train_main`, ...) and these
-functions as the commands `glam-train`, `glam-eval`, `glam-export`, `glam-build-gldv2`
-and `glam-make-synthetic` (pyproject.toml). A command runs its program exactly as
+functions as the commands `glam-train`, `glam-eval`, `glam-export`, `glam-build-gldv2`,
+`glam-make-synthetic` and `glam-download` (pyproject.toml). A command runs its program exactly as
 `python train_main.py ...` does: the module executed as `__main__`, so its
 `if __name__ == "__main__":` block parses the command line (help and errors name the
 command) and the programs stay the one place that reads flags.
@@ -16,6 +16,7 @@ PROGRAMS = {
     "glam-export": "export_main",
     "glam-build-gldv2": "build_gldv2_main",
     "glam-make-synthetic": "make_synthetic_main",
+    "glam-download": "download_main",
 }
 
 
@@ -42,3 +43,7 @@ def build_gldv2() -> None:
 
 def make_synthetic() -> None:
     run_program(PROGRAMS["glam-make-synthetic"])
+
+
+def download() -> None:
+    run_program(PROGRAMS["glam-download"])

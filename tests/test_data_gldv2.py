@@ -77,6 +77,13 @@ def _same_outputs(got_dir, reference_dir, shards_skipped=0):
     norm = lambda b: re.sub(rb" at 0x[0-9a-f]+>", b" at 0x?>", b)  # noqa: E731
     got = gldv2_reference.output_files(str(got_dir))
     want = gldv2_reference.output_files(str(reference_dir))
+    # What the reference (older) converter did not write: the missing images' tars and the
+    # tensorflow-datasets metadata.
+    for name in (gldv2.MISSING_BY_TAR_NAME, "dataset_info.json", "features.json"):
+        got.pop(name, None)
+    summary = json.loads(got["summary.json"])
+    summary.pop("missing_by_tar", None)
+    got["summary.json"] = json.dumps(summary, indent=1, sort_keys=True).encode()
     want["summary.json"] = want["summary.json"].replace(
         b'"shards_skipped": 0', b'"shards_skipped": %d' % shards_skipped)
     assert sorted(got) == sorted(want)
@@ -146,7 +153,8 @@ def test_split_per_class():
 def test_convert_writes_delg_records_label_map_and_reports(tmp_path, shared_data):
     root, out = str(tmp_path / "gld"), str(tmp_path / "out")
     files, landmarks, (truncated, garbage, missing) = _make_gldv2(root, shared_data)
-    summary = gldv2.convert_gldv2(root, out, num_shards=2, validation_fraction=0.2, seed=3)
+    summary = gldv2.convert_gldv2(root, out, num_shards=2, validation_fraction=0.2, seed=3,
+                                  allow_missing=True)
     # Byte-identical to the pre-Beam converter on the same input.
     gldv2_reference.convert_reference(root, str(tmp_path / "reference"), num_shards=2,
                                       validation_fraction=0.2, seed=3)
@@ -167,6 +175,7 @@ def test_convert_writes_delg_records_label_map_and_reports(tmp_path, shared_data
     assert not set(train) & set(val) and set(train) | set(val) == good
     assert sorted(os.listdir(out)) == sorted([
         ".shard_reports", "conversion_plan.json", "label_map.csv", "missing_images.txt",
+        "missing_by_tar.txt", "dataset_info.json", "features.json",
         "summary.json", "undecodable_images.txt", "train-00000-of-00002.tfrecord",
         "train-00001-of-00002.tfrecord", "validation-00000-of-00001.tfrecord"])
     # 20% per class of the present files: 90017 (4) -> 1, 5003 (6) -> 1, 12 (6) -> 1, 777 (1)
@@ -185,6 +194,11 @@ def test_convert_writes_delg_records_label_map_and_reports(tmp_path, shared_data
             assert r[records.KEY_FORMAT].decode() == image.format.lower()
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["written"] == {"train": len(train), "validation": len(val)}
+    # The tensorflow-datasets metadata names both splits with their shard lengths.
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        splits = {s["name"]: [int(n) for n in s["shardLengths"]] for s in json.load(f)["splits"]}
+    assert splits == {"train": [len(_read_records(p)) for p in sorted(
+        tf.io.gfile.glob(summary.train_pattern))], "validation": [len(val)]}
     with open(os.path.join(out, "undecodable_images.txt")) as f:
         assert sorted(line.split("\t")[0] for line in f) == sorted([truncated, garbage])
     with open(os.path.join(out, "missing_images.txt")) as f:
@@ -198,7 +212,7 @@ def test_killed_conversion_resumes(tmp_path):
     root, out = str(tmp_path / "gld"), str(tmp_path / "out")
     _make_gldv2(root)
     gldv2_reference.convert_reference(root, str(tmp_path / "reference"), num_shards=3)
-    first = gldv2.convert_gldv2(root, out, num_shards=3)
+    first = gldv2.convert_gldv2(root, out, num_shards=3, allow_missing=True)
     shards = sorted(tf.io.gfile.glob(first.train_pattern))
     content = {s: open(s, "rb").read() for s in shards}
     # What a kill leaves: a shard without its rename nor its report, a temp file, no summary.
@@ -208,7 +222,7 @@ def test_killed_conversion_resumes(tmp_path):
         f.write(b"partial")
     os.remove(os.path.join(out, "summary.json"))
     kept_mtime = os.stat(shards[0]).st_mtime_ns
-    second = gldv2.convert_gldv2(root, out, num_shards=3)
+    second = gldv2.convert_gldv2(root, out, num_shards=3, allow_missing=True)
     assert second.shards_skipped == 2
     assert second.counters["shards_written"] == 1
     assert os.stat(shards[0]).st_mtime_ns == kept_mtime
@@ -217,7 +231,7 @@ def test_killed_conversion_resumes(tmp_path):
     assert not os.path.exists(shards[1] + ".tmp-host-12345-abcd")  # the kill's leftover
     _same_outputs(out, tmp_path / "reference", shards_skipped=2)
     with pytest.raises(ValueError, match="holds shards of a different conversion.*train_shards"):
-        gldv2.convert_gldv2(root, out, num_shards=2)
+        gldv2.convert_gldv2(root, out, num_shards=2, allow_missing=True)
 
 
 def test_cli_equals_reference_and_passes_beam_flags(tmp_path):
@@ -225,7 +239,8 @@ def test_cli_equals_reference_and_passes_beam_flags(tmp_path):
     _make_gldv2(root)
     gldv2_reference.convert_reference(root, str(tmp_path / "reference"), num_shards=3)
     command = [sys.executable, os.path.join(REPO, "build_gldv2_main.py"),
-               f"--gldv2_root={root}", f"--output_dir={tmp_path / 'beam'}", "--num_shards=3"]
+               f"--gldv2_root={root}", f"--output_dir={tmp_path / 'beam'}", "--num_shards=3",
+               "--allow_missing"]
     result = subprocess.run(command + ["--direct_num_workers=2"], capture_output=True,
                             text=True, timeout=240, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": REPO})

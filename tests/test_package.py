@@ -59,7 +59,7 @@ def test_pyproject_pins_are_requirements_pins():
     assert set(requirements) <= named, f"in requirements.txt only: {set(requirements) - named}"
 
 
-def test_commands_and_modules_are_the_five_programs(monkeypatch):
+def test_commands_and_modules_are_the_programs(monkeypatch):
     config = _pyproject()
     programs = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith("_main.py"))
     assert sorted(config["tool"]["setuptools"]["py-modules"]) == programs

@@ -21,7 +21,7 @@ from glam_tf.config.settings import (NONEMPTY, check, fail, integer, names_of, n
                                      nested_names, number, one_of, reachable, setting,
                                      to_json)
 
-DATA_SOURCES = ("tfrecord", "synthetic", "random")
+DATA_SOURCES = ("tfrecord", "tfds", "synthetic", "random")
 OPTIMIZERS = ("sgd", "adamw")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -45,7 +45,9 @@ class TrainConfig:
     seed: int = setting(0, "Seed of model initialisation, of the input order and "
                         "augmentation, and of the random data.", rule=integer())
     model: ModelConfig = nested(ModelConfig, "The descriptor model.")
-    data_source: str = setting("tfrecord", "tfrecord: --train_file_pattern; synthetic: "
+    data_source: str = setting("tfrecord", "tfrecord: --train_file_pattern; tfds: the "
+                               "converter's folder --tfds_dir read as a tensorflow-datasets "
+                               "dataset (split 'train'); synthetic: "
                                "generate (if absent) and convert the synthetic landmarks at "
                                "--synthetic_root; random: file-less random tensors (tests, "
                                "benchmarks).", rule=one_of(DATA_SOURCES))
@@ -54,6 +56,9 @@ class TrainConfig:
                                                if f.name != "seed"],
                               rename={"file_pattern": "train_file_pattern",
                                       "deterministic": "deterministic_data"})
+    tfds_dir: str = setting("", "The converter's output folder, a tensorflow-datasets dataset "
+                            "(its dataset_info.json names the 'train' shards); "
+                            "--data_source=tfds.")
     synthetic: SyntheticConfig = nested(SyntheticConfig, "The synthetic set "
                                         "(--data_source=synthetic).", prefix="synthetic_")
     num_classes: int = setting(0, "ArcFace classes; 0 reads them from the data (converter "
@@ -161,6 +166,16 @@ class TrainConfig:
                 fail("train_file_pattern", "matches no file", pattern,
                      "Convert GLDv2 first (python build_gldv2_main.py --gldv2_root=... "
                      "--output_dir=...) or fix the glob.")
+        if self.data_source == "tfds":
+            reachable(names["tfds_dir"], self.tfds_dir)
+            if not self.tfds_dir:
+                fail("tfds_dir", "is required with --data_source=tfds", self.tfds_dir,
+                     "Point it at the converter's output folder, e.g. "
+                     "--tfds_dir=data/gldv2_tfrecord.")
+            if not files.isfile(files.join(self.tfds_dir, "dataset_info.json")):
+                fail("tfds_dir", "holds no dataset_info.json (not a tensorflow-datasets "
+                     "folder)", self.tfds_dir, "Convert with build_gldv2_main.py, which "
+                     "writes it, or use --data_source=tfrecord.")
         if self.data_source == "synthetic":
             self.synthetic.validate(nested_names(cls, "synthetic"))
             if self.synthetic.images_per_landmark < 2:

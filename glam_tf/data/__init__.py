@@ -1,4 +1,5 @@
-"""Data: GLDv2 -> TFRecords (gldv2), training input pipeline (pipeline), synthetic landmarks.
+"""Data: downloads (download), GLDv2 -> TFRecords (gldv2, also a tensorflow-datasets folder:
+tfds_folder), training input pipeline (pipeline), synthetic landmarks.
 
 Submodules load lazily, so `glam_tf.data.synthetic` (NumPy + Pillow only) does not pull in
 TensorFlow; `from glam_tf.data import build_train_dataset` still works.

@@ -10,7 +10,18 @@ Output (in `output_dir`):
   validation-00000-of-000MM.tfrecord ...  optional per-class validation split
   label_map.csv                           label,landmark_id,num_images (label = class index)
   summary.json, missing_images.txt, undecodable_images.txt
+  missing_by_tar.txt                      tar<TAB>id<TAB>path of each image absent when
+                                          planning (only with allow_missing)
   conversion_plan.json                    what a resumed run must match
+  dataset_info.json, features.json        tensorflow-datasets metadata: the folder is also a
+                                          TFDS dataset (glam_tf.data.tfds_folder)
+
+Completeness is checked before anything is converted: images listed in the csv but absent
+refuse the run (`MissingImagesError`, one line; the list goes to missing_by_tar.txt, each id
+with the tar that holds it when glam_tf.data.download recorded the tars' members under
+`<root>/archive_members/`) unless `allow_missing`, which converts the rest and counts them
+in summary.json. `exclude_landmarks` names a file of landmark ids left out (e.g. those also in
+the test sets); summary.json records its sha256 and what was left out.
 
 The conversion is one Apache Beam pipeline (`convert_gldv2`): this process reads the csv,
 checks which files are there and plans the shards (labels, split, shuffle: cheap, and what
@@ -39,6 +50,7 @@ from absl import logging
 
 from glam_tf import beam_options, files
 from glam_tf.config import contract
+from glam_tf.data import download, tfds_folder
 
 CSV_CLEAN = "train_clean.csv"
 CSV_FULL = "train.csv"
@@ -50,6 +62,7 @@ PLAN_NAME = "conversion_plan.json"
 TRAIN_PATTERN = "train-*-of-*.tfrecord"
 VALIDATION_PATTERN = "validation-*-of-*.tfrecord"
 MISSING_NAME = "missing_images.txt"
+MISSING_BY_TAR_NAME = "missing_by_tar.txt"
 UNDECODABLE_NAME = "undecodable_images.txt"
 REPORT_DIR = ".shard_reports"
 TASK_DIR = "tasks"  # under REPORT_DIR: each shard's entries, read by the worker writing it
@@ -91,6 +104,10 @@ class ConversionSummary:
       train_pattern / validation_pattern: globs for `DataConfig.file_pattern`.
       label_map_path: label -> landmark id csv.
       shards_skipped: finished shards a resumed run left as they were.
+      missing_by_tar: tar name -> images absent when planning (allow_missing runs; "unknown"
+        for ids in none of the recorded tars); in summary.json when not empty.
+      excluded: what `exclude_landmarks` left out (file, sha256, landmarks, images); in
+        summary.json when a list was given.
       counters: this run's Beam counters (images_written, images_missing,
         images_undecodable, shards_written); not in summary.json.
     """
@@ -103,6 +120,8 @@ class ConversionSummary:
     validation_pattern: str
     label_map_path: str
     shards_skipped: int = 0
+    missing_by_tar: dict = dataclasses.field(default_factory=dict)
+    excluded: dict = dataclasses.field(default_factory=dict)
     counters: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -111,7 +130,8 @@ class ConversionSummary:
 
     def to_json(self) -> dict:
         """summary.json's content: counts, and the paths as names inside the output folder."""
-        return {
+        optional = {"missing_by_tar": dict(self.missing_by_tar), "excluded": dict(self.excluded)}
+        return {k: v for k, v in optional.items() if v} | {
             "written": dict(self.written),
             "total_written": self.total_written,
             "missing": len(self.missing),
@@ -305,6 +325,80 @@ def split_per_class(labels: np.ndarray, fraction: float, seed: int):
     return np.flatnonzero(mask).astype(np.int64), val.astype(np.int64)
 
 
+class MissingImagesError(FileNotFoundError):
+    """Images the csv lists are absent (the run refuses unless allow_missing)."""
+
+
+def read_landmark_list(path: str) -> tuple:
+    """Reads a file of landmark ids, one per line ('#' starts a comment, blank lines skipped).
+
+    Returns:
+      (sorted unique ids, sha256 hex digest of the file's bytes).
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: a line that is not an integer (names the
+        file and line).
+    """
+    if not files.isfile(path):
+        raise FileNotFoundError(f"--exclude_landmarks={path}: no such file")
+    data = files.read_bytes(path)
+    ids = set()
+    for line_no, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            ids.add(_check_landmark(text, path, line_no))
+    return tuple(sorted(ids)), hashlib.sha256(data).hexdigest()
+
+
+def tars_holding(root: str, image_ids) -> tuple:
+    """Which GLDv2 tar holds each id, from the member lists glam_tf.data.download writes
+    (`<root>/archive_members/images_NNN.tar.txt`; GLDv2 publishes no id -> tar map).
+
+    Returns:
+      ({id: tar name} for the ids found, sorted names of the tars with a member list).
+    """
+    folder = files.join(root, download.MEMBERS_DIR)
+    if not files.isdir(folder):
+        return {}, []
+    wanted, found, tars = set(image_ids), {}, []
+    for name in files.listdir(folder):
+        if not name.endswith(".tar.txt"):
+            continue
+        tar = name[:-len(".txt")]
+        tars.append(tar)
+        for line in files.read_text(files.join(folder, name)).splitlines():
+            image_id = files.splitext(files.basename(line))[0]
+            if image_id in wanted:
+                found[image_id] = tar
+    return found, sorted(tars)
+
+
+def _missing_report(root: str, missing: list, output_dir: str) -> tuple:
+    """Writes missing_by_tar.txt for the absent (image, path) pairs; returns ({tar: count},
+    a phrase saying where the first one is and which tars are not extracted)."""
+    found, tars = tars_holding(root, [im.image_id for im, _ in missing])
+    unknown = "unknown"
+    rows = sorted((found.get(im.image_id, unknown), im.image_id, path) for im, path in missing)
+    files.write_text_atomic(files.join(output_dir, MISSING_BY_TAR_NAME),
+                            "".join(f"{t}\t{i}\t{p}\n" for t, i, p in rows))
+    counts = {}
+    for tar, _, _ in rows:
+        counts[tar] = counts.get(tar, 0) + 1
+    first = missing[0][0].image_id
+    if first in found:
+        where = f"{first} is in {found[first]}"
+    elif tars:
+        absent = [f"images_{i:03d}.tar" for i in range(download.GLDV2_TARS)
+                  if f"images_{i:03d}.tar" not in tars]
+        where = (f"{first} is in none of the {len(tars)} extracted tars; not extracted: "
+                 f"{', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''} "
+                 f"({len(absent)} tars)")
+    else:
+        where = (f"{first}'s tar is not known (no {download.MEMBERS_DIR}/ under {root}: "
+                 "glam-download records each tar's members there)")
+    return counts, where
+
+
 def shard_name(split: str, index: int, num_shards: int) -> str:
     """`train-00003-of-00128.tfrecord`."""
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
@@ -381,7 +475,7 @@ def _report_path(output_dir: str, name: str) -> str:
 
 
 def _finalize(_, *, output_dir: str, shards, num_classes: int, label_map_path: str,
-              skipped: int) -> dict:
+              skipped: int, missing_by_tar: dict, excluded: dict) -> dict:
     """Gathers every shard's report (written now or before) into the lists and summary.json.
 
     Runs once, after every shard (its input is the list of this run's reports).
@@ -409,7 +503,8 @@ def _finalize(_, *, output_dir: str, shards, num_classes: int, label_map_path: s
         num_classes=num_classes,
         train_pattern=files.join(output_dir, TRAIN_PATTERN),
         validation_pattern=files.join(output_dir, VALIDATION_PATTERN),
-        label_map_path=label_map_path, shards_skipped=skipped)
+        label_map_path=label_map_path, shards_skipped=skipped,
+        missing_by_tar=missing_by_tar, excluded=excluded)
     files.write_json_atomic(files.join(output_dir, contract.CONVERTER_SUMMARY_FILE),
                             summary.to_json())
     return summary.to_json()
@@ -444,7 +539,8 @@ def _check_plan(plan_path: str, plan: dict) -> None:
 def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
                   image_dir: str | None = None, num_shards: int = 0,
                   num_validation_shards: int = 0, validation_fraction: float = 0.0,
-                  seed: int = 0, full_decode: bool = True,
+                  seed: int = 0, full_decode: bool = True, allow_missing: bool = False,
+                  exclude_landmarks: str | None = None,
                   beam_args=None) -> ConversionSummary:
     """Converts GLDv2 as downloaded into sharded DELG-keyed TFRecords (Beam, resumable).
 
@@ -457,6 +553,9 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
       validation_fraction: per-class fraction held out into `validation-*` shards, in [0, 1).
       seed: shuffles images across shards and draws the validation split.
       full_decode: decode every pixel to catch truncated files (else read headers only).
+      allow_missing: convert even when images listed in the csv are absent (counted in
+        summary.json, listed in missing_images.txt and missing_by_tar.txt); else refuse.
+      exclude_landmarks: a file of landmark ids to leave out (`read_landmark_list`).
       beam_args: Beam pipeline flags (runner and its options, glam_tf.beam_options); None =
         the DirectRunner with 2 worker processes.
 
@@ -467,6 +566,8 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
 
     Raises:
       FileNotFoundError: no csv or no image folder (the message shows the expected layout).
+      MissingImagesError: images the csv lists are absent and not `allow_missing` (one line:
+        how many, the first and its tar; missing_by_tar.txt in `output_dir` lists them).
       ValueError: bad csv, bad arguments, unknown Beam flags, or an output dir holding a
         different conversion.
     """
@@ -488,6 +589,18 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
     images = read_gldv2_csv(csv_path)
     logging.info("%s: %d images of %d landmarks", csv_path, len(images),
                  len({im.landmark_id for im in images}))
+    excluded = {}
+    if exclude_landmarks:
+        listed, digest = read_landmark_list(exclude_landmarks)
+        drop = set(listed)
+        left_out = sorted({im.landmark_id for im in images} & drop)
+        kept = [im for im in images if im.landmark_id not in drop]
+        excluded = {"file": files.basename(exclude_landmarks), "sha256": digest,
+                    "landmarks_listed": len(listed), "landmarks_left_out": left_out,
+                    "images_left_out": len(images) - len(kept)}
+        logging.info("%s: left out %d landmarks (%d images) of the %d listed",
+                     exclude_landmarks, len(left_out), len(images) - len(kept), len(listed))
+        images = kept
 
     # Which files are there: relabel over present images only, so a partial download does
     # not create classes without a single example.
@@ -500,6 +613,18 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
         raise FileNotFoundError(
             f"None of the {len(images)} images listed in {csv_path} is under {image_dir!r} "
             f"(first expected: {first}).\n" + LAYOUT_HELP.format(root=root))
+    missing_by_tar = {}
+    if missing:
+        files.makedirs(output_dir)
+        missing_by_tar, where = _missing_report(root, missing, output_dir)
+        if not allow_missing:
+            raise MissingImagesError(
+                f"{len(missing)} of the {len(images)} images listed in {csv_path} are "
+                f"missing under {image_dir} ({where}; all in "
+                f"{files.join(output_dir, MISSING_BY_TAR_NAME)}): rerun glam-download, or "
+                "pass --allow_missing to convert without them")
+        logging.warning("%d images listed in %s are missing (by tar: %s); converting the rest "
+                        "(--allow_missing)", len(missing), csv_path, missing_by_tar)
 
     label_map = build_label_map(im.landmark_id for im, _ in present)
     labels = np.array([label_map[im.landmark_id] for im, _ in present], np.int64)
@@ -525,6 +650,8 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
         "validation_fraction": validation_fraction, "seed": seed,
         "train_shards": n_train, "validation_shards": n_val,
     }
+    if excluded:
+        plan["excluded_landmarks_sha256"] = excluded["sha256"]
     _check_plan(files.join(output_dir, PLAN_NAME), plan)
     # What a killed run left under temporary names (shards, reports, tasks): its shards are
     # redone below, so nothing else writes these names now.
@@ -560,8 +687,14 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
              | "AllWritten" >> beam.combiners.ToList()
              | "Finalize" >> beam.Map(_finalize, output_dir=output_dir, shards=shards,
                                       num_classes=len(label_map),
-                                      label_map_path=label_map_path, skipped=skipped))
+                                      label_map_path=label_map_path, skipped=skipped,
+                                      missing_by_tar=missing_by_tar, excluded=excluded))
     result = p.result
+    lengths = {"train": [], "validation": []}
+    for split, name in shards:
+        with files.open_file(_report_path(output_dir, name)) as f:
+            lengths[split].append((name, json.load(f)["written"]))
+    tfds_folder.write_metadata(output_dir, lengths)
     summary = read_summary(output_dir)
     summary.counters = beam_options.counters(result, COUNTERS)
     logging.info(
@@ -588,4 +721,5 @@ def read_summary(output_dir: str) -> ConversionSummary:
         train_pattern=files.join(output_dir, done["train_pattern"]),
         validation_pattern=files.join(output_dir, done["validation_pattern"]),
         label_map_path=files.join(output_dir, done["label_map_path"]),
-        shards_skipped=done["shards_skipped"])
+        shards_skipped=done["shards_skipped"], missing_by_tar=done.get("missing_by_tar", {}),
+        excluded=done.get("excluded", {}))

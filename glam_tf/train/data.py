@@ -2,7 +2,8 @@
 
 data_source "tfrecord" reads converter output (glam_tf.data.gldv2 writes summary.json
 with the class and image counts next to the shards; without it the labels are scanned
-once), "synthetic" first generates the synthetic landmarks when absent and converts them
+once), "tfds" the same shards found through the folder's tensorflow-datasets metadata
+(glam_tf.data.tfds_folder), "synthetic" first generates the synthetic landmarks when absent and converts them
 (the demo), "random" is the file-less stand-in of glam_tf.train.random_data.
 
 TFRecord shards are checked before anything else reads them (framing and data CRCs,
@@ -117,6 +118,28 @@ def count_records(files: list, file_pattern: str, *, num_classes: int = 0,
     return count, top + 1
 
 
+def tfds_train_pattern(folder: str) -> str:
+    """The glob of the 'train' shards of the TFDS folder `folder` (the converter's output),
+    after checking that the files its dataset_info.json names are exactly those there.
+
+    Raises:
+      Refused: the metadata names files that are absent, or the folder holds others.
+    """
+    from glam_tf.data import gldv2, tfds_folder  # noqa: PLC0415
+
+    named, _ = tfds_folder.split_files(folder, "train")
+    pattern = glam_files.join(folder, gldv2.TRAIN_PATTERN)
+    there = glam_files.glob(pattern)
+    if sorted(named) != there:
+        absent = sorted(set(named) - set(there))
+        raise Refused(glam_files.join(folder, tfds_folder.INFO_FILE),
+                      f"names {len(named)} 'train' shards but {len(there)} match "
+                      f"{gldv2.TRAIN_PATTERN} there"
+                      + (f" (first absent: {absent[0]})" if absent else ""),
+                      "rerun the converter into that folder (it rewrites the metadata)")
+    return pattern
+
+
 def data_verified_here(shards: list, worker: WorkerInfo, data_config) -> list | None:
     """The shards whose data CRCs this worker reads (None: all of them).
 
@@ -155,6 +178,9 @@ def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
                              "train-*-of-*.tfrecord.")
         pattern = prepare_synthetic(config.synthetic)
         data_config = dataclasses.replace(data_config, file_pattern=pattern)
+    if config.data_source == "tfds":
+        data_config = dataclasses.replace(data_config, file_pattern=tfds_train_pattern(
+            config.tfds_dir))
     from glam_tf.data import pipeline  # noqa: PLC0415
 
     check_dir = contract.data_check_dir(config.train_dir)
