@@ -2,9 +2,9 @@
 
 `pip install .` installs the programs as top-level modules (`train_main`, ...) and these
 functions as the commands `glam-train`, `glam-eval`, `glam-export`, `glam-build-gldv2`,
-`glam-make-synthetic` and `glam-download` (pyproject.toml). A command runs its program exactly as
-`python train_main.py ...` does: the module executed as `__main__`, so its
-`if __name__ == "__main__":` block parses the command line (help and errors name the
+`glam-make-synthetic`, `glam-download` and `glam-build-index` (pyproject.toml). A command
+runs its program exactly as `python train_main.py ...` does: the module executed as
+`__main__`, so its `if __name__ == "__main__":` block parses the command line (help and errors name the
 command) and the programs stay the one place that reads flags.
 """
 
@@ -17,6 +17,7 @@ PROGRAMS = {
     "glam-build-gldv2": "build_gldv2_main",
     "glam-make-synthetic": "make_synthetic_main",
     "glam-download": "download_main",
+    "glam-build-index": "build_index_main",
 }
 
 
@@ -47,3 +48,7 @@ def make_synthetic() -> None:
 
 def download() -> None:
     run_program(PROGRAMS["glam-download"])
+
+
+def build_index() -> None:
+    run_program(PROGRAMS["glam-build-index"])

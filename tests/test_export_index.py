@@ -1,0 +1,277 @@
+"""The search-index SavedModel (glam_tf.export.index, build_index_main), loaded as TF Serving
+loads it (tf.saved_model.load, the signatures).
+
+- search_from_descriptors equals glam_tf.eval.search.exact_search on random unit
+  descriptors scored in several chunks: ids and order identical, scores within 1e-6; ties
+  (exact integer scores) broken the same way (lower index first);
+- bfloat16 / float16 storage: recall@100 against float32 >= 0.99 (printed);
+- refusals (k 0, k > N, a wrong width, NaN, no query) are one line each and the model then
+  answers a normal request identically;
+- DBA baked in equals refine_and_search with DBA on;
+- search_from_bytes equals describing the images with the export and searching those;
+- build_index_main: versions from shards, growth by new shards without describing the old
+  images again, removal by id; bad flags exit 2 with one line.
+"""
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+import build_index_main
+from conftest import REPO_ROOT, SHARED_DATA
+from glam_tf.config import IndexConfig, RefineConfig
+from glam_tf.eval import extract, models, refine, search
+from glam_tf.export import index, serving
+from glam_tf.model import ModelConfig
+from keras_helpers import tiny_descriptor_model
+
+TOL = 1e-6
+DIM = 16
+NUM = 5000
+
+
+def _unit(rng, rows, dim):
+    x = rng.standard_normal((rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _ids(num, prefix="img"):
+    return [f"{prefix}{i:05d}" for i in range(num)]
+
+
+def _saved(tmp_path_factory, database, config, name):
+    """The index written and loaded back (the descriptor signature only)."""
+    module = index.SearchIndexModule(database, config)
+    path = index.save_index(module, tmp_path_factory.mktemp(name))
+    return tf.saved_model.load(path)
+
+
+def _search(loaded, queries, k):
+    out = loaded.signatures["search_from_descriptors"](descriptors=tf.constant(queries),
+                                                        k=tf.constant(k, tf.int32))
+    return {key: value.numpy() for key, value in out.items()}
+
+
+def _refusal(error: tf.errors.InvalidArgumentError) -> str:
+    lines = [line for line in error.message.splitlines()
+             if line.startswith("assertion failed:")]
+    assert len(lines) == 1, error.message
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def random_index(tmp_path_factory):
+    """(database, loaded index): NUM x DIM unit rows; a 1 MiB budget makes 300 queries score
+    the database in 5 chunks of 1024 rows."""
+    database = index.Database(_unit(np.random.default_rng(0), NUM, DIM), _ids(NUM))
+    config = IndexConfig(memory_budget_mb=1, max_queries=512)
+    assert index.chunk_rows(300, NUM, DIM, config) == index.MIN_CHUNK_ROWS
+    return database, _saved(tmp_path_factory, database, config, "random")
+
+
+# ---- equality with the evaluator's search ----------------------------------------------------
+@pytest.mark.parametrize("num_queries,k", [(300, 100), (1, 1), (7, 1000)])
+def test_search_equals_exact_search(random_index, num_queries, k):
+    database, loaded = random_index
+    queries = _unit(np.random.default_rng(num_queries), num_queries, DIM)
+    got = _search(loaded, queries, k)
+    expected = search.exact_search(queries, database.descriptors, k=k)
+    assert got["indices"].dtype == np.int64 and got["scores"].dtype == np.float32
+    np.testing.assert_array_equal(got["indices"], expected.topk_indices)
+    np.testing.assert_array_equal(got["ids"].astype(str),
+                                  np.asarray(database.ids)[expected.topk_indices])
+    worst = float(np.abs(got["scores"] - expected.topk_scores).max())
+    print(f"B={num_queries} k={k}: order identical, max |score - exact_search| = {worst:.2e}")
+    assert worst <= TOL
+
+
+def test_ties_go_to_the_lower_index_across_chunks(tmp_path_factory):
+    """Integer descriptors: exact scores, many equal, duplicates in different chunks."""
+    rng = np.random.default_rng(1)
+    rows = rng.integers(-2, 3, (3000, 8)).astype(np.float32)
+    rows[2500:2600] = rows[10:110]   # the same rows in the last chunk
+    database = index.Database(rows, _ids(3000))
+    loaded = _saved(tmp_path_factory, database, IndexConfig(memory_budget_mb=1,
+                                                            max_queries=512), "ties")
+    queries = rng.integers(-2, 3, (300, 8)).astype(np.float32)
+    got = _search(loaded, queries, 200)
+    expected = search.exact_search(queries, rows, k=200)
+    assert np.any(np.diff(expected.topk_scores, axis=1) == 0)   # ties inside the top 200
+    np.testing.assert_array_equal(got["indices"], expected.topk_indices)
+    np.testing.assert_array_equal(got["scores"], expected.topk_scores)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_reduced_precision_storage_recall(tmp_path_factory, storage):
+    rng = np.random.default_rng(2)
+    database = index.Database(_unit(rng, NUM, 512), _ids(NUM))
+    loaded = _saved(tmp_path_factory, database, IndexConfig(storage=storage), storage)
+    queries = _unit(rng, 50, 512)
+    got = _search(loaded, queries, 100)
+    exact = search.exact_search(queries, database.descriptors, k=100).topk_indices
+    recall = search.recall_at_k(got["indices"], exact, 100)
+    print(f"{storage} storage, {NUM} x 512 random unit rows: recall@100 vs float32 = "
+          f"{recall:.4f}")
+    assert recall >= 0.99
+    # float32 accumulation of the stored values: scores as NumPy computes them from those
+    stored = database.descriptors.astype(tf.as_dtype(storage).as_numpy_dtype).astype(np.float32)
+    np.testing.assert_allclose(got["scores"],
+                               np.take_along_axis(queries @ stored.T, got["indices"], 1),
+                               atol=TOL)
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+def test_refusals_are_one_line_and_the_model_keeps_answering(random_index):
+    database, loaded = random_index
+    queries = _unit(np.random.default_rng(3), 4, DIM)
+    before = _search(loaded, queries, 10)
+    nan = queries.copy()
+    nan[1, 3] = np.nan
+    cases = [
+        (queries, 0, "search_from_descriptors: k must be between 1 and 1000 (the index holds "
+                     "5000 images; the index setting max_k is 1000); received k =] [0]"),
+        (queries, NUM + 1, "k must be between 1 and 1000"),
+        (queries[:, :7], 10, "search_from_descriptors: descriptors must have shape [B, 16] "
+                             "(the index descriptor width); received shape] [4 7]"),
+        (nan, 10, "search_from_descriptors: descriptors must be finite; received a NaN or "
+                  "infinite value]"),
+        (queries[:0], 10, "descriptors must hold between 1 and 512 rows (the index setting "
+                          "max_queries); received] [0]"),
+    ]
+    for descriptors, k, message in cases:
+        with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+            _search(loaded, descriptors, k)
+        line = _refusal(caught.value)
+        print("refused:", line)
+        assert message in line
+    after = _search(loaded, queries, 10)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def test_small_index_limits_k_to_its_size(tmp_path_factory):
+    database = index.Database(_unit(np.random.default_rng(4), 5, DIM), _ids(5))
+    loaded = _saved(tmp_path_factory, database, IndexConfig(), "small")
+    assert _search(loaded, database.descriptors, 5)["indices"][:, 0].tolist() == list(range(5))
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        _search(loaded, database.descriptors, 6)
+    assert "k must be between 1 and 5 (the index holds 5 images" in _refusal(caught.value)
+
+
+# ---- refinements -------------------------------------------------------------------------------
+def test_database_augmentation_equals_refine_and_search(tmp_path_factory, random_index):
+    database, _ = random_index
+    config = IndexConfig(database_augmentation=True, dba_neighbors=3, dba_alpha=2.0)
+    augmented = refine.database_augmentation(database.descriptors, k=3, alpha=2.0)
+    loaded = _saved(tmp_path_factory, index.Database(augmented, database.ids), config, "dba")
+    queries = _unit(np.random.default_rng(5), 20, DIM)
+    expected, _ = refine.refine_and_search(
+        queries, database.descriptors,
+        RefineConfig(database_augmentation=True, dba_neighbors=3, dba_alpha=2.0), k=50)
+    got = _search(loaded, queries, 50)
+    np.testing.assert_array_equal(got["indices"], expected.topk_indices)
+    assert np.abs(got["scores"] - expected.topk_scores).max() <= TOL
+
+
+# ---- the image signature and the program -------------------------------------------------------
+@pytest.fixture(scope="module")
+def descriptor_export(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    model = tiny_descriptor_model(ModelConfig(weights="none", embedding_dim=32))
+    base = tmp_path_factory.mktemp("export")
+    serving.export_saved_model(model, base, max_image_size=96, scales=(0.70710678, 1.0),
+                               warmup_requests=False)
+    return base
+
+
+@pytest.fixture(scope="module")
+def photo_shards(descriptor_export, tmp_path_factory):
+    """Two shard folders of the export's descriptors of the query crops (first 12, next 6)."""
+    folder = SHARED_DATA / "oxford_query_crops"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    photos = sorted(folder.glob("*.jpg"))[:18]
+    backend = models.load_saved_model(descriptor_export)
+    out = tmp_path_factory.mktemp("shards")
+    for name, part in (("first", photos[:12]), ("second", photos[12:])):
+        items = [extract.ImageItem(p.name, str(p)) for p in part]
+        extract.extract_split(items, str(out / name), backend, max_image_size=96,
+                              batch_size=4, shard_size=5, name=name)
+    return out / "first", out / "second", photos
+
+
+def _build(argv):
+    values = flags.FlagValues()
+    build_index_main.define_flags(values)
+    values(["build_index_main", *map(str, argv)])
+    return build_index_main.run_build(values)
+
+
+def test_program_versions_growth_and_removal(descriptor_export, photo_shards, tmp_path):
+    first, second, photos = photo_shards
+    index_dir = tmp_path / "index"
+    v1 = _build([f"--export_dir={descriptor_export}", f"--descriptors={first}",
+                 f"--index_dir={index_dir}"])
+    assert v1.endswith("/1")
+    removed = tmp_path / "remove.txt"
+    removed.write_text("all_souls_1.jpg\nashmolean_2.jpg\n")
+    v2 = _build([f"--export_dir={descriptor_export}", f"--index_dir={index_dir}",
+                 "--base_version=1", f"--descriptors={second}", f"--remove_ids={removed}",
+                 "--storage=bfloat16"])
+    assert v2.endswith("/2")
+    one, _ = index.read_index_database(v1)
+    two, info = index.read_index_database(v2)
+    assert one.ids == [p.name for p in photos[:12]]
+    assert two.ids == [p.name for p in photos[:12] if p.name not in
+                       ("all_souls_1.jpg", "ashmolean_2.jpg")] + [p.name for p in photos[12:]]
+    assert info["base_version"] == 1 and info["storage"] == "bfloat16"
+    # the kept rows are version 1's (bfloat16-rounded), not described again
+    kept = [one.ids.index(i) for i in two.ids[:10]]
+    np.testing.assert_array_equal(
+        two.descriptors[:10],
+        one.descriptors[kept].astype(tf.bfloat16.as_numpy_dtype).astype(np.float32))
+    fresh = extract.merge_shards(str(second), [p.name for p in photos[12:]]).descriptors
+    np.testing.assert_array_equal(
+        two.descriptors[10:], fresh.astype(tf.bfloat16.as_numpy_dtype).astype(np.float32))
+
+    # search_from_bytes = the export's descriptors of the images, searched
+    loaded = tf.saved_model.load(v1)
+    data = tf.constant([p.read_bytes() for p in photos[:3]])
+    got = loaded.signatures["search_from_bytes"](image_bytes=data, k=tf.constant(4))
+    described = loaded.signatures["global_descriptor_from_bytes"](image_bytes=data)
+    queries = described["global_descriptors"].numpy()
+    via_descriptors = _search(loaded, queries, 4)
+    expected = search.exact_search(queries, one.descriptors, k=4)
+    np.testing.assert_array_equal(got["indices"].numpy(), expected.topk_indices)
+    np.testing.assert_array_equal(got["ids"].numpy(), via_descriptors["ids"])
+    assert np.abs(got["scores"].numpy() - expected.topk_scores).max() <= TOL
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        loaded.signatures["search_from_bytes"](image_bytes=tf.constant([b"not an image"]),
+                                               k=tf.constant(4))
+    assert "image_bytes[0]" in _refusal(caught.value)
+
+    # growth refusals: an id already there; an unknown id to remove
+    with pytest.raises(ValueError, match="is already in the index"):
+        _build([f"--export_dir={descriptor_export}", f"--index_dir={index_dir}",
+                "--base_version=1", f"--descriptors={first}"])
+    removed.write_text("no_such_image.jpg\n")
+    with pytest.raises(ValueError, match=r"--remove_ids: 1 ids are not in the index, e\.g\. "
+                                         r"'no_such_image.jpg'"):
+        _build([f"--export_dir={descriptor_export}", f"--index_dir={index_dir}",
+                "--base_version=2", f"--remove_ids={removed}"])
+    assert sorted(p.name for p in index_dir.iterdir()) == ["1", "2"]
+
+
+def test_program_bad_flags_exit_2_in_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "build_index_main.py", f"--index_dir={tmp_path}",
+                          f"--export_dir={tmp_path / 'missing'}", "--descriptors=x"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("build_index_main: ")]
+    assert lines == [f"build_index_main: error: --export_dir: model directory "
+                     f"'{tmp_path / 'missing'}' does not exist"], res.stderr[-2000:]
