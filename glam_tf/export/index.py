@@ -16,9 +16,11 @@ The search is exact inner-product search, as glam_tf.eval.search.exact_search: t
 database is scored chunk by chunk (a tf.while_loop) with a running top-k merged after each
 chunk, best first, ties by database index (lower first: tf.math.top_k keeps the lower
 position of equal values, and the running list precedes the chunk's higher indices).
-Memory per request: the chunk's (B, rows) float32 scores (plus its float32 copy with
-reduced-precision storage) fit `memory_budget_mb` (at least 1024 rows), plus the
-top-k lists, (B, 2k) values and indices; nothing sized by the database.
+Memory per request: the chunk's float32 scores, (rows, B) and their (B, rows) transpose
+(plus the chunk's float32 copy with reduced-precision storage), fit `memory_budget_mb` (at
+least 1024 rows), plus the top-k lists, (B, 2k) values and indices; nothing else is sized
+by the database. The product is `chunk @ queries^T` (rows, B): with TensorFlow's CPU
+kernels it is faster than `queries @ chunk^T` for few queries (bench/index_search.py).
 
 Every request is checked before anything sized by it is allocated; a refusal is one line
 (InvalidArgumentError "assertion failed: [...]") naming the input and the limit: descriptors
@@ -53,8 +55,6 @@ DATABASE_KEY = "database/.ATTRIBUTES/VARIABLE_VALUE"
 IDS_KEY = "ids/.ATTRIBUTES/VARIABLE_VALUE"
 # Shortest chunk of database rows scored at a time (below it the product is inefficient).
 MIN_CHUNK_ROWS = 1024
-# Database rows copied into the variable at a time when building.
-_ASSIGN_ROWS = 1 << 16
 
 
 @dataclasses.dataclass
@@ -190,11 +190,12 @@ def grow(base: Database, additions: Database, remove_ids=()) -> Database:
 def chunk_rows(num_queries, num_images, dim, config: IndexConfig):
     """Database rows scored at a time for B = num_queries (a Python int or a scalar tensor).
 
-    The (B, rows) float32 scores, plus the chunk's float32 copy when stored in a reduced
-    precision, fit config.memory_budget_mb; at least MIN_CHUNK_ROWS, at most N.
+    The chunk's float32 scores, (rows, B) and their (B, rows) transpose, plus the chunk's
+    float32 copy when stored in a reduced precision, fit config.memory_budget_mb; at least
+    MIN_CHUNK_ROWS, at most N.
     """
     budget = config.memory_budget_mb << 20
-    per_row = 4 * (num_queries + (dim if config.storage != "float32" else 0))
+    per_row = 4 * (2 * num_queries + (dim if config.storage != "float32" else 0))
     rows = budget // per_row
     if isinstance(rows, tf.Tensor):
         return tf.clip_by_value(rows, min(MIN_CHUNK_ROWS, num_images), num_images)
@@ -223,11 +224,11 @@ class SearchIndexModule(tf.Module):
         self.config = config
         self.num_images, self.descriptor_dim = (int(s) for s in database.descriptors.shape)
         dtype = tf.as_dtype(config.storage)
-        self.database = tf.Variable(tf.zeros([self.num_images, self.descriptor_dim], dtype),
-                                    trainable=False, name="database")
-        for a in range(0, self.num_images, _ASSIGN_ROWS):   # no second full-size copy
-            rows = database.descriptors[a:a + _ASSIGN_ROWS]
-            self.database[a:a + rows.shape[0]].assign(tf.cast(rows, dtype))
+        # The whole value at once: a sliced assign would put the variable in copy-on-read
+        # mode (every read a full copy, as TF's sparse variable ops need).
+        self.database = tf.Variable(
+            np.asarray(database.descriptors).astype(dtype.as_numpy_dtype, copy=False),
+            trainable=False, name="database")
         self.ids = tf.Variable(tf.constant(list(database.ids), tf.string), trainable=False,
                                name="ids")
         self.descriptor_model = descriptor_model
@@ -278,6 +279,7 @@ class SearchIndexModule(tf.Module):
         num_chunks = (num + rows - 1) // rows
         database = self.database.read_value()
         reduced = self.config.storage != "float32"
+        queries_t = tf.transpose(queries)
 
         def body(i, top_scores, top_indices):
             start = i * rows
@@ -285,7 +287,7 @@ class SearchIndexModule(tf.Module):
             chunk = tf.slice(database, [start, 0], [size, dim])
             if reduced:
                 chunk = tf.cast(chunk, tf.float32)
-            scores = tf.matmul(queries, chunk, transpose_b=True)
+            scores = tf.transpose(tf.matmul(chunk, queries_t))
             best = tf.math.top_k(scores, tf.minimum(k, size))
             merged_scores = tf.concat([top_scores, best.values], 1)
             merged_indices = tf.concat(
