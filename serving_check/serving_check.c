@@ -17,7 +17,8 @@
  * The protos are read with a small protobuf wire-format reader (only the fields needed:
  * MetaGraphDef.signature_def, SignatureDef inputs/outputs, TensorInfo name/dtype, and
  * PredictionLog.predict_log.request's signature name and TensorProto inputs). Supported
- * tensor dtypes: uint8, int32, int64, float32, float64, string.
+ * tensor dtypes: uint8, int32, int64, float32, float64, string (a string output is written
+ * as fixed-width bytes, numpy dtype 'S<longest>').
  */
 #include <errno.h>
 #include <stdint.h>
@@ -240,12 +241,25 @@ static TF_Tensor *read_npy(const char *path) {
 
 static void write_npy(const char *path, const TF_Tensor *t) {
   const char *descr = NULL;
+  char bytes_descr[32];
+  size_t width = 0;   /* a string tensor: fixed-width bytes ('|S<width>', NUL-padded) */
+  int64_t count = 1;
+  for (int i = 0; i < TF_NumDims(t); i++) count *= TF_Dim(t, i);
   switch (TF_TensorType(t)) {
     case TF_UINT8: descr = "|u1"; break;
     case TF_INT32: descr = "<i4"; break;
     case TF_INT64: descr = "<i8"; break;
     case TF_FLOAT: descr = "<f4"; break;
     case TF_DOUBLE: descr = "<f8"; break;
+    case TF_STRING:
+      for (int64_t i = 0; i < count; i++) {
+        size_t size = TF_TString_GetSize(&((const TF_TString *)TF_TensorData(t))[i]);
+        if (size > width) width = size;
+      }
+      if (width == 0) width = 1;
+      snprintf(bytes_descr, sizeof bytes_descr, "|S%zu", width);
+      descr = bytes_descr;
+      break;
     default: die("an output of %s has an unsupported dtype", path);
   }
   char shape[256] = "", header[512];
@@ -264,7 +278,16 @@ static void write_npy(const char *path, const TF_Tensor *t) {
   fwrite(header, 1, n, f);
   for (int i = 0; i < pad; i++) fputc(' ', f);
   fputc('\n', f);
-  fwrite(TF_TensorData(t), 1, TF_TensorByteSize(t), f);
+  if (TF_TensorType(t) == TF_STRING) {
+    const TF_TString *s = (const TF_TString *)TF_TensorData(t);
+    for (int64_t i = 0; i < count; i++) {
+      size_t size = TF_TString_GetSize(&s[i]);
+      fwrite(TF_TString_GetDataPointer(&s[i]), 1, size, f);
+      for (size_t j = size; j < width; j++) fputc(0, f);
+    }
+  } else {
+    fwrite(TF_TensorData(t), 1, TF_TensorByteSize(t), f);
+  }
   fclose(f);
 }
 

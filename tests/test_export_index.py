@@ -10,7 +10,10 @@ loads it (tf.saved_model.load, the signatures).
 - DBA baked in equals refine_and_search with DBA on;
 - search_from_bytes equals describing the images with the export and searching those;
 - build_index_main: versions from shards, growth by new shards without describing the old
-  images again, removal by id; bad flags exit 2 with one line.
+  images again, removal by id; bad flags exit 2 with one line;
+- TensorFlow's C loader (serving_check/, as TF Serving loads a SavedModel) answers both search
+  signatures as the Python-loaded model does, refuses k = 0 with the same line and then
+  answers identically.
 """
 
 import subprocess
@@ -29,6 +32,8 @@ from glam_tf.eval import extract, models, refine, search
 from glam_tf.export import index, serving
 from glam_tf.model import ModelConfig
 from keras_helpers import tiny_descriptor_model
+from serving_check import loader
+from test_serving_check import binary  # noqa: F401  (the C loader check's fixture)
 
 TOL = 1e-6
 DIM = 16
@@ -275,3 +280,38 @@ def test_program_bad_flags_exit_2_in_one_line(tmp_path):
     lines = [line for line in res.stderr.splitlines() if line.startswith("build_index_main: ")]
     assert lines == [f"build_index_main: error: --export_dir: model directory "
                      f"'{tmp_path / 'missing'}' does not exist"], res.stderr[-2000:]
+
+
+def test_c_loader_answers_both_signatures_as_python(binary, descriptor_export,  # noqa: F811
+                                                    photo_shards, tmp_path):
+    first, _, photos = photo_shards
+    model, info = index.load_export(descriptor_export)
+    path = index.build_index(tmp_path / "index", IndexConfig(), model, info,
+                             descriptors=[str(first)])
+    loaded = tf.saved_model.load(path)
+    queries = _unit(np.random.default_rng(6), 3, 32)
+    data = [p.read_bytes() for p in photos[:2]]
+    cases = [("search_from_descriptors", {"descriptors": queries, "k": np.int32(4)}),
+             ("search_from_descriptors", {"descriptors": queries, "k": np.int32(0)}),
+             ("search_from_bytes", {"image_bytes": data, "k": np.int32(5)}),
+             ("search_from_descriptors", {"descriptors": queries, "k": np.int32(4)})]
+    answers = loader.run(binary, path, cases).answers
+    assert [a.signature for a in answers] == [c[0] for c in cases]
+    for (signature, inputs), answer in zip(cases, answers, strict=True):
+        args = {name: tf.constant(value) for name, value in inputs.items()}
+        try:
+            expected = {k: v.numpy() for k, v in loaded.signatures[signature](**args).items()}
+        except tf.errors.InvalidArgumentError as e:
+            assert answer.error is not None and not answer.outputs
+            line = _refusal(e)
+            assert line in answer.error
+            print("C loader refused:", line)
+            continue
+        assert answer.error is None, answer.error
+        np.testing.assert_array_equal(answer.outputs["ids"], expected["ids"].astype(bytes))
+        np.testing.assert_array_equal(answer.outputs["indices"], expected["indices"])
+        worst = float(np.abs(answer.outputs["scores"] - expected["scores"]).max())
+        print(f"{signature}: C loader ids/indices identical, max |score difference| "
+              f"{worst:.2e}")
+        assert worst <= TOL
+    np.testing.assert_array_equal(answers[3].outputs["scores"], answers[0].outputs["scores"])
