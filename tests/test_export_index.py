@@ -11,9 +11,9 @@ loads it (tf.saved_model.load, the signatures).
 - search_from_bytes equals describing the images with the export and searching those;
 - build_index_main: versions from shards, growth by new shards without describing the old
   images again, removal by id; bad flags exit 2 with one line;
-- TensorFlow's C loader (serving_check/, as TF Serving loads a SavedModel) answers both search
-  signatures as the Python-loaded model does, refuses k = 0 with the same line and then
-  answers identically.
+- TensorFlow's C loader (serving_check/, as TF Serving loads a SavedModel) replays the
+  warm-up file (a request per signature), answers both search signatures as the
+  Python-loaded model does, refuses k = 0 with the same line and then answers identically.
 """
 
 import subprocess
@@ -295,7 +295,9 @@ def test_c_loader_answers_both_signatures_as_python(binary, descriptor_export,  
              ("search_from_descriptors", {"descriptors": queries, "k": np.int32(0)}),
              ("search_from_bytes", {"image_bytes": data, "k": np.int32(5)}),
              ("search_from_descriptors", {"descriptors": queries, "k": np.int32(4)})]
-    answers = loader.run(binary, path, cases).answers
+    session = loader.run(binary, path, cases, warmup=True)
+    assert session.warmup[0] == len(index.INDEX_SIGNATURES)   # one warm-up request each
+    answers = session.answers
     assert [a.signature for a in answers] == [c[0] for c in cases]
     for (signature, inputs), answer in zip(cases, answers, strict=True):
         args = {name: tf.constant(value) for name, value in inputs.items()}

@@ -27,7 +27,8 @@ Every request is checked before anything sized by it is allocated; a refusal is 
 of rank 2 and width D, 1 <= B <= max_queries, finite values, 1 <= k <= min(N, max_k).
 
 Optional at build time: alpha-DBA baked into the stored descriptors
-(glam_tf.eval.refine.database_augmentation).
+(glam_tf.eval.refine.database_augmentation). Each version carries a TF Serving warm-up file
+(assets.extra/tf_serving_warmup_requests): one request per signature.
 """
 
 from __future__ import annotations
@@ -361,13 +362,51 @@ def load_export(path):
     return loaded, info
 
 
+def write_warmup_requests(path, module: SearchIndexModule, export_config=None) -> str:
+    """Writes the TF Serving warm-up file of the index at `path`; returns its path.
+
+    One request per signature (glam_tf.export.warmup): search_from_descriptors with the
+    first stored descriptor; with a descriptor model and `export_config` (the export's
+    ExportConfig), search_from_bytes and global_descriptor_from_bytes with the export's
+    warm-up JPEG, when its limits accept it. k = min(10, N, max_k).
+    """
+    from glam_tf.export import requests, warmup  # noqa: PLC0415
+
+    k = np.int32(min(10, module.num_images, module.config.max_k))
+    first = tf.cast(module.database[:1], tf.float32).numpy()
+    inputs = {"search_from_descriptors": {"descriptors": first, "k": k}}
+    if module.descriptor_model is not None and export_config is not None:
+        image = warmup.warmup_inputs(export_config).get("global_descriptor_from_bytes")
+        if image is not None:
+            inputs["search_from_bytes"] = {**image, "k": k}
+            inputs["global_descriptor_from_bytes"] = image
+    defs = requests.signature_defs(path)
+    out = files.join(path, warmup.WARMUP_FILE)
+    files.makedirs(files.dirname(out))
+    requests.write_prediction_logs(out, [requests.predict_request(defs, name, inputs[name])
+                                         for name in defs if name in inputs])
+    return out
+
+
+def export_config_of(export_info: dict):
+    """The ExportConfig recorded in an export's glam_export.json (its fields only)."""
+    from glam_tf.config import ExportConfig  # noqa: PLC0415
+
+    names = {f.name for f in dataclasses.fields(ExportConfig)}
+    settings = {k: v for k, v in export_info.items() if k in names}
+    if "scales" in settings:
+        settings["scales"] = tuple(settings["scales"])
+    return ExportConfig(**settings)
+
+
 def save_index(module: SearchIndexModule, index_dir, *, version=None,
-               extra_info=None) -> str:
+               extra_info=None, export_config=None) -> str:
     """Writes `module` as `<index_dir>/<version>/` (TF Serving layout), published complete.
 
     Written to a temporary folder beside it first (files.publish_dir: one rename on a local
     disk, saved_model.pb copied last elsewhere), so TF Serving never sees half a version.
-    `extra_info` is stored in assets.extra/glam_index.json with the index settings.
+    `extra_info` is stored in assets.extra/glam_index.json with the index settings; the
+    warm-up file (write_warmup_requests) uses `export_config`, the export's ExportConfig.
 
     Returns:
         The version folder path.
@@ -391,6 +430,7 @@ def save_index(module: SearchIndexModule, index_dir, *, version=None,
                 "tensorflow_version": tf.__version__, **(extra_info or {})}
         files.makedirs(files.join(tmp, "assets.extra"))
         files.write_json_atomic(files.join(tmp, INDEX_INFO_FILE), info)
+        write_warmup_requests(tmp, module, export_config)
         files.publish_dir(tmp, final, last=(SAVED_MODEL_MARKER,))
     finally:
         if files.exists(tmp):
@@ -476,7 +516,8 @@ def build_index(index_dir, config: IndexConfig, descriptor_model, export_info: d
     module = SearchIndexModule(
         database, config, descriptor_model=descriptor_model,
         max_images_per_request=export_info.get("max_images_per_request"))
-    return save_index(module, index_dir, version=version, extra_info={
+    return save_index(module, index_dir, version=version,
+                      export_config=export_config_of(export_info), extra_info={
         "export": export_info, "base_version": base_version,
         "sources": {"descriptors": [str(d) for d in descriptors], "images": len(images),
                     "removed": len(set(remove_ids))}})
