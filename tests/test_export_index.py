@@ -7,7 +7,7 @@ loads it (tf.saved_model.load, the signatures).
 - bfloat16 / float16 storage: recall@100 against float32 >= 0.99 (printed);
 - refusals (k 0, k > N, a wrong width, NaN, no query) are one line each and the model then
   answers a normal request identically;
-- DBA baked in equals refine_and_search with DBA on;
+- DBA baked in, and alpha-QE in the graph, equal refine_and_search with them on;
 - search_from_bytes equals describing the images with the export and searching those;
 - build_index_main: versions from shards, growth by new shards without describing the old
   images again, removal by id; bad flags exit 2 with one line;
@@ -181,6 +181,21 @@ def test_database_augmentation_equals_refine_and_search(tmp_path_factory, random
     got = _search(loaded, queries, 50)
     np.testing.assert_array_equal(got["indices"], expected.topk_indices)
     assert np.abs(got["scores"] - expected.topk_scores).max() <= TOL
+
+
+def test_query_expansion_equals_refine_and_search(tmp_path_factory, random_index):
+    database, _ = random_index
+    config = IndexConfig(query_expansion=True, qe_neighbors=3, qe_alpha=2.0)
+    loaded = _saved(tmp_path_factory, database, config, "qe")
+    queries = _unit(np.random.default_rng(7), 20, DIM)
+    expected, _ = refine.refine_and_search(
+        queries, database.descriptors,
+        RefineConfig(query_expansion=True, qe_neighbors=3, qe_alpha=2.0), k=50)
+    got = _search(loaded, queries, 50)
+    np.testing.assert_array_equal(got["indices"], expected.topk_indices)
+    worst = float(np.abs(got["scores"] - expected.topk_scores).max())
+    print(f"alpha-QE in the graph: order identical, max |score difference| {worst:.2e}")
+    assert worst <= TOL
 
 
 # ---- the image signature and the program -------------------------------------------------------

@@ -32,6 +32,13 @@ class IndexConfig:
     memory_budget_mb: int = setting(64, "Temporaries of one request's database product, MiB "
                                     "(the chunk length follows from it and B).",
                                     rule=integer(1))
+    query_expansion: bool = setting(False, "alpha-QE in every request: each query is "
+                                    "searched again as the L2-normalised sum of itself and "
+                                    "its top --qe_neighbors weighted by similarity^--qe_alpha.")
+    qe_neighbors: int = setting(2, "alpha-QE: database neighbours added to the query (n).",
+                                rule=integer(1))
+    qe_alpha: float = setting(3.0, "alpha-QE: a neighbour's weight is max(similarity, "
+                              "0)^alpha.", rule=number(0.0))
     database_augmentation: bool = setting(False, "alpha-DBA baked into the stored "
                                           "descriptors: each becomes the L2-normalised sum of "
                                           "itself and its top --dba_neighbors database "

@@ -27,7 +27,9 @@ Every request is checked before anything sized by it is allocated; a refusal is 
 of rank 2 and width D, 1 <= B <= max_queries, finite values, 1 <= k <= min(N, max_k).
 
 Optional at build time: alpha-DBA baked into the stored descriptors
-(glam_tf.eval.refine.database_augmentation). Each version carries a TF Serving warm-up file
+(glam_tf.eval.refine.database_augmentation); alpha-QE in every request (config
+query_expansion: the queries searched again after glam_tf.eval.refine.query_expansion,
+the outputs those of the expanded queries, as refine_and_search returns them). Each version carries a TF Serving warm-up file
 (assets.extra/tf_serving_warmup_requests): one request per signature.
 """
 
@@ -305,7 +307,22 @@ class SearchIndexModule(tf.Module):
             parallel_iterations=1)
         return indices, scores
 
+    def _expanded(self, queries):
+        """alpha-QE (glam_tf.eval.refine.query_expansion): (B, D) queries ->
+        normalise(q + sum_i max(s_i, 0)^alpha d_i) over their top-n database neighbours."""
+        n = min(self.config.qe_neighbors, self.num_images)
+        indices, scores = self._search(queries, tf.constant(n, tf.int32))
+        # From the value read (GatherV2), not the variable (ResourceGather): a sparse
+        # variable access would make every later read of it a full copy.
+        neighbours = tf.cast(tf.gather(self.database.read_value(), indices), tf.float32)
+        weights = tf.pow(tf.maximum(scores, 0.0), self.config.qe_alpha)
+        summed = queries + tf.einsum("bn,bnd->bd", weights, neighbours)
+        norm = tf.norm(summed, axis=1, keepdims=True)
+        return summed / tf.maximum(norm, 1e-12)
+
     def _answer(self, queries, k):
+        if self.config.query_expansion:
+            queries = self._expanded(queries)
         indices, scores = self._search(queries, k)
         return {"ids": tf.gather(self.ids, indices), "indices": indices, "scores": scores}
 
