@@ -8,13 +8,14 @@ endpoint", says how to serve and query it). Grow it by new shards or images, and
 images by id, without describing the old images again:
   python build_index_main.py --export_dir=exports/glam --index_dir=indexes/glam \
       --base_version=1 --descriptors=features/new --remove_ids=gone.txt
-The index settings are IndexConfig's (glam_tf.config), flags defined from its fields.
+The index settings are IndexConfig's (glam_tf.config), flags defined from its fields; with
+--train_dir, the descriptor model's settings are ExportConfig's (as export_main's flags).
 """
 
 from absl import app, flags, logging
 
 from glam_tf import files, refusal
-from glam_tf.config import IndexConfig, SettingError, contract, settings
+from glam_tf.config import ExportConfig, IndexConfig, SettingError, contract, settings
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -39,6 +40,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("version", None, "Version folder number; default: one more than the "
                          "largest existing.", flag_values=flag_values)
     settings.define_flags(IndexConfig, flag_values)
+    settings.define_flags(ExportConfig, flag_values)   # with --train_dir only
 
 
 def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
@@ -63,6 +65,12 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
             contract.resolve_saved_model_dir(fv.export_dir)
         except FileNotFoundError as e:
             raise SettingError(f"--export_dir: {e}") from None
+        changed = sorted(name for name, _, _ in settings.flag_fields(ExportConfig)
+                         if fv[name].present)
+        if changed:
+            raise SettingError(f"--{changed[0]} sets the descriptor model built from "
+                               "--train_dir; with --export_dir the export's own settings "
+                               "hold (export again to change them)")
     else:
         problem = contract.check_model_source(train_dir=fv.train_dir)
         if problem:
@@ -87,6 +95,8 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         raise SettingError(f"--index_dir={fv.index_dir!r} exists and is not a directory.")
     config = settings.from_flags(IndexConfig, fv)
     config.validate()
+    export_config = settings.from_flags(ExportConfig, fv)
+    export_config.validate()
     files.ensure_writable_dir(fv.index_dir, "--index_dir")
     try:
         version = contract.resolve_version(fv.index_dir, fv.version)
@@ -95,7 +105,7 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     from glam_tf.export import index  # noqa: PLC0415 (TensorFlow after the checks)
 
     return dict(index_dir=fv.index_dir, config=config, export_dir=fv.export_dir,
-                train_dir=fv.train_dir, descriptors=list(fv.descriptors),
+                train_dir=fv.train_dir, export_config=export_config, descriptors=list(fv.descriptors),
                 images=index.read_id_list(fv.images) if fv.images else [],
                 base_version=fv.base_version,
                 remove_ids=index.read_id_list(fv.remove_ids) if fv.remove_ids else [],
@@ -108,10 +118,11 @@ def run_build(flag_values: flags.FlagValues = flags.FLAGS) -> str:
     from glam_tf.export import index  # noqa: PLC0415
 
     export_dir, train_dir = kwargs.pop("export_dir"), kwargs.pop("train_dir")
+    export_config = kwargs.pop("export_config")
     if export_dir:
         model, info = index.load_export(export_dir)
     else:
-        model, info = index.descriptor_model_from_training(train_dir)
+        model, info = index.descriptor_model_from_training(train_dir, export_config)
     path = index.build_index(kwargs.pop("index_dir"), kwargs.pop("config"), model, info,
                              **kwargs)
     logging.info("Index written to %s", path)

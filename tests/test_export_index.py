@@ -16,6 +16,7 @@ loads it (tf.saved_model.load, the signatures).
   Python-loaded model does, refuses k = 0 with the same line and then answers identically.
 """
 
+import json
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ from absl import flags
 
 import build_index_main
 from conftest import REPO_ROOT, SHARED_DATA
-from glam_tf.config import IndexConfig, RefineConfig
+from glam_tf.config import IndexConfig, RefineConfig, SettingError
 from glam_tf.eval import extract, models, refine, search
 from glam_tf.export import index, serving
 from glam_tf.model import ModelConfig
@@ -287,6 +288,13 @@ def test_program_versions_growth_and_removal(descriptor_export, photo_shards, tm
     assert sorted(p.name for p in index_dir.iterdir()) == ["1", "2"]
 
 
+def test_export_settings_are_refused_with_an_export(descriptor_export, photo_shards, tmp_path):
+    with pytest.raises(SettingError, match=r"--max_image_size sets the descriptor model built "
+                                           r"from --train_dir"):
+        _build([f"--export_dir={descriptor_export}", f"--descriptors={photo_shards[0]}",
+                f"--index_dir={tmp_path}", "--max_image_size=512"])
+
+
 def test_program_bad_flags_exit_2_in_one_line(tmp_path):
     res = subprocess.run([sys.executable, "build_index_main.py", f"--index_dir={tmp_path}",
                           f"--export_dir={tmp_path / 'missing'}", "--descriptors=x"],
@@ -332,3 +340,35 @@ def test_c_loader_answers_both_signatures_as_python(binary, descriptor_export,  
               f"{worst:.2e}")
         assert worst <= TOL
     np.testing.assert_array_equal(answers[3].outputs["scores"], answers[0].outputs["scores"])
+
+
+def test_program_from_a_training_directory(photo_shards, tmp_path, monkeypatch):
+    """--train_dir: the index holds a serving module of the run's model (the checkpoint's
+    restore stubbed with the tiny model: the wiring is under test, not the restore)."""
+    from glam_tf.export import checkpoint  # pylint: disable=import-outside-toplevel
+
+    first, _, photos = photo_shards
+    keras.utils.set_random_seed(0)
+    config = ModelConfig(weights="none", embedding_dim=32)
+    model = tiny_descriptor_model(config)
+    train_dir = tmp_path / "run"
+    (train_dir / "checkpoints").mkdir(parents=True)
+    (train_dir / "model_config.json").write_text(json.dumps(config.to_dict()))
+    prefix = str(train_dir / "checkpoints" / "ckpt-7")
+    monkeypatch.setattr(checkpoint, "restore_descriptor_model",
+                        lambda directory: (model, config, prefix))
+    path = _build([f"--train_dir={train_dir}", f"--descriptors={first}",
+                   f"--index_dir={tmp_path / 'index'}", "--max_k=20",
+                   "--max_image_size=96", "--scales=0.70710678,1.0"])
+    info = json.loads((tmp_path / "index" / "1" / index.INDEX_INFO_FILE).read_text())
+    assert info["export"]["checkpoint"] == prefix and info["max_k"] == 20
+    assert info["export"]["max_image_size"] == 96
+    loaded = tf.saved_model.load(path)
+    data = tf.constant([photos[0].read_bytes()])
+    module = serving.build_serving_module(model, max_image_size=96, scales=(0.70710678, 1.0))
+    expected = module.global_descriptor_from_bytes(data)
+    got = loaded.signatures["global_descriptor_from_bytes"](image_bytes=data)
+    np.testing.assert_allclose(got["global_descriptors"], expected["global_descriptors"],
+                               atol=TOL)
+    answer = loaded.signatures["search_from_bytes"](image_bytes=data, k=tf.constant(12))
+    assert sorted(answer["ids"].numpy()[0].astype(str)) == sorted(p.name for p in photos[:12])

@@ -456,13 +456,14 @@ def save_index(module: SearchIndexModule, index_dir, *, version=None,
     return final
 
 
-def descriptor_model_from_training(train_dir):
+def descriptor_model_from_training(train_dir, export_config=None):
     """(GlamServingModule of a training run's latest checkpoint, its export info): the
-    descriptor model an index built from a training directory holds (ExportConfig defaults)."""
+    descriptor model an index built from a training directory holds, with `export_config`
+    (an ExportConfig; default ExportConfig())."""
     from glam_tf.export import checkpoint, serving  # noqa: PLC0415 (Keras only here)
 
     model, model_config, prefix = checkpoint.restore_descriptor_model(train_dir)
-    module = serving.build_serving_module(model)
+    module = serving.build_serving_module(model, export_config)
     info = {"descriptor_dim": module.descriptor_dim, **module.config.info(),
             "model_config": model_config.to_dict(), "checkpoint": files.absolute(prefix)}
     return module, info
