@@ -105,7 +105,8 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     from glam_tf.export import index  # noqa: PLC0415 (TensorFlow after the checks)
 
     return dict(index_dir=fv.index_dir, config=config, export_dir=fv.export_dir,
-                train_dir=fv.train_dir, export_config=export_config, descriptors=list(fv.descriptors),
+                train_dir=fv.train_dir, export_config=export_config,
+                descriptors=list(fv.descriptors),
                 images=index.read_id_list(fv.images) if fv.images else [],
                 base_version=fv.base_version,
                 remove_ids=index.read_id_list(fv.remove_ids) if fv.remove_ids else [],

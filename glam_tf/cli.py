@@ -4,8 +4,8 @@
 functions as the commands `glam-train`, `glam-eval`, `glam-export`, `glam-build-gldv2`,
 `glam-make-synthetic`, `glam-download` and `glam-build-index` (pyproject.toml). A command
 runs its program exactly as `python train_main.py ...` does: the module executed as
-`__main__`, so its `if __name__ == "__main__":` block parses the command line (help and errors name the
-command) and the programs stay the one place that reads flags.
+`__main__`, so its `if __name__ == "__main__":` block parses the command line (help and
+errors name the command) and the programs stay the one place that reads flags.
 """
 
 import runpy

@@ -29,8 +29,9 @@ of rank 2 and width D, 1 <= B <= max_queries, finite values, 1 <= k <= min(N, ma
 Optional at build time: alpha-DBA baked into the stored descriptors
 (glam_tf.eval.refine.database_augmentation); alpha-QE in every request (config
 query_expansion: the queries searched again after glam_tf.eval.refine.query_expansion,
-the outputs those of the expanded queries, as refine_and_search returns them). Each version carries a TF Serving warm-up file
-(assets.extra/tf_serving_warmup_requests): one request per signature.
+the outputs those of the expanded queries, as refine_and_search returns them). Each
+version carries a TF Serving warm-up file (assets.extra/tf_serving_warmup_requests): one
+request per signature.
 """
 
 from __future__ import annotations
