@@ -106,3 +106,40 @@ def test_workers_build_the_model_with_the_inference_options(tmp_path, monkeypatc
         evaluator.Evaluator(config=config, backend_factory=None).evaluate()
     assert seen["spec"].inference == config.inference
     assert seen["spec"].train_dir == str(tmp_path) and seen["spec"].scales == SCALES
+
+
+def test_search_index_scores_as_the_extracted_database(tmp_path, synth_and_model):
+    """eval_main --search_index: the index built from the database shards of an evaluation
+    (its undecodable image left out) ranks the queries as the shards do: the same mAP."""
+    from glam_tf.config import IndexConfig  # pylint: disable=import-outside-toplevel
+    from glam_tf.export import index  # pylint: disable=import-outside-toplevel
+
+    data_root, model, ts = synth_and_model
+    common = dict(dataset="synth", data_root=data_root, max_image_size=64, scales=SCALES,
+                  model=model, print_table=False)
+    backend = models.build_backend(model=model, scales=SCALES)
+    shards = evaluator.run_evaluation(backend=backend, output_dir=str(tmp_path / "shards"),
+                                      **common)
+    loaded, info = index.load_export(model)
+    index.build_index(str(tmp_path / "index"), IndexConfig(), loaded, info,
+                      descriptors=[str(tmp_path / "shards" / "features" / "synth-database")])
+    through = evaluator.run_evaluation(backend=backend, output_dir=str(tmp_path / "index_eval"),
+                                       search_index=str(tmp_path / "index"), **common)
+    assert through["metrics"] == shards["metrics"]
+    # the undecodable image ranks last; only the queries are extracted (and enlarged)
+    drop = lambda counts: {k: v for k, v in counts.items()  # noqa: E731
+                           if k != "enlarged_to_model_minimum"}
+    assert drop(through["counts"]) == drop(shards["counts"])
+    assert through["counts"]["undecodable_database"] == 1
+    assert through["settings"]["search"].startswith("exact, search index")
+    assert not (tmp_path / "index_eval" / "features" / "synth-database").exists()
+    for a, b in zip(through["per_query"], shards["per_query"]):
+        assert [t[0] for t in a["top"]] == [t[0] for t in b["top"]]
+        np.testing.assert_allclose([t[1] for t in a["top"]], [t[1] for t in b["top"]],
+                                   atol=1e-6)
+    small = IndexConfig(max_k=ts.num_database - 2)
+    index.build_index(str(tmp_path / "small"), small, loaded, info,
+                      descriptors=[str(tmp_path / "shards" / "features" / "synth-database")])
+    with pytest.raises(ValueError, match=r"--search_index: .* more than its max_k=.*rebuild"):
+        evaluator.run_evaluation(backend=backend, output_dir=str(tmp_path / "small_eval"),
+                                 search_index=str(tmp_path / "small"), **common)

@@ -66,6 +66,14 @@ class EvalConfig:
         "mean", "Which global spatial attention --visualize_attention draws: mean (each "
         "position's attention averaged over all output positions) or center (the "
         "attention of the centre position).", rule=one_of(ATTENTION_POSITIONS))
+    search_index: str = setting("", "A search-index SavedModel (glam-build-index: a base "
+                                "path or a version folder) that ranks the test set's "
+                                "database instead of its extracted descriptors: the queries "
+                                "are described by --model/--train_dir as usual, the index "
+                                "returns its whole ranking (it must hold at most max_k "
+                                "images) and the database is not extracted. Its ids are the "
+                                "database image names; an image it lacks ranks last, as an "
+                                "undecodable one.")
     approx_index: str = setting("", "faiss index_factory string (e.g. HNSW32) to report "
                                 "approximate search recall@approx_k against exact search.")
     approx_params: str = setting("", "faiss search parameters, e.g. efSearch=128 or "
@@ -111,6 +119,11 @@ class EvalConfig:
         if not self.shard_index < self.num_shards:
             fail(name("shard_index"), f"must be in [0, --num_shards={self.num_shards})",
                  self.shard_index)
+        if self.search_index and (self.refine.enabled or self.approx_index):
+            fail(name("search_index"), "ranks with the index's own search; search-time "
+                 "refinements and the approximate search need the database descriptors",
+                 self.search_index, "Build the index with --query_expansion or "
+                 "--database_augmentation instead, or leave --search_index empty.")
         if self.approx_index and importlib.util.find_spec("faiss") is None:
             fail(name("approx_index"), "needs faiss, an optional extra", self.approx_index,
                  "pip install faiss-cpu==1.15.1, or leave it empty.")
@@ -131,7 +144,8 @@ class EvalConfig:
                      f"{self.stage} (it needs the model and the search results at once)",
                      self.visualize_attention,
                      "Use --stage=all, or leave --visualize_attention off.")
-        for field in ("output_dir", "data_root", "distractors_root", "model", "train_dir"):
+        for field in ("output_dir", "data_root", "distractors_root", "model", "train_dir",
+                      "search_index"):
             reachable(name(field), getattr(self, field))
         if check_model:
             err = contract.check_model_source(self.model, self.train_dir)

@@ -99,8 +99,10 @@ class Evaluator:
                    for n, g in zip(ts.qimlist, ts.gnd)]
         db_items = [extract.ImageItem(n, ts.image_path(n)) for n in ts.imlist]
         feat = files.join(cfg.output_dir, "features")
-        splits = [("queries", files.join(feat, f"{ts.name}-queries"), q_items),
-                  ("database", files.join(feat, f"{ts.name}-database"), db_items)]
+        splits = [("queries", files.join(feat, f"{ts.name}-queries"), q_items)]
+        if cfg.search_index:   # the index holds the database
+            return splits
+        splits.append(("database", files.join(feat, f"{ts.name}-database"), db_items))
         if ts.distractors:
             splits.append(("distractors", files.join(feat, testsets.DISTRACTORS),
                            [extract.ImageItem(n, ts.distractor_path(n))
@@ -175,8 +177,12 @@ class Evaluator:
         cfg = self.config
         features = merge_features(ts, splits, num_hosts=cfg.num_shards)
         tracked = tracked_images(ts)
-        ranking = refine_ranking(features, tracked, cfg.refine,
-                                 search_features(features, tracked, cfg),
+        if cfg.search_index:
+            features, ranking = search_index(cfg.search_index, features, tracked, ts,
+                                             k=search_depth(cfg))
+        else:
+            ranking = search_features(features, tracked, cfg)
+        ranking = refine_ranking(features, tracked, cfg.refine, ranking,
                                  memory_budget_bytes=_budget(cfg), log_every_s=cfg.log_every_s)
         scores = score_ranking(ts, features, ranking)
         results = results_record(cfg, ts, features, ranking, scores, extraction)
@@ -333,6 +339,7 @@ class Ranking:
     search_seconds: float
     final: search.SearchResult = None
     refine_seconds: dict = None
+    method: str = "exact, chunked"
 
     def __post_init__(self):
         if self.final is None:
@@ -415,6 +422,63 @@ def search_features(features: Features, tracked, cfg) -> Ranking:
     return Ranking(exact=res, k=k, search_seconds=time.time() - t0)
 
 
+def search_index(path, features: Features, tracked, ts, *, k: int):
+    """The search stage done by a search-index SavedModel (glam_tf.export.index) instead of
+    the extracted database: its whole ranking of each query (k = its number of images) as
+    a SearchResult over the test set's database order, images it lacks ranked last (by
+    index, as undecodable ones). Returns (`features` with their database validity, Ranking).
+
+    Raises:
+        ValueError (one line): an index holding more images than its max_k (AP needs every
+            positive's rank), of another descriptor width, or with ids that are not
+            database image names of the test set.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from glam_tf.config import contract  # pylint: disable=import-outside-toplevel
+    from glam_tf.export import index as index_lib  # pylint: disable=import-outside-toplevel
+
+    version = contract.resolve_saved_model_dir(path)
+    info = files.read_json(files.join(version, index_lib.INDEX_INFO_FILE))
+    size, max_k, batch = info["num_images"], info["max_k"], info["max_queries"]
+    if size > max_k:
+        raise ValueError(f"--search_index: {version} holds {size} images, more than its "
+                         f"max_k={max_k}; AP needs the rank of every positive, so the whole "
+                         f"ranking: rebuild it with --max_k={size} or more")
+    if info["descriptor_dim"] != features.dim:
+        raise ValueError(f"--search_index: {version} holds descriptors of width "
+                         f"{info['descriptor_dim']}, the model's are {features.dim}")
+    position = {name: i for i, name in enumerate(ts.database_ids())}
+    search_fn = tf.saved_model.load(version).signatures["search_from_descriptors"]
+    t0 = time.time()
+    ids, scores = [], []
+    for start in range(0, len(features.queries), batch):
+        out = search_fn(descriptors=tf.constant(features.queries[start:start + batch]),
+                        k=tf.constant(size, tf.int32))
+        ids.append(out["ids"].numpy())
+        scores.append(out["scores"].numpy())
+    ids, scores = np.concatenate(ids), np.concatenate(scores)
+    unknown = sorted({i.decode() for i in ids[0]} - set(position))
+    if unknown:
+        raise ValueError(f"--search_index: {version} holds {len(unknown)} image(s) that are "
+                         f"not in the database of {ts.name}, e.g. {unknown[0]!r}")
+    ranked = np.vectorize(lambda i: position[i.decode()], otypes=[np.int64])(ids)
+    valid = np.zeros(ts.num_database, bool)
+    valid[ranked[0]] = True
+    lacking = np.flatnonzero(~valid)
+    order = np.concatenate([ranked, np.broadcast_to(lacking, (len(ranked), lacking.size))], 1)
+    order_scores = np.concatenate(
+        [scores, np.full((len(ranked), lacking.size), -np.inf, np.float32)], 1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :], axis=1)
+    tracked = [np.unique(np.asarray(t, np.int64)) for t in tracked]
+    result = search.SearchResult(
+        topk_indices=order[:, :k], topk_scores=order_scores[:, :k], tracked=tracked,
+        tracked_ranks=[rank[q, t] for q, t in enumerate(tracked)], query_block=batch)
+    return (dataclasses.replace(features, database_valid=valid),
+            Ranking(exact=result, k=k, search_seconds=time.time() - t0,
+                    method=f"exact, search index {files.absolute(version)}"))
+
+
 def refine_ranking(features: Features, tracked, cfg, ranking: Ranking, *,
                    memory_budget_bytes=None, log_every_s=30.0) -> Ranking:
     """`ranking` with the search-time refinements of `cfg` (a RefineConfig: alpha-DBA,
@@ -466,7 +530,7 @@ def results_record(cfg, ts, features: Features, ranking: Ranking, scores: Scores
             "num_shards": cfg.num_shards, "descriptor_dim": features.dim,
             "data_root": files.absolute(cfg.data_root), "resize": RESIZE_POLICY,
             "undecodable_policy": UNDECODABLE_POLICY, "similarity": "inner product",
-            "search": "exact, chunked",
+            "search": ranking.method,
         },
         "counts": {
             "queries": len(ts.qimlist),
