@@ -7,13 +7,16 @@ loads it (tf.saved_model.load, the signatures).
 - bfloat16 / float16 storage: recall@100 against float32 >= 0.99 (printed);
 - refusals (k 0, k > N, a wrong width, NaN, no query) are one line each and the model then
   answers a normal request identically;
-- DBA baked in, and alpha-QE in the graph, equal refine_and_search with them on;
+- DBA baked in, and alpha-QE and the SuperGlobal re-ranking in the graph, equal
+  refine_and_search with them on;
 - search_from_bytes equals describing the images with the export and searching those;
 - build_index_main: versions from shards, growth by new shards without describing the old
   images again, removal by id; bad flags exit 2 with one line;
 - TensorFlow's C loader (serving_check/, as TF Serving loads a SavedModel) replays the
   warm-up file (a request per signature), answers both search signatures as the
-  Python-loaded model does, refuses k = 0 with the same line and then answers identically.
+  Python-loaded model does, refuses k = 0 with the same line and then answers identically;
+  two versions (the second grown from the first) named by a models.config answer REST
+  bodies and gRPC requests of glam_tf.export.requests as in Python.
 """
 
 import json
@@ -199,6 +202,24 @@ def test_query_expansion_equals_refine_and_search(tmp_path_factory, random_index
     assert worst <= TOL
 
 
+def test_rerank_equals_refine_and_search(tmp_path_factory, random_index):
+    """SuperGlobal re-ranking in the graph (after alpha-QE, as refine_and_search orders
+    them): the same top-k as the NumPy re-ranking, scores within float rounding."""
+    database, _ = random_index
+    config = IndexConfig(rerank=True, rerank_m=60, rerank_k=4, rerank_beta=0.5,
+                         query_expansion=True, qe_neighbors=2)
+    loaded = _saved(tmp_path_factory, database, config, "rerank")
+    queries = _unit(np.random.default_rng(11), 12, DIM)
+    expected, _ = refine.refine_and_search(
+        queries, database.descriptors,
+        RefineConfig(rerank=True, rerank_m=60, rerank_k=4, rerank_beta=0.5,
+                     query_expansion=True, qe_neighbors=2), k=80)
+    got = _search(loaded, queries, 80)
+    np.testing.assert_array_equal(got["indices"], expected.topk_indices)
+    assert np.abs(got["scores"] - expected.topk_scores).max() <= TOL
+    assert not np.array_equal(expected.topk_indices[:, :60], expected.base.topk_indices[:, :60])
+
+
 # ---- the image signature and the program -------------------------------------------------------
 @pytest.fixture(scope="module")
 def descriptor_export(tmp_path_factory):
@@ -372,3 +393,68 @@ def test_program_from_a_training_directory(photo_shards, tmp_path, monkeypatch):
                                atol=TOL)
     answer = loaded.signatures["search_from_bytes"](image_bytes=data, k=tf.constant(12))
     assert sorted(answer["ids"].numpy()[0].astype(str)) == sorted(p.name for p in photos[:12])
+
+
+def test_two_versions_served_from_a_models_config_through_rest_and_grpc(
+        binary, descriptor_export, photo_shards, tmp_path):  # noqa: F811
+    """A grown index is a second version beside the first: a models.config naming both
+    parses with TF Serving's proto, and each version, sent REST bodies (through TF Serving's
+    JSON rules) and gRPC requests made by glam_tf.export.requests, answers in the C loader
+    as the Python-loaded version does; the second finds the images added to it."""
+    from google.protobuf import text_format  # pylint: disable=import-outside-toplevel
+    from tensorflow_serving.apis import predict_pb2  # pylint: disable=import-outside-toplevel
+    from tensorflow_serving.config import (  # pylint: disable=import-outside-toplevel
+        model_server_config_pb2)
+
+    from glam_tf.export import requests  # pylint: disable=import-outside-toplevel
+    from test_serving_check import _rest_to_tensors  # pylint: disable=import-outside-toplevel
+
+    first, second, photos = photo_shards
+    base = tmp_path / "index"
+    v1 = _build([f"--export_dir={descriptor_export}", f"--descriptors={first}",
+                 f"--index_dir={base}"])
+    v2 = _build([f"--export_dir={descriptor_export}", f"--index_dir={base}",
+                 "--base_version=1", f"--descriptors={second}"])
+    config = text_format.Parse(f"""
+        model_config_list {{ config {{
+          name: "glam_index" base_path: "{base}" model_platform: "tensorflow"
+          model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
+        }} }}""", model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    versions = [base / str(v) for v in model.model_version_policy.specific.versions]
+    assert [str(v) for v in versions] == [v1, v2]
+    added = photos[12:14]
+    cases = [("search_from_descriptors", {"descriptors": _unit(np.random.default_rng(3), 2, 32),
+                                          "k": np.int32(3)}),
+             ("search_from_bytes", {"image_bytes": [p.read_bytes() for p in added],
+                                    "k": np.int32(2)})]
+    for version in versions:
+        defs = requests.signature_defs(version)
+        logs = []
+        for signature, inputs in cases:
+            body = json.loads(json.dumps(requests.rest_body(defs, signature, inputs)))
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = signature
+            for name, value in _rest_to_tensors(body, defs[signature]).items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(
+                    value, dtype=defs[signature].inputs[name].dtype))
+            logs.append(request)
+        logs += [requests.predict_request(defs, signature, inputs, model_name="glam_index")
+                 for signature, inputs in cases]
+        path = tmp_path / f"requests_{version.name}.tfrecord"
+        requests.write_prediction_logs(path, logs)
+        answers = loader.run(binary, str(version), prediction_logs=[path]).answers
+        loaded = tf.saved_model.load(str(version))
+        expected = [{k: v.numpy() for k, v in loaded.signatures[signature](
+            **{n: tf.constant(x) for n, x in inputs.items()}).items()}
+            for signature, inputs in cases]
+        for answer, want in zip(answers, expected + expected, strict=True):
+            assert answer.error is None, answer.error
+            np.testing.assert_array_equal(answer.outputs["ids"], want["ids"].astype(bytes))
+            np.testing.assert_array_equal(answer.outputs["indices"], want["indices"])
+            assert np.abs(answer.outputs["scores"] - want["scores"]).max() <= TOL
+        found = [i.decode() for i in expected[1]["ids"][:, 0]]
+        if version.name == "2":   # the added photos find themselves first
+            assert found == [p.name for p in added]
+        else:
+            assert not set(found) & {p.name for p in added}

@@ -39,6 +39,16 @@ class IndexConfig:
                                 rule=integer(1))
     qe_alpha: float = setting(3.0, "alpha-QE: a neighbour's weight is max(similarity, "
                               "0)^alpha.", rule=number(0.0))
+    rerank: bool = setting(False, "SuperGlobal re-ranking in every request, in the graph: "
+                           "each query's top --rerank_m re-ordered "
+                           "(glam_tf.eval.refine.superglobal_rerank; after alpha-QE when "
+                           "both are on); later positions keep their order.")
+    rerank_m: int = setting(400, "Re-ranking: top M re-ordered (at most the index size).",
+                            rule=integer(2))
+    rerank_k: int = setting(9, "Re-ranking: K neighbours (among the M) refining each of the "
+                            "M.", rule=integer(1))
+    rerank_beta: float = setting(0.15, "Re-ranking: weight factor of a neighbour's "
+                                 "similarity.", rule=number(0.0, low_open=True))
     database_augmentation: bool = setting(False, "alpha-DBA baked into the stored "
                                           "descriptors: each becomes the L2-normalised sum of "
                                           "itself and its top --dba_neighbors database "

@@ -321,10 +321,50 @@ class SearchIndexModule(tf.Module):
         norm = tf.norm(summed, axis=1, keepdims=True)
         return summed / tf.maximum(norm, 1e-12)
 
+    def _reranked(self, queries, k):
+        """SuperGlobal re-ranking (glam_tf.eval.refine.superglobal_rerank) of each query's
+        top M = min(rerank_m, N): (indices, scores) (B, k), the first M re-ordered with
+        their re-ranking scores, later positions as the exact search's.
+
+        One query at a time (tf.map_fn): a query's temporaries are its (M, M) similarities
+        and a few (M, D) descriptor sets, whatever B.
+        """
+        cfg = self.config
+        m = min(cfg.rerank_m, self.num_images)
+        kk = min(cfg.rerank_k + 1, m)
+        indices, scores = self._search(queries, tf.maximum(k, m))
+        database = self.database.read_value()
+
+        def one(args):
+            query, top = args
+            x = tf.cast(tf.gather(database, top), tf.float32)                  # (M, D)
+            # (a) MDescAug: each of the M refined by its K best among the M (itself first)
+            best = tf.math.top_k(tf.matmul(x, x, transpose_b=True), kk)        # ties: lower
+            weights = tf.concat([tf.ones([m, 1]), best.values[:, 1:] * cfg.rerank_beta], 1)
+            weights = weights / tf.reduce_sum(weights, axis=1, keepdims=True)
+            refined = tf.einsum("mj,mjd->md", weights, tf.gather(x, best.indices))
+            score_a = tf.linalg.matvec(refined, query)
+            pre = tf.argsort(score_a, direction="DESCENDING", stable=True)
+            # (b) RerankwMDA: the maximum of the K+1 best refined descriptors
+            refined_pre = tf.gather(refined, pre)
+            expansion = tf.reduce_max(refined_pre[:kk], axis=0)
+            final = (tf.gather(score_a, pre) + tf.linalg.matvec(refined_pre, expansion)) / 2.0
+            post = tf.argsort(final, direction="DESCENDING", stable=True)
+            return tf.gather(top, tf.gather(pre, post)), tf.gather(final, post)
+
+        top_m, final = tf.map_fn(one, (queries, indices[:, :m]), parallel_iterations=1,
+                                 fn_output_signature=(tf.int64, tf.float32))
+        indices = tf.concat([top_m, indices[:, m:]], 1)[:, :k]
+        scores = tf.concat([final, scores[:, m:]], 1)[:, :k]
+        return indices, scores
+
     def _answer(self, queries, k):
         if self.config.query_expansion:
             queries = self._expanded(queries)
-        indices, scores = self._search(queries, k)
+        if self.config.rerank:
+            indices, scores = self._reranked(queries, k)
+        else:
+            indices, scores = self._search(queries, k)
         return {"ids": tf.gather(self.ids, indices), "indices": indices, "scores": scores}
 
     # ---- signatures ----------------------------------------------------------------------
