@@ -16,6 +16,12 @@ descriptors, saves it, and:
   .venv/bin/python bench/index_search.py                       # 1M x 512: 2 GB float32
   .venv/bin/python bench/index_search.py --num_db=100000 --storage=bfloat16
 
+With --features=<an evaluation's features folder> (eval_main's <output_dir>/features, or a
+training run's eval/step_<n>/features) it measures storage alone on real descriptors
+instead: each storage's top --k through the index module against exact_search of the
+float32 descriptors (order, recall@k, the largest score difference, and the float64 gap of
+any pair ranked the other way round).
+
 Prints the machine line first and one JSON line of results last.
 """
 
@@ -78,6 +84,48 @@ def serve(args):
                       "peak_during_requests_mb": _status_kb("VmHWM") / 1024}))
 
 
+def storage_recall(args):
+    """--features: each storage's top-k on an evaluation's descriptors; one JSON line."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from glam_tf import files  # noqa: PLC0415
+    from glam_tf.config import IndexConfig  # noqa: PLC0415
+    from glam_tf.eval import search  # noqa: PLC0415
+    from glam_tf.export import index  # noqa: PLC0415
+
+    splits = sorted(files.listdir(args.features))
+    names = [n[:-len("-queries")] for n in splits if n.endswith("-queries")]
+    if not names or f"{names[0]}-database" not in splits:
+        raise SystemExit(f"index_search: error: --features={args.features} holds no "
+                         "<test set>-queries and <test set>-database shard folders")
+    db = index.read_descriptor_shards(files.join(args.features, f"{names[0]}-database"))
+    queries = index.read_descriptor_shards(
+        files.join(args.features, f"{names[0]}-queries")).descriptors
+    k = min(args.k, len(db.ids))
+    exact = search.exact_search(queries, db.descriptors, k=k)
+    wide = queries.astype(np.float64) @ db.descriptors.astype(np.float64).T
+    results = {"machine": harness.machine(), "features": args.features, "test_set": names[0],
+               "database": len(db.ids), "queries": len(queries), "k": k}
+    for storage in ("float32", "bfloat16", "float16"):
+        module = index.SearchIndexModule(db, IndexConfig(storage=storage,
+                                                         max_queries=len(queries)))
+        got = module.search_from_descriptors(tf.constant(queries), tf.constant(k, tf.int32))
+        got_idx = got["indices"].numpy()
+        swapped = np.argwhere(got_idx != exact.topk_indices)
+        gaps = [abs(wide[q, got_idx[q, j]] - wide[q, exact.topk_indices[q, j]])
+                for q, j in swapped]
+        results[storage] = {
+            "recall_at_k": round(float(np.mean([len(set(a) & set(b)) / k for a, b in
+                                                zip(got_idx, exact.topk_indices)])), 5),
+            "order_identical_rows": int(np.all(got_idx == exact.topk_indices, axis=1).sum()),
+            "max_score_difference": float(np.abs(got["scores"].numpy()
+                                                 - exact.topk_scores).max()),
+            "largest_float64_gap_of_a_swapped_pair": float(max(gaps, default=0.0))}
+        print(f"{storage}: recall@{k} {results[storage]['recall_at_k']}, order identical in "
+              f"{results[storage]['order_identical_rows']}/{len(queries)} rows", flush=True)
+    print(json.dumps(results))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num_db", type=int, default=1_000_000)
@@ -90,11 +138,17 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--work_dir", default="", help="where the index is written (default: a "
                    "temporary folder, deleted after)")
+    p.add_argument("--features", default="", help="an evaluation's features folder: measure "
+                   "each storage's recall on its descriptors instead (module doc)")
     p.add_argument("--serve", default="", help=argparse.SUPPRESS)   # the serving process
     p.add_argument("--batch", type=int, default=70, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
         serve(args)
+        return
+    if args.features:
+        print(harness.header(), flush=True)
+        storage_recall(args)
         return
     try:
         batches = [int(b) for b in args.batches.split(",")]
