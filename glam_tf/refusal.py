@@ -13,6 +13,12 @@ printed as well only with --verbosity=1.
 Library code raises `Refused(path, problem, advice)` where it knows better than the errno
 what went wrong; OSError and tf.errors.OpError from the file system are described here.
 No TensorFlow import: a TensorFlow error can only occur once a program has imported it.
+
+`run(main, program)` replaces absl's `app.run` in every program and is the one place the
+exit-status contract is kept: a flag that does not parse (absl's errors, a missing or
+unreadable --flagfile), a `BadInput` (a setting, a weights file, training records) or an
+error the input pipeline raised (tf.data) is one line and EXIT_USAGE; a refusal is one line
+and EXIT_REFUSED; anything else is a crash (status 1, the traceback).
 """
 
 from __future__ import annotations
@@ -58,6 +64,16 @@ _TF_ADVICE = {
 }
 
 
+class BadInput(Exception):
+    """Input a program cannot use (a setting, a weights file, training records): its
+    message is the one line naming the flag, file or record and what to do; EXIT_USAGE."""
+
+
+# The prefix of every error the training input pipeline raises from inside tf.data
+# (glam_tf.data.pipeline): a record's label out of range, a run of undecodable records.
+PIPELINE_PREFIX = "glam_tf input pipeline:"
+
+
 class Refused(Exception):
     """A user path a program cannot use: `path`, what is wrong, what to do."""
 
@@ -81,10 +97,11 @@ def describe(error: BaseException) -> Optional[str]:
     """The refusal line for `error` (without the program name), or None: not a refusal.
 
     Follows the exception's chain (`raise ... from`, or raised while handling), so a
-    refusal wrapped by a pipeline runner is still recognised.
+    refusal wrapped by a pipeline runner is still recognised; stops at a BadInput (what
+    caused bad input is not a refused path).
     """
     seen = set()
-    while error is not None and id(error) not in seen:
+    while error is not None and id(error) not in seen and not isinstance(error, BadInput):
         seen.add(id(error))
         line = _describe_one(error)
         if line is not None:
@@ -133,3 +150,65 @@ def refusals(program: str, *, verbose: bool = False):
         if describe(e) is None:
             raise
         refuse(program, e, verbose=verbose)
+
+
+def bad_input(error: BaseException) -> Optional[str]:
+    """The one line for `error` when it is bad input (exit EXIT_USAGE), else None: a
+    BadInput, or a TensorFlow error raised inside tf.data by the input pipeline's checks
+    (its message from PIPELINE_PREFIX, without TensorFlow's node and graph context)."""
+    if isinstance(error, BadInput):
+        return " ".join(str(error).split())
+    if _tf_error(error):
+        message = str(error.message)
+        start = message.find(PIPELINE_PREFIX)
+        if start >= 0:
+            text = message[start + len(PIPELINE_PREFIX):]
+            text = re.split(r"\s*\[\[|\n\n", text, maxsplit=1)[0]
+            # tf.debugging.Assert prints its data as "[a] [b] ...": the sentence again.
+            text = " ".join(text.replace("] [", " ").split()).strip("[] ")
+            return "training records: " + text
+    return None
+
+
+def usage_error(program: str, line: str) -> None:
+    """Prints `<program>: error: <line>` (one line; where the flags are listed); exits 2."""
+    print(f"{program}: error: {line} (`python {program}.py --helpfull` lists every flag)",
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def run(main, program: str, *, flags_parser=None) -> None:
+    """absl's `app.run(main)` under the exit-status contract (module docstring).
+
+    Args:
+        main: the program's absl main(argv).
+        program: its name for messages ("train_main").
+        flags_parser: absl `flags_parser` (default: parse the program's flags).
+    """
+    from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+    parse = flags_parser or (lambda argv: flags.FLAGS(argv))
+
+    def parse_or_exit(argv):
+        try:
+            return parse(argv)
+        except flags.Error as e:
+            usage_error(program, " ".join(str(e).split()))
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            usage_error(program, " ".join(str(e).split()))
+        except Exception as e:  # pylint: disable=broad-except  (re-raised unless one line)
+            verbose = flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1
+            line = bad_input(e)
+            if line is not None:
+                if verbose:
+                    traceback.print_exception(e, file=sys.stderr)
+                usage_error(program, line)
+            if describe(e) is None:
+                raise
+            refuse(program, e, verbose=verbose)
+
+    app.run(guarded, flags_parser=parse_or_exit)

@@ -1,5 +1,6 @@
 """ResNet backbones from keras.applications, cut at conv5 (stride 32, 2048 channels)."""
 
+import contextlib
 import os
 import re
 
@@ -8,7 +9,8 @@ import keras
 from glam_tf import files
 from glam_tf.config.model import BACKBONES
 from glam_tf.model.weights_file import (WeightsFileError, assign_backbone_weights,
-                                        read_weights_file)
+                                        open_weights_file)
+from glam_tf.refusal import BadInput
 
 _APPLICATIONS = {
     "resnet50": "ResNet50",
@@ -26,8 +28,9 @@ IMAGENET_NOTOP_MD5 = {
 }
 
 
-class BackboneWeightsError(RuntimeError):
-    """The backbone's weights could not be found, fetched or loaded."""
+class BackboneWeightsError(BadInput, RuntimeError):
+    """The backbone's weights could not be found, fetched or loaded (bad input: a program
+    exits with status 2 and this one line)."""
 
 
 def imagenet_weights_file(name):
@@ -68,8 +71,12 @@ def _fetch_imagenet_weights(name):
             f"pass --weights=/path/to/{file_name} to load a local copy.") from e
 
 
-def _read_weights_file(name, path):
-    """The file's layers, read before the backbone is built (a bad file fails first)."""
+def _check_weights_path(name, path):
+    """Refuses a --weights path that is not a file, before anything is read."""
+    if files.isdir(path):
+        raise BackboneWeightsError(
+            f"--weights={path!r} is a directory, not a weights file (backbone '{name}'). "
+            f"Pass the .h5 file itself, e.g. {files.join(path, imagenet_weights_file(name))}.")
     if not files.isfile(path):
         raise BackboneWeightsError(
             f"Backbone weights file not found: --weights={path!r} (backbone '{name}'). "
@@ -77,10 +84,6 @@ def _read_weights_file(name, path):
             f"{_APPLICATIONS[name]} weights (with or without top, e.g. "
             f"{imagenet_weights_file(name)}), a backbone saved by this project "
             f"(.weights.h5), or --weights=imagenet / --weights=none.")
-    try:
-        return read_weights_file(path)
-    except WeightsFileError as e:
-        raise BackboneWeightsError(str(e)) from None
 
 
 # The BatchNorm closing the residual branch of a keras.applications ResNet v1 bottleneck block.
@@ -136,19 +139,24 @@ def build_backbone(name="resnet101", weights="imagenet", *, model_name="backbone
     if not isinstance(weights, str):
         raise ValueError(f"build_backbone: `weights` must be 'imagenet', 'none' or a .h5 "
                          f"path; received weights={weights!r}.")
-    saved = None
-    if weights != "none":
-        path = _fetch_imagenet_weights(name) if weights == "imagenet" else weights
-        saved = _read_weights_file(name, path)  # a bad file fails before the build
-    application = getattr(keras.applications, _APPLICATIONS[name])
-    model = application(include_top=False, weights=None, input_shape=(None, None, 3),
-                        name=model_name)
-    if saved is not None:
-        try:
-            assign_backbone_weights(model, saved, f"backbone '{name}' (keras.applications."
-                                    f"{_APPLICATIONS[name]})")
-        except WeightsFileError as e:
-            raise BackboneWeightsError(str(e)) from None
-    elif zero_init_residual:
-        zero_init_residual_branches(model)
+    with contextlib.ExitStack() as stack:
+        saved = None
+        if weights != "none":
+            path = _fetch_imagenet_weights(name) if weights == "imagenet" else weights
+            _check_weights_path(name, path)
+            try:  # a bad file fails before the build
+                saved = stack.enter_context(open_weights_file(path))
+            except WeightsFileError as e:
+                raise BackboneWeightsError(str(e)) from None
+        application = getattr(keras.applications, _APPLICATIONS[name])
+        model = application(include_top=False, weights=None, input_shape=(None, None, 3),
+                            name=model_name)
+        if saved is not None:
+            try:
+                assign_backbone_weights(model, saved, f"backbone '{name}' (keras."
+                                        f"applications.{_APPLICATIONS[name]})")
+            except WeightsFileError as e:
+                raise BackboneWeightsError(str(e)) from None
+        elif zero_init_residual:
+            zero_init_residual_branches(model)
     return model
