@@ -19,7 +19,7 @@ Re-running with the same flags resumes: finished shards are kept. Train with
 id. A missing folder or file is one line on stderr (exit 2), not a traceback.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from glam_tf import beam_options, files, refusal
 from glam_tf.config import settings
@@ -74,4 +74,5 @@ def main(argv):
     logging.info("done")
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=beam_options.parse_flags_keep_beam_args)
+    refusal.run(main, "build_gldv2_main",
+                flags_parser=beam_options.parse_flags_keep_beam_args)

@@ -18,7 +18,7 @@ The flags are EvalConfig's settings (glam_tf.config), defined from its fields.
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from glam_tf import beam_options, refusal
 from glam_tf.config import EvalConfig, SettingError, settings
@@ -55,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=beam_options.parse_flags_keep_beam_args)
+    refusal.run(main, "eval_main",
+                flags_parser=beam_options.parse_flags_keep_beam_args)

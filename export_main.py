@@ -75,4 +75,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    refusal.run(main, "export_main")

@@ -22,11 +22,11 @@ _FORCE = flags.DEFINE_bool("force", False, "Delete --root first and regenerate."
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from glam_tf.data import synthetic  # noqa: PLC0415 (after the flags are checked)
-
     try:
         config = settings.from_flags(SyntheticConfig)
         config.validate()
+        from glam_tf.data import synthetic  # noqa: PLC0415 (after the flags are checked)
+
         with refusal.refusals("make_synthetic_main", verbose=flags.FLAGS.verbosity >= 1):
             if _FORCE.value:
                 files.rmtree(config.root)
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    refusal.run(main, "make_synthetic_main")

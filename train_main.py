@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 
 from absl import app, flags
 
@@ -79,4 +78,4 @@ def main(argv, model_fn=None):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    refusal.run(main, "train_main")

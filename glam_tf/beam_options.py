@@ -31,7 +31,6 @@ be dropped silently by Beam).
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags, logging
 
@@ -63,13 +62,11 @@ def parse_flags_keep_beam_args(argv):
     Returns:
       `[argv[0], *unknown]`: the flags absl does not know (Beam's, checked later by
       `pipeline_options`).
+
+    Raises:
+      absl.flags.Error: a flag of the program does not parse.
     """
-    try:
-        return flags.FLAGS(argv, known_only=True)
-    except flags.Error as e:
-        sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to "
-                         "see help on flags.\n")
-        sys.exit(1)
+    return flags.FLAGS(argv, known_only=True)  # flags.Error: glam_tf.refusal.run, exit 2
 
 
 def unknown_beam_args(args) -> list:

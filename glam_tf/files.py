@@ -52,6 +52,7 @@ import glob as glob_lib
 import json
 import os
 import posixpath
+import re
 import shutil
 import socket
 import tempfile
@@ -419,7 +420,9 @@ def atomic_write(path, write) -> None:
             _sync_local(tmp)
         rename(tmp, path)
     except BaseException:
-        if exists(tmp):
+        # Not `exists(tmp)` first: for `missing/../x` Python's answer (no such folder) and
+        # TensorFlow's (the name normalised, the file there) differ; gfile removes it.
+        with contextlib.suppress(OSError):
             remove(tmp)
         raise
 
@@ -508,19 +511,45 @@ def ensure_writable_dir(path, flag: str) -> None:
 
 
 class UnreachablePathError(ValueError):
-    """A path whose file system is unknown to TensorFlow or does not answer."""
+    """A path whose file system is unknown to TensorFlow or does not answer, or that only
+    looks like a URL: `flag`, `path`, what is wrong (`problem`) and what to do (`advice`)."""
+
+    def __init__(self, flag: str, path: str, problem: str, advice: str):
+        self.flag, self.path, self.problem, self.advice = flag, path, problem, advice
+        super().__init__(f"--{flag}={path}: {problem}; {advice}")
+
+
+# A first path component that starts like a URL: an RFC 3986 scheme and a colon.
+_SCHEME_COLON = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 def check_reachable(path, flag: str, *, timeout_s: float = REACH_TIMEOUT_S) -> None:
     """Refuses, in one line naming `flag` and `path`, a path TensorFlow cannot reach.
 
-    Local paths pass (their own checks say what is missing). For a URL, asks its file system
-    whether `path` exists, in a thread bounded by `timeout_s` (TensorFlow's GCS client
-    retries a silent network for minutes): an unknown scheme, missing credentials, no network
-    or no answer in time raise `UnreachablePathError`.
+    A path whose first component starts with a scheme and a colon must be a URL
+    (`scheme://...`) of a file system TensorFlow has: `gs:/bucket/x` (one slash), `s3:x` or
+    `my-store://x` is refused instead of becoming a local folder named after the scheme
+    (`./gs:/x` is that folder, if it is meant). `file://` URLs are refused too: the local
+    path itself works everywhere. Other local paths pass (their own checks say what is
+    missing). For a URL, asks its file system whether `path` exists, in a thread bounded by
+    `timeout_s` (TensorFlow's GCS client retries a silent network for minutes): an unknown
+    scheme, missing credentials, no network or no answer in time raise
+    `UnreachablePathError`, one wording per kind whatever the program.
     """
     path = os.fspath(path)
+    match = _SCHEME_COLON.match(path)
+    kind = scheme(path)
+    if match and not kind:
+        name = match.group(1)
+        raise UnreachablePathError(
+            flag, path, f"starts like a URL ({name}:) but is not one (a URL is "
+            f"{name}://<bucket>/<path>)", f"write {name}://... for that store, or "
+            f"./{path} for a local folder of that name")
+    if kind == "file":
+        raise UnreachablePathError(flag, path, "file:// URLs are not taken",
+                                   f"give the local path itself ({path[len('file://'):]})")
     if is_local(path):
+        _check_parent_steps(path, flag)
         return
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -531,27 +560,42 @@ def check_reachable(path, flag: str, *, timeout_s: float = REACH_TIMEOUT_S) -> N
         future.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:
         raise UnreachablePathError(
-            f"--{flag}={path}: the {scheme(path)}:// file system gave no answer in "
-            f"{timeout_s:.0f} s (no network route to it, or it is down)") from None
+            flag, path, f"the {kind}:// file system gave no answer in {timeout_s:.0f} s",
+            "check the network route to it (or whether it is down), then rerun") from None
     except tf.errors.UnimplementedError:
         raise UnreachablePathError(
-            f"--{flag}={path}: TensorFlow has no file system for {scheme(path)}:// (it knows "
-            "local paths, ram:// and gs://; others need a plug-in such as tensorflow-io)"
-        ) from None
+            flag, path, f"TensorFlow has no file system for {kind}:// (it knows local paths, "
+            "ram:// and gs://)", "use one of those, or install the plug-in that registers "
+            f"{kind}:// (such as tensorflow-io)") from None
     except tf.errors.OpError as e:
-        raise UnreachablePathError(f"--{flag}={path}: cannot reach it: "
-                                   f"{_first_line(e.message)}{_hint(e.message)}") from None
+        raise UnreachablePathError(flag, path, f"cannot reach it ({_first_line(e.message)})",
+                                   _advice(kind, e.message)) from None
+
+
+def _check_parent_steps(path: str, flag: str) -> None:
+    """Refuses a local path with a `..` after a folder that does not exist: the system
+    refuses `missing/../x` while TensorFlow's file system shortens it to `x`, so a program
+    would write where its own checks cannot look (and leave temporary files there)."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        before = "/".join(parts[:i])
+        if part == ".." and before not in ("", ".", "..") and not os.path.isdir(before):
+            raise UnreachablePathError(
+                flag, path, f"goes through {before}, which is not an existing folder, before "
+                "'..'", f"give the path without that step ({os.path.normpath(path)})")
 
 
 def _first_line(message: str) -> str:
     return " ".join(message.split())
 
 
-def _hint(message: str) -> str:
+def _advice(kind: str, message: str) -> str:
+    """What to do about an object store that answered `message`."""
     text = message.lower()
     if "resolve host" in text or "couldn't connect" in text or "could not connect" in text:
-        return " (no network: the storage service's host cannot be reached)"
+        return (f"no network: the {kind}:// service's host cannot be reached; check the "
+                "network route to it, then rerun")
     if "401" in text or "403" in text or "permission" in text or "credentials" in text:
-        return (" (no credentials allowed to read it: run `gcloud auth application-default "
-                "login` or set GOOGLE_APPLICATION_CREDENTIALS)")
-    return ""
+        return ("no credentials allowed to read it: run `gcloud auth application-default "
+                "login` or set GOOGLE_APPLICATION_CREDENTIALS, then rerun")
+    return f"check the path, the network and the credentials for {kind}://, then rerun"

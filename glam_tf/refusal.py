@@ -51,6 +51,9 @@ _ERRNO = {
     errno.EIO: ("input/output error", "check the device (and its free space), then rerun "
                                       "the same command"),
 }
+# An input/output error on a URL (glam_tf.files relays a store's TensorFlow errors as EIO).
+_STORE_EIO = ("the storage service failed the request", "check the network route to it "
+              "and the credentials, then rerun the same command")
 # tf.errors class name -> advice, for the file-system errors TensorFlow's C++ raises
 # (their message names the path; POSIX errno ENOSPC/EDQUOT become RESOURCE_EXHAUSTED).
 _TF_ADVICE = {
@@ -124,6 +127,8 @@ def _describe_one(error: BaseException) -> Optional[str]:
             code = errno.ENOSPC  # glam_tf.files relays TensorFlow's RESOURCE_EXHAUSTED so
         problem, advice = _ERRNO[code]
         path = error.filename if error.filename is not None else "(path not given)"
+        if code == errno.EIO and "://" in str(path):  # an object store, not a device
+            problem, advice = _STORE_EIO
         return f"{path}: {problem}; {advice}"
     if _tf_error(error) and type(error).__name__ in _TF_ADVICE:
         message = " ".join(str(error.message).split())

@@ -216,8 +216,9 @@ def tiny_train_config(train_dir, **changes) -> TrainConfig:
 DRIVER = (
     "import sys\n"
     f"sys.path.insert(0, {TESTS_DIR!r})\n"
-    "from absl import app\n"
+    "from glam_tf import refusal\n"
     "import train_main\n"
     "from keras_helpers import tiny_descriptor_model\n"
-    "app.run(lambda argv: train_main.main(argv, model_fn=tiny_descriptor_model))\n"
+    "refusal.run(lambda argv: train_main.main(argv, model_fn=tiny_descriptor_model),\n"
+    "            'train_main')\n"
 )

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import sys
 from typing import Callable, Optional
 
 from glam_tf import files
+from glam_tf.refusal import BadInput, Refused
 
 
-class SettingError(ValueError):
+class SettingError(BadInput, ValueError):
     """A setting breaks its rule; the message names the flag, the rule, the value and a fix."""
 
 
@@ -32,14 +32,15 @@ def fail(flag: str, rule: str, value, fix: str = ""):
 
 
 def reachable(flag: str, path) -> None:
-    """Raises SettingError (one line naming `--flag` and `path`) when `path` is on a file
-    system TensorFlow has no support for or cannot reach (glam_tf.files.check_reachable);
-    nothing for an empty or a local path."""
+    """Refuses (glam_tf.refusal.Refused: one line naming `--flag` and `path`, exit status 3)
+    a path on a file system TensorFlow has no support for or cannot reach, or that only
+    looks like a URL (glam_tf.files.check_reachable); nothing for an empty or a plain
+    local path."""
     if path:
         try:
             files.check_reachable(path, flag)
         except files.UnreachablePathError as e:
-            raise SettingError(str(e)) from None
+            raise Refused(e.path, f"--{e.flag}: {e.problem}", e.advice) from None
 
 
 def _show(value) -> str:
@@ -331,12 +332,11 @@ def from_flags(cls, flag_values=None, *, prefix: str = "", rename=None, only=Non
 
 
 def exit_with_usage_error(program: str, error) -> None:
-    """Prints `<program>: error: <error>` and where the flags are listed, exits with 2.
+    """Prints `<program>: error: <error>` and where the flags are listed, one line; exits
+    with 2 (glam_tf.refusal.usage_error).
 
     A bad setting is one line, not the ~200 lines of flag help absl's UsageError prints.
     """
-    from glam_tf.refusal import EXIT_USAGE  # noqa: PLC0415 (glam_tf.config imports nothing)
+    from glam_tf.refusal import usage_error  # noqa: PLC0415
 
-    print(f"{program}: error: {error}\nRun `python {program}.py --helpfull` for every flag "
-          "and its help.", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE)
+    usage_error(program, " ".join(str(error).split()))

@@ -16,7 +16,7 @@ from glam_tf.config import contract
 from glam_tf.config.data import DataConfig, SyntheticConfig
 from glam_tf.config.eval import EvalConfig
 from glam_tf.config.export import ExportConfig
-from glam_tf.config.model import ModelConfig
+from glam_tf.config.model import WEIGHTS_KEYWORDS, ModelConfig
 from glam_tf.config.settings import (NONEMPTY, check, fail, integer, names_of, nested,
                                      nested_names, number, one_of, reachable, setting,
                                      to_json)
@@ -155,6 +155,8 @@ class TrainConfig:
         self.data.validate(nested_names(cls, "data"))
         self.export_settings.validate(nested_names(cls, "export_settings"))
         reachable(names["train_dir"], self.train_dir)
+        if self.model.weights not in WEIGHTS_KEYWORDS:
+            reachable(nested_names(cls, "model")["weights"], self.model.weights)
         if self.data_source == "tfrecord":
             pattern = self.data.file_pattern
             reachable(nested_names(cls, "data")["file_pattern"], pattern)

@@ -36,6 +36,7 @@ from absl import logging
 from glam_tf import encoded_image
 from glam_tf import files as glam_files
 from glam_tf.config import DataConfig
+from glam_tf.refusal import PIPELINE_PREFIX, BadInput
 from glam_tf.data import framing, records
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -107,8 +108,9 @@ class DecodeStats(tf.Module):
         return counts
 
 
-class DamagedShardsError(ValueError):
-    """Training shards with damaged TFRecord framing or data; the message lists each span."""
+class DamagedShardsError(BadInput, ValueError):
+    """Training shards with damaged TFRecord framing or data; the message lists each span
+    (bad input: a program exits with status 2)."""
 
 
 def _tf_data_ok(path: str) -> bool:
@@ -356,7 +358,7 @@ def _make_parse_and_decode(max_decoded_pixels: int, num_classes: int | None,
         if num_classes is not None and not skip_bad_labels:
             in_range = tf.debugging.Assert(
                 ~ok | ((label >= 0) & (label < num_classes)),
-                ["glam_tf input pipeline: record id=", image_id, "at stream position", index,
+                [f"{PIPELINE_PREFIX} record id=", image_id, "at stream position", index,
                  "has label", label, f"outside [0, {num_classes}) (the number of classes); "
                  "fix the records or pass --skip_damaged_records to skip and count them."])
             with tf.control_dependencies([in_range]):
@@ -379,7 +381,7 @@ def _make_counter(stats: DecodeStats, max_undecodable_run: int):
         run = stats.undecodable_run.assign(
             tf.where(ok, tf.constant(0, tf.int64), stats.undecodable_run + 1))
         bounded = tf.debugging.Assert(run < max_undecodable_run, [
-            "glam_tf input pipeline:", run, "records in a row could not be decoded or were "
+            PIPELINE_PREFIX, run, "records in a row could not be decoded or were "
             "dropped (the last: id=", image_id, "at stream position", index, "); stopping "
             f"instead of looping (DataConfig.max_undecodable_run={max_undecodable_run}). Are "
             "the records images (JPEG, PNG, GIF, BMP, WebP) under the pixel cap "

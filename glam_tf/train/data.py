@@ -27,10 +27,15 @@ from absl import logging
 from glam_tf import files as glam_files
 from glam_tf.config import contract
 from glam_tf.config.train import TrainConfig
-from glam_tf.refusal import Refused
+from glam_tf.refusal import BadInput, Refused
 from glam_tf.train.distribute import WorkerInfo
 from glam_tf.train.random_data import random_train_dataset
 
+
+
+class TrainingDataError(BadInput, ValueError):
+    """Training records that cannot be trained on (none, or labels out of range), found
+    before the model is built; the message names the pattern, file and record."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +77,7 @@ def count_records(files: list, file_pattern: str, *, num_classes: int = 0,
     they are counted and logged (the input pipeline drops them).
     """
     if not files:
-        raise FileNotFoundError(f"--train_file_pattern={file_pattern!r} matches no file.")
+        raise TrainingDataError(f"--train_file_pattern={file_pattern!r} matches no file.")
     files = list(files)
     folders = {glam_files.dirname(f) for f in files}
     if len(folders) == 1:
@@ -110,8 +115,8 @@ def count_records(files: list, file_pattern: str, *, num_classes: int = 0,
         message = (f"{bad} record(s) of {file_pattern} have a label outside {rule}; the first: "
                    f"record {record} of {path} (label {label})")
         if not skip_bad_labels:
-            raise ValueError(message + ". Fix the records, or pass --skip_damaged_records to "
-                             "skip and count them.")
+            raise TrainingDataError(message + ". Fix the records, or pass "
+                                    "--skip_damaged_records to skip and count them.")
         logging.warning("%s: skipped (--skip_damaged_records).", message)
         count -= bad
     logging.info("Scanned %d records of %s: labels 0..%d.", count, file_pattern, top)
@@ -201,9 +206,14 @@ def prepare(config: TrainConfig, worker: WorkerInfo) -> DataSource:
     num_examples, found_classes = count_records(
         files, data_config.file_pattern, num_classes=config.num_classes,
         skip_bad_labels=data_config.skip_damaged_records)
+    if num_examples <= 0:
+        raise TrainingDataError(
+            f"--train_file_pattern={data_config.file_pattern!r}: its {len(files)} shard(s) "
+            f"({files[0]}{', ...' if len(files) > 1 else ''}) hold no record to train on. "
+            "Point it at the shards build_gldv2_main.py wrote, or rerun that conversion.")
     num_classes = config.num_classes or found_classes
     if num_classes < found_classes:
-        raise ValueError(f"--num_classes={num_classes} but the records of "
+        raise TrainingDataError(f"--num_classes={num_classes} but the records of "
                          f"{data_config.file_pattern} have labels up to {found_classes - 1}.")
     stats = pipeline.DecodeStats()
     dataset = pipeline.build_train_dataset(
