@@ -197,3 +197,17 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         files.write_bytes_atomic("missing/../out/file.bin", b"data")
     assert os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("verbosity", [0, 1])
+def test_the_traceback_comes_only_with_verbosity_1(verbosity):
+    driver = ("from glam_tf import refusal\n"
+              "def main(argv):\n"
+              "    raise refusal.BadInput('shard.tfrecord: record 3: no image')\n"
+              "refusal.run(main, 'prog')\n")
+    res = subprocess.run([sys.executable, "-c", driver, f"--verbosity={verbosity}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == EXIT_USAGE
+    assert res.stderr.splitlines()[-1] == ("prog: error: shard.tfrecord: record 3: no image "
+                                           "(`python prog.py --helpfull` lists every flag)")
+    assert ("Traceback (most recent call last)" in res.stderr) == bool(verbosity)
