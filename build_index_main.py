@@ -142,4 +142,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    refusal.run(main, "build_index_main")

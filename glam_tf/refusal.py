@@ -175,10 +175,13 @@ def bad_input(error: BaseException) -> Optional[str]:
     return None
 
 
-def usage_error(program: str, line: str) -> None:
-    """Prints `<program>: error: <line>` (one line; where the flags are listed); exits 2."""
-    print(f"{program}: error: {line} (`python {program}.py --helpfull` lists every flag)",
-          file=sys.stderr, flush=True)
+def usage_error(program: str, line: str, *, flag_help: bool = True) -> None:
+    """Prints `<program>: error: <line>` (with `flag_help`, where the flags are listed on
+    the next line); exits 2."""
+    print(f"{program}: error: {line}", file=sys.stderr, flush=True)
+    if flag_help:
+        print(f"Run `python {program}.py --helpfull` for every flag and its help.",
+              file=sys.stderr, flush=True)
     sys.exit(EXIT_USAGE)
 
 
@@ -211,7 +214,7 @@ def run(main, program: str, *, flags_parser=None) -> None:
             if line is not None:
                 if verbose:
                     traceback.print_exception(e, file=sys.stderr)
-                usage_error(program, line)
+                usage_error(program, line, flag_help=False)
             if describe(e) is None:
                 raise
             refuse(program, e, verbose=verbose)

@@ -266,7 +266,8 @@ def test_cli_rejects_bad_values_before_any_work(tmp_path):
     # The error and where the flags are listed: not the ~200 lines of flag help.
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "train_main: error: --learning_rate must be a finite number > 0; received "
-        "--learning_rate=0.0. (`python train_main.py --helpfull` lists every flag)"]
+        "--learning_rate=0.0.",
+        "Run `python train_main.py --helpfull` for every flag and its help."]
     assert not train_dir.exists()  # failed before creating anything
     proc = _run_main(common + ["--variant=glam"], tmp_path)
     assert proc.returncode != 0 and "flag --variant=glam" in proc.stderr

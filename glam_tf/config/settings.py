@@ -332,7 +332,7 @@ def from_flags(cls, flag_values=None, *, prefix: str = "", rename=None, only=Non
 
 
 def exit_with_usage_error(program: str, error) -> None:
-    """Prints `<program>: error: <error>` and where the flags are listed, one line; exits
+    """Prints `<program>: error: <error>` (one line) and where the flags are listed; exits
     with 2 (glam_tf.refusal.usage_error).
 
     A bad setting is one line, not the ~200 lines of flag help absl's UsageError prints.
