@@ -50,7 +50,9 @@ def _tar_requests(server, index=0):
 
 
 def test_fetches_verifies_extracts_and_a_rerun_fetches_nothing(server, tmp_path, caplog):
+    # absl's own logger too: a test before it in this process may have lowered its level.
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")
     summary = download.download(_config(server, tmp_path / "out"))
     root = tmp_path / "out" / "gldv2"
     assert (root / "train_clean.csv").read_bytes() == CSV
