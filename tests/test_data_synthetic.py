@@ -368,3 +368,70 @@ def test_street_settings_through_the_generator(synth, tmp_path):
         with pytest.raises(SettingError, match=message):
             synthetic.generate_synthetic_landmarks(_small(str(tmp_path / "bad"),
                                                           **{field: value}))
+
+
+def _photos(level="train", **knobs):
+    """12 photos of one building at `level` (palette kept: only the knobs change colour)."""
+    from glam_tf.data.synthetic import photo as photo_lib, scene as scene_lib
+    scene = scene_lib.render_scene(5, 0, 144)
+    base = scene_lib.draw_palette(scene_lib.seeded_rng(5, 4, 0))
+    return [photo_lib.render_photo(scene, scene_lib.seeded_rng(5, 2, 0, k), level, 96,
+                                   base_palette=base, palette_variation=0.0, **knobs)
+            for k in range(12)]
+
+
+def _box_stats(photos):
+    """Per photo: the box's mean colour (3,), its centre / photo size (2,), and the log of
+    its larger side share (box width / photo width or height / height: -log zoom)."""
+    colour, centre, area = [], [], []
+    for p in photos:
+        x0, y0, x1, y1 = p.bbox
+        rgb = np.asarray(Image.open(io.BytesIO(p.jpeg)).convert("RGB"), np.float32)
+        colour.append(rgb[int(y0):int(y1), int(x0):int(x1)].mean((0, 1)))
+        centre.append(((x0 + x1) / 2 / p.width, (y0 + y1) / 2 / p.height))
+        area.append(np.log(max((x1 - x0) / p.width, (y1 - y0) / p.height)))
+    return np.array(colour), np.array(centre), np.array(area)
+
+
+def test_illumination_position_and_zoom_jitter_do_what_they_say():
+    """Each knob widens the spread it names over photos of one building; defaults draw the
+    photos of before (no extra random numbers), and the same seed gives the same bytes."""
+    plain = _photos()
+    assert [p.jpeg for p in plain] == [p.jpeg for p in _photos(
+        illumination=1.0, position_jitter=0.0, zoom_jitter=0.0)]
+    colour, centre, _ = _box_stats(plain)
+    lit = _photos(illumination=2.5)
+    assert [p.jpeg for p in lit] == [p.jpeg for p in _photos(illumination=2.5)]
+    assert _box_stats(lit)[0].std(0).mean() > 1.5 * colour.std(0).mean()
+    moved = _box_stats(_photos(position_jitter=0.25))[1]
+    assert np.abs(moved - 0.5).mean() > 2 * np.abs(centre - 0.5).mean()
+    # Queries (zoom 1.15 to 1.35) frame the whole building: its side's share shows the zoom.
+    framed = _box_stats(_photos("query"))[2]
+    zoomed = _box_stats(_photos("query", zoom_jitter=0.6))[2]
+    assert zoomed.std() > 2 * framed.std()
+
+
+def test_photo_variation_settings_through_the_generator(tmp_path):
+    """illumination / position_jitter / zoom_jitter reach the photos and the manifest; bad
+    values are named."""
+    tiny = dict(num_train_landmarks=2, images_per_landmark=2, num_test_landmarks=1,
+                num_distractor_landmarks=0)
+    plain, varied = str(tmp_path / "plain"), str(tmp_path / "varied")
+    synthetic.generate_synthetic_landmarks(_small(plain, **tiny), show_progress=False)
+    synthetic.generate_synthetic_landmarks(
+        _small(varied, **tiny, illumination=2.0, position_jitter=0.2, zoom_jitter=0.3),
+        show_progress=False)
+    with open(os.path.join(varied, synthetic.MANIFEST_NAME)) as f:
+        params = json.load(f)["params"]
+    assert (params["illumination"], params["position_jitter"], params["zoom_jitter"]) == (
+        2.0, 0.2, 0.3)
+    a, b = _digests(plain), _digests(varied)
+    photos = [k for k in a if k.endswith(".jpg")]
+    assert photos and all(a[k] != b[k] for k in photos)
+    for field, value, message in (
+            ("illumination", 5.0, r"--illumination must be a number in \[0, 4\]"),
+            ("position_jitter", 0.6, r"--position_jitter must be a number in \[0, 0.5\]"),
+            ("zoom_jitter", -0.1, r"--zoom_jitter must be a number in \[0, 1\]")):
+        with pytest.raises(SettingError, match=message):
+            synthetic.generate_synthetic_landmarks(_small(str(tmp_path / "bad"),
+                                                          **{field: value}))

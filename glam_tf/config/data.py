@@ -134,6 +134,19 @@ class SyntheticConfig:
     occlusion_scale: float = setting(
         1.0, "Multiplies the fraction of the building each photo's occluders (trees, poles, "
         "vehicles, signs) aim to cover (at most 0.9).", rule=number(0.0, 3.0))
+    illumination: float = setting(
+        1.0, "Multiplies each photo's illumination change (gain, colour cast per channel, "
+        "gamma, gradient shadow): 2 doubles their spread, so a building's colours differ "
+        "more between its photos; 0 lights every photo alike.", rule=number(0.0, 4.0))
+    position_jitter: float = setting(
+        0.0, "Moves the camera off the building by up to this fraction of the view's width "
+        "and height (uniform, per photo): 0.25 puts the building's centre anywhere in the "
+        "middle half of the photo, so a photo's centre is no cue (parts of it may leave "
+        "the frame).", rule=number(0.0, 0.5))
+    zoom_jitter: float = setting(
+        0.0, "Scales each photo's view by exp(U(-z, z)) on top of its level's zoom: the "
+        "building's size in the frame varies by that factor each way (0.5: x0.61 to x1.65).",
+        rule=number(0.0, 1.0))
     seed: int = setting(0, "Generator seed; same seed, same bytes.", rule=integer())
 
     def validate(self, names=None) -> None:

@@ -204,7 +204,8 @@ def _occlude(img: Image.Image, building: np.ndarray, target: float, rng) -> floa
 def render_photo(scene: LandmarkScene, rng: np.random.Generator, level: str,
                  long_side: int, *, base_palette: np.ndarray | None = None,
                  palette_variation: float = 1.0, frame_scale: float = 1.0,
-                 neighbours=(), occlusion_scale: float = 1.0) -> Photo:
+                 neighbours=(), occlusion_scale: float = 1.0, illumination: float = 1.0,
+                 position_jitter: float = 0.0, zoom_jitter: float = 0.0) -> Photo:
     """Photographs `scene` at difficulty `level` (see `_LEVEL_PARAMS`); returns a `Photo`.
 
     The building's colours are `base_palette + palette_variation * (fresh - base_palette)`
@@ -213,9 +214,13 @@ def render_photo(scene: LandmarkScene, rng: np.random.Generator, level: str,
     (illumination still changes them). `frame_scale` > 1 widens the view around the
     building by that factor, in a street scene with the `neighbours` (`Neighbour`s, their
     colours varied the same way); `occlusion_scale` multiplies the occluded fraction aimed
-    at. Defaults (1, none, 1) draw exactly the photo of the default framing.
+    at; `illumination` the level's light strength (gain, colour cast, gamma, shadow);
+    `zoom_jitter` z scales the view by exp(U(-z, z)); `position_jitter` j moves the view's
+    centre by U(-j, j) of the view's width and height. Defaults (1, none, 1, 1, 0, 0) draw
+    exactly the photo of the default framing (a jitter of 0 draws no random number).
     """
     corner, yaw, rot_deg, zoom_range, offset, occ_range, light = _LEVEL_PARAMS[level]
+    light *= illumination
     sw, sh = _SHAPES[rng.choice(len(_SHAPES), p=_SHAPE_P)]
     side = int(round(long_side * rng.uniform(0.7, 1.0)))
     w, h = max(16, int(round(side * sw))), max(16, int(round(side * sh)))
@@ -238,10 +243,15 @@ def render_photo(scene: LandmarkScene, rng: np.random.Generator, level: str,
     # Camera: a view rectangle around the building, then viewpoint distortion.
     bw, bh = x1 - x0, y1 - y0
     zoom = rng.uniform(*zoom_range) * frame_scale
+    if zoom_jitter:
+        zoom *= np.exp(rng.uniform(-zoom_jitter, zoom_jitter))
     vw = zoom * max(bw, bh * w / h)
     vh = vw * h / w
     cx = (x0 + x1) / 2 + rng.uniform(-offset, offset) * bw
     cy = (y0 + y1) / 2 + rng.uniform(-offset, offset) * bh
+    if position_jitter:
+        cx += rng.uniform(-position_jitter, position_jitter) * vw
+        cy += rng.uniform(-position_jitter, position_jitter) * vh
     quad = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]) * [vw, vh]
     k = rng.uniform(-yaw, yaw)             # converging verticals of a side view
     quad[:, 1] *= 1 + k * np.sign(quad[:, 0])

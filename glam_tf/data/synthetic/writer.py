@@ -73,7 +73,10 @@ def _render_landmark_task(task: dict) -> list:
                              palette_variation=task["palette_variation"],
                              frame_scale=task["frame_scale"],
                              neighbours=_neighbours(task, k),
-                             occlusion_scale=task["occlusion_scale"])
+                             occlusion_scale=task["occlusion_scale"],
+                             illumination=task["illumination"],
+                             position_jitter=task["position_jitter"],
+                             zoom_jitter=task["zoom_jitter"])
         files.makedirs(files.dirname(path))
         files.atomic_write(path, lambda f, jpeg=photo.jpeg: f.write(jpeg))
         out.append({"path": path, "level": level, "bbox": photo.bbox,
@@ -224,7 +227,10 @@ def generate_synthetic_landmarks(config: SyntheticConfig, *, num_workers: int = 
                     palette_variation=palette_variation,
                     frame_scale=float(config.frame_scale), neighbours=config.neighbours,
                     clutter_pool=config.clutter_pool,
-                    occlusion_scale=float(config.occlusion_scale))
+                    occlusion_scale=float(config.occlusion_scale),
+                    illumination=float(config.illumination),
+                    position_jitter=float(config.position_jitter),
+                    zoom_jitter=float(config.zoom_jitter))
 
     marker = files.join(root, MARKER_NAME)
     if files.exists(marker):
