@@ -32,7 +32,11 @@ ablation.json, one row per variant: Easy/Medium/Hard mAP as mean ± std (sample 
 seeds), the fusion weights softmax(beta) and GeM p reached (means), the seeds whose run
 never left the loss plateau (mean loss of the last tenth of the steps within 0.25 nats of
 ln(classes); left out of the means, which `seeds` counts), and the wall time. The rows are
-`| variant | seeds | E | M | H | fusion | gem p | plateaued | wall |` Markdown lines; then
+`| variant | seeds | E | M | H | fusion | gem p | plateaued | wall |` Markdown lines, under
+them the reference rows of the same split: the baseline at step 0 (with --pretrained: the
+pretrained backbone with GeM and no fine-tuning, its head untrained) and the colour
+histogram of the whole photo and of its central half (glam_tf.eval.yardstick: no learning;
+a trained row near them has learned little that colour or position does not give); then
 each attention map's range (min, max) at step 0 and at the end over the first evaluation
 queries of every seed, and per seed the global spatial map's spread (effective positions
 attended) at both (the evaluation records them: glam_tf.eval.attention_vis.attention_statistics).
@@ -51,6 +55,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 VARIANTS = ("baseline", "local", "global", "global+local")
 SUBSETS = ("easy", "medium", "hard")
 RUN_RECORD = "ablation_run.json"
@@ -206,6 +211,7 @@ def run_one(args, variant: str, seed: int) -> dict:
     summary = _train_result(proc.stdout)
     dataset = SPLIT_DATASETS[args.split]
     metrics = _results(train_dir, summary["final_step"], dataset)["metrics"]
+    untrained = _results(train_dir, 0, dataset)["metrics"]
     attention = {when: _attention_ranges(train_dir, step, dataset)
                  for when, step in (("start", 0), ("end", summary["final_step"]))}
     record = {
@@ -213,6 +219,7 @@ def run_one(args, variant: str, seed: int) -> dict:
         "final_step": summary["final_step"], "final_loss": summary["final_loss"],
         "tail_loss": summary["tail_loss"], "num_classes": summary["num_classes"],
         "mAP": {s: metrics[s]["mAP"] for s in SUBSETS},
+        "mAP_step0": {s: untrained[s]["mAP"] for s in SUBSETS},
         "attention": summary["attention"], "wall_s": round(wall, 1),
         "map_ranges": {when: a.get("maps") for when, a in attention.items()},
         "global_spatial_spread": {when: a.get("global_spatial_spread")
@@ -261,7 +268,25 @@ def summarize(records: list) -> dict:
     return rows
 
 
-def format_table(rows: dict) -> str:
+def reference_rows(records: list, histogram: dict | None, pretrained: bool) -> dict:
+    """{label: {"seeds": n or None, "mAP": {subset: [values]}}}: the baseline's runs at step
+    0 (records with "mAP_step0") and the colour histogram's regions (`histogram`: {label:
+    {subset: mAP}}, from glam_tf.eval.yardstick, or None)."""
+    rows = {}
+    start = [r for r in records if r["variant"] == "baseline" and r.get("mAP_step0")]
+    if start:
+        label = ("pretrained backbone + GeM, no fine-tuning (baseline at step 0)" if pretrained
+                 else "untrained baseline (step 0, random init)")
+        rows[label] = {"seeds": len(start),
+                       "mAP": {s: [r["mAP_step0"][s] for r in start] for s in SUBSETS}}
+    for label, result in (histogram or {}).items():
+        rows[label] = {"seeds": None, "mAP": {s: [result[s]] for s in SUBSETS}}
+    return rows
+
+
+def format_table(rows: dict, references: dict | None = None) -> str:
+    """The Markdown table: a row per variant, then the `reference_rows` (mean ± std over
+    seeds where there are seeds, the single value otherwise; their other cells —)."""
     lines = ["| variant | seeds | Easy | Medium | Hard | fusion weights (mean) | GeM p | "
              "plateaued | wall per run |", "|---|---|---|---|---|---|---|---|---|"]
     for variant, row in rows.items():
@@ -275,6 +300,11 @@ def format_table(rows: dict) -> str:
             + f" | {fusion} | {'—' if p is None else f'{p:.3f}'} | "
             + (f"seed {','.join(map(str, stuck))}" if stuck else "—") + " | "
             f"{statistics.fmean(row['wall_s']):.0f} s |")
+    for label, row in (references or {}).items():
+        cells = ([_mean_std(row["mAP"][s]) for s in SUBSETS] if row["seeds"]
+                 else [f"{row['mAP'][s][0]:.2f}" for s in SUBSETS])
+        lines.append(f"| {label} | {row['seeds'] or '—'} | " + " | ".join(cells)
+                     + " | — | — | — | — |")
     return "\n".join(lines)
 
 
@@ -325,7 +355,13 @@ def main(argv=None) -> int:
                   f"M {record['mAP']['medium']:.2f} H {record['mAP']['hard']:.2f} "
                   f"({record['wall_s']:.0f} s)", flush=True)
     rows = summarize(records)
-    table = format_table(rows)
+    from glam_tf.eval import yardstick  # noqa: PLC0415 (TensorFlow: only once the runs are done)
+
+    histogram = yardstick.evaluate(data_root(args.work_dir), SPLIT_DATASETS[args.split])
+    references = reference_rows(
+        records, {yardstick.LABELS[region]: r for region, r in histogram.items()},
+        bool(args.pretrained))
+    table = format_table(rows, references)
     total = time.monotonic() - start
     footer = (f"{len(records)} runs, {total:.0f} s wall in this call (runs already recorded "
               f"are read, not rerun); synthetic set manifest {manifest}; backbone "
@@ -336,7 +372,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.work_dir, "ablation.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n\n" + footer + "\n" + ("\n" + ranges + "\n" if ranges else ""))
     with open(os.path.join(args.work_dir, "ablation.json"), "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "records": records, "wall_s": round(total, 1),
+        json.dump({"rows": rows, "references": references, "records": records,
+                   "wall_s": round(total, 1),
                    "quick": args.quick}, f, indent=1, sort_keys=True)
     return 0
 

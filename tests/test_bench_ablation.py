@@ -83,3 +83,28 @@ def test_map_ranges_span_the_seeds_at_start_and_end():
         "- global+local, global spatial attention, effective positions attended (exp "
         "entropy of a[:, n]) of hw, step 0 -> end, per seed: 1.00 -> 1.25 of 30.0; "
         "2.00 -> 1.25 of 30.0")
+
+
+def test_reference_rows_under_the_variants():
+    """The baseline at step 0 (mean ± std over its seeds) and the colour histogram's rows
+    (one value each) follow the variants, their other cells empty."""
+    bench = _load_bench()
+    records = [{"variant": v, "seed": s, "wall_s": 10.0, "attention": {},
+                "mAP": {"easy": 30.0, "medium": 30.0, "hard": 30.0},
+                "mAP_step0": {"easy": 4.0 + 2 * s, "medium": 5.0 + 2 * s, "hard": 1.0}}
+               for v in ("baseline", "global") for s in (0, 1)]
+    histogram = {"colour histogram, whole photo (no learning)":
+                 {"easy": 12.345, "medium": 6.1, "hard": 2.0}}
+    for pretrained, label in (
+            (True, "pretrained backbone + GeM, no fine-tuning (baseline at step 0)"),
+            (False, "untrained baseline (step 0, random init)")):
+        references = bench.reference_rows(records, histogram, pretrained)
+        rows = _rows(bench.format_table(bench.summarize(records), references))
+        assert [r[0] for r in rows] == ["baseline", "global", label,
+                                        "colour histogram, whole photo (no learning)"]
+        assert rows[2] == [label, "2", "5.00 ± 1.41", "6.00 ± 1.41", "1.00 ± 0.00", "—", "—",
+                           "—", "—"]
+        assert rows[3][1:] == ["—", "12.35", "6.10", "2.00", "—", "—", "—", "—"]
+    # Records written before step 0 was kept, and no histogram: no reference rows.
+    old = [{k: v for k, v in r.items() if k != "mAP_step0"} for r in records]
+    assert bench.reference_rows(old, None, False) == {}

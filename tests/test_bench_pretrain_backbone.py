@@ -77,8 +77,16 @@ def test_quick_table_from_the_pretrained_file(pretrained, tmp_path):
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     # The table: one row per variant, mAP as mean ± std, fusion weights and GeM p.
     rows = _rows(proc.stdout)
-    assert [r[0] for r in rows] == ["baseline", "global+local"]
-    for variant, seeds, easy, medium, hard, fusion, gem_p, stuck, wall in rows:
+    assert [r[0] for r in rows] == [
+        "baseline", "global+local",
+        "pretrained backbone + GeM, no fine-tuning (baseline at step 0)",
+        "colour histogram, whole photo (no learning)",
+        "colour histogram, central half (no learning)"]
+    # The reference rows: step 0 over the baseline's seed, the histogram's single values.
+    assert _MEAN_STD.match(rows[2][2]) and rows[2][1] == "1"
+    for row in rows[3:]:
+        assert row[1] == "—" and all(0.0 <= float(c) <= 100.0 for c in row[2:5]), row
+    for variant, seeds, easy, medium, hard, fusion, gem_p, stuck, wall in rows[:2]:
         assert seeds == "1"
         assert stuck in ("—", "seed 0"), stuck  # 2 steps may not leave ln(4)
         for cell in (easy, medium, hard):
