@@ -130,3 +130,7 @@ def test_synthetic_run_exports_and_evaluates_untrained_and_trained(tmp_path, cap
             res["outputs"]["png"])
     assert out.count("| synth") >= 2 or out.count("| Synth") >= 2, out
     assert "Untrained (step 0): mAP E" in out and "Trained (step 3): mAP E" in out
+    # Beside them, the colour histogram on the same split (no learning).
+    from glam_tf.eval import yardstick
+    assert result.yardstick == yardstick.evaluate(synth.root, "synth")
+    assert yardstick.format_lines(result.yardstick) in out

@@ -22,6 +22,7 @@ from absl import logging
 from glam_tf import files
 from glam_tf.config import contract
 from glam_tf.config.train import TrainConfig
+from glam_tf.data.synthetic import DATASET_NAME, VAL_DATASET_NAME
 from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
 from glam_tf.train import checkpointing, data as train_data, reporting
 from glam_tf.train.distribute import make_strategy, strategy_name, worker_info
@@ -52,6 +53,9 @@ class TrainResult:
         export_dir: SavedModel version folder, or None.
         evaluation: evaluator results of the trained model, or None.
         untrained_evaluation: evaluator results at step 0, or None.
+        yardstick: the colour histogram's mAP on the same synthetic split
+            (glam_tf.eval.yardstick.evaluate: {"whole", "central": {"easy", "medium",
+            "hard"}}), or None for another test set.
         wall_time_s: seconds spent in `train`.
     """
 
@@ -67,7 +71,13 @@ class TrainResult:
     export_dir: Optional[str] = None
     evaluation: Optional[dict] = None
     untrained_evaluation: Optional[dict] = None
+    yardstick: Optional[dict] = None
     wall_time_s: float = 0.0
+
+
+# The synthetic set's revisited splits: the demo's closing lines give the colour
+# histogram's mAP there beside the model's.
+SYNTHETIC_SPLITS = (DATASET_NAME, VAL_DATASET_NAME)
 
 
 def make_schedule(config: TrainConfig, total_steps: int
@@ -376,3 +386,11 @@ def _export_and_evaluate(config: TrainConfig, model: keras.Model, result: TrainR
                   f"{reporting.map_summary(result.untrained_evaluation)}\n"
                   f"Trained (step {result.final_step}): "
                   f"{reporting.map_summary(result.evaluation)}", flush=True)
+        if config.evaluation.dataset in SYNTHETIC_SPLITS:
+            # What no learning reaches on the same split: a trained line near these has
+            # learned little that colour or position does not already give.
+            from glam_tf.eval import yardstick  # noqa: PLC0415 (optional stage)
+
+            result.yardstick = yardstick.evaluate(config.evaluation.data_root,
+                                                  config.evaluation.dataset)
+            print(yardstick.format_lines(result.yardstick), flush=True)
