@@ -2,6 +2,9 @@
 (np.histogramdd), the central half, the query crop and the revisited scoring (cirtorch's
 compute_map written the straightforward way)."""
 
+import importlib.util
+import pathlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -67,7 +70,15 @@ def _write_set(root):
     return imlist, qimlist, gnd
 
 
-def test_evaluate_matches_the_reference_protocol(tmp_path):
+def _load_bench():
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "yardstick.py"
+    spec = importlib.util.spec_from_file_location("yardstick_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_matches_the_reference_protocol(tmp_path, capsys):
     (tmp_path / "synth" / "jpg").mkdir(parents=True)
     imlist, qimlist, gnd = _write_set(tmp_path)
     results = yardstick.evaluate(str(tmp_path), "synth")
@@ -93,6 +104,18 @@ def test_evaluate_matches_the_reference_protocol(tmp_path):
                 region, setup)
     # The block fills the central half: colour names the landmark there.
     assert results["central"]["medium"] > 90, results
+    # bench/yardstick.py prints the same figures as Markdown rows; bad arguments refused.
+    bench = _load_bench()
+    assert bench.main([f"--root={tmp_path}", "--splits=synth"]) == 0
+    rows = [line.split(" | ")[:5] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == [["| synth", yardstick.LABELS[region]]
+                    + [f"{results[region][s]:.2f}" for s in ("easy", "medium", "hard")]
+                    for region in yardstick.REGIONS]
+    for argv in ([f"--root={tmp_path}", "--splits=synth,test"],
+                 [f"--root={tmp_path / 'none'}"]):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(argv)
+        assert e.value.code == 2
     lines = yardstick.format_lines(results).splitlines()
     assert lines[0].startswith("Colour histogram, whole photo (no learning): mAP E ")
     assert lines[1].startswith("Colour histogram, central half (no learning): mAP E ")
