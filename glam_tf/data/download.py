@@ -343,6 +343,21 @@ def _full_disk(error: OSError, path: str) -> OSError:
     return error
 
 
+def _install_file(final: str, write) -> None:
+    """`write(tmp)` fills a temporary name beside `final`, then it is renamed to `final`:
+    nothing incomplete under a final name; a full disk is a refusal naming `final`."""
+    tmp = files.temporary_path(final)
+    try:
+        write(tmp)
+        files.rename(tmp, final)
+    except BaseException as e:
+        if files.exists(tmp):
+            files.remove(tmp)
+        if isinstance(e, OSError):
+            raise _full_disk(e, final) from e
+        raise
+
+
 def _request(url: str, offset: int, timeout_s: float):
     """Opens `url` from byte `offset`; returns (response, start) with start the offset the
     body begins at (0 when the host ignored the Range), or (None, offset) when the host says
@@ -534,8 +549,8 @@ def extract(path: str, members: list, install: Install, output_dir: str) -> list
                 files.makedirs(folder)
                 made.add(folder)
             source = tar.extractfile(member)
-            tmp = files.temporary_path(final)
-            try:
+
+            def write(tmp, source=source):
                 with files.open_file(tmp, "wb") as out:
                     out.write(b"")
                     while True:
@@ -543,13 +558,8 @@ def extract(path: str, members: list, install: Install, output_dir: str) -> list
                         if not chunk:
                             break
                         out.write(chunk)
-                files.rename(tmp, final)
-            except BaseException as e:
-                if files.exists(tmp):
-                    files.remove(tmp)
-                if isinstance(e, OSError):
-                    raise _full_disk(e, final) from e
-                raise
+
+            _install_file(final, write)
             written.append(relative)
     return written
 
@@ -672,16 +682,7 @@ def _process(remote: Remote, *, config: DownloadConfig, download_dir: str,
         else:
             target = files.join(config.output_dir, install.target)
             files.makedirs(files.dirname(target))
-            tmp = files.temporary_path(target)
-            try:
-                files.copy(local, tmp)
-                files.rename(tmp, target)
-            except BaseException as e:
-                if files.exists(tmp):
-                    files.remove(tmp)
-                if isinstance(e, OSError):
-                    raise _full_disk(e, target) from e
-                raise
+            _install_file(target, lambda tmp: files.copy(local, tmp))
         record["installed"].append(install.target)
     if not config.keep_archives:
         files.remove(local)
