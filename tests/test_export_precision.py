@@ -169,7 +169,7 @@ def test_float32_is_the_default_export_bit_for_bit(tiny_model):
     a = default.batched_global_descriptors(images)["global_descriptors"].numpy()
     b = explicit.batched_global_descriptors(images)["global_descriptors"].numpy()
     assert np.array_equal(a, b)
-    assert explicit.precision == default.precision == "float32"
+    assert explicit.config.precision == default.config.precision == "float32"
 
 
 # ---- bad values ------------------------------------------------------------------------------
