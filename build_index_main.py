@@ -102,7 +102,7 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         version = contract.resolve_version(fv.index_dir, fv.version)
     except (ValueError, FileExistsError) as e:
         raise SettingError(f"--version: {e}") from None
-    from glam_tf.export import index  # noqa: PLC0415 (TensorFlow after the checks)
+    from glam_tf import search_index as index  # noqa: PLC0415 (TensorFlow after the checks)
 
     return dict(index_dir=fv.index_dir, config=config, export_dir=fv.export_dir,
                 train_dir=fv.train_dir, export_config=export_config,
@@ -116,7 +116,7 @@ def parse_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
 def run_build(flag_values: flags.FlagValues = flags.FLAGS) -> str:
     """Validates the flags, builds the index version, returns its folder."""
     kwargs = parse_flags(flag_values)
-    from glam_tf.export import index  # noqa: PLC0415
+    from glam_tf import search_index as index  # noqa: PLC0415
 
     export_dir, train_dir = kwargs.pop("export_dir"), kwargs.pop("train_dir")
     export_config = kwargs.pop("export_config")

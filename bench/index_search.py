@@ -1,6 +1,6 @@
 """Benchmark: the search index SavedModel against the bare NumPy product, 1M x 512.
 
-Builds an index (glam_tf.export.index, descriptors only) of --num_db random unit
+Builds an index (glam_tf.search_index, descriptors only) of --num_db random unit
 descriptors, saves it, and:
 - equality: the loaded model's search_from_descriptors against
   glam_tf.eval.search.exact_search for --num_queries queries (ids and order identical,
@@ -91,7 +91,7 @@ def storage_recall(args):
     from glam_tf import files  # noqa: PLC0415
     from glam_tf.config import IndexConfig  # noqa: PLC0415
     from glam_tf.eval import search  # noqa: PLC0415
-    from glam_tf.export import index  # noqa: PLC0415
+    from glam_tf import search_index as index  # noqa: PLC0415
 
     splits = sorted(files.listdir(args.features))
     names = [n[:-len("-queries")] for n in splits if n.endswith("-queries")]
@@ -162,7 +162,7 @@ def main():
 
     from glam_tf.config import IndexConfig  # noqa: PLC0415
     from glam_tf.eval import search  # noqa: PLC0415
-    from glam_tf.export import index  # noqa: PLC0415
+    from glam_tf import search_index as index  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     database = _unit_rows(rng, args.num_db, args.dim)

@@ -112,7 +112,7 @@ def test_search_index_scores_as_the_extracted_database(tmp_path, synth_and_model
     """eval_main --search_index: the index built from the database shards of an evaluation
     (its undecodable image left out) ranks the queries as the shards do: the same mAP."""
     from glam_tf.config import IndexConfig  # pylint: disable=import-outside-toplevel
-    from glam_tf.export import index  # pylint: disable=import-outside-toplevel
+    from glam_tf import search_index as index  # pylint: disable=import-outside-toplevel
 
     data_root, model, ts = synth_and_model
     common = dict(dataset="synth", data_root=data_root, max_image_size=64, scales=SCALES,

@@ -1,4 +1,4 @@
-"""The search-index SavedModel (glam_tf.export.index, build_index_main), loaded as TF Serving
+"""The search-index SavedModel (glam_tf.search_index, build_index_main), loaded as TF Serving
 loads it (tf.saved_model.load, the signatures).
 
 - search_from_descriptors equals glam_tf.eval.search.exact_search on random unit
@@ -33,7 +33,8 @@ import build_index_main
 from conftest import REPO_ROOT, SHARED_DATA
 from glam_tf.config import IndexConfig, RefineConfig, SettingError
 from glam_tf.eval import extract, models, refine, search
-from glam_tf.export import index, serving
+from glam_tf import search_index as index
+from glam_tf.export import serving
 from glam_tf.model import ModelConfig
 from keras_helpers import tiny_descriptor_model
 from serving_check import loader

@@ -21,6 +21,8 @@ DEFAULT_MAX_IMAGE_SIZE = 1024
 MIN_IMAGE_SIZE = 32
 # Written into every SavedModel: the export's settings, read back by the evaluator.
 EXPORT_INFO_FILE = "assets.extra/glam_export.json"
+# Written into every search-index SavedModel (glam_tf.search_index): its settings and size.
+INDEX_INFO_FILE = "assets.extra/glam_index.json"
 # Written by the GLDv2 converter beside its shards: class and image counts.
 CONVERTER_SUMMARY_FILE = "summary.json"
 # The test sets the evaluator reads (glam_tf.data.testsets): the revisited protocol's, with

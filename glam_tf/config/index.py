@@ -1,6 +1,6 @@
 """IndexConfig: the settings of a search-index SavedModel (storage, request limits, DBA).
 
-glam_tf.export.index builds the index; build_index_main's flags are these fields.
+glam_tf.search_index builds the index; build_index_main's flags are these fields.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from glam_tf import files
+from glam_tf.config import contract
 from glam_tf.config.eval import EvalConfig
 from glam_tf.data import testsets
 from glam_tf.eval import (attention_vis, extract, extract_beam, metrics, models, refine,
@@ -423,7 +424,7 @@ def search_features(features: Features, tracked, cfg) -> Ranking:
 
 
 def search_index(path, features: Features, tracked, ts, *, k: int):
-    """The search stage done by a search-index SavedModel (glam_tf.export.index) instead of
+    """The search stage done by a search-index SavedModel (glam_tf.search_index) instead of
     the extracted database: its whole ranking of each query (k = its number of images) as
     a SearchResult over the test set's database order, images it lacks ranked last (by
     index, as undecodable ones). Returns (`features` with their database validity, Ranking).
@@ -434,11 +435,9 @@ def search_index(path, features: Features, tracked, ts, *, k: int):
             database image names of the test set.
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    from glam_tf.config import contract  # pylint: disable=import-outside-toplevel
-    from glam_tf.export import index as index_lib  # pylint: disable=import-outside-toplevel
 
     version = contract.resolve_saved_model_dir(path)
-    info = files.read_json(files.join(version, index_lib.INDEX_INFO_FILE))
+    info = files.read_json(files.join(version, contract.INDEX_INFO_FILE))
     size, max_k, batch = info["num_images"], info["max_k"], info["max_queries"]
     if size > max_k:
         raise ValueError(f"--search_index: {version} holds {size} images, more than its "

@@ -52,7 +52,7 @@ from glam_tf.data.progress import ProgressBar
 
 INDEX_SIGNATURES = ("search_from_descriptors", "search_from_bytes",
                     "global_descriptor_from_bytes")
-INDEX_INFO_FILE = files.join("assets.extra", "glam_index.json")
+INDEX_INFO_FILE = contract.INDEX_INFO_FILE
 SAVED_MODEL_MARKER = "saved_model.pb"
 # Checkpoint keys of the index's variables (attribute names of SearchIndexModule).
 DATABASE_KEY = "database/.ATTRIBUTES/VARIABLE_VALUE"
