@@ -536,6 +536,56 @@ def _check_plan(plan_path: str, plan: dict) -> None:
             "seed; use a new output directory or delete that one.")
 
 
+def _exclude_landmarks(images, path):
+    """(images without the landmarks listed in the file `path`, the summary's record of
+    what was left out: the list's name and sha256, the landmarks and images removed)."""
+    if not path:
+        return images, {}
+    listed, digest = read_landmark_list(path)
+    drop = set(listed)
+    left_out = sorted({im.landmark_id for im in images} & drop)
+    kept = [im for im in images if im.landmark_id not in drop]
+    logging.info("%s: left out %d landmarks (%d images) of the %d listed",
+                 path, len(left_out), len(images) - len(kept), len(listed))
+    return kept, {"file": files.basename(path), "sha256": digest,
+                  "landmarks_listed": len(listed), "landmarks_left_out": left_out,
+                  "images_left_out": len(images) - len(kept)}
+
+
+def _present_images(images, *, root, csv_path, image_dir, output_dir, allow_missing):
+    """Which listed images are there: (present, missing) as (image, path) pairs and the
+    missing counts by tar. Labels are drawn over present images only, so a partial download
+    does not create classes without a single example.
+
+    Raises:
+      FileNotFoundError: none is there.
+      MissingImagesError: some are missing and not `allow_missing` (missing_by_tar.txt in
+        `output_dir` lists them).
+    """
+    present, missing = [], []
+    for im in images:
+        path = gldv2_image_path(image_dir, im.image_id)
+        (present if files.exists(path) else missing).append((im, path))
+    if not present:
+        first = gldv2_image_path(image_dir, images[0].image_id) if images else "-"
+        raise FileNotFoundError(
+            f"None of the {len(images)} images listed in {csv_path} is under {image_dir!r} "
+            f"(first expected: {first}).\n" + LAYOUT_HELP.format(root=root))
+    missing_by_tar = {}
+    if missing:
+        files.makedirs(output_dir)
+        missing_by_tar, where = _missing_report(root, missing, output_dir)
+        if not allow_missing:
+            raise MissingImagesError(
+                f"{len(missing)} of the {len(images)} images listed in {csv_path} are "
+                f"missing under {image_dir} ({where}; all in "
+                f"{files.join(output_dir, MISSING_BY_TAR_NAME)}): rerun glam-download, or "
+                "pass --allow_missing to convert without them")
+        logging.warning("%d images listed in %s are missing (by tar: %s); converting the rest "
+                        "(--allow_missing)", len(missing), csv_path, missing_by_tar)
+    return present, missing, missing_by_tar
+
+
 def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
                   image_dir: str | None = None, num_shards: int = 0,
                   num_validation_shards: int = 0, validation_fraction: float = 0.0,
@@ -589,42 +639,10 @@ def convert_gldv2(root: str, output_dir: str, *, csv_path: str | None = None,
     images = read_gldv2_csv(csv_path)
     logging.info("%s: %d images of %d landmarks", csv_path, len(images),
                  len({im.landmark_id for im in images}))
-    excluded = {}
-    if exclude_landmarks:
-        listed, digest = read_landmark_list(exclude_landmarks)
-        drop = set(listed)
-        left_out = sorted({im.landmark_id for im in images} & drop)
-        kept = [im for im in images if im.landmark_id not in drop]
-        excluded = {"file": files.basename(exclude_landmarks), "sha256": digest,
-                    "landmarks_listed": len(listed), "landmarks_left_out": left_out,
-                    "images_left_out": len(images) - len(kept)}
-        logging.info("%s: left out %d landmarks (%d images) of the %d listed",
-                     exclude_landmarks, len(left_out), len(images) - len(kept), len(listed))
-        images = kept
-
-    # Which files are there: relabel over present images only, so a partial download does
-    # not create classes without a single example.
-    present, missing = [], []
-    for im in images:
-        path = gldv2_image_path(image_dir, im.image_id)
-        (present if files.exists(path) else missing).append((im, path))
-    if not present:
-        first = gldv2_image_path(image_dir, images[0].image_id) if images else "-"
-        raise FileNotFoundError(
-            f"None of the {len(images)} images listed in {csv_path} is under {image_dir!r} "
-            f"(first expected: {first}).\n" + LAYOUT_HELP.format(root=root))
-    missing_by_tar = {}
-    if missing:
-        files.makedirs(output_dir)
-        missing_by_tar, where = _missing_report(root, missing, output_dir)
-        if not allow_missing:
-            raise MissingImagesError(
-                f"{len(missing)} of the {len(images)} images listed in {csv_path} are "
-                f"missing under {image_dir} ({where}; all in "
-                f"{files.join(output_dir, MISSING_BY_TAR_NAME)}): rerun glam-download, or "
-                "pass --allow_missing to convert without them")
-        logging.warning("%d images listed in %s are missing (by tar: %s); converting the rest "
-                        "(--allow_missing)", len(missing), csv_path, missing_by_tar)
+    images, excluded = _exclude_landmarks(images, exclude_landmarks)
+    present, missing, missing_by_tar = _present_images(
+        images, root=root, csv_path=csv_path, image_dir=image_dir, output_dir=output_dir,
+        allow_missing=allow_missing)
 
     label_map = build_label_map(im.landmark_id for im, _ in present)
     labels = np.array([label_map[im.landmark_id] for im, _ in present], np.int64)
