@@ -27,9 +27,10 @@ Every request is checked before anything sized by it is allocated; a refusal is 
 of rank 2 and width D, 1 <= B <= max_queries, finite values, 1 <= k <= min(N, max_k).
 
 Optional at build time: alpha-DBA baked into the stored descriptors
-(glam_tf.eval.refine.database_augmentation); alpha-QE in every request (config
-query_expansion: the queries searched again after glam_tf.eval.refine.query_expansion,
-the outputs those of the expanded queries, as refine_and_search returns them). Each
+(glam_tf.eval.refine.database_augmentation); in every request, alpha-QE (the queries
+searched again after glam_tf.eval.refine.query_expansion, the outputs those of the
+expanded queries) and the SuperGlobal re-ranking of the top M, as refine_and_search
+returns them (config.refine, eval_main's RefineConfig). Each
 version carries a TF Serving warm-up file (assets.extra/tf_serving_warmup_requests): one
 request per signature.
 """
@@ -311,12 +312,12 @@ class SearchIndexModule(tf.Module):
     def _expanded(self, queries):
         """alpha-QE (glam_tf.eval.refine.query_expansion): (B, D) queries ->
         normalise(q + sum_i max(s_i, 0)^alpha d_i) over their top-n database neighbours."""
-        n = min(self.config.qe_neighbors, self.num_images)
+        n = min(self.config.refine.qe_neighbors, self.num_images)
         indices, scores = self._search(queries, tf.constant(n, tf.int32))
         # From the value read (GatherV2), not the variable (ResourceGather): a sparse
         # variable access would make every later read of it a full copy.
         neighbours = tf.cast(tf.gather(self.database.read_value(), indices), tf.float32)
-        weights = tf.pow(tf.maximum(scores, 0.0), self.config.qe_alpha)
+        weights = tf.pow(tf.maximum(scores, 0.0), self.config.refine.qe_alpha)
         summed = queries + tf.einsum("bn,bnd->bd", weights, neighbours)
         norm = tf.norm(summed, axis=1, keepdims=True)
         return summed / tf.maximum(norm, 1e-12)
@@ -329,7 +330,7 @@ class SearchIndexModule(tf.Module):
         One query at a time (tf.map_fn): a query's temporaries are its (M, M) similarities
         and a few (M, D) descriptor sets, whatever B.
         """
-        cfg = self.config
+        cfg = self.config.refine
         m = min(cfg.rerank_m, self.num_images)
         kk = min(cfg.rerank_k + 1, m)
         indices, scores = self._search(queries, tf.maximum(k, m))
@@ -359,9 +360,9 @@ class SearchIndexModule(tf.Module):
         return indices, scores
 
     def _answer(self, queries, k):
-        if self.config.query_expansion:
+        if self.config.refine.query_expansion:
             queries = self._expanded(queries)
-        if self.config.rerank:
+        if self.config.refine.rerank:
             indices, scores = self._reranked(queries, k)
         else:
             indices, scores = self._search(queries, k)
@@ -529,7 +530,7 @@ def build_index(index_dir, config: IndexConfig, descriptor_model, export_info: d
     The database: version `base_version` of `index_dir` as stored (no image described
     again) without `remove_ids`, then the valid images of each shard folder of
     `descriptors`, then the image files `images` described by `descriptor_model`. With
-    config.database_augmentation, alpha-DBA (glam_tf.eval.refine) is applied to the result.
+    config.refine.database_augmentation, alpha-DBA (glam_tf.eval.refine) is applied to the result.
 
     Raises:
         ValueError (one line): a base version of another model or one already augmented,
@@ -541,7 +542,7 @@ def build_index(index_dir, config: IndexConfig, descriptor_model, export_info: d
     if base_version is not None:
         base_dir = files.join(index_dir, str(base_version))
         base, base_info = read_index_database(base_dir)
-        if base_info.get("database_augmentation"):
+        if base_info.get("refine", {}).get("database_augmentation"):
             raise ValueError(f"{base_dir} stores DBA-augmented descriptors; build the grown "
                              "index from the shards instead (augmenting again would compound)")
         if _model_identity(base_info.get("export", {})) != _model_identity(export_info):
@@ -566,11 +567,11 @@ def build_index(index_dir, config: IndexConfig, descriptor_model, export_info: d
     logging.info("Index database: %d images (%d kept from version %s, %d added, %d removed)",
                  len(database.ids), len(base.ids) - len(set(remove_ids)), base_version,
                  len(additions.ids), len(set(remove_ids)))
-    if config.database_augmentation:
+    if config.refine.database_augmentation:
         from glam_tf.eval import refine  # noqa: PLC0415
 
         database = Database(refine.database_augmentation(
-            database.descriptors, k=config.dba_neighbors, alpha=config.dba_alpha),
+            database.descriptors, k=config.refine.dba_neighbors, alpha=config.refine.dba_alpha),
             database.ids)
     module = SearchIndexModule(
         database, config, descriptor_model=descriptor_model,

@@ -176,7 +176,8 @@ def test_small_index_limits_k_to_its_size(tmp_path_factory):
 # ---- refinements -------------------------------------------------------------------------------
 def test_database_augmentation_equals_refine_and_search(tmp_path_factory, random_index):
     database, _ = random_index
-    config = IndexConfig(database_augmentation=True, dba_neighbors=3, dba_alpha=2.0)
+    config = IndexConfig(refine=RefineConfig(database_augmentation=True, dba_neighbors=3,
+                                              dba_alpha=2.0))
     augmented = refine.database_augmentation(database.descriptors, k=3, alpha=2.0)
     loaded = _saved(tmp_path_factory, index.Database(augmented, database.ids), config, "dba")
     queries = _unit(np.random.default_rng(5), 20, DIM)
@@ -190,7 +191,7 @@ def test_database_augmentation_equals_refine_and_search(tmp_path_factory, random
 
 def test_query_expansion_equals_refine_and_search(tmp_path_factory, random_index):
     database, _ = random_index
-    config = IndexConfig(query_expansion=True, qe_neighbors=3, qe_alpha=2.0)
+    config = IndexConfig(refine=RefineConfig(query_expansion=True, qe_neighbors=3, qe_alpha=2.0))
     loaded = _saved(tmp_path_factory, database, config, "qe")
     queries = _unit(np.random.default_rng(7), 20, DIM)
     expected, _ = refine.refine_and_search(
@@ -207,14 +208,12 @@ def test_rerank_equals_refine_and_search(tmp_path_factory, random_index):
     """SuperGlobal re-ranking in the graph (after alpha-QE, as refine_and_search orders
     them): the same top-k as the NumPy re-ranking, scores within float rounding."""
     database, _ = random_index
-    config = IndexConfig(rerank=True, rerank_m=60, rerank_k=4, rerank_beta=0.5,
-                         query_expansion=True, qe_neighbors=2)
+    refinements = RefineConfig(rerank=True, rerank_m=60, rerank_k=4, rerank_beta=0.5,
+                               query_expansion=True, qe_neighbors=2)
+    config = IndexConfig(refine=refinements)
     loaded = _saved(tmp_path_factory, database, config, "rerank")
     queries = _unit(np.random.default_rng(11), 12, DIM)
-    expected, _ = refine.refine_and_search(
-        queries, database.descriptors,
-        RefineConfig(rerank=True, rerank_m=60, rerank_k=4, rerank_beta=0.5,
-                     query_expansion=True, qe_neighbors=2), k=80)
+    expected, _ = refine.refine_and_search(queries, database.descriptors, refinements, k=80)
     got = _search(loaded, queries, 80)
     np.testing.assert_array_equal(got["indices"], expected.topk_indices)
     assert np.abs(got["scores"] - expected.topk_scores).max() <= TOL
