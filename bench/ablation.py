@@ -31,7 +31,8 @@ resumes from its checkpoint). Prints, then writes to <work_dir>/ablation.md and
 ablation.json, one row per variant: Easy/Medium/Hard mAP as mean ± std (sample std over
 seeds), the fusion weights softmax(beta) and GeM p reached (means), the seeds whose run
 never left the loss plateau (mean loss of the last tenth of the steps within 0.25 nats of
-ln(classes); left out of the means, which `seeds` counts), and the wall time. The rows are
+ln(classes); left out of the means, which `seeds` counts, except with --pretrained, where the
+backbone already describes at step 0 and they are averaged in), and the wall time. The rows are
 `| variant | seeds | E | M | H | fusion | gem p | plateaued | wall |` Markdown lines, under
 them the reference rows of the same split: the baseline at step 0 (with --pretrained: the
 pretrained backbone with GeM and no fine-tuning, its head untrained) and the colour
@@ -40,6 +41,8 @@ a trained row near them has learned little that colour or position does not give
 each attention map's range (min, max) at step 0 and at the end over the first evaluation
 queries of every seed, and per seed the global spatial map's spread (effective positions
 attended) at both (the evaluation records them: glam_tf.eval.attention_vis.attention_statistics).
+Between them, a table of each variant's Medium mAP per seed (step 0 -> end) and its paired
+differences from the baseline's run of the same seed, with their mean ± sample std.
 """
 
 from __future__ import annotations
@@ -249,13 +252,18 @@ def plateaued(record: dict) -> bool:
     return record["tail_loss"] > math.log(record["num_classes"]) - PLATEAU_NATS
 
 
-def summarize(records: list) -> dict:
+def summarize(records: list, set_apart: bool = True) -> dict:
     """{variant: row dict} over the records of each variant (seeds pooled); mAP and the
-    learned weights over the runs that trained, the plateaued seeds listed apart."""
+    learned weights over the runs that trained, the plateaued seeds listed apart.
+
+    `set_apart=False` (runs from a pretrained backbone) averages the plateaued seeds in too:
+    their descriptors are the backbone's from step 0, and a loss still near ln(classes)
+    says that the random head has not aligned at the rate, not that nothing was learned.
+    """
     rows = {}
     for variant in dict.fromkeys(r["variant"] for r in records):
         runs = [r for r in records if r["variant"] == variant]
-        trained = [r for r in runs if not plateaued(r)] or runs
+        trained = [r for r in runs if not (set_apart and plateaued(r))] or runs
         keys = sorted({k for r in trained for k in r["attention"]})
         rows[variant] = {
             "seeds": [r["seed"] for r in trained],
@@ -308,6 +316,31 @@ def format_table(rows: dict, references: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def format_paired(records: list, subset: str = "medium") -> str:
+    """The Markdown table of each variant's `subset` mAP per seed, step 0 -> end, and of its
+    paired differences from the baseline's run of the same seed (mean ± sample std over
+    the seeds both have): seeds share the data order and the backbone's start, so the
+    difference removes what the seed does to both. Empty without baseline runs."""
+    base = {r["seed"]: r["mAP"][subset] for r in records if r["variant"] == "baseline"}
+    if not base:
+        return ""
+    lines = [f"| variant | {subset.capitalize()} per seed, step 0 -> end | - baseline, per "
+             "seed | - baseline, mean ± std |", "|---|---|---|---|"]
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        runs = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["seed"])
+        path = ", ".join(
+            (f"{r['mAP_step0'][subset]:.2f} -> " if r.get("mAP_step0") else "")
+            + f"{r['mAP'][subset]:.2f}" for r in runs)
+        diffs = [r["mAP"][subset] - base[r["seed"]] for r in runs if r["seed"] in base]
+        if variant == "baseline" or not diffs:
+            lines.append(f"| {variant} | {path} | — | — |")
+            continue
+        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        lines.append(f"| {variant} | {path} | " + ", ".join(f"{d:+.2f}" for d in diffs)
+                     + f" | {statistics.fmean(diffs):+.2f} ± {std:.2f} |")
+    return "\n".join(lines)
+
+
 def format_ranges(records: list) -> str:
     """Markdown lines: per variant and attention map, its range over the seeds' first
     evaluation queries at step 0 and at the end (min of the minima, max of the maxima)."""
@@ -354,7 +387,7 @@ def main(argv=None) -> int:
             print(f"{variant} seed {seed}: mAP E {record['mAP']['easy']:.2f} "
                   f"M {record['mAP']['medium']:.2f} H {record['mAP']['hard']:.2f} "
                   f"({record['wall_s']:.0f} s)", flush=True)
-    rows = summarize(records)
+    rows = summarize(records, set_apart=not args.pretrained)
     from glam_tf.eval import yardstick  # noqa: PLC0415 (TensorFlow: only once the runs are done)
 
     histogram = yardstick.evaluate(data_root(args.work_dir), SPLIT_DATASETS[args.split])
@@ -367,10 +400,12 @@ def main(argv=None) -> int:
               f"are read, not rerun); synthetic set manifest {manifest}; backbone "
               + (f"from {args.pretrained} (sha256 {args.pretrained_hash})" if args.pretrained
                  else "as the flagfile says") + ".")
+    paired = format_paired(records)
     ranges = format_ranges(records)
-    print(table + "\n" + footer + ("\n" + ranges if ranges else ""), flush=True)
+    report = "\n\n".join(part for part in (table, footer, paired, ranges) if part)
+    print(report, flush=True)
     with open(os.path.join(args.work_dir, "ablation.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n\n" + footer + "\n" + ("\n" + ranges + "\n" if ranges else ""))
+        f.write(report + "\n")
     with open(os.path.join(args.work_dir, "ablation.json"), "w", encoding="utf-8") as f:
         json.dump({"rows": rows, "references": references, "records": records,
                    "wall_s": round(total, 1),

@@ -7,6 +7,7 @@ both (each run builds and traces ResNet50).
 
 import pathlib
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -108,3 +109,30 @@ def test_reference_rows_under_the_variants():
     # Records written before step 0 was kept, and no histogram: no reference rows.
     old = [{k: v for k, v in r.items() if k != "mAP_step0"} for r in records]
     assert bench.reference_rows(old, None, False) == {}
+
+
+def test_paired_differences_per_seed_and_plateaued_pretrained_runs_averaged_in():
+    """Each variant's Medium per seed (step 0 -> end) and its difference from the baseline
+    run of the same seed; from a pretrained backbone, plateaued runs count in the means."""
+    bench = _load_bench()
+    ends = {"baseline": (12.0, 10.0, 14.0), "global+local": (15.0, 11.5, 13.0)}
+    records = [{"variant": v, "seed": s, "wall_s": 10.0, "attention": {},
+                "tail_loss": 3.9 if s == 1 else 2.0, "num_classes": 50,
+                "mAP": {"easy": m, "medium": m, "hard": m},
+                "mAP_step0": {"easy": 12.5, "medium": 12.5 + s, "hard": 1.0}}
+               for v, values in ends.items() for s, m in enumerate(values)]
+    records.append(dict(records[-1], seed=7))  # no baseline for seed 7: no difference
+    lines = bench.format_paired(records).splitlines()
+    assert lines[2] == ("| baseline | 12.50 -> 12.00, 13.50 -> 10.00, 14.50 -> 14.00 | — | — |")
+    diffs = [3.0, 1.5, -1.0]
+    assert lines[3] == ("| global+local | 12.50 -> 15.00, 13.50 -> 11.50, 14.50 -> 13.00, "
+                        "14.50 -> 13.00 | +3.00, +1.50, -1.00 | "
+                        f"{np.mean(diffs):+.2f} ± {np.std(diffs, ddof=1):.2f} |")
+    assert bench.format_paired([r for r in records if r["variant"] != "baseline"]) == ""
+    # Seed 1 sits on the plateau (ln 50 = 3.91): set apart from scratch, averaged in from
+    # a pretrained backbone, listed in its column either way.
+    apart = bench.summarize(records)["baseline"]
+    together = bench.summarize(records, set_apart=False)["baseline"]
+    assert apart["seeds"] == [0, 2] and apart["plateaued_seeds"] == [1]
+    assert together["seeds"] == [0, 1, 2] and together["plateaued_seeds"] == [1]
+    assert together["mAP"]["medium"] == [12.0, 10.0, 14.0]
