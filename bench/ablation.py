@@ -324,8 +324,8 @@ def format_paired(records: list, subset: str = "medium") -> str:
     base = {r["seed"]: r["mAP"][subset] for r in records if r["variant"] == "baseline"}
     if not base:
         return ""
-    lines = [f"| variant | {subset.capitalize()} per seed, step 0 -> end | - baseline, per "
-             "seed | - baseline, mean ± std |", "|---|---|---|---|"]
+    lines = [f"| variant | {subset.capitalize()} per seed, step 0 -> end | − baseline, per "
+             "seed | − baseline, mean ± std |", "|---|---|---|---|"]
     for variant in dict.fromkeys(r["variant"] for r in records):
         runs = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["seed"])
         path = ", ".join(

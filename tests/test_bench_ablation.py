@@ -5,6 +5,7 @@ pretrained backbone in tests/test_bench_pretrain_backbone.py, where one set of r
 both (each run builds and traces ResNet50).
 """
 
+import itertools
 import pathlib
 
 import numpy as np
@@ -15,10 +16,10 @@ SCRIPT = REPO / "bench" / "ablation.py"
 
 
 def _rows(stdout):
-    """The table's rows, cells stripped, from a bench's output."""
-    lines = stdout[stdout.index("| variant | seeds |"):].splitlines()
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]
-            if line.startswith("|")]
+    """The table's rows, cells stripped, from a bench's output (up to its first other line)."""
+    lines = stdout[stdout.index("| variant | seeds |"):].splitlines()[2:]
+    return [[c.strip() for c in line.strip("|").split("|")]
+            for line in itertools.takewhile(lambda line: line.startswith("|"), lines)]
 
 
 def _load_bench():

@@ -101,6 +101,13 @@ def test_quick_table_from_the_pretrained_file(pretrained, tmp_path):
             assert abs(sum(float(w) for w in weights_.values()) - 1.0) < 2e-3
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert len(saved["records"]) == 2
+    # Under it, the paired table: Medium step 0 -> end, and global+local - baseline of seed 0.
+    medium = {r["variant"]: (r["mAP_step0"]["medium"], r["mAP"]["medium"])
+              for r in saved["records"]}
+    diff = medium["global+local"][1] - medium["baseline"][1]
+    assert (f"| global+local | {medium['global+local'][0]:.2f} -> "
+            f"{medium['global+local'][1]:.2f} | {diff:+.2f} | {diff:+.2f} ± 0.00 |"
+            in proc.stdout.splitlines())
     # Scored on the validation split (at step 0 and at the end), never the test split.
     assert {r["split"] for r in saved["records"]} == {"val"}
     for r in saved["records"]:
