@@ -214,6 +214,12 @@ def test_every_flagfile_parses_and_validates(tmp_path):
     _check_pretrained_regime(parsed)
 
 
+# What a pretraining set changes in the generator beyond the set it stands beside: its
+# buildings (seed, count), and no evaluation splits worth the time.
+_SET_SIZES = ("seed", "root", "num_train_landmarks", "num_test_landmarks",
+              "queries_per_landmark", "num_distractor_landmarks", "num_val_landmarks")
+
+
 def _check_pretrained_regime(parsed):
     """configs/pretrain.flags (bench/pretrain_backbone.py) against the evaluation sets."""
     pretrain = parsed["configs/pretrain.flags"]["config"]
@@ -227,9 +233,25 @@ def _check_pretrained_regime(parsed):
     evaluated = {path: entry["config"]["synthetic"]["seed"] for path, entry in parsed.items()
                  if entry["config"]["data_source"] == "synthetic"
                  and entry["config"]["evaluation"]["dataset"]}
-    assert {"configs/demo.flags", "configs/street.flags", "configs/street160.flags",
-            "configs/street160_pretrained.flags"} <= set(evaluated)
+    assert {"configs/demo.flags", "configs/demo_pretrained.flags", "configs/street.flags",
+            "configs/street160.flags", "configs/street160_pretrained.flags"} <= set(evaluated)
     assert pretrain["synthetic"]["seed"] not in set(evaluated.values())
+    # The same pretraining at the demo's photos and buckets, for the SGD regime on photos
+    # whose colours do not name the building: the same photo settings, the paper's optimiser.
+    small, demo, sgd = (parsed[f"configs/{n}.flags"]["config"]
+                        for n in ("pretrain_demo", "demo", "demo_pretrained"))
+    assert small["model"] == {**demo["model"], "variant": "baseline"}
+    assert not small["evaluation"]["dataset"] and not small["export"]
+    assert small["synthetic"]["seed"] not in set(evaluated.values())
+    assert small["data"] == demo["data"] == sgd["data"]
+    assert {k: v for k, v in small["synthetic"].items() if k not in _SET_SIZES} == {
+        k: v for k, v in sgd["synthetic"].items() if k not in _SET_SIZES}
+    assert sgd["synthetic"]["palette_variation"] == 0.5 and sgd["synthetic"]["num_val_landmarks"]
+    assert sgd["model"] == {**demo["model"], "weights": "runs/pretrain_demo/backbone.weights.h5",
+                            "zero_init_residual": False}
+    assert (sgd["optimizer"], sgd["momentum"], sgd["weight_decay"]) == ("sgd", 0.9, 1e-5)
+    assert (sgd["learning_rate"], sgd["end_learning_rate"]) == (1e-4, 1e-6)  # the screen's
+    assert sgd["evaluation"]["max_image_size"] == demo["evaluation"]["max_image_size"]
     assert pretrain["synthetic"]["num_train_landmarks"] > street["synthetic"][
         "num_train_landmarks"]
     # The same photos and buckets as the street set it is used on: conv5 at least 5 x 5.
