@@ -221,7 +221,8 @@ _SET_SIZES = ("seed", "root", "num_train_landmarks", "num_test_landmarks",
 
 
 def _check_pretrained_regime(parsed):
-    """configs/pretrain.flags (bench/pretrain_backbone.py) against the evaluation sets."""
+    """configs/pretrain.flags and pretrain_demo.flags (bench/pretrain_backbone.py) against the
+    evaluation sets and the regimes that start from their backbones."""
     pretrain = parsed["configs/pretrain.flags"]["config"]
     street = parsed["configs/street160.flags"]["config"]
     tuned = parsed["configs/street160_pretrained.flags"]["config"]
