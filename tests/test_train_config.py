@@ -65,6 +65,7 @@ def test_export_and_evaluation_settings_are_their_configs():
     (dict(momentum=1.0), "--momentum", r"\[0, 1\)"),
     (dict(train_steps=0, epochs=0.0, data_source="random"), "--train_steps", "must be > 0"),
     (dict(warmup_steps=10), "--warmup_steps", "must be < --train_steps"),
+    (dict(frozen_backbone_steps=10), "--frozen_backbone_steps", "must be < --train_steps"),
     (dict(arcface_margin=2.0), "--arcface_margin", "pi/2"),
     (dict(batchnorm_momentum=1.0), "--batchnorm_momentum", r"\(0, 1\)"),
     (dict(precision="float16"), "--precision", "must be one of"),

@@ -5,6 +5,7 @@ The stand-in model (keras_helpers.tiny_descriptor_model: two convs + the real GL
 GeM and head layers) keeps every test to seconds; the loop does not depend on the backbone.
 """
 
+import dataclasses
 import json
 import os
 
@@ -91,6 +92,45 @@ def test_batchnorm_momentum_reaches_every_layer(tmp_path):
     for layer in layers:
         var = np.asarray(layer.moving_variance)
         assert var.min() >= 0.25 - 1e-6 and np.abs(var - 1.0).max() > 1e-3, layer.name
+
+
+def test_frozen_backbone_steps_train_everything_but_the_backbone(tmp_path):
+    """--frozen_backbone_steps=3 of 6: at step 3 the backbone's trainable weights are those
+    it was built with (its momentum slots still zero) while GLAM, GeM, the whitening and the
+    ArcFace head moved; from step 4 on the backbone trains too."""
+    initial = {}
+
+    def model_fn(config):
+        model = tiny_descriptor_model(config)
+        initial.setdefault("values", {v.path: np.array(v) for v in model.trainable_variables})
+        return model
+
+    run = tmp_path / "run"
+    config = _config(run, model=dataclasses.replace(MODEL, variant="global+local"),
+                     frozen_backbone_steps=3, momentum=0.9)
+    train(config, model_fn=model_fn)
+    for step in (3, 6):
+        model = model_fn(config.model)
+        backbone = {v.path for v in model.get_layer("backbone").trainable_variables}
+        tf.train.Checkpoint(model=model).read(
+            str(run / "checkpoints" / f"ckpt-{step}")).expect_partial()
+        for variable in model.trainable_variables:
+            unchanged = np.array_equal(np.array(variable), initial["values"][variable.path])
+            assert unchanged == (step == 3 and variable.path in backbone), (step, variable.path)
+    slots = [v for k, v in _checkpoint_values(str(run / "checkpoints" / "ckpt-3")).items()
+             if k.startswith("optimizer/") and v is not None and v.ndim == 4]
+    # Momentum of the conv kernels: zero for the backbone's two, non-zero for GLAM's.
+    assert sum(not np.any(v) for v in slots) == 2 and any(np.any(v) for v in slots)
+    with pytest.raises(ValueError, match="needs a layer named 'backbone'"):
+        train(_config(tmp_path / "plain", frozen_backbone_steps=1), model_fn=_without_backbone)
+
+
+def _without_backbone(config):
+    image = keras.Input(shape=(None, None, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, strides=2)(image)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(config.embedding_dim)(x)
+    return keras.Model(image, keras.layers.UnitNormalization()(x), name="plain")
 
 
 def test_synthetic_run_exports_and_evaluates_untrained_and_trained(tmp_path, capsys):

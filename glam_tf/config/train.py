@@ -73,6 +73,11 @@ class TrainConfig:
                                        "cosine decay).", rule=_POSITIVE)
     warmup_steps: int = setting(0, "Linear warmup steps from 0 to --learning_rate (0: none, "
                                 "the paper).", rule=integer(0))
+    frozen_backbone_steps: int = setting(
+        0, "Head-only warm-up: for the first this many steps the backbone's weights are not "
+        "updated (its batch norm runs as in training); GLAM, GeM, the whitening and the "
+        "ArcFace head are. Lets a random head align before its gradients reach a pretrained "
+        "backbone (0: none, the paper).", rule=integer(0))
     momentum: float = setting(0.9, "SGD momentum.", rule=number(0.0, 1.0, high_open=True))
     weight_decay: float = setting(1e-5, "Decoupled weight decay (w -= lr * wd * w).",
                                   rule=number(0.0))
@@ -202,6 +207,9 @@ class TrainConfig:
         if self.train_steps and self.warmup_steps >= self.train_steps:
             fail("warmup_steps", f"must be < --train_steps ({self.train_steps})",
                  self.warmup_steps)
+        if self.train_steps and self.frozen_backbone_steps >= self.train_steps:
+            fail("frozen_backbone_steps", f"must be < --train_steps ({self.train_steps})",
+                 self.frozen_backbone_steps, "The backbone would never be trained.")
         if self.batchnorm_momentum is not None and not number(
                 0.0, 1.0, low_open=True, high_open=True)(self.batchnorm_momentum):
             fail("batchnorm_momentum", "must be in (0, 1) (or unset: keep the layers' 0.99)",

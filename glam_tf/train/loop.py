@@ -26,7 +26,7 @@ from glam_tf.data.synthetic import DATASET_NAME, VAL_DATASET_NAME
 from glam_tf.model import ArcFace, ModelConfig, build_descriptor_model
 from glam_tf.train import checkpointing, data as train_data, reporting
 from glam_tf.train.distribute import make_strategy, strategy_name, worker_info
-from glam_tf.train.step import (make_train_step, set_batchnorm_momentum,
+from glam_tf.train.step import (make_train_step, set_batchnorm_momentum, unfrozen_variables,
                                 set_synchronized_batchnorm)
 
 
@@ -228,10 +228,21 @@ def _restore(run: _Run, strategy, worker) -> int:
 def _loop(config: TrainConfig, run: _Run, strategy, worker, result: TrainResult,
           stop_signal: checkpointing.StopSignal) -> None:
     """Steps from result.final_step to result.total_steps (or a SIGTERM); updates result."""
-    train_step = make_train_step(
-        strategy, run.model, run.head, run.optimizer, run.step,
-        global_batch_size=config.global_batch_size, local_replicas=worker.local_replicas,
-        inject_nan_at_step=config.inject_nan_at_step)
+    def step_function(variables=None):
+        return make_train_step(
+            strategy, run.model, run.head, run.optimizer, run.step,
+            global_batch_size=config.global_batch_size, local_replicas=worker.local_replicas,
+            inject_nan_at_step=config.inject_nan_at_step, variables=variables)
+
+    train_step = step_function()
+    frozen_steps = config.frozen_backbone_steps
+    head_step = None
+    if result.final_step < frozen_steps:
+        head_variables = unfrozen_variables(run.model, run.head)
+        head_step = step_function(head_variables)
+        logging.info("Backbone frozen until step %d: %d of %d trainable variables updated.",
+                     frozen_steps, len(head_variables),
+                     len(run.model.trainable_variables + run.head.trainable_variables))
     writer = (tf.summary.create_file_writer(contract.tensorboard_dir(config.train_dir))
               if worker.is_chief else tf.summary.create_noop_writer())
     progress = reporting.Progress(total_steps=result.total_steps, start_step=result.final_step,
@@ -241,9 +252,12 @@ def _loop(config: TrainConfig, run: _Run, strategy, worker, result: TrainResult,
     stop_signal.start_stepping()
     with writer.as_default():
         while current < total:
-            loss, accuracy, votes = train_step(
+            step_fn = head_step if current < frozen_steps else train_step
+            loss, accuracy, votes = step_fn(
                 run.iterator, tf.constant(int(stop_signal.requested), tf.int32))
             current += 1
+            if current == frozen_steps:
+                logging.info("Step %d: the backbone trains from the next step on.", current)
             loss_value = float(loss.numpy())
             if not math.isfinite(loss_value):
                 writer.flush()

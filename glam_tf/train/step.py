@@ -67,10 +67,26 @@ def _agree_on_overflow(grads: list) -> list:
     return grads
 
 
+def unfrozen_variables(model: keras.Model, head) -> list:
+    """The trainable variables of `model` and `head` outside the layer "backbone".
+
+    What a head-only warm-up trains (--frozen_backbone_steps): GLAM, GeM, the whitening and
+    the ArcFace head.
+    """
+    try:
+        backbone = model.get_layer("backbone")
+    except ValueError:
+        raise ValueError(f"--frozen_backbone_steps needs a layer named 'backbone' in the model "
+                         f"{model.name!r}; it has none.") from None
+    frozen = {id(v) for v in backbone.trainable_variables}
+    return [v for v in model.trainable_variables + head.trainable_variables
+            if id(v) not in frozen]
+
+
 def make_train_step(strategy: tf.distribute.Strategy, model: keras.Model, head,
                     optimizer: keras.optimizers.Optimizer, step: tf.Variable, *,
                     global_batch_size: int, local_replicas: int,
-                    inject_nan_at_step: int = -1):
+                    inject_nan_at_step: int = -1, variables=None):
     """Returns `train_step(iterator, stop) -> (loss, accuracy, stop_votes)` (a tf.function).
 
     One step: next worker batch -> per-replica slice -> descriptor -> ArcFace logits
@@ -94,6 +110,9 @@ def make_train_step(strategy: tf.distribute.Strategy, model: keras.Model, head,
         global_batch_size: images per step over all replicas.
         local_replicas: replicas of this worker (its batch is split among them).
         inject_nan_at_step: testing hook, the loss of this 1-based step becomes NaN.
+        variables: the variables this step updates (default: every trainable one of
+            `model` and `head`); `unfrozen_variables` for a head-only warm-up, whose
+            backward pass then stops at the backbone's output.
 
     Returns:
         A tf.function of (iterator yielding (images (b, H, W, 3), labels (b,)), stop int32
@@ -101,7 +120,8 @@ def make_train_step(strategy: tf.distribute.Strategy, model: keras.Model, head,
         batch whose nearest class centre is its label, without margin) and the number of
         replicas whose `stop` was set (so all workers stop at the same step).
     """
-    variables = model.trainable_variables + head.trainable_variables
+    if variables is None:
+        variables = model.trainable_variables + head.trainable_variables
     loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_fn(images, labels, stop):
